@@ -1,0 +1,84 @@
+"""se-inject: put Squeeze-and-Excitation blocks into timm/torchvision models where the SE paper puts them.
+
+Importing the package is cheap; torch is imported on first use of a function that needs it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    CheckpointError,
+    NoSitesError,
+    OutputExistsError,
+    RecipeFileError,
+    SEInjectError,
+    SurgeryError,
+    UnknownModelError,
+    UnknownRecipeError,
+    UsageError,
+    WeightsError,
+)
+from .recipes import get_recipe, list_recipes, load_recipe_file
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "inject": "api",
+    "Report": "api",
+    "make_plan": "api",
+    "find_sites": "find",
+    "apply_plan": "surgery",
+    "count": "measure",
+    "Plan": "plan",
+    "Site": "plan",
+    "Settings": "plan",
+    "AttentionSpec": "attention",
+    "create_attention": "attention",
+    "list_attention": "attention",
+    "SqueezeExcite": "squeeze_excite",
+    "build_model": "models",
+    "resolve_model": "models",
+    "ModelSpec": "models",
+    "save": "checkpoint",
+    "load": "checkpoint",
+    "read_plan": "checkpoint",
+}
+
+if TYPE_CHECKING:
+    from .api import Report, inject, make_plan
+    from .attention import AttentionSpec, create_attention, list_attention
+    from .checkpoint import load, read_plan, save
+    from .find import find_sites
+    from .measure import count
+    from .models import ModelSpec, build_model, resolve_model
+    from .plan import Plan, Settings, Site
+    from .squeeze_excite import SqueezeExcite
+    from .surgery import apply_plan
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "CheckpointError",
+    "NoSitesError",
+    "OutputExistsError",
+    "RecipeFileError",
+    "SEInjectError",
+    "SurgeryError",
+    "UnknownModelError",
+    "UnknownRecipeError",
+    "UsageError",
+    "WeightsError",
+    "__version__",
+    "get_recipe",
+    "list_recipes",
+    "load_recipe_file",
+    *_LAZY,
+]

@@ -1,0 +1,252 @@
+"""The library entry point: ``inject(model)`` runs load -> find -> plan -> apply -> measure and returns a report."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .attention import INITS, AttentionSpec, identity_gain, list_attention, squeeze_channels
+from .errors import NoSitesError, SurgeryError, UsageError
+from .find import Findings, Match, Skip, find_sites
+from .measure import Counts, count
+from .models import ModelSpec, build_model, default_input_size, load_weights, parse_input_size, resolve_model
+from .plan import Plan, Settings, Site
+from .recipes import GATES, resolve_recipes
+from .surgery import apply_plan
+
+
+@dataclass(frozen=True)
+class Report:
+    """What an injection did: the plan, what was skipped and why, and exact counts before and after."""
+
+    model: str
+    plan: Plan
+    skipped: tuple[Skip, ...]
+    before: Counts
+    after: Counts
+    site_params: dict[str, int]
+    notes: tuple[str, ...] = ()
+    output: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        def delta(key: str) -> dict[str, int]:
+            b, a = getattr(self.before, key), getattr(self.after, key)
+            return {"before": b, "after": a, "delta": a - b}
+
+        return {
+            "model": self.model,
+            "input_size": list(self.plan.input_size),
+            "recipes": list(self.plan.recipes),
+            "init": self.plan.init,
+            "seed": self.plan.seed,
+            "sites": [
+                {
+                    "path": s.path,
+                    "module": s.module_path,
+                    "recipe": s.recipe,
+                    "block": s.block,
+                    "attention": s.attention.kind,
+                    "channels": s.channels,
+                    "squeeze_channels": s.squeeze_channels,
+                    "params": self.site_params[s.path],
+                }
+                for s in self.plan.sites
+            ],
+            "skipped": [
+                {"path": s.path, "block": s.block, "recipe": s.recipe, "reason": s.reason} for s in self.skipped
+            ],
+            "params": delta("params"),
+            "macs": delta("macs"),
+            "se_elementwise_ops": self.after.attention_elementwise_ops - self.before.attention_elementwise_ops,
+            "notes": list(self.notes),
+            "output": self.output,
+            **self.extra,
+        }
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"invalid {name} {value!r}: expected an integer >= {minimum}")
+    return value
+
+
+def validate_settings(settings: Settings) -> Settings:
+    """Raise UsageError (exit 2) for option values that cannot work."""
+    _positive_int("reduction", settings.reduction)
+    _positive_int("divisor", settings.divisor)
+    _positive_int("min-channels", settings.min_channels, minimum=0)
+    if settings.attention not in list_attention():
+        raise UsageError(f"unknown attention {settings.attention!r}; choose from {', '.join(list_attention())}")
+    if settings.gate is not None and settings.gate not in GATES:
+        raise UsageError(f"unknown gate {settings.gate!r}; choose from {', '.join(GATES)}")
+    if settings.init not in INITS:
+        raise UsageError(f"unknown init {settings.init!r}; choose from {', '.join(INITS)}")
+    return settings
+
+
+def _site(match: Match, settings: Settings) -> Site:
+    defaults = match.recipe.defaults
+    reduction = settings.reduction or defaults.reduction
+    divisor = settings.divisor or defaults.divisor
+    gate = settings.gate or defaults.gate
+    spec = AttentionSpec(
+        kind=settings.attention,
+        channels=match.channels,
+        rd_channels=squeeze_channels(match.channels, reduction, divisor, defaults.round_limit),
+        bias=defaults.bias if settings.bias is None else settings.bias,
+        gate=gate,
+        gain=identity_gain(gate) if settings.init == "identity" else 1.0,
+    )
+    return Site(
+        path=match.path,
+        recipe=match.recipe.name,
+        block=match.block,
+        anchor=match.anchor,
+        position="after" if match.rule.position == "after" else "before",
+        slot=match.rule.slot,
+        name=match.rule.name,
+        attention=spec,
+    )
+
+
+def make_plan(
+    findings: Findings, settings: Settings, *, model: ModelSpec | None, seed: int
+) -> tuple[Plan, tuple[str, ...]]:
+    """Turn findings into a frozen plan, applying the filters. Returns the plan and notes for the report."""
+    kept = [
+        m
+        for m in findings.matches
+        if (not settings.include or any(fnmatchcase(m.path, g) for g in settings.include))
+        and not any(fnmatchcase(m.path, g) for g in settings.exclude)
+        and m.channels >= settings.min_channels
+    ]
+    if not findings.matches:
+        already = sum(s.already_attention for s in findings.skipped)
+        if already and already == len(findings.skipped):
+            raise NoSitesError(
+                f"no block to put SE in: all {already} matching blocks already have channel attention "
+                f"({findings.skipped[0].reason.split(' (')[0]}, e.g. {findings.skipped[0].path or 'the model'})"
+            )
+        tried = ", ".join(findings.recipes)
+        if findings.skipped:
+            reasons = "; ".join(sorted({s.reason for s in findings.skipped}))
+            raise NoSitesError(f"no block to put SE in: recipes {tried} matched blocks but skipped all ({reasons})")
+        found = ", ".join(c.rsplit(".", 1)[-1] for c in findings.block_classes[:8]) or "none"
+        raise NoSitesError(f"no matching blocks: tried recipes {tried}; the model's block classes: {found}")
+    if not kept:
+        removed = ", ".join(m.path for m in findings.matches[:6]) + (", ..." if len(findings.matches) > 6 else "")
+        raise NoSitesError(f"the filters removed all {len(findings.matches)} sites ({removed})")
+    sites = tuple(_site(m, settings) for m in kept)
+    notes = []
+    small = [s for s in sites if settings.reduction and settings.reduction > s.channels]
+    if small:
+        notes.append(
+            f"reduction {settings.reduction} exceeds the channels of {len(small)} sites "
+            f"(e.g. {small[0].path}: {small[0].channels}); their squeeze width is clamped to "
+            f"{small[0].squeeze_channels}"
+        )
+    if len(kept) < len(findings.matches):
+        notes.append(f"filters removed {len(findings.matches) - len(kept)} of {len(findings.matches)} sites")
+    plan = Plan(
+        model=model,
+        sites=sites,
+        input_size=findings.input_size,
+        init=settings.init,
+        seed=seed,
+        settings=settings.to_dict(),
+    )
+    return plan, tuple(notes)
+
+
+def inject(
+    model: nn.Module | str,
+    *,
+    recipe: str | list[str] | tuple[str, ...] = "auto",
+    recipe_files: tuple[str | Path, ...] | list[str | Path] = (),
+    attention: str = "se",
+    reduction: int | None = None,
+    divisor: int | None = None,
+    bias: bool | None = None,
+    gate: str | None = None,
+    init: str = "paper",
+    include: tuple[str, ...] | list[str] = (),
+    exclude: tuple[str, ...] | list[str] = (),
+    min_channels: int = 0,
+    input_size: int | str | tuple[int, ...] | None = None,
+    weights: str | Path | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+    inplace: bool = False,
+) -> tuple[nn.Module, Report]:
+    """Insert SE blocks where the recipes put them and return ``(model, report)``.
+
+    Args:
+        model: An ``nn.Module``, or a model name (``resnet50``, ``timm:NAME``, ``torchvision:NAME``) built here with
+            random weights on `device` ("meta" plans and counts without allocating anything).
+        recipe: "auto" (every recipe that matches) or recipe name(s).
+        recipe_files: Extra recipe files.
+        attention: The attention variant.
+        reduction, divisor, bias, gate: Override the recipes' defaults (r, squeeze rounding, FC bias, gating).
+        init: "paper" (default init) or "identity" (the model computes exactly what it did before).
+        include, exclude: fnmatch globs over site paths; min_channels drops narrower sites.
+        input_size: (C, H, W), HxW or N used for shapes and counts; default from the model's config.
+        weights: Local checkpoint loaded into the base model first (name only).
+        seed: Seed of the random weights and of the SE init; random (and recorded in the plan) when None.
+        inplace: Modify `model` itself instead of a copy.
+    """
+    settings = validate_settings(
+        Settings(
+            attention=attention,
+            reduction=reduction,
+            divisor=divisor,
+            bias=bias,
+            gate=gate,
+            init=init,
+            include=tuple(include),
+            exclude=tuple(exclude),
+            min_channels=min_channels,
+        )
+    )
+    size = parse_input_size(input_size)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"invalid seed {seed!r}: expected an integer >= 0")
+    recipes = resolve_recipes(recipe, tuple(recipe_files))
+    if isinstance(model, str):
+        spec: ModelSpec | None = resolve_model(model)
+        base = build_model(spec, device=device, seed=seed)
+        inplace = True  # nobody else holds this model
+        if weights is not None:
+            load_weights(base, weights)
+    else:
+        if weights is not None:
+            raise UsageError("weights= is for model names; load weights into your module before calling inject")
+        spec, base = None, model
+    if size is None:
+        size = default_input_size(spec, base) if spec else _module_input_size(base)
+
+    findings = find_sites(base, recipes, size)
+    plan, notes = make_plan(findings, settings, model=spec, seed=seed)
+    before = count(base, size)
+    injected = apply_plan(base, plan, inplace=inplace)
+    after = count(injected, size)
+    if after.output_shapes != before.output_shapes:
+        raise SurgeryError(f"surgery changed the output shapes: {before.output_shapes} -> {after.output_shapes}")
+    site_params = {s.path: sum(p.numel() for p in injected.get_submodule(s.module_path).parameters()) for s in plan.sites}
+    name = str(spec) if spec else type(base).__name__
+    return injected, Report(name, plan, findings.skipped, before, after, site_params, notes)
+
+
+def _module_input_size(model: nn.Module) -> tuple[int, int, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    return tuple(int(v) for v in size) if size else (3, 224, 224)  # type: ignore[return-value]

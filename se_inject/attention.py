@@ -1,0 +1,116 @@
+"""Attention variants behind one registry: a frozen spec in, a module out.
+
+The spec is what the plan stores for every site, so ``se_inject.load`` rebuilds the same modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from timm.layers import make_divisible
+from torch import nn
+
+from .errors import UsageError
+from .squeeze_excite import SqueezeExcite
+
+INITS = ("paper", "identity")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Everything needed to build one attention module.
+
+    Attributes:
+        kind: Registered variant name ("se", ...).
+        channels: C, channels of the feature map it scales.
+        rd_channels: Squeeze (bottleneck) width, C / r rounded to the divisor; 0 where the variant has none.
+        bias: Bias in the FC layers.
+        gate: Gating nonlinearity name.
+        gain: Constant gate multiplier (2 under identity initialisation).
+    """
+
+    kind: str
+    channels: int
+    rd_channels: int = 0
+    bias: bool = True
+    gate: str = "sigmoid"
+    gain: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttentionSpec:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown attention fields {sorted(unknown)}")
+        return cls(**data)
+
+
+Builder = Callable[..., nn.Module]
+_BUILDERS: dict[str, Builder] = {}
+_CLASSES: dict[str, type[nn.Module]] = {}
+
+
+def register_attention(kind: str, cls: type[nn.Module]) -> Callable[[Builder], Builder]:
+    """Register a builder ``fn(spec, device=..., dtype=...) -> nn.Module`` for a variant; duplicate names raise."""
+
+    def decorator(fn: Builder) -> Builder:
+        if kind in _BUILDERS:
+            raise ValueError(f"attention {kind!r} is already registered")
+        _BUILDERS[kind] = fn
+        _CLASSES[kind] = cls
+        return fn
+
+    return decorator
+
+
+@register_attention("se", SqueezeExcite)
+def _build_se(spec: AttentionSpec, **dd: Any) -> nn.Module:
+    return SqueezeExcite(spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate, gain=spec.gain, **dd)
+
+
+def list_attention() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def attention_classes() -> tuple[type[nn.Module], ...]:
+    return tuple(_CLASSES.values())
+
+
+def squeeze_channels(channels: int, reduction: int, divisor: int = 8, round_limit: float = 0.0) -> int:
+    """Squeeze width: C // r rounded to a multiple of `divisor`, never below it (timm's ``make_divisible``).
+
+    With an even divisor this equals timm's ``make_divisible(C / r, divisor)`` (``seresnet*``); with divisor 1 it is
+    the seed document's ``C // r`` (at least 1).
+    """
+    return make_divisible(channels // reduction, divisor, round_limit=round_limit)
+
+
+def identity_gain(gate: str) -> float:
+    """The gain that turns gate(0) into exactly 1."""
+    from .squeeze_excite import GATE_LAYERS
+
+    return 1.0 / float(GATE_LAYERS[gate]()(torch.zeros(())))
+
+
+def create_attention(
+    spec: AttentionSpec, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
+    try:
+        builder = _BUILDERS[spec.kind]
+    except KeyError:
+        raise UsageError(f"unknown attention {spec.kind!r}; choose from {', '.join(list_attention())}") from None
+    return builder(spec, device=device, dtype=dtype)
+
+
+def init_attention(module: nn.Module, init: str) -> None:
+    """Initialise a freshly built module: "paper" keeps PyTorch's default init; "identity" makes it compute x."""
+    if init == "identity":
+        module.init_identity()
+    elif init != "paper":
+        raise UsageError(f"unknown init {init!r}; choose from {', '.join(INITS)}")

@@ -1,0 +1,61 @@
+"""Typed errors. Each says what went wrong and what to do next; the CLI turns them into one line and an exit code."""
+
+from __future__ import annotations
+
+
+class SEInjectError(Exception):
+    """Base class. `exit_code` is what the CLI exits with: 1 for a problem with the inputs' content, 2 for bad usage."""
+
+    exit_code = 1
+
+
+class UsageError(SEInjectError, ValueError):
+    """An option has an invalid value (bad reduction, unknown recipe name, malformed input size, ...)."""
+
+    exit_code = 2
+
+
+class UnknownModelError(SEInjectError, LookupError):
+    """No timm or torchvision model has this name."""
+
+    def __init__(self, name: str, suggestions: list[str] | tuple[str, ...] = ()):
+        self.name = name
+        self.suggestions = tuple(suggestions)
+        hint = f"; did you mean {', '.join(self.suggestions)}?" if self.suggestions else "; see timm.list_models()"
+        super().__init__(f"unknown model {name!r}{hint}")
+
+
+class UnknownRecipeError(UsageError, LookupError):
+    """A recipe name that is not registered."""
+
+
+class RecipeFileError(UsageError):
+    """A recipe file that is not valid TOML or does not follow the recipe format."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+class NoSitesError(SEInjectError):
+    """No recipe found a block to put SE in (or the filters removed every site)."""
+
+
+class SurgeryError(SEInjectError):
+    """A matched block could not be rewritten (its forward cannot be traced, an anchor is missing, ...)."""
+
+
+class WeightsError(SEInjectError):
+    """A weights file is missing, unreadable, unsafe, or does not fit the model."""
+
+
+class OutputExistsError(SEInjectError, FileExistsError):
+    """The output already exists and --force was not given."""
+
+
+class CheckpointError(SEInjectError):
+    """A saved se-inject checkpoint is incomplete, tampered with, or does not match its plan."""
+
+
+class ExportError(SEInjectError):
+    """An export format is unavailable or its round-trip check failed."""

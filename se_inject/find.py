@@ -1,0 +1,257 @@
+"""Finding: which blocks a recipe matches, where in each the SE goes, and the feature map it would see.
+
+Nothing here changes the model: shapes come from one forward pass of a meta-device copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import attention_classes
+from .errors import SEInjectError
+from .recipes import BlockRule, Recipe
+
+# Channel-attention modules already in timm/torchvision models: a block holding one "already has SE".
+KNOWN_ATTENTION = frozenset(
+    {
+        "timm.layers.squeeze_excite.SEModule",
+        "timm.layers.squeeze_excite.EffectiveSEModule",
+        "timm.layers.squeeze_excite.SqueezeExciteCl",
+        "timm.layers.eca.EcaModule",
+        "timm.layers.eca.CecaModule",
+        "timm.layers.cbam.CbamModule",
+        "timm.layers.cbam.LightCbamModule",
+        "timm.layers.gather_excite.GatherExcite",
+        "timm.layers.global_context.GlobalContext",
+        "timm.layers.coord_attn.CoordAttn",
+        "timm.layers.coord_attn.SimpleCoordAttn",
+        "timm.models._efficientnet_blocks.SqueezeExcite",
+        "timm.models.senet.SEModule",
+        "timm.models.hgnet.EseModule",
+        "torchvision.ops.misc.SqueezeExcitation",
+    }
+)
+
+
+def class_path(module: nn.Module | type) -> str:
+    """Full class path; for a block se-inject rewrote, the path of its original class."""
+    cls = module if isinstance(module, type) else type(module)
+    cls = getattr(cls, "__se_inject_base__", cls)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_attention(module: nn.Module) -> bool:
+    return isinstance(module, attention_classes()) or class_path(module) in KNOWN_ATTENTION
+
+
+def find_attention(module: nn.Module) -> str | None:
+    """Path (relative to `module`) of the first channel-attention module inside it, if any."""
+    for name, sub in module.named_modules():
+        if is_attention(sub):
+            return name or "."
+    return None
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers live on the meta device; no tensor data is copied."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) not in memo:
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def resolve_child(block: nn.Module, path: str) -> str | None:
+    """Canonical path of a child given with optional negative indexes (``"conv.-2"`` -> ``"conv.2"``); "." -> ""."""
+    if path in (".", ""):
+        return ""
+    parts: list[str] = []
+    module = block
+    for part in path.split("."):
+        names = list(module._modules)
+        if part.lstrip("-").isdigit() and part.startswith("-"):
+            index = int(part)
+            if not -len(names) <= index < 0:
+                return None
+            part = names[index]
+        child = module._modules.get(part)
+        if child is None:
+            return None
+        parts.append(part)
+        module = child
+    return ".".join(parts)
+
+
+def _first_conv(module: nn.Module) -> nn.Conv2d | None:
+    return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _unmet_requirement(anchor_module: nn.Module, require: Iterable[str]) -> str | None:
+    for req in require:
+        if req == "pointwise":
+            conv = _first_conv(anchor_module)
+            if conv is None or conv.kernel_size != (1, 1) or conv.groups != 1:
+                return "no pointwise projection to put SE before"
+    return None
+
+
+@dataclass(frozen=True)
+class Match:
+    """A block a recipe matched, before settings are applied."""
+
+    path: str
+    recipe: Recipe
+    rule: BlockRule
+    block: str
+    anchor: str
+    shape: tuple[int, ...]  # (N, C, H, W) of the feature map the SE scales, at the planning input size
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A block a recipe matched but that gets no SE, and why."""
+
+    path: str
+    block: str
+    recipe: str
+    reason: str
+    already_attention: bool = False
+
+
+@dataclass(frozen=True)
+class Findings:
+    matches: tuple[Match, ...]
+    skipped: tuple[Skip, ...]
+    recipes: tuple[str, ...]
+    input_size: tuple[int, int, int]
+    output_shapes: tuple[tuple[int, ...], ...]  # the base model's output shapes, to check surgery against
+    block_classes: tuple[str, ...]  # class paths present in the model (outside torch.nn), most frequent first
+
+
+def output_shapes(output: Any) -> tuple[tuple[int, ...], ...]:
+    """Shapes of every tensor in a forward's output (tensors, tuples, lists, dicts), in order."""
+    if isinstance(output, torch.Tensor):
+        return (tuple(output.shape),)
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return tuple(shape for item in output for shape in output_shapes(item))
+    return ()
+
+
+def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[tuple[str, nn.Module, Recipe, BlockRule]]:
+    for path, module in model.named_modules():
+        cp = class_path(module)
+        for recipe in recipes:
+            rule = recipe.rule_for(cp)
+            if rule is not None:
+                yield path, module, recipe, rule
+                break
+
+
+def run_meta(model: nn.Module, input_size: tuple[int, int, int], hooks: dict[str, Any] | None = None) -> Any:
+    """Forward a meta copy of `model` in eval mode at batch 1; returns the output. Failures raise SEInjectError."""
+    try:
+        x = torch.empty((1, *input_size), device="meta")
+        with torch.no_grad():
+            return model.eval()(x)
+    except SEInjectError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise SEInjectError(
+            f"the model does not run on the meta device at input size {'x'.join(map(str, input_size))}: "
+            f"{type(e).__name__}: {msg[0] if msg else ''}"
+        ) from e
+
+
+def find_sites(model: nn.Module, recipes: list[Recipe], input_size: tuple[int, int, int]) -> Findings:
+    """Match the recipes' block classes and measure the feature map at each SE place. Changes nothing."""
+    pending: list[tuple[str, Recipe, BlockRule, str, str]] = []  # path, recipe, rule, class path, anchor
+    skipped: list[Skip] = []
+    for path, block, recipe, rule in _candidates(model, recipes):
+        cp = class_path(block)
+        attention = find_attention(block)
+        if attention is not None:
+            at = type(block.get_submodule("" if attention == "." else attention)).__name__
+            skipped.append(Skip(path, cp, recipe.name, f"already has channel attention ({at} at {attention})", True))
+            continue
+        anchor = resolve_child(block, rule.anchor)
+        if anchor is None:
+            skipped.append(Skip(path, cp, recipe.name, f"no child {rule.anchor!r}"))
+            continue
+        if rule.slot is not None:
+            current = getattr(block, rule.slot, None) if hasattr(block, rule.slot) else ...
+            if current is ...:
+                skipped.append(Skip(path, cp, recipe.name, f"no attribute {rule.slot!r} to fill"))
+                continue
+            if current is not None and not isinstance(current, nn.Identity):
+                skipped.append(Skip(path, cp, recipe.name, f"slot {rule.slot!r} holds {type(current).__name__}"))
+                continue
+        elif hasattr(block, rule.name):
+            skipped.append(Skip(path, cp, recipe.name, f"attribute {rule.name!r} is taken"))
+            continue
+        unmet = _unmet_requirement(block.get_submodule(anchor), rule.require)
+        if unmet:
+            skipped.append(Skip(path, cp, recipe.name, unmet))
+            continue
+        pending.append((path, recipe, rule, cp, anchor))
+
+    probe = meta_copy(model)
+    seen: dict[str, list[tuple[int, ...]]] = {}
+    handles = []
+    for path, _recipe, rule, _cp, anchor in pending:
+        target = probe.get_submodule(f"{path}.{anchor}" if path and anchor else path or anchor)
+        record = seen.setdefault(path, [])
+        if rule.position == "before":
+            handles.append(target.register_forward_pre_hook(lambda _m, args, rec=record: rec.append(_shape(args))))
+        else:
+            handles.append(target.register_forward_hook(lambda _m, _a, out, rec=record: rec.append(_shape(out))))
+    try:
+        out = run_meta(probe, input_size)
+    finally:
+        for h in handles:
+            h.remove()
+
+    matches: list[Match] = []
+    for path, recipe, rule, cp, anchor in pending:
+        shapes = seen[path]
+        if not shapes:
+            skipped.append(Skip(path, cp, recipe.name, "not executed by the model's forward"))
+        elif len(shapes) > 1:
+            skipped.append(Skip(path, cp, recipe.name, f"its SE place runs {len(shapes)} times per forward"))
+        elif shapes[0] is None or len(shapes[0]) != 4:
+            skipped.append(Skip(path, cp, recipe.name, f"expects an NCHW feature map, got shape {shapes[0]}"))
+        else:
+            matches.append(Match(path, recipe, rule, cp, anchor, shapes[0]))
+    classes = Counter(
+        class_path(m) for m in model.modules() if not type(m).__module__.startswith("torch.nn") and m is not model
+    )
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    return Findings(
+        matches=tuple(sorted(matches, key=lambda m: order[m.path])),
+        skipped=tuple(sorted(skipped, key=lambda s: order[s.path])),
+        recipes=tuple(r.name for r in recipes),
+        input_size=input_size,
+        output_shapes=output_shapes(out),
+        block_classes=tuple(c for c, _ in classes.most_common()),
+    )
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, tuple) and value:
+        value = value[0]
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None

@@ -1,0 +1,232 @@
+"""Model names -> modules: resolve a timm/torchvision name, build it (random weights, any device), load local weights."""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UnknownModelError, UsageError, WeightsError
+
+SOURCES = ("timm", "torchvision")
+DEFAULT_INPUT_SIZE = (3, 224, 224)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the tool can rebuild: ``source`` is "timm" or "torchvision", ``name`` its registered name."""
+
+    source: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.name}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"source": self.source, "name": self.name}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(str(data["source"]), str(data["name"]))
+
+
+@cache
+def torchvision_names() -> tuple[str, ...]:
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+@cache
+def timm_names() -> tuple[str, ...]:
+    import timm
+
+    return tuple(timm.list_models())
+
+
+def _timm_has(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def _closest(name: str, names: tuple[str, ...]) -> list[str]:
+    return difflib.get_close_matches(name.split(".", 1)[0], names, n=3, cutoff=0.6)
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """``NAME`` (timm first, then torchvision), ``timm:NAME`` or ``torchvision:NAME``. Unknown names raise with
+    the closest names."""
+    if not name or not name.strip():
+        raise UsageError("empty model name")
+    source, sep, bare = name.partition(":")
+    if sep and source in SOURCES:
+        if source == "timm" and _timm_has(bare):
+            return ModelSpec("timm", bare)
+        if source == "torchvision" and bare in torchvision_names():
+            return ModelSpec("torchvision", bare)
+        names = timm_names() if source == "timm" else torchvision_names()
+        raise UnknownModelError(name, [f"{source}:{n}" for n in _closest(bare, names)])
+    if sep:
+        raise UsageError(f"unknown model source {source!r} in {name!r}; use timm:NAME or torchvision:NAME")
+    if _timm_has(name):
+        return ModelSpec("timm", name)
+    if name in torchvision_names():
+        return ModelSpec("torchvision", name)
+    raise UnknownModelError(name, _closest(name, timm_names() + torchvision_names()))
+
+
+@contextmanager
+def seeded(seed: int | None):
+    """Run a block with torch's CPU RNG seeded, restoring the caller's RNG state afterwards."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_model(spec: ModelSpec, *, device: torch.device | str = "cpu", seed: int | None = None) -> nn.Module:
+    """Build the model with random weights. On the "meta" device this takes no memory and no init time."""
+    with seeded(seed), torch.device(device), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's inception/googlenet init FutureWarnings
+        if spec.source == "timm":
+            import timm
+
+            return timm.create_model(spec.name, pretrained=False)
+        if spec.source == "torchvision":
+            import torchvision
+
+            return torchvision.models.get_model(spec.name, weights=None)
+    raise UsageError(f"cannot build models from source {spec.source!r}")
+
+
+def default_input_size(spec: ModelSpec, model: nn.Module | None = None) -> tuple[int, int, int]:
+    """(C, H, W) the model is evaluated at: timm's pretrained_cfg, torchvision's weights transforms, else 224."""
+    if spec.source == "timm":
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "input_size" in cfg:
+            return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
+    elif spec.source == "torchvision":
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(spec.name)
+        except ValueError:
+            weights = None
+        if weights is not None and len(weights):
+            transforms = next(iter(weights)).transforms
+            crop = getattr(transforms, "keywords", {}).get("crop_size")
+            if crop:
+                return (3, int(crop), int(crop))
+    return DEFAULT_INPUT_SIZE
+
+
+def parse_input_size(value: int | str | tuple[int, ...] | list[int] | None) -> tuple[int, int, int] | None:
+    """``224``, ``"224"``, ``"3,224,224"``, ``"224x192"`` or a tuple -> (C, H, W)."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            parts = [int(p) for p in value.replace("x", ",").split(",") if p.strip()]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            parts = [value]
+        else:
+            parts = [int(p) for p in value]
+    except (TypeError, ValueError):
+        raise UsageError(f"invalid input size {value!r}: expected N, HxW or C,H,W with positive integers") from None
+    if len(parts) == 1:
+        parts = [3, parts[0], parts[0]]
+    elif len(parts) == 2:
+        parts = [3, *parts]
+    if len(parts) != 3 or any(p <= 0 for p in parts):
+        raise UsageError(f"invalid input size {value!r}: expected N, HxW or C,H,W with positive integers")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+# --- weights -----------------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a local checkpoint without executing code: safetensors, or torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: empty file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorsError
+        from safetensors.torch import load_file
+
+        try:
+            data: Any = load_file(str(path))
+        except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+            raise WeightsError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
+    else:
+        import pickle
+
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise WeightsError(
+                f"{path}: refused, it holds objects that safe loading (weights_only=True) does not allow: "
+                f"{_first_line(e)}"
+            ) from None
+        except Exception as e:  # truncated zip, random bytes, ...
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+    return _unwrap_state_dict(data, path)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _unwrap_state_dict(data: Any, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise WeightsError(f"{path}: does not hold a state_dict (a mapping of names to tensors)")
+    if data and all(k.startswith("module.") for k in data):  # saved from DataParallel/DDP
+        data = {k[len("module.") :]: v for k, v in data.items()}
+    return data
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise naming the first missing/unexpected keys and shape mismatches, if `state` does not fit `model`."""
+    expected = model.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    if unexpected:
+        more = ", ..." if len(unexpected) > 3 else ""
+        problems.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])}{more})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''})")
+    if problems:
+        raise WeightsError(f"{what} does not fit the model: {'; '.join(problems)}")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint into `model` strictly (in place)."""
+    state = read_state_dict(path)
+    check_state_dict(model, state, str(path))
+    on_meta = any(t.is_meta for t in model.state_dict().values())
+    model.load_state_dict(state, strict=True, assign=on_meta)

@@ -1,0 +1,248 @@
+"""Recipes: declarative TOML files saying which block classes get SE, and where in the block it goes.
+
+A recipe never runs code. It names block classes by full class path and, for each, the place of the SE:
+
+- ``after = "bn3"``: SE takes the output of the child ``bn3`` (``"."`` is the block itself: SE on the block's output);
+- ``before = "conv.-2"``: SE takes the input of that child (path parts may be negative indexes into a Sequential);
+- ``slot = "se"`` (optional): the block's own forward already calls ``self.se`` at that place (timm's attention slot),
+  so the slot is filled instead of rewriting the forward. ``after``/``before`` then only tells where to measure.
+
+This module imports no torch, so listing recipes stays instant.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeFileError, UnknownRecipeError
+
+GATES = ("sigmoid", "hard-sigmoid")
+REQUIREMENTS = ("pointwise",)  # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection
+_NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+_CLASS_PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
+_ATTR_RE = re.compile(r"^[A-Za-z_]\w*$")
+_CHILD_PATH_RE = re.compile(r"^(\.|-?\w+(\.-?\w+)*)$")
+
+
+@dataclass(frozen=True)
+class SEDefaults:
+    """A recipe's default SE settings (timm vocabulary: ``rd_ratio = 1 / reduction``, ``rd_divisor = divisor``)."""
+
+    reduction: int = 16
+    divisor: int = 8
+    round_limit: float = 0.0  # timm make_divisible: bump up when rounding down loses more than (1 - round_limit)
+    bias: bool = True
+    gate: str = "sigmoid"
+
+
+@dataclass(frozen=True)
+class BlockRule:
+    """Where SE goes in blocks of the given classes."""
+
+    classes: tuple[str, ...]
+    anchor: str  # child path; "." is the block itself
+    position: str  # "after" | "before"
+    slot: str | None = None
+    name: str = "se"
+    require: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    blocks: tuple[BlockRule, ...]
+    defaults: SEDefaults = field(default_factory=SEDefaults)
+    reference: str = ""
+    source: str = ""
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(c for rule in self.blocks for c in rule.classes)
+
+    def rule_for(self, class_path: str) -> BlockRule | None:
+        return next((rule for rule in self.blocks if class_path in rule.classes), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "reference": self.reference,
+            "defaults": vars(self.defaults).copy(),
+            "classes": list(self.classes),
+            "source": self.source,
+        }
+
+
+def _expect(path: str, where: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise RecipeFileError(path, f"field {where!r}: expected {what}, got {value!r}")
+    if not isinstance(value, kind):
+        raise RecipeFileError(path, f"field {where!r}: expected {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_keys(path: str, where: str, table: dict[str, Any], allowed: set[str], required: set[str]) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise RecipeFileError(path, f"unknown field {where}{unknown[0]!r}; expected one of {', '.join(sorted(allowed))}")
+    missing = sorted(required - set(table))
+    if missing:
+        raise RecipeFileError(path, f"missing field {where}{missing[0]!r}")
+
+
+def _parse_defaults(path: str, table: Any) -> SEDefaults:
+    _expect(path, "defaults", table, dict, "a table")
+    _check_keys(path, "defaults.", table, set(vars(SEDefaults())), set())
+    values: dict[str, Any] = {}
+    for key in ("reduction", "divisor"):
+        if key in table:
+            value = _expect(path, f"defaults.{key}", table[key], int, "a positive integer")
+            if value < 1:
+                raise RecipeFileError(path, f"field 'defaults.{key}': expected a positive integer, got {value}")
+            values[key] = value
+    if "round_limit" in table:
+        value = _expect(path, "defaults.round_limit", table["round_limit"], (int, float), "a number in [0, 1]")
+        if not 0 <= value <= 1:
+            raise RecipeFileError(path, f"field 'defaults.round_limit': expected a number in [0, 1], got {value}")
+        values["round_limit"] = float(value)
+    if "bias" in table:
+        values["bias"] = _expect(path, "defaults.bias", table["bias"], bool, "true or false")
+    if "gate" in table:
+        gate = _expect(path, "defaults.gate", table["gate"], str, f"one of {', '.join(GATES)}")
+        if gate not in GATES:
+            raise RecipeFileError(path, f"field 'defaults.gate': expected one of {', '.join(GATES)}, got {gate!r}")
+        values["gate"] = gate
+    return SEDefaults(**values)
+
+
+def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
+    where = f"blocks[{index}]"
+    _expect(path, where, table, dict, "a table ([[blocks]])")
+    _check_keys(path, f"{where}.", table, {"classes", "after", "before", "slot", "name", "require"}, {"classes"})
+    classes = _expect(path, f"{where}.classes", table["classes"], list, "a list of full class paths")
+    if not classes:
+        raise RecipeFileError(path, f"field '{where}.classes': expected at least one class path")
+    for c in classes:
+        if not isinstance(c, str) or not _CLASS_PATH_RE.match(c):
+            raise RecipeFileError(
+                path, f"field '{where}.classes': expected full class paths like 'package.module.Class', got {c!r}"
+            )
+    places = [key for key in ("after", "before") if key in table]
+    if len(places) != 1:
+        raise RecipeFileError(path, f"field '{where}': expected exactly one of 'after' or 'before'")
+    position = places[0]
+    anchor = _expect(path, f"{where}.{position}", table[position], str, "a child path such as 'bn3' or 'conv.-2'")
+    if not _CHILD_PATH_RE.match(anchor) or (position == "before" and anchor == "."):
+        raise RecipeFileError(
+            path, f"field '{where}.{position}': expected a child path such as 'bn3' or 'conv.-2', got {anchor!r}"
+        )
+    slot = table.get("slot")
+    if slot is not None and not (isinstance(slot, str) and _ATTR_RE.match(slot)):
+        raise RecipeFileError(path, f"field '{where}.slot': expected an attribute name, got {slot!r}")
+    name = table.get("name", slot or "se")
+    if not (isinstance(name, str) and _ATTR_RE.match(name)):
+        raise RecipeFileError(path, f"field '{where}.name': expected an attribute name, got {name!r}")
+    if slot is not None and name != slot:
+        raise RecipeFileError(path, f"field '{where}.name': must equal 'slot' ({slot!r}) when a slot is filled")
+    require = _expect(path, f"{where}.require", table.get("require", []), list, "a list of requirement names")
+    for req in require:
+        if req not in REQUIREMENTS:
+            raise RecipeFileError(
+                path, f"field '{where}.require': expected names from {', '.join(REQUIREMENTS)}, got {req!r}"
+            )
+    return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require))
+
+
+def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
+    """Validate a parsed recipe table; errors name the file, the field and what was expected."""
+    _check_keys(source, "", data, {"name", "description", "reference", "defaults", "blocks"}, {"name", "blocks"})
+    name = _expect(source, "name", data["name"], str, "a recipe name")
+    if not _NAME_RE.match(name):
+        raise RecipeFileError(source, f"field 'name': expected lowercase letters, digits and '-', got {name!r}")
+    description = _expect(source, "description", data.get("description", ""), str, "a string")
+    reference = _expect(source, "reference", data.get("reference", ""), str, "a string")
+    blocks = _expect(source, "blocks", data["blocks"], list, "an array of tables ([[blocks]])")
+    if not blocks:
+        raise RecipeFileError(source, "field 'blocks': expected at least one [[blocks]] table")
+    rules = tuple(_parse_rule(source, i, table) for i, table in enumerate(blocks))
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(rules):
+        for c in rule.classes:
+            if c in seen:
+                raise RecipeFileError(source, f"field 'blocks[{i}].classes': {c!r} is already in blocks[{seen[c]}]")
+            seen[c] = i
+    defaults = _parse_defaults(source, data.get("defaults", {}))
+    return Recipe(name, description, rules, defaults, reference, source)
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    """Read and validate one recipe file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeFileError(str(path), "no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeFileError(str(path), f"cannot read: {e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeFileError(str(path), f"invalid TOML: {e}") from None
+    return parse_recipe(data, str(path))
+
+
+def _shipped_dir() -> Any:
+    """The top-level ``recipes/`` folder, installed as the package ``se_inject.recipe_files``."""
+    try:
+        return resources.files("se_inject.recipe_files")
+    except ModuleNotFoundError:  # running from a source checkout whose root shadows the installed mapping
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+@cache
+def _shipped() -> dict[str, Recipe]:
+    recipes: dict[str, Recipe] = {}
+    for entry in sorted(_shipped_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            source = f"se_inject/recipes/{entry.name}"
+            try:
+                recipe = parse_recipe(tomllib.loads(entry.read_text(encoding="utf-8")), source)
+            except tomllib.TOMLDecodeError as e:
+                raise RecipeFileError(source, f"invalid TOML: {e}") from None
+            if recipe.name in recipes:
+                raise RecipeFileError(source, f"duplicate recipe name {recipe.name!r}")
+            recipes[recipe.name] = recipe
+    return recipes
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes."""
+    return sorted(_shipped())
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return _shipped()[name]
+    except KeyError:
+        raise UnknownRecipeError(f"unknown recipe {name!r}; choose from {', '.join(list_recipes())}") from None
+
+
+def resolve_recipes(names: str | list[str] | tuple[str, ...] = "auto", files: tuple[str | Path, ...] = ()) -> list[Recipe]:
+    """Recipes to apply: "auto" means every shipped recipe plus the given files; names restrict to those."""
+    extra = [load_recipe_file(f) for f in files]
+    if isinstance(names, str):
+        names = [] if names == "auto" else [names]
+    names = [n for n in names if n != "auto"]
+    by_name = {r.name: r for r in extra}
+    if not names:
+        chosen = [*extra, *(r for n, r in _shipped().items() if n not in by_name)]
+    else:
+        chosen = [by_name[n] if n in by_name else get_recipe(n) for n in dict.fromkeys(names)]
+    return chosen

@@ -1,0 +1,60 @@
+"""Squeeze-and-Excitation channel attention (Hu et al., "Squeeze-and-Excitation Networks", Sec. 3).
+
+Parameter names follow timm's ``SEModule`` (``fc1``, ``fc2`` as 1x1 convolutions), so a timm ResNet with this
+module in its ``se`` slot has exactly the state_dict of timm's ``seresnet*``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GATE_LAYERS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "hard-sigmoid": nn.Hardsigmoid}
+
+
+class SqueezeExcite(nn.Module):
+    """SE block: ``x * gain * gate(fc2(relu(fc1(mean_hw(x)))))``.
+
+    Args:
+        channels: C, channels of the feature map.
+        rd_channels: C / r, width of the bottleneck (``fc1`` output); ``W1`` in eq. 3 of the paper is ``fc1``.
+        bias: Whether both FC layers have a bias.
+        gate: The gating nonlinearity, sigma in eq. 3 ("sigmoid" in the paper).
+        gain: Constant multiplier of the gate. 1 in the paper; 2 with identity initialisation, where the gate
+            starts at exactly 0.5 and the block at exactly the identity (as NFNets' ``attn_gain``).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        rd_channels: int,
+        *,
+        bias: bool = True,
+        gate: str = "sigmoid",
+        gain: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
+        self.gate = GATE_LAYERS[gate]()
+        self.gain = float(gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)  # squeeze: global average pool, eq. 2
+        s = self.gate(self.fc2(self.act(self.fc1(s))))  # excitation, eq. 3
+        if self.gain != 1.0:
+            s = s * self.gain
+        return x * s  # scale, eq. 4
+
+    def init_identity(self) -> None:
+        """Zero fc2, so the gate is gate(0) = 0.5 for every input; with gain = 2 the block then computes exactly x."""
+        nn.init.zeros_(self.fc2.weight)
+        if self.fc2.bias is not None:
+            nn.init.zeros_(self.fc2.bias)
+
+    def extra_repr(self) -> str:
+        return f"gain={self.gain:g}" if self.gain != 1.0 else ""
