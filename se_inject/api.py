@@ -13,7 +13,7 @@ from torch import nn
 from .attention import INITS, AttentionSpec, identity_gain, list_attention, squeeze_channels
 from .errors import NoSitesError, SurgeryError, UsageError
 from .find import Findings, Match, Skip, find_sites
-from .measure import Counts, count
+from .measure import Counts, count, count_params
 from .models import ModelSpec, build_model, default_input_size, load_weights, parse_input_size, resolve_model
 from .plan import Plan, Settings, Site
 from .recipes import GATES, resolve_recipes
@@ -22,7 +22,19 @@ from .surgery import apply_plan
 
 @dataclass(frozen=True)
 class Report:
-    """What an injection did: the plan, what was skipped and why, and exact counts before and after."""
+    """What an injection did: the plan, what was skipped and why, and exact counts before and after.
+
+    Attributes:
+        model: The model's name ("timm:resnet50") or class name.
+        plan: The plan that was applied.
+        skipped: Matched blocks that got no SE, with the reason.
+        before, after: Counts of the base and the injected model at batch 1 and ``plan.input_size``.
+        site_params: Parameters of each inserted module, by site path.
+        feature_maps: (C, H, W) each SE scales at ``plan.input_size``, by site path.
+        notes: Things the user should know (clamped squeeze widths, filtered sites).
+        reduction: The reduction of the first site's recipe or the user's; names the default output folder.
+        output: Where the checkpoint went (None until saved).
+    """
 
     model: str
     plan: Plan
@@ -30,9 +42,36 @@ class Report:
     before: Counts
     after: Counts
     site_params: dict[str, int]
+    feature_maps: dict[str, tuple[int, int, int]]
     notes: tuple[str, ...] = ()
+    reduction: int = 16
     output: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def default_output(self) -> str:
+        """``<model>-<attention><r>``, e.g. ``resnet50-se16``."""
+        name = self.model.split(":", 1)[-1].replace("/", "_").replace(":", "_")
+        kind = self.plan.sites[0].attention.kind if self.plan.sites else "se"
+        return f"{name}-{kind}{self.reduction}"
+
+    def site_rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "path": s.path,
+                "module": s.module_path,
+                "recipe": s.recipe,
+                "block": s.block,
+                "attention": s.attention.kind,
+                "channels": s.channels,
+                "squeeze_channels": s.squeeze_channels,
+                "feature_map": list(self.feature_maps[s.path]),
+                "params": self.site_params[s.path],
+                "macs": self.after.attention_macs.get(s.module_path, 0),
+                "elementwise_ops": self.after.attention_elementwise.get(s.module_path, 0),
+            }
+            for s in self.plan.sites
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         def delta(key: str) -> dict[str, int]:
@@ -45,19 +84,7 @@ class Report:
             "recipes": list(self.plan.recipes),
             "init": self.plan.init,
             "seed": self.plan.seed,
-            "sites": [
-                {
-                    "path": s.path,
-                    "module": s.module_path,
-                    "recipe": s.recipe,
-                    "block": s.block,
-                    "attention": s.attention.kind,
-                    "channels": s.channels,
-                    "squeeze_channels": s.squeeze_channels,
-                    "params": self.site_params[s.path],
-                }
-                for s in self.plan.sites
-            ],
+            "sites": self.site_rows(),
             "skipped": [
                 {"path": s.path, "block": s.block, "recipe": s.recipe, "reason": s.reason} for s in self.skipped
             ],
@@ -241,9 +268,21 @@ def inject(
     after = count(injected, size)
     if after.output_shapes != before.output_shapes:
         raise SurgeryError(f"surgery changed the output shapes: {before.output_shapes} -> {after.output_shapes}")
-    site_params = {s.path: sum(p.numel() for p in injected.get_submodule(s.module_path).parameters()) for s in plan.sites}
-    name = str(spec) if spec else type(base).__name__
-    return injected, Report(name, plan, findings.skipped, before, after, site_params, notes)
+    site_params = {s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites}
+    feature_maps = {m.path: m.shape[1:] for m in findings.matches}
+    first = next(m for m in findings.matches if m.path == plan.sites[0].path)
+    report = Report(
+        model=str(spec) if spec else type(base).__name__,
+        plan=plan,
+        skipped=findings.skipped,
+        before=before,
+        after=after,
+        site_params=site_params,
+        feature_maps={s.path: feature_maps[s.path] for s in plan.sites},
+        notes=notes,
+        reduction=settings.reduction or first.recipe.defaults.reduction,
+    )
+    return injected, report
 
 
 def _module_input_size(model: nn.Module) -> tuple[int, int, int]:

@@ -26,39 +26,44 @@ _POOLS = {
 
 @dataclass(frozen=True)
 class Counts:
-    """What one forward pass at batch 1 costs."""
+    """What one forward pass at batch 1 costs. Per-module figures are keyed by the attention module's path."""
 
     params: int
     macs: int
-    attention_elementwise_ops: int
     output_shapes: tuple[tuple[int, ...], ...]
+    attention_macs: dict[str, int]
+    attention_elementwise: dict[str, int]
+
+    @property
+    def attention_elementwise_ops(self) -> int:
+        return sum(self.attention_elementwise.values())
 
 
 class ElementwiseCounter(TorchDispatchMode):
-    """Counts elementwise and reduction work done inside the given modules (nested calls counted once)."""
+    """Counts elementwise and reduction work done inside the given modules (by outermost module path)."""
 
-    def __init__(self, modules: list[nn.Module]):
+    def __init__(self, modules: dict[str, nn.Module]):
         super().__init__()
-        self.ops = 0
-        self._depth = 0
+        self.ops: dict[str, int] = dict.fromkeys(modules, 0)
+        self._active: list[str] = []
         self._handles: list[Any] = []
-        for m in modules:
-            self._handles.append(m.register_forward_pre_hook(self._enter))
-            self._handles.append(m.register_forward_hook(self._exit))
+        for path, m in modules.items():
+            self._handles.append(m.register_forward_pre_hook(lambda *_, p=path: self._enter(p)))
+            self._handles.append(m.register_forward_hook(lambda *_: self._exit()))
 
-    def _enter(self, *_: Any) -> None:
-        self._depth += 1
+    def _enter(self, path: str) -> None:  # hooks must return None, or they replace the module's input/output
+        self._active.append(path)
 
-    def _exit(self, *_: Any) -> None:
-        self._depth -= 1
+    def _exit(self) -> None:
+        self._active.pop()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
-        if self._depth:
+        if self._active:
             if torch.Tag.reduction in func.tags or func in _POOLS:
-                self.ops += args[0].numel()
+                self.ops[self._active[0]] += args[0].numel()
             elif torch.Tag.pointwise in func.tags:
-                self.ops += out.numel()
+                self.ops[self._active[0]] += out.numel()
         return out
 
     def __exit__(self, *exc: Any) -> None:
@@ -72,27 +77,27 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Outermost channel-attention modules in `model`."""
-    found: list[nn.Module] = []
-    inside: set[int] = set()
-    for m in model.modules():
-        if id(m) in inside:
-            continue
-        if is_attention(m):
-            found.append(m)
-            inside.update(id(sub) for sub in m.modules())
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Outermost channel-attention modules in `model`, by path."""
+    found: dict[str, nn.Module] = {}
+    for path, m in model.named_modules():
+        if is_attention(m) and not any(path.startswith(f"{p}.") for p in found):
+            found[path] = m
     return found
 
 
 def count(model: nn.Module, input_size: tuple[int, int, int]) -> Counts:
     """Params, MACs and attention elementwise ops of `model` at batch 1, measured on a meta copy."""
     probe = meta_copy(model)
-    with FlopCounterMode(display=False) as flops, ElementwiseCounter(attention_modules(probe)) as elementwise:
+    modules = attention_modules(probe)
+    with FlopCounterMode(display=False) as flops, ElementwiseCounter(modules) as elementwise:
         out = run_meta(probe, input_size)
+    per_module = flops.get_flop_counts()
+    root = type(probe).__name__
     return Counts(
         params=count_params(model),
         macs=flops.get_total_flops() // 2,
-        attention_elementwise_ops=elementwise.ops,
         output_shapes=output_shapes(out),
+        attention_macs={p: sum(per_module.get(f"{root}.{p}", {}).values()) // 2 for p in modules},
+        attention_elementwise=elementwise.ops,
     )

@@ -58,7 +58,7 @@ def _timm_has(name: str) -> bool:
 
 
 def _closest(name: str, names: tuple[str, ...]) -> list[str]:
-    return difflib.get_close_matches(name.split(".", 1)[0], names, n=3, cutoff=0.6)
+    return difflib.get_close_matches(name.split(".", 1)[0], list(dict.fromkeys(names)), n=3, cutoff=0.6)
 
 
 def resolve_model(name: str) -> ModelSpec:
@@ -163,12 +163,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: empty file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             data: Any = load_file(str(path))
-        except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise WeightsError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
     else:
         import pickle

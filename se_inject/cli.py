@@ -1,0 +1,289 @@
+"""The ``se-inject`` command line: thin commands over the library.
+
+``se-inject MODEL ...`` runs the default command (``inject``); ``recipes`` and the other subcommands are named.
+Heavy imports (torch, timm, torchvision) happen inside command bodies, so ``--help``, ``--version`` and
+``recipes`` start fast. Data goes to stdout, messages and errors to stderr; every error is one line and an exit code
+(1: the input is wrong, 2: bad usage, 3: a bug in se-inject; ``SE_INJECT_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from . import __version__
+from .errors import SEInjectError
+
+DEFAULT_COMMAND = "inject"
+stderr = Console(stderr=True, highlight=False)
+
+
+class DefaultCommandGroup(TyperGroup):
+    """Runs ``inject`` when the first argument is not a subcommand, and prints every usage error as one line."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        own_options = {opt for param in self.get_params(ctx) for opt in param.opts}
+        if args and args[0] not in self.commands and args[0] not in own_options:
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
+        try:
+            code = super().main(args=args, prog_name=prog_name or "se-inject", standalone_mode=False, **extra)
+        except Exception as e:
+            if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not a click usage error
+                raise
+            stderr.print(f"se-inject: error: {e.format_message()}", markup=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=DefaultCommandGroup,
+    name="se-inject",
+    help="Insert Squeeze-and-Excitation blocks into timm/torchvision models where the SE paper puts them.\n\n"
+    "Run `se-inject MODEL` (the `inject` command) or one of the commands below.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"se-inject {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+@contextmanager
+def error_funnel() -> Iterator[None]:
+    """Turn library errors into one line on stderr and an exit code; tracebacks only with SE_INJECT_DEBUG=1."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except SEInjectError as e:
+        if os.environ.get("SE_INJECT_DEBUG"):
+            raise
+        stderr.print(f"se-inject: error: {e}", markup=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("se-inject: interrupted", markup=False)
+        raise typer.Exit(130) from None
+    except Exception as e:
+        if os.environ.get("SE_INJECT_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        stderr.print(
+            f"se-inject: internal error: {type(e).__name__}: {first} (SE_INJECT_DEBUG=1 shows the traceback)",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(3) from None
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+# --- inject --------------------------------------------------------------------------------------------------------
+
+
+@app.command(DEFAULT_COMMAND)
+def inject_command(
+    model: Annotated[str, typer.Argument(help="Model name: NAME (timm first, then torchvision), timm:NAME, "
+                                         "torchvision:NAME.", show_default=False)],
+    reduction: Annotated[int | None, typer.Option("--reduction", "-r", help="Reduction ratio r: squeeze width "
+                                                   "C/r. Default: the recipe's (16; 4 for inverted residuals).",
+                                                   show_default=False)] = None,
+    recipe: Annotated[list[str] | None, typer.Option("--recipe", help="Only these recipes (repeatable). Default: "
+                                                     "every recipe that matches.", show_default=False)] = None,
+    divisor: Annotated[int | None, typer.Option(help="Round the squeeze width to a multiple of this (default 8; 1 "
+                                                "gives C // r).", show_default=False)] = None,
+    bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="Bias in both FC layers (default on).",
+                                              show_default=False)] = None,
+    init: Annotated[str, typer.Option(help="paper: standard init; identity: the model computes exactly what it "
+                                      "did before.")] = "paper",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder. Default: "
+                                                "./<model>-se<r>/", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report on the meta device; write nothing.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    input_size: Annotated[str | None, typer.Option(help="Input size for shapes and counts: N, HxW or C,H,W. "
+                                                   "Default: the model's.", show_default=False)] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local checkpoint (.safetensors, .pth, .pt) loaded into the "
+                                                 "base model before surgery.", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the random weights and SE init (recorded in the plan).",
+                                             show_default=False)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="One table row per site.")] = False,
+) -> None:
+    """Insert SE blocks into MODEL, report params/MACs before and after, save the result."""
+    with error_funnel():
+        from .api import inject
+        from .checkpoint import save
+
+        injected, report = inject(
+            model,
+            recipe=recipe or "auto",
+            reduction=reduction,
+            divisor=divisor,
+            bias=bias,
+            init=init,
+            input_size=input_size,
+            weights=weights,
+            seed=seed,
+            device="meta" if dry_run else "cpu",
+        )
+        if not dry_run:
+            directory = output or Path(report.default_output)
+            report = _with_output(report, str(directory))
+            save(injected, report.plan, directory, report=report.to_dict(), force=force)
+        if as_json:
+            _print_json(report.to_dict())
+        else:
+            render_report(report, verbose=verbose)
+
+
+def _with_output(report: Any, output: str) -> Any:
+    from dataclasses import replace
+
+    return replace(report, output=output)
+
+
+def _pct(delta: int, before: int) -> str:
+    return f"{100 * delta / before:+.2f}%" if before else "n/a"
+
+
+def _num(n: int) -> str:
+    return f"{n:,}"
+
+
+def _stages(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Consecutive sites of one recipe at one feature-map size: a network stage."""
+    stages: list[list[dict[str, Any]]] = []
+    for row in rows:
+        key = (row["recipe"], tuple(row["feature_map"][1:]))
+        if stages and (stages[-1][0]["recipe"], tuple(stages[-1][0]["feature_map"][1:])) == key:
+            stages[-1].append(row)
+        else:
+            stages.append([row])
+    return stages
+
+
+def _span(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _label(paths: list[str]) -> str:
+    """``layer1.0 .. layer1.2`` -> ``layer1.0-2``."""
+    first, last = paths[0], paths[-1]
+    if first == last:
+        return first
+    head, _, tail = first.rpartition(".")
+    head2, _, tail2 = last.rpartition(".")
+    return f"{head}.{tail}-{tail2}" if head == head2 and head else f"{first} .. {last}"
+
+
+def render_report(report: Any, *, verbose: bool = False) -> None:
+    data = report.to_dict()
+    out = Console(highlight=False)
+    recipes = {row["recipe"] for row in data["sites"]}
+    table = Table(title=f"SE in {data['model']} at {'x'.join(map(str, data['input_size']))}", title_justify="left")
+    columns = ["site" if verbose else "stage", "n", "C", "C/r", "map", "params +", "MACs +", "elementwise +"]
+    if len(recipes) > 1:
+        columns.insert(1, "recipe")
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("site", "stage", "recipe") else "right", no_wrap=True)
+    groups = [[row] for row in data["sites"]] if verbose else _stages(data["sites"])
+    for group in groups:
+        cells = [
+            _label([r["path"] for r in group]),
+            str(len(group)),
+            _span([r["channels"] for r in group]),
+            _span([r["squeeze_channels"] for r in group]),
+            "x".join(map(str, group[0]["feature_map"][1:])),
+            _num(sum(r["params"] for r in group)),
+            _num(sum(r["macs"] for r in group)),
+            _num(sum(r["elementwise_ops"] for r in group)),
+        ]
+        if len(recipes) > 1:
+            cells.insert(1, group[0]["recipe"])
+        table.add_row(*cells)
+    out.print(table)
+    totals = Table(show_header=True, box=None, padding=(0, 2))
+    for name in ("", "before", "after", "delta", ""):
+        totals.add_column(name, justify="right" if name else "left")
+    for key, label in (("params", "params"), ("macs", "MACs")):
+        d = data[key]
+        totals.add_row(label, _num(d["before"]), _num(d["after"]), f"{d['delta']:+,}", _pct(d["delta"], d["before"]))
+    out.print(totals)
+    out.print(
+        f"{len(data['sites'])} SE blocks ({', '.join(sorted(recipes))}); "
+        f"SE elementwise ops (pool, gate, scale): {_num(data['se_elementwise_ops'])}"
+    )
+    if data["skipped"]:
+        reasons: dict[str, int] = {}
+        for s in data["skipped"]:
+            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+        for reason, n in reasons.items():
+            out.print(f"skipped {n} blocks: {reason}")
+    for note in data["notes"]:
+        out.print(f"note: {note}")
+    out.print(f"saved to {data['output']}" if data["output"] else "dry run: nothing written")
+
+
+# --- recipes -------------------------------------------------------------------------------------------------------
+
+
+@app.command("recipes")
+def recipes_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the recipes as JSON.")] = False,
+) -> None:
+    """List the recipes: what they match, where SE goes, their default settings."""
+    with error_funnel():
+        from .recipes import get_recipe, list_recipes
+
+        recipes = [get_recipe(name) for name in list_recipes()]
+        if as_json:
+            _print_json([r.to_dict() for r in recipes])
+            return
+        out = Console(highlight=False)
+        for r in recipes:
+            d = r.defaults
+            out.print(f"[bold]{r.name}[/bold]: {r.description}")
+            out.print(f"  defaults: reduction {d.reduction}, divisor {d.divisor}, bias {str(d.bias).lower()}, "
+                      f"gate {d.gate}")
+            for rule in r.blocks:
+                place = f"{rule.position} {rule.anchor}" + (f" (fills `{rule.slot}`)" if rule.slot else "")
+                for c in rule.classes:
+                    out.print(f"  {c}: {place}", markup=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
