@@ -19,11 +19,13 @@ from .errors import (
     UsageError,
     WeightsError,
 )
-from .recipes import get_recipe, list_recipes, load_recipe_file
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "get_recipe": "recipes",
+    "list_recipes": "recipes",
+    "load_recipe_file": "recipes",
     "inject": "api",
     "Report": "api",
     "make_plan": "api",
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from .measure import count
     from .models import ModelSpec, build_model, resolve_model
     from .plan import Plan, Settings, Site
+    from .recipes import get_recipe, list_recipes, load_recipe_file
     from .squeeze_excite import SqueezeExcite
     from .surgery import apply_plan
 
@@ -66,19 +69,37 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AttentionSpec",
     "CheckpointError",
+    "ModelSpec",
     "NoSitesError",
     "OutputExistsError",
+    "Plan",
     "RecipeFileError",
+    "Report",
     "SEInjectError",
+    "Settings",
+    "Site",
+    "SqueezeExcite",
     "SurgeryError",
     "UnknownModelError",
     "UnknownRecipeError",
     "UsageError",
     "WeightsError",
     "__version__",
+    "apply_plan",
+    "build_model",
+    "count",
+    "create_attention",
+    "find_sites",
     "get_recipe",
+    "inject",
+    "list_attention",
     "list_recipes",
+    "load",
     "load_recipe_file",
-    *_LAZY,
+    "make_plan",
+    "read_plan",
+    "resolve_model",
+    "save",
 ]

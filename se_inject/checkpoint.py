@@ -50,27 +50,47 @@ def checkpoint_metadata(plan: Plan) -> dict[str, str]:
     }
 
 
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state_dict as contiguous CPU tensors, with storage shared between entries broken (safetensors needs it)."""
-    state: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for key, t in model.state_dict().items():
-        if t.is_meta:
-            raise SEInjectError("the model lives on the meta device and has no weights to save")
-        t = t.detach().to("cpu").contiguous()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if t.numel() and ident in seen:
-            t = t.clone()
-        seen.add(ident)
-        state[key] = t
+    """The state_dict, detached; refuses a model without data."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if any(t.is_meta for t in state.values()):
+        raise SEInjectError("the model lives on the meta device and has no weights to save")
     return state
 
 
-def write_safetensors(model: nn.Module, plan: Plan) -> Callable[[Path], None]:
-    from safetensors.torch import save_file
+def write_safetensors_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write the safetensors format tensor by tensor: no second copy of the weights in memory, and the same bytes
+    for the same inputs (safetensors' own writer orders the metadata differently from run to run)."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _DTYPES:
+            raise SEInjectError(f"cannot save {name}: dtype {t.dtype} has no safetensors code")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format allows space padding; keeps the data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in sorted(tensors):
+            t = tensors[name].to("cpu").contiguous().reshape(-1)
+            if t.numel():
+                f.write(t.view(torch.uint8).numpy().data)
 
+
+def write_checkpoint(model: nn.Module, plan: Plan) -> Callable[[Path], None]:
     def write(path: Path) -> None:
-        save_file(state_for_saving(model), str(path), metadata=checkpoint_metadata(plan))
+        write_safetensors_file(path, state_for_saving(model), checkpoint_metadata(plan))
 
     return write
 
@@ -160,7 +180,7 @@ def save(
     force: bool = False,
 ) -> Path:
     """Save `model` (weights + plan) and its report into `directory`."""
-    files: dict[str, Callable[[Path], None]] = {MODEL_FILE: write_safetensors(model, plan)}
+    files: dict[str, Callable[[Path], None]] = {MODEL_FILE: write_checkpoint(model, plan)}
     if report is not None:
         files[REPORT_FILE] = write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     for name, text in (extra_files or {}).items():
@@ -209,15 +229,17 @@ def load(path: str | Path, *, model: nn.Module | None = None, device: str | torc
 
     Returns the model in eval mode on `device`.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     file = _model_file(path)
     plan = read_plan(file)
     if model is None and plan.model is None:
         raise CheckpointError(f"{file}: saved from a model object; pass the base model: load(path, model=...)")
     try:
-        state = load_file(str(file))
+        with safe_open(str(file), "pt") as f:
+            # Cloned into torch's own (64-byte aligned) memory: kernels then take the same paths as for the saved
+            # model, and outputs are bit-identical.
+            state = {key: f.get_tensor(key).clone() for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{file}: cannot read the weights ({str(e).splitlines()[0][:160]})") from None
     if model is not None:

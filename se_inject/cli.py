@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
 
 from . import __version__
 from .errors import SEInjectError
 
 DEFAULT_COMMAND = "inject"
-stderr = Console(stderr=True, highlight=False)
+
+
+def error(message: str) -> None:
+    """One line on stderr."""
+    typer.echo(f"se-inject: {message}", err=True)
 
 
 class DefaultCommandGroup(TyperGroup):
@@ -38,12 +40,18 @@ class DefaultCommandGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
+        argv = tuple(sys.argv[1:] if args is None else args)
+        if argv in (("recipes",), ("recipes", "--json")):
+            # Fast path: typer coerces every option through pydantic, whose import costs more than the listing.
+            with error_funnel_exit():
+                print_recipes(as_json=len(argv) == 2)
+            sys.exit(0)
         try:
             code = super().main(args=args, prog_name=prog_name or "se-inject", standalone_mode=False, **extra)
         except Exception as e:
             if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not a click usage error
                 raise
-            stderr.print(f"se-inject: error: {e.format_message()}", markup=False, soft_wrap=True)
+            error(f"error: {e.format_message()}")
             sys.exit(e.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -56,7 +64,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: rendering it with rich would double the start-up time
 )
 
 
@@ -76,6 +84,16 @@ def main_callback(
 
 
 @contextmanager
+def error_funnel_exit() -> Iterator[None]:
+    """`error_funnel` outside a typer command: exit directly."""
+    try:
+        with error_funnel():
+            yield
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+
+
+@contextmanager
 def error_funnel() -> Iterator[None]:
     """Turn library errors into one line on stderr and an exit code; tracebacks only with SE_INJECT_DEBUG=1."""
     try:
@@ -85,20 +103,16 @@ def error_funnel() -> Iterator[None]:
     except SEInjectError as e:
         if os.environ.get("SE_INJECT_DEBUG"):
             raise
-        stderr.print(f"se-inject: error: {e}", markup=False, soft_wrap=True)
+        error(f"error: {e}")
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        stderr.print("se-inject: interrupted", markup=False)
+        error("interrupted")
         raise typer.Exit(130) from None
     except Exception as e:
         if os.environ.get("SE_INJECT_DEBUG"):
             raise
         first = (str(e).strip().splitlines() or [""])[0]
-        stderr.print(
-            f"se-inject: internal error: {type(e).__name__}: {first} (SE_INJECT_DEBUG=1 shows the traceback)",
-            markup=False,
-            soft_wrap=True,
-        )
+        error(f"internal error: {type(e).__name__}: {first} (SE_INJECT_DEBUG=1 shows the traceback)")
         raise typer.Exit(3) from None
 
 
@@ -207,6 +221,9 @@ def _label(paths: list[str]) -> str:
 
 
 def render_report(report: Any, *, verbose: bool = False) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     data = report.to_dict()
     out = Console(highlight=False)
     recipes = {row["recipe"] for row in data["sites"]}
@@ -263,22 +280,25 @@ def recipes_command(
 ) -> None:
     """List the recipes: what they match, where SE goes, their default settings."""
     with error_funnel():
-        from .recipes import get_recipe, list_recipes
+        print_recipes(as_json=as_json)
 
-        recipes = [get_recipe(name) for name in list_recipes()]
-        if as_json:
-            _print_json([r.to_dict() for r in recipes])
-            return
-        out = Console(highlight=False)
-        for r in recipes:
-            d = r.defaults
-            out.print(f"[bold]{r.name}[/bold]: {r.description}")
-            out.print(f"  defaults: reduction {d.reduction}, divisor {d.divisor}, bias {str(d.bias).lower()}, "
-                      f"gate {d.gate}")
-            for rule in r.blocks:
-                place = f"{rule.position} {rule.anchor}" + (f" (fills `{rule.slot}`)" if rule.slot else "")
-                for c in rule.classes:
-                    out.print(f"  {c}: {place}", markup=False)
+
+def print_recipes(*, as_json: bool) -> None:
+    from .recipes import get_recipe, list_recipes
+
+    recipes = [get_recipe(name) for name in list_recipes()]
+    if as_json:
+        _print_json([r.to_dict() for r in recipes])
+        return
+    for r in recipes:
+        d = r.defaults
+        typer.echo(f"{r.name}: {r.description}")
+        bias = str(d.bias).lower()
+        typer.echo(f"  defaults: reduction {d.reduction}, divisor {d.divisor}, bias {bias}, gate {d.gate}")
+        for rule in r.blocks:
+            place = f"{rule.position} {rule.anchor}" + (f" (fills `{rule.slot}`)" if rule.slot else "")
+            for c in rule.classes:
+                typer.echo(f"  {c}: {place}")
 
 
 def main() -> None:

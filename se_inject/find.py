@@ -164,8 +164,9 @@ def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[tuple[str, 
 
 def run_meta(model: nn.Module, input_size: tuple[int, int, int], hooks: dict[str, Any] | None = None) -> Any:
     """Forward a meta copy of `model` in eval mode at batch 1; returns the output. Failures raise SEInjectError."""
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.get_default_dtype())
     try:
-        x = torch.empty((1, *input_size), device="meta")
+        x = torch.empty((1, *input_size), device="meta", dtype=dtype)
         with torch.no_grad():
             return model.eval()(x)
     except SEInjectError:

@@ -1,4 +1,4 @@
-"""Model names -> modules: resolve a timm/torchvision name, build it (random weights, any device), load local weights."""
+"""Model names -> modules: resolve a timm/torchvision name, build it (random weights, any device), load weights."""
 
 from __future__ import annotations
 

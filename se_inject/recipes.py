@@ -16,7 +16,6 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +90,8 @@ def _expect(path: str, where: str, value: Any, kind: type | tuple[type, ...], wh
 def _check_keys(path: str, where: str, table: dict[str, Any], allowed: set[str], required: set[str]) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise RecipeFileError(path, f"unknown field {where}{unknown[0]!r}; expected one of {', '.join(sorted(allowed))}")
+        expected = ", ".join(sorted(allowed))
+        raise RecipeFileError(path, f"unknown field {where}{unknown[0]!r}; expected one of {expected}")
     missing = sorted(required - set(table))
     if missing:
         raise RecipeFileError(path, f"missing field {where}{missing[0]!r}")
@@ -198,12 +198,11 @@ def load_recipe_file(path: str | Path) -> Recipe:
     return parse_recipe(data, str(path))
 
 
-def _shipped_dir() -> Any:
-    """The top-level ``recipes/`` folder, installed as the package ``se_inject.recipe_files``."""
-    try:
-        return resources.files("se_inject.recipe_files")
-    except ModuleNotFoundError:  # running from a source checkout whose root shadows the installed mapping
-        return Path(__file__).resolve().parent.parent / "recipes"
+def _shipped_dir() -> Path:
+    """The top-level ``recipes/`` folder: installed as ``se_inject/recipe_files``, or read from a source checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "recipe_files"
+    return installed if installed.is_dir() else here.parent / "recipes"
 
 
 @cache
@@ -234,7 +233,9 @@ def get_recipe(name: str) -> Recipe:
         raise UnknownRecipeError(f"unknown recipe {name!r}; choose from {', '.join(list_recipes())}") from None
 
 
-def resolve_recipes(names: str | list[str] | tuple[str, ...] = "auto", files: tuple[str | Path, ...] = ()) -> list[Recipe]:
+def resolve_recipes(
+    names: str | list[str] | tuple[str, ...] = "auto", files: tuple[str | Path, ...] = ()
+) -> list[Recipe]:
     """Recipes to apply: "auto" means every shipped recipe plus the given files; names restrict to those."""
     extra = [load_recipe_file(f) for f in files]
     if isinstance(names, str):

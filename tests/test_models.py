@@ -1,0 +1,83 @@
+"""Model names, default input sizes and local weights."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import randomize_norm_stats
+from safetensors.torch import save_file
+
+import se_inject
+from se_inject import UnknownModelError, UsageError, WeightsError
+from se_inject.models import ModelSpec, build_model, default_input_size, parse_input_size, resolve_model
+
+
+def test_bare_names_prefer_timm_and_prefixes_force_the_source():
+    assert resolve_model("resnet50") == ModelSpec("timm", "resnet50")
+    assert resolve_model("torchvision:resnet50") == ModelSpec("torchvision", "resnet50")
+    assert resolve_model("timm:resnet50.a1_in1k") == ModelSpec("timm", "resnet50.a1_in1k")
+    assert resolve_model("resnext101_32x8d").source == "timm"
+    assert resolve_model("mnasnet0_5") == ModelSpec("torchvision", "mnasnet0_5")  # only torchvision has it
+
+
+@pytest.mark.parametrize("name", ["resnt50", "torchvision:resnt50", "timm:mnasnet0_5"])
+def test_unknown_names_suggest_the_closest(name):
+    with pytest.raises(UnknownModelError) as info:
+        resolve_model(name)
+    assert info.value.suggestions
+    assert info.value.exit_code == 1
+
+
+def test_unknown_source():
+    with pytest.raises(UsageError, match="unknown model source"):
+        resolve_model("keras:resnet50")
+
+
+def test_default_input_sizes():
+    assert default_input_size(ModelSpec("torchvision", "inception_v3")) == (3, 299, 299)
+    assert default_input_size(ModelSpec("torchvision", "resnet50")) == (3, 224, 224)
+    spec = ModelSpec("timm", "inception_v3")
+    assert default_input_size(spec, build_model(spec, device="meta")) == (3, 299, 299)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(224, (3, 224, 224)), ("160", (3, 160, 160)),
+                                                 ("192x256", (3, 192, 256)), ("1,64,64", (1, 64, 64))])
+def test_parse_input_size(value, expected):
+    assert parse_input_size(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, "0", "a", "1,2,3,4", "3,0,4", True])
+def test_parse_input_size_rejects(value):
+    with pytest.raises(UsageError):
+        parse_input_size(value)
+
+
+def test_meta_build_allocates_nothing():
+    model = build_model(ModelSpec("timm", "resnet50"), device="meta")
+    assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_weights_load_into_the_base_before_surgery(tmp_path, fmt):
+    source = randomize_norm_stats(timm.create_model("test_resnet"))
+    path = tmp_path / f"w.{fmt}"
+    if fmt == "safetensors":
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save({"state_dict": source.state_dict()}, path)
+    model, _ = se_inject.inject("timm:test_resnet", weights=path, seed=0)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_weights_for_another_architecture_name_the_keys(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(torchvision.models.resnet18().state_dict(), str(path))
+    with pytest.raises(WeightsError) as info:
+        se_inject.inject("torchvision:resnet34", weights=path, device="meta")
+    assert "missing keys" in str(info.value)
+    assert "layer" in str(info.value)
+    with pytest.raises(WeightsError, match="shape mismatches"):
+        se_inject.inject("torchvision:resnet50", weights=path, device="meta")

@@ -1,0 +1,102 @@
+"""The SE layer itself: the paper's equations, the seed document's SELayer, squeeze-width rounding, identity init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.layers import SEModule
+from torch import nn
+
+from se_inject.attention import AttentionSpec, create_attention, identity_gain, squeeze_channels
+from se_inject.squeeze_excite import SqueezeExcite
+
+
+class SELayer(nn.Module):
+    """Verbatim from the seed document (../shared/seeds/000_*.txt)."""
+
+    def __init__(self, channel, reduction=16):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Linear(channel, channel // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(channel // reduction, channel, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x):
+        b, c, _, _ = x.size()
+        y = self.avg_pool(x).view(b, c)
+        y = self.fc(y).view(b, c, 1, 1)
+        return x * y.expand_as(x)
+
+
+@pytest.mark.parametrize(("channels", "reduction"), [(32, 16), (24, 16), (100, 16), (64, 4), (40, 3)])
+def test_divisor_1_no_bias_is_the_seed_selayer(channels, reduction):
+    ref = SELayer(channels, reduction)
+    se = SqueezeExcite(channels, squeeze_channels(channels, reduction, divisor=1), bias=False)
+    assert se.fc1.out_channels == channels // reduction
+    with torch.no_grad():
+        se.fc1.weight.copy_(ref.fc[0].weight[:, :, None, None])
+        se.fc2.weight.copy_(ref.fc[2].weight[:, :, None, None])
+    x = torch.randn(2, channels, 7, 9)
+    torch.testing.assert_close(se(x), ref(x), rtol=1e-6, atol=1e-6)
+    assert sum(p.numel() for p in se.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+def test_forward_follows_the_paper_equations():
+    se = SqueezeExcite(16, 4)
+    x = torch.randn(3, 16, 5, 5)
+    z = x.mean((2, 3))  # eq. 2: squeeze
+    s = torch.sigmoid(se.fc2.weight[:, :, 0, 0] @ torch.relu(se.fc1.weight[:, :, 0, 0] @ z.T + se.fc1.bias[:, None])
+                      + se.fc2.bias[:, None]).T  # eq. 3: excitation
+    torch.testing.assert_close(se(x), x * s[:, :, None, None])  # eq. 4: scale
+
+
+def test_same_keys_and_outputs_as_timm_semodule():
+    ours, theirs = SqueezeExcite(64, 8), SEModule(64)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 64, 6, 6)
+    assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize(("channels", "reduction", "divisor", "expected"), [
+    (256, 16, 8, 16),  # seresnet50 layer1
+    (64, 16, 8, 8),  # seresnet18 layer1: 4 rounds up to the divisor
+    (2048, 16, 8, 128),
+    (64, 128, 8, 8),  # reduction larger than the channels clamps to the divisor
+    (64, 128, 1, 1),
+    (100, 16, 1, 6),  # C // r
+    (72, 4, 8, 16),
+])
+def test_squeeze_channels(channels, reduction, divisor, expected):
+    assert squeeze_channels(channels, reduction, divisor) == expected
+
+
+def test_squeeze_channels_matches_timm_for_even_divisors():
+    from timm.layers import make_divisible
+
+    for c in range(8, 700, 7):
+        for r in (2, 4, 8, 16, 32):
+            assert squeeze_channels(c, r, 8) == make_divisible(c / r, 8, round_limit=0.0)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "hard-sigmoid"])
+def test_identity_init_is_exact_and_learns(gate):
+    spec = AttentionSpec("se", channels=32, rd_channels=8, gate=gate, gain=identity_gain(gate))
+    se = create_attention(spec)
+    se.init_identity()
+    x = torch.randn(2, 32, 5, 5, requires_grad=True)
+    y = se(x)
+    assert torch.equal(y, x)
+    (y * torch.randn_like(y)).sum().backward()
+    assert se.fc2.weight.grad.norm() > 0
+    assert se.fc2.bias.grad.norm() > 0
+
+
+def test_scriptable():
+    se = SqueezeExcite(16, 8, gain=2.0)
+    scripted = torch.jit.script(se)
+    x = torch.randn(1, 16, 4, 4)
+    assert torch.equal(scripted(x), se(x))
