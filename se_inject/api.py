@@ -12,9 +12,18 @@ from torch import nn
 
 from .attention import INITS, AttentionSpec, identity_gain, list_attention, squeeze_channels
 from .errors import NoSitesError, SurgeryError, UsageError
-from .find import Findings, Match, Skip, find_sites
+from .find import Findings, Match, Skip, find_sites, is_meta, meta_copy
 from .measure import Counts, count, count_params
-from .models import ModelSpec, build_model, default_input_size, load_weights, parse_input_size, resolve_model
+from .models import (
+    ModelSpec,
+    build_model,
+    check_state_dict,
+    default_input_size,
+    load_weights,
+    parse_input_size,
+    read_state_dict,
+    resolve_model,
+)
 from .plan import Plan, Settings, Site
 from .recipes import GATES, resolve_recipes
 from .surgery import apply_plan
@@ -158,19 +167,24 @@ def make_plan(
     if not findings.matches:
         already = sum(s.already_attention for s in findings.skipped)
         if already and already == len(findings.skipped):
+            first = findings.skipped[0]
+            detail = first.reason.removeprefix("already has channel attention ").strip("()")
             raise NoSitesError(
                 f"no block to put SE in: all {already} matching blocks already have channel attention "
-                f"({findings.skipped[0].reason.split(' (')[0]}, e.g. {findings.skipped[0].path or 'the model'})"
+                f"(e.g. {first.path or 'the model'}: {detail})",
+                "already-attention",
             )
         tried = ", ".join(findings.recipes)
         if findings.skipped:
             reasons = "; ".join(sorted({s.reason for s in findings.skipped}))
-            raise NoSitesError(f"no block to put SE in: recipes {tried} matched blocks but skipped all ({reasons})")
+            raise NoSitesError(
+                f"no block to put SE in: recipes {tried} matched blocks but skipped all ({reasons})", "ineligible"
+            )
         found = ", ".join(c.rsplit(".", 1)[-1] for c in findings.block_classes[:8]) or "none"
         raise NoSitesError(f"no matching blocks: tried recipes {tried}; the model's block classes: {found}")
     if not kept:
         removed = ", ".join(m.path for m in findings.matches[:6]) + (", ..." if len(findings.matches) > 6 else "")
-        raise NoSitesError(f"the filters removed all {len(findings.matches)} sites ({removed})")
+        raise NoSitesError(f"the filters removed all {len(findings.matches)} sites ({removed})", "filtered")
     sites = tuple(_site(m, settings) for m in kept)
     notes = []
     small = [s for s in sites if settings.reduction and settings.reduction > s.channels]
@@ -248,26 +262,33 @@ def inject(
     elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UsageError(f"invalid seed {seed!r}: expected an integer >= 0")
     recipes = resolve_recipes(recipe, tuple(recipe_files))
+    # Finding, planning and counting run on a meta-device twin ("planning"): no memory, no init, no real compute.
     if isinstance(model, str):
         spec: ModelSpec | None = resolve_model(model)
-        base = build_model(spec, device=device, seed=seed)
+        planning = build_model(spec, device="meta")
+        base = planning if str(device) == "meta" else build_model(spec, device=device, seed=seed)
         inplace = True  # nobody else holds this model
         if weights is not None:
-            load_weights(base, weights)
+            if base is planning:  # nothing to load into: still check that the file fits
+                check_state_dict(planning, read_state_dict(weights), str(weights))
+            else:
+                load_weights(base, weights)
     else:
         if weights is not None:
             raise UsageError("weights= is for model names; load weights into your module before calling inject")
         spec, base = None, model
+        planning = base if is_meta(base) and inplace else meta_copy(base)
     if size is None:
-        size = default_input_size(spec, base) if spec else _module_input_size(base)
+        size = default_input_size(spec, planning) if spec else _module_input_size(base)
 
-    findings = find_sites(base, recipes, size)
+    findings = find_sites(planning, recipes, size)
     plan, notes = make_plan(findings, settings, model=spec, seed=seed)
-    before = count(base, size)
-    injected = apply_plan(base, plan, inplace=inplace)
-    after = count(injected, size)
+    before = count(planning, size)
+    apply_plan(planning, plan, inplace=True)
+    after = count(planning, size)
     if after.output_shapes != before.output_shapes:
         raise SurgeryError(f"surgery changed the output shapes: {before.output_shapes} -> {after.output_shapes}")
+    injected = planning if base is planning else apply_plan(base, plan, inplace=inplace)
     site_params = {s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites}
     feature_maps = {m.path: m.shape[1:] for m in findings.matches}
     first = next(m for m in findings.matches if m.path == plan.sites[0].path)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, OutputExistsError, SEInjectError, WeightsError
-from .models import build_model, check_state_dict
+from .models import build_model, check_state_dict, load_state
 from .plan import Plan
 from .surgery import apply_plan
 
@@ -255,5 +255,5 @@ def load(path: str | Path, *, model: nn.Module | None = None, device: str | torc
         check_state_dict(rebuilt, state, f"{file}: the weights")
     except WeightsError as e:
         raise CheckpointError(f"{e} (they do not match the plan)") from None
-    rebuilt.load_state_dict(state, strict=True, assign=True)
+    load_state(rebuilt, state)
     return rebuilt.to(device).eval()

@@ -301,6 +301,85 @@ def print_recipes(*, as_json: bool) -> None:
                 typer.echo(f"  {c}: {place}")
 
 
+@app.command("scan")
+def scan_command(
+    patterns: Annotated[list[str] | None, typer.Argument(help="fnmatch patterns over model names (default: all).",
+                                                         show_default=False)] = None,
+    source: Annotated[str | None, typer.Option(help="Only timm or only torchvision.", show_default=False)] = None,
+    reduction: Annotated[int | None, typer.Option("--reduction", "-r", help="Reduction ratio (default: each "
+                                                   "recipe's).", show_default=False)] = None,
+    recipe: Annotated[list[str] | None, typer.Option("--recipe", help="Only these recipes (repeatable).",
+                                                     show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every model's row as JSON.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the rows to a .csv or .json file.",
+                                                show_default=False)] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes (default: the CPU count).")] = 0,
+    timeout: Annotated[float, typer.Option(help="Seconds one model may take before it counts as an error.")]
+    = 300.0,
+) -> None:
+    """Plan SE for every model matching the patterns (on the meta device) and summarize the coverage."""
+    with error_funnel():
+        from .api import validate_settings
+        from .plan import Settings
+        from .scan import model_names, summarize, write_rows
+
+        validate_settings(Settings(reduction=reduction))
+        names = model_names(patterns or ["*"], source)
+        if not names:
+            raise SEInjectError(f"no model name matches {' '.join(patterns or ['*'])}")
+        options: dict[str, Any] = {"recipe": recipe or "auto", "reduction": reduction}
+        rows = _scan_with_progress(names, workers or os.cpu_count() or 1, timeout, options)
+        if output is not None:
+            write_rows(rows, output)
+        if as_json:
+            _print_json({"summary": summarize(rows), "models": [r.to_dict() for r in rows]})
+        else:
+            _render_scan(rows, output)
+
+
+def _scan_with_progress(names: list[str], workers: int, timeout: float, options: dict[str, Any]) -> list[Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .scan import scan
+
+    with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[last]}"), console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("scan", total=len(names), last="")
+        return scan(names, workers=min(workers, len(names)), timeout=timeout,
+                    on_result=lambda row: progress.update(task, advance=1, last=row.model), **options)
+
+
+def _render_scan(rows: list[Any], output: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .scan import summarize
+
+    out = Console(highlight=False)
+    if len(rows) <= 50:
+        table = Table(title="SE coverage", title_justify="left")
+        for name in ("model", "status", "recipes", "sites", "existing SE", "params +", "MACs +", "reason"):
+            table.add_column(name, justify="right" if name in ("sites", "existing SE", "params +", "MACs +")
+                             else "left", overflow="fold")
+        for r in rows:
+            table.add_row(r.model, r.status, " ".join(r.recipes), str(r.sites), str(r.existing),
+                          _num(r.params_delta) if r.params_delta is not None else "",
+                          _num(r.macs_delta) if r.macs_delta is not None else "", r.reason.split(":")[0])
+        out.print(table)
+    summary = summarize(rows)
+    table = Table(title="summary", title_justify="left")
+    for name in ("models", "covered", "already SE", "no match", "errors"):
+        table.add_column(name, justify="right")
+    table.add_row(*(str(summary[k]) for k in ("models", "covered", "already-se", "no-match", "error")))
+    out.print(table)
+    errors = [r for r in rows if r.status == "error"]
+    for r in errors[:20]:
+        out.print(f"error: {r.model}: {r.reason}", markup=False)
+    if output is not None:
+        out.print(f"rows written to {output}")
+
+
 def main() -> None:
     app()
 

@@ -38,7 +38,15 @@ class RecipeFileError(UsageError):
 
 
 class NoSitesError(SEInjectError):
-    """No recipe found a block to put SE in (or the filters removed every site)."""
+    """No recipe found a block to put SE in (or the filters removed every site).
+
+    `reason` is "no-match" (no block a recipe names), "already-attention" (every matching block has channel
+    attention already), "ineligible" (matching blocks have no place for SE) or "filtered" (the filters removed all).
+    """
+
+    def __init__(self, message: str, reason: str = "no-match"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class SurgeryError(SEInjectError):

@@ -60,6 +60,11 @@ def find_attention(module: nn.Module) -> str | None:
     return None
 
 
+def is_meta(model: nn.Module) -> bool:
+    """Whether every parameter and buffer of `model` is on the meta device."""
+    return all(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` whose parameters and buffers live on the meta device; no tensor data is copied."""
     memo: dict[int, Any] = {}
@@ -68,6 +73,11 @@ def meta_copy(model: nn.Module) -> nn.Module:
             meta = torch.empty_like(t, device="meta")
             memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     return copy.deepcopy(model, memo)
+
+
+def as_meta(model: nn.Module) -> nn.Module:
+    """`model` itself when it is already on the meta device (nothing to protect), else a meta copy."""
+    return model if is_meta(model) else meta_copy(model)
 
 
 def resolve_child(block: nn.Module, path: str) -> str | None:
@@ -162,9 +172,11 @@ def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[tuple[str, 
                 break
 
 
-def run_meta(model: nn.Module, input_size: tuple[int, int, int], hooks: dict[str, Any] | None = None) -> Any:
-    """Forward a meta copy of `model` in eval mode at batch 1; returns the output. Failures raise SEInjectError."""
+def run_meta(model: nn.Module, input_size: tuple[int, int, int]) -> Any:
+    """Forward a meta-device `model` in eval mode at batch 1 (training flags restored); returns the output.
+    Failures raise SEInjectError."""
     dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.get_default_dtype())
+    modes = [(m, m.training) for m in model.modules()]
     try:
         x = torch.empty((1, *input_size), device="meta", dtype=dtype)
         with torch.no_grad():
@@ -177,6 +189,9 @@ def run_meta(model: nn.Module, input_size: tuple[int, int, int], hooks: dict[str
             f"the model does not run on the meta device at input size {'x'.join(map(str, input_size))}: "
             f"{type(e).__name__}: {msg[0] if msg else ''}"
         ) from e
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def find_sites(model: nn.Module, recipes: list[Recipe], input_size: tuple[int, int, int]) -> Findings:
@@ -211,7 +226,9 @@ def find_sites(model: nn.Module, recipes: list[Recipe], input_size: tuple[int, i
             continue
         pending.append((path, recipe, rule, cp, anchor))
 
-    probe = meta_copy(model)
+    if not pending:  # nothing to measure: skip the forward pass
+        return _findings(model, (), skipped, recipes, input_size, ())
+    probe = as_meta(model)
     seen: dict[str, list[tuple[int, ...]]] = {}
     handles = []
     for path, _recipe, rule, _cp, anchor in pending:
@@ -238,6 +255,17 @@ def find_sites(model: nn.Module, recipes: list[Recipe], input_size: tuple[int, i
             skipped.append(Skip(path, cp, recipe.name, f"expects an NCHW feature map, got shape {shapes[0]}"))
         else:
             matches.append(Match(path, recipe, rule, cp, anchor, shapes[0]))
+    return _findings(model, matches, skipped, recipes, input_size, output_shapes(out))
+
+
+def _findings(
+    model: nn.Module,
+    matches: Iterable[Match],
+    skipped: Iterable[Skip],
+    recipes: list[Recipe],
+    input_size: tuple[int, int, int],
+    shapes: tuple[tuple[int, ...], ...],
+) -> Findings:
     classes = Counter(
         class_path(m) for m in model.modules() if not type(m).__module__.startswith("torch.nn") and m is not model
     )
@@ -247,7 +275,7 @@ def find_sites(model: nn.Module, recipes: list[Recipe], input_size: tuple[int, i
         skipped=tuple(sorted(skipped, key=lambda s: order[s.path])),
         recipes=tuple(r.name for r in recipes),
         input_size=input_size,
-        output_shapes=output_shapes(out),
+        output_shapes=shapes,
         block_classes=tuple(c for c, _ in classes.most_common()),
     )
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .find import is_attention, meta_copy, output_shapes, run_meta
+from .find import as_meta, is_attention, output_shapes, run_meta
 
 _POOLS = {
     torch.ops.aten._adaptive_avg_pool2d.default,
@@ -39,37 +39,52 @@ class Counts:
         return sum(self.attention_elementwise.values())
 
 
-class ElementwiseCounter(TorchDispatchMode):
-    """Counts elementwise and reduction work done inside the given modules (by outermost module path)."""
+class _Tally(TorchDispatchMode):
+    """Adds the elementwise work of every op it sees to ``ops[path]``."""
 
-    def __init__(self, modules: dict[str, nn.Module]):
+    def __init__(self, ops: dict[str, int], path: str):
         super().__init__()
-        self.ops: dict[str, int] = dict.fromkeys(modules, 0)
-        self._active: list[str] = []
-        self._handles: list[Any] = []
-        for path, m in modules.items():
-            self._handles.append(m.register_forward_pre_hook(lambda *_, p=path: self._enter(p)))
-            self._handles.append(m.register_forward_hook(lambda *_: self._exit()))
-
-    def _enter(self, path: str) -> None:  # hooks must return None, or they replace the module's input/output
-        self._active.append(path)
-
-    def _exit(self) -> None:
-        self._active.pop()
+        self.ops, self.path = ops, path
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
-        if self._active:
-            if torch.Tag.reduction in func.tags or func in _POOLS:
-                self.ops[self._active[0]] += args[0].numel()
-            elif torch.Tag.pointwise in func.tags:
-                self.ops[self._active[0]] += out.numel()
+        if torch.Tag.reduction in func.tags or func in _POOLS:
+            self.ops[self.path] += args[0].numel()
+        elif torch.Tag.pointwise in func.tags:
+            self.ops[self.path] += out.numel()
         return out
 
+
+class ElementwiseCounter:
+    """Counts elementwise and reduction work done inside the given modules, by outermost module path. The counting
+    dispatch mode is active only inside those modules, so the rest of the forward pays nothing."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.ops: dict[str, int] = dict.fromkeys(modules, 0)
+        self._active: list[tuple[nn.Module, _Tally]] = []
+        self._handles: list[Any] = []
+        for path, m in modules.items():
+            self._handles.append(m.register_forward_pre_hook(lambda module, _, p=path: self._enter(module, p)))
+            self._handles.append(m.register_forward_hook(lambda module, *_: self._exit(module)))
+
+    def _enter(self, module: nn.Module, path: str) -> None:  # hooks return None: a value would replace the input
+        if not self._active:
+            tally = _Tally(self.ops, path)
+            tally.__enter__()
+            self._active.append((module, tally))
+
+    def _exit(self, module: nn.Module) -> None:
+        if self._active and self._active[-1][0] is module:
+            self._active.pop()[1].__exit__(None, None, None)
+
+    def __enter__(self) -> ElementwiseCounter:
+        return self
+
     def __exit__(self, *exc: Any) -> None:
+        while self._active:
+            self._active.pop()[1].__exit__(None, None, None)
         for h in self._handles:
             h.remove()
-        super().__exit__(*exc)
 
 
 def count_params(model: nn.Module) -> int:
@@ -88,7 +103,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def count(model: nn.Module, input_size: tuple[int, int, int]) -> Counts:
     """Params, MACs and attention elementwise ops of `model` at batch 1, measured on a meta copy."""
-    probe = meta_copy(model)
+    probe = as_meta(model)
     modules = attention_modules(probe)
     with FlopCounterMode(display=False) as flops, ElementwiseCounter(modules) as elementwise:
         out = run_meta(probe, input_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -96,17 +97,52 @@ def seeded(seed: int | None):
 
 def build_model(spec: ModelSpec, *, device: torch.device | str = "cpu", seed: int | None = None) -> nn.Module:
     """Build the model with random weights. On the "meta" device this takes no memory and no init time."""
-    with seeded(seed), torch.device(device), warnings.catch_warnings():
+    with seeded(seed), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's inception/googlenet init FutureWarnings
-        if spec.source == "timm":
-            import timm
+        if str(device) != "meta":
+            with torch.device(device):
+                return _construct(spec)
+        try:
+            with torch.device("meta"):
+                return _construct(spec)
+        except (NotImplementedError, RuntimeError):  # the constructor computes with tensors (.tolist(), .item())
+            with empty_weights():
+                return _construct(spec)
 
-            return timm.create_model(spec.name, pretrained=False)
-        if spec.source == "torchvision":
-            import torchvision
 
-            return torchvision.models.get_model(spec.name, weights=None)
+def _construct(spec: ModelSpec) -> nn.Module:
+    if spec.source == "timm":
+        import timm
+
+        return timm.create_model(spec.name, pretrained=False)
+    if spec.source == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(spec.name, weights=None)
     raise UsageError(f"cannot build models from source {spec.source!r}")
+
+
+@contextmanager
+def empty_weights():
+    """Build on the CPU but move each parameter and buffer to the meta device as it is registered (the init then
+    runs on meta tensors): for constructors that compute with tensors and cannot run under ``torch.device("meta")``."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer_on_meta(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter = parameter_on_meta  # type: ignore[method-assign]
+    nn.Module.register_buffer = buffer_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
 
 
 def default_input_size(spec: ModelSpec, model: nn.Module | None = None) -> tuple[int, int, int]:
@@ -224,9 +260,17 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str
         raise WeightsError(f"{what} does not fit the model: {'; '.join(problems)}")
 
 
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict(strict=True)``, assigning the tensors when `model` is on the meta device. The modules'
+    own version metadata is attached, as a state_dict from a file has none (torchvision's MNASNet requires it)."""
+    own = model.state_dict(keep_vars=True)
+    state = OrderedDict(state)
+    state._metadata = getattr(own, "_metadata", {})  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=True, assign=any(t.is_meta for t in own.values()))
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local checkpoint into `model` strictly (in place)."""
     state = read_state_dict(path)
     check_state_dict(model, state, str(path))
-    on_meta = any(t.is_meta for t in model.state_dict().values())
-    model.load_state_dict(state, strict=True, assign=on_meta)
+    load_state(model, state)

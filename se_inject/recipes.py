@@ -5,7 +5,8 @@ A recipe never runs code. It names block classes by full class path and, for eac
 - ``after = "bn3"``: SE takes the output of the child ``bn3`` (``"."`` is the block itself: SE on the block's output);
 - ``before = "conv.-2"``: SE takes the input of that child (path parts may be negative indexes into a Sequential);
 - ``slot = "se"`` (optional): the block's own forward already calls ``self.se`` at that place (timm's attention slot),
-  so the slot is filled instead of rewriting the forward. ``after``/``before`` then only tells where to measure.
+  so the slot is filled instead of rewriting the forward. ``after``/``before`` then only tells where to measure the
+  feature map; without them the slot must hold a module (e.g. ``nn.Identity``), whose input is measured.
 
 This module imports no torch, so listing recipes stays instant.
 """
@@ -135,10 +136,12 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
                 path, f"field '{where}.classes': expected full class paths like 'package.module.Class', got {c!r}"
             )
     places = [key for key in ("after", "before") if key in table]
-    if len(places) != 1:
+    if len(places) > 1 or (not places and "slot" not in table):
         raise RecipeFileError(path, f"field '{where}': expected exactly one of 'after' or 'before'")
-    position = places[0]
-    anchor = _expect(path, f"{where}.{position}", table[position], str, "a child path such as 'bn3' or 'conv.-2'")
+    position = places[0] if places else "before"
+    default_anchor = table.get("slot") if isinstance(table.get("slot"), str) else "?"
+    anchor = _expect(path, f"{where}.{position}", table.get(position, default_anchor), str,
+                     "a child path such as 'bn3' or 'conv.-2'")
     if not _CHILD_PATH_RE.match(anchor) or (position == "before" and anchor == "."):
         raise RecipeFileError(
             path, f"field '{where}.{position}': expected a child path such as 'bn3' or 'conv.-2', got {anchor!r}"

@@ -1,0 +1,193 @@
+"""Survey: run the planning pipeline on the meta device over many model names and classify each.
+
+Every model ends in one of four states: "covered" (SE at every eligible block), "already-se" (every matching block
+already has channel attention), "no-match" (no block a recipe can take, with the reason), or "error" (a crash or a
+timeout: a bug to fix). Nothing is allocated, so the full timm + torchvision list runs in minutes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from .errors import NoSitesError, SEInjectError, UsageError
+
+STATUSES = ("covered", "already-se", "no-match", "error")
+
+
+@dataclass(frozen=True)
+class ScanRow:
+    """The outcome for one model."""
+
+    model: str
+    status: str
+    recipes: tuple[str, ...] = ()
+    sites: int = 0
+    existing: int = 0  # matching blocks skipped because they already have channel attention
+    ineligible: int = 0  # matching blocks skipped for another reason (no projection, ...)
+    params_delta: int | None = None
+    macs_delta: int | None = None
+    reason: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "recipes": list(self.recipes)}
+
+
+def model_names(patterns: Iterable[str] = ("*",), source: str | None = None) -> list[str]:
+    """``source:name`` for every timm and torchvision classification model matching any fnmatch pattern."""
+    from .models import timm_names, torchvision_names
+
+    if source not in (None, "timm", "torchvision"):
+        raise UsageError(f"unknown source {source!r}; choose timm or torchvision")
+    patterns = list(patterns) or ["*"]
+    names = []
+    for src, pool in (("timm", timm_names()), ("torchvision", torchvision_names())):
+        if source in (None, src):
+            names += [f"{src}:{n}" for n in pool if any(fnmatchcase(n, p) or fnmatchcase(f"{src}:{n}", p)
+                                                        for p in patterns)]
+    return names
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(_signum: int, _frame: Any) -> None:
+    raise _Timeout
+
+
+def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
+    """Plan and count one model on the meta device; never raises."""
+    from .api import inject
+
+    start = time.perf_counter()
+    use_alarm = timeout > 0 and hasattr(signal, "setitimer")
+    if use_alarm:
+        previous = signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        _, report = inject(name, device="meta", seed=0, **options)
+        data = report.to_dict()
+        existing = sum(s.already_attention for s in report.skipped)
+        return ScanRow(
+            model=name,
+            status="covered",
+            recipes=report.plan.recipes,
+            sites=len(report.plan.sites),
+            existing=existing,
+            ineligible=len(report.skipped) - existing,
+            params_delta=data["params"]["delta"],
+            macs_delta=data["macs"]["delta"],
+            seconds=time.perf_counter() - start,
+        )
+    except NoSitesError as e:
+        status = "already-se" if e.reason == "already-attention" else "no-match"
+        return ScanRow(name, status, reason=str(e), seconds=time.perf_counter() - start)
+    except _Timeout:
+        return ScanRow(name, "error", reason=f"timed out after {timeout:g}s", seconds=time.perf_counter() - start)
+    except SEInjectError as e:
+        return ScanRow(name, "error", reason=str(e), seconds=time.perf_counter() - start)
+    except Exception as e:  # a bug: reported, never fatal to the scan
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return ScanRow(name, "error", reason=f"{type(e).__name__}: {first}", seconds=time.perf_counter() - start)
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def scan(
+    names: list[str],
+    *,
+    workers: int = 1,
+    timeout: float = 300.0,
+    on_result: Callable[[ScanRow], None] | None = None,
+    **options: Any,
+) -> list[ScanRow]:
+    """Scan `names` (``source:name``) with `workers` processes (1: in this process); results in input order."""
+    results: dict[str, ScanRow] = {}
+
+    def record(row: ScanRow) -> None:
+        results[row.model] = row
+        if on_result is not None:
+            on_result(row)
+
+    if workers <= 1:
+        for name in names:
+            record(scan_one(name, timeout, **options))
+    else:
+        for row in _scan_parallel(names, workers, timeout, options):
+            record(row)
+    return [results[n] for n in names]
+
+
+def _scan_parallel(names: list[str], workers: int, timeout: float, options: dict[str, Any]) -> Iterator[ScanRow]:
+    pending = list(reversed(names))
+    while pending:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+            running: dict[Future[ScanRow], str] = {}
+            try:
+                while pending or running:
+                    while pending and len(running) < 2 * workers:
+                        name = pending.pop()
+                        running[pool.submit(scan_one, name, timeout, **options)] = name
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        name = running.pop(future)
+                        yield future.result()
+            except BrokenProcessPool:  # a worker died (segfault, OOM): report what it held, go on with the rest
+                for future, name in running.items():
+                    if future.done() and not future.exception():
+                        yield future.result()
+                    else:
+                        yield ScanRow(name, "error", reason="the worker process died while planning this model")
+
+
+def summarize(rows: list[ScanRow]) -> dict[str, int]:
+    counts = dict.fromkeys(STATUSES, 0)
+    for row in rows:
+        counts[row.status] += 1
+    return {"models": len(rows), **counts}
+
+
+def write_rows(rows: list[ScanRow], path: str | Path) -> None:
+    """CSV or JSON by the file's extension, written atomically."""
+    from .checkpoint import write_atomically
+
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        text = json.dumps({"summary": summarize(rows), "models": [r.to_dict() for r in rows]}, indent=2) + "\n"
+    elif path.suffix.lower() == ".csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(ScanRow.__dataclass_fields__))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row.to_dict(), "recipes": " ".join(row.recipes), "seconds": f"{row.seconds:.3f}"})
+        text = buffer.getvalue()
+    else:
+        raise UsageError(f"--output {path}: use a .csv or .json file name")
+
+    def write(target: Path) -> None:
+        target.write_text(text, encoding="utf-8")
+
+    write_atomically(path.parent, {path.name: write}, force=True)
