@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from torch import nn
 
 from .attention import INITS, AttentionSpec, identity_gain, list_attention, squeeze_channels
+from .drift import Drift, compare, image_batch, random_batch
+from .drift import outputs as drift_outputs
 from .errors import NoSitesError, SurgeryError, UsageError
 from .find import Findings, Match, Skip, find_sites, is_meta, meta_copy
 from .measure import Counts, count, count_params
@@ -43,6 +46,9 @@ class Report:
         notes: Things the user should know (clamped squeeze widths, filtered sites).
         reduction: The reduction of the first site's recipe or the user's; names the default output folder.
         output: Where the checkpoint went (None until saved).
+        drift: How far the injected model's outputs are from the base model's (when measured).
+        timm_architecture: The timm model the saved folder loads as in plain timm (``local-dir:``), if any.
+        exports: What each export wrote and its maximum difference from the eager model.
     """
 
     model: str
@@ -55,7 +61,9 @@ class Report:
     notes: tuple[str, ...] = ()
     reduction: int = 16
     output: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    drift: Drift | None = None
+    timm_architecture: str | None = None
+    exports: tuple[Any, ...] = ()
 
     @property
     def default_output(self) -> str:
@@ -101,8 +109,10 @@ class Report:
             "macs": delta("macs"),
             "se_elementwise_ops": self.after.attention_elementwise_ops - self.before.attention_elementwise_ops,
             "notes": list(self.notes),
+            "drift": self.drift.to_dict() if self.drift else None,
             "output": self.output,
-            **self.extra,
+            "timm_architecture": self.timm_architecture,
+            "exports": [e.to_dict() for e in self.exports],
         }
 
 
@@ -226,6 +236,8 @@ def inject(
     seed: int | None = None,
     device: str = "cpu",
     inplace: bool = False,
+    drift: bool | None = None,
+    images: str | Path | None = None,
 ) -> tuple[nn.Module, Report]:
     """Insert SE blocks where the recipes put them and return ``(model, report)``.
 
@@ -242,6 +254,8 @@ def inject(
         weights: Local checkpoint loaded into the base model first (name only).
         seed: Seed of the random weights and of the SE init; random (and recorded in the plan) when None.
         inplace: Modify `model` itself instead of a copy.
+        drift: Compare the outputs before and after surgery (default: when `weights` or `images` are given).
+        images: A folder of images for the drift measurement instead of random inputs.
     """
     settings = validate_settings(
         Settings(
@@ -288,7 +302,13 @@ def inject(
     after = count(planning, size)
     if after.output_shapes != before.output_shapes:
         raise SurgeryError(f"surgery changed the output shapes: {before.output_shapes} -> {after.output_shapes}")
+    measure_drift = (weights is not None or images is not None) if drift is None else drift
+    measure_drift = measure_drift and base is not planning  # a meta model computes nothing
+    if measure_drift:
+        batch, described = image_batch(images, size, base) if images is not None else random_batch(size)
+        base_outputs = drift_outputs(base, batch)
     injected = planning if base is planning else apply_plan(base, plan, inplace=inplace)
+    drifted = compare(base_outputs, drift_outputs(injected, batch), described) if measure_drift else None
     site_params = {s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites}
     feature_maps = {m.path: m.shape[1:] for m in findings.matches}
     first = next(m for m in findings.matches if m.path == plan.sites[0].path)
@@ -302,6 +322,7 @@ def inject(
         feature_maps={s.path: feature_maps[s.path] for s in plan.sites},
         notes=notes,
         reduction=settings.reduction or first.recipe.defaults.reduction,
+        drift=drifted,
     )
     return injected, report
 
@@ -310,3 +331,34 @@ def _module_input_size(model: nn.Module) -> tuple[int, int, int]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = cfg.get("input_size")
     return tuple(int(v) for v in size) if size else (3, 224, 224)  # type: ignore[return-value]
+
+
+def save_injected(
+    model: nn.Module, report: Report, directory: str | Path, *, force: bool = False, exports: tuple[str, ...] = ()
+) -> Report:
+    """The save step: checkpoint and report, ``config.json`` where the result is exactly a timm architecture (so
+    plain timm loads the folder), and the requested exports, all written atomically. Returns the final report."""
+    from .checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
+    from .export import FORMATS, export_writer, timm_architecture, timm_config
+
+    unknown = [f for f in exports if f not in FORMATS]
+    if unknown:
+        raise UsageError(f"unknown export format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+    directory = Path(directory)
+    architecture = timm_architecture(model, report.plan)
+    results: list[Any] = []
+    files = {MODEL_FILE: write_checkpoint(model, report.plan)}
+    if architecture:
+        files["config.json"] = write_text(timm_config(architecture))
+    for fmt in dict.fromkeys(exports):
+        name = f"model{FORMATS[fmt]}"
+        files[name] = export_writer(model, report.plan, fmt, directory / name, results)
+    final: list[Report] = []
+
+    def write_report(path: Path) -> None:  # runs last: the exports' results are in by then
+        final.append(replace(report, output=str(directory), timm_architecture=architecture, exports=tuple(results)))
+        path.write_text(json.dumps(final[0].to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    files[REPORT_FILE] = write_report
+    write_atomically(directory, files, force=force, outputs=True)
+    return final[0]

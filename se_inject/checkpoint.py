@@ -27,7 +27,7 @@ MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
 PLAN_KEY = "se_inject.plan"
 PLAN_HASH_KEY = "se_inject.plan_sha256"
-OUTPUT_FILES = (MODEL_FILE, REPORT_FILE, "config.json")
+OUTPUT_FILES = (MODEL_FILE, REPORT_FILE, "config.json", "model.pt", "model.pt2", "model.onnx")  # names we own
 
 
 def library_versions() -> dict[str, str]:
@@ -118,18 +118,22 @@ def _finish(path: Path, mode: int) -> None:
         os.close(fd)
 
 
-def write_atomically(directory: str | Path, files: dict[str, Callable[[Path], None]], *, force: bool = False) -> Path:
+def write_atomically(
+    directory: str | Path, files: dict[str, Callable[[Path], None]], *, force: bool = False, outputs: bool = False
+) -> Path:
     """Write `files` (name -> writer) into `directory`: all to temporary names first, then renamed into place.
 
-    Raises OutputExistsError, without touching anything, when one of our output files exists and `force` is off.
+    Raises OutputExistsError, without touching anything, when a file to write exists and `force` is off. With
+    `outputs` (a whole se-inject output folder), our other output files count too, and with `force` the ones this
+    write does not produce are removed as stale; other files in the folder are never touched.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise OutputExistsError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and not force:
-        existing = [name for name in OUTPUT_FILES if (directory / name).exists()]
-        if existing:
-            raise OutputExistsError(f"{directory / existing[0]} already exists; pass --force to overwrite it")
+    names = (*files, *OUTPUT_FILES) if outputs else tuple(files)
+    owned = [name for name in dict.fromkeys(names) if (directory / name).exists()]
+    if owned and not force:
+        raise OutputExistsError(f"{directory / owned[0]} already exists; pass --force to overwrite it")
     temporaries: list[Path] = []
     staging: Path | None = None
     umask = _umask()
@@ -137,7 +141,9 @@ def write_atomically(directory: str | Path, files: dict[str, Callable[[Path], No
         if directory.is_dir():
             targets = {}
             for name, write in files.items():
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+                stem, dot, ext = name.rpartition(".")  # keep the extension: some writers check it (.pt2)
+                prefix, suffix = (f".{stem}.tmp-", f"{dot}{ext}") if dot else (f".{name}.tmp-", "")
+                fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
                 os.close(fd)
                 temporaries.append(Path(tmp))
                 write(Path(tmp))
@@ -146,6 +152,8 @@ def write_atomically(directory: str | Path, files: dict[str, Callable[[Path], No
             for tmp, target in targets.items():
                 os.replace(tmp, target)
             temporaries.clear()
+            for name in set(owned) - set(files):  # a previous run's outputs, now stale (only with `outputs`)
+                (directory / name).unlink()
         else:
             directory.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
@@ -185,7 +193,7 @@ def save(
         files[REPORT_FILE] = write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     for name, text in (extra_files or {}).items():
         files[name] = write_text(text)
-    return write_atomically(directory, files, force=force)
+    return write_atomically(directory, files, force=force, outputs=True)
 
 
 def _model_file(path: str | Path) -> Path:

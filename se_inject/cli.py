@@ -20,7 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .errors import SEInjectError
+from .errors import SEInjectError, UsageError
 
 DEFAULT_COMMAND = "inject"
 
@@ -150,12 +150,16 @@ def inject_command(
                                                  "base model before surgery.", show_default=False)] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random weights and SE init (recorded in the plan).",
                                              show_default=False)] = None,
+    images: Annotated[Path | None, typer.Option(help="Folder of images for the drift report (default: random "
+                                                "inputs).", show_default=False)] = None,
+    export_formats: Annotated[list[str] | None, typer.Option("--export", help="Also export: torchscript, exported "
+                                                             "(torch.export .pt2), onnx (repeatable).",
+                                                             show_default=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="One table row per site.")] = False,
 ) -> None:
     """Insert SE blocks into MODEL, report params/MACs before and after, save the result."""
     with error_funnel():
-        from .api import inject
-        from .checkpoint import save
+        from .api import inject, save_injected
 
         injected, report = inject(
             model,
@@ -166,23 +170,17 @@ def inject_command(
             init=init,
             input_size=input_size,
             weights=weights,
+            images=images,
             seed=seed,
             device="meta" if dry_run else "cpu",
         )
         if not dry_run:
-            directory = output or Path(report.default_output)
-            report = _with_output(report, str(directory))
-            save(injected, report.plan, directory, report=report.to_dict(), force=force)
+            report = save_injected(injected, report, output or Path(report.default_output), force=force,
+                                   exports=tuple(export_formats or ()))
         if as_json:
             _print_json(report.to_dict())
         else:
             render_report(report, verbose=verbose)
-
-
-def _with_output(report: Any, output: str) -> Any:
-    from dataclasses import replace
-
-    return replace(report, output=output)
 
 
 def _pct(delta: int, before: int) -> str:
@@ -266,9 +264,19 @@ def render_report(report: Any, *, verbose: bool = False) -> None:
             reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
         for reason, n in reasons.items():
             out.print(f"skipped {n} blocks: {reason}")
+    if data["drift"]:
+        d = data["drift"]
+        out.print(f"drift from the base model on {d['inputs']}: relative L2 {d['relative_l2']:.3g}, "
+                  f"top-1 agreement {100 * d['top1_agreement']:.1f}%")
     for note in data["notes"]:
         out.print(f"note: {note}")
     out.print(f"saved to {data['output']}" if data["output"] else "dry run: nothing written")
+    if data["timm_architecture"]:
+        out.print(f"plain timm loads it: timm.create_model(\"local-dir:{data['output']}\", pretrained=True) "
+                  f"is {data['timm_architecture']}", markup=False)
+    for e in data["exports"]:
+        diff = "not run back" if e["max_abs_diff"] is None else f"max |diff| vs eager {e['max_abs_diff']:.3g}"
+        out.print(f"exported {e['format']} to {e['path']} ({diff}{'; ' + e['note'] if e['note'] else ''})")
 
 
 # --- recipes -------------------------------------------------------------------------------------------------------
@@ -299,6 +307,32 @@ def print_recipes(*, as_json: bool) -> None:
             place = f"{rule.position} {rule.anchor}" + (f" (fills `{rule.slot}`)" if rule.slot else "")
             for c in rule.classes:
                 typer.echo(f"  {c}: {place}")
+
+
+@app.command("export")
+def export_command(
+    directory: Annotated[Path, typer.Argument(help="A folder saved by se-inject.", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="torchscript, exported (torch.export .pt2) or onnx.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file. Default: DIR/model.<ext>.",
+                                                show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Export a saved model to a file that loads and runs with torch alone; checks it against the eager model."""
+    with error_funnel():
+        from .checkpoint import load, read_plan
+        from .export import FORMATS, export
+
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+        plan = read_plan(directory)
+        model = load(directory)
+        result = export(model, plan, fmt, output or Path(directory) / f"model{FORMATS[fmt]}", force=force)
+        if as_json:
+            _print_json(result.to_dict())
+        else:
+            diff = "not run back" if result.max_abs_diff is None else f"max |diff| vs eager {result.max_abs_diff:.3g}"
+            typer.echo(f"exported {result.format} to {result.path} ({diff}{'; ' + result.note if result.note else ''})")
 
 
 @app.command("scan")

@@ -1,0 +1,96 @@
+"""Drift: how far the injected model's outputs are from the base model's, before anyone trains.
+
+Measured on a deterministic batch of random inputs, or on images from a folder (decoded with torchvision.io and
+preprocessed with the model's own resize/crop/normalisation settings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SEInjectError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MAX_IMAGES = 64
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Relative L2 change of the outputs (``||y' - y|| / ||y||``) and the fraction of inputs whose top-1 class
+    stays the same."""
+
+    inputs: str
+    relative_l2: float
+    top1_agreement: float
+    max_abs_diff: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def random_batch(input_size: tuple[int, int, int], *, batch: int = 8, seed: int = 0) -> tuple[torch.Tensor, str]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *input_size), generator=generator)
+    return x, f"{batch} random normal inputs (seed {seed})"
+
+
+def image_batch(
+    directory: str | Path, input_size: tuple[int, int, int], model: nn.Module | None = None
+) -> tuple[torch.Tensor, str]:
+    """Up to 64 images from `directory` (sorted by name), resized, center-cropped and normalised for `model`."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as F
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SEInjectError(f"--images {directory}: not a folder")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_IMAGES]
+    if not files:
+        raise SEInjectError(f"--images {directory}: no {', '.join(IMAGE_SUFFIXES)} files")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    crop_pct = cfg.get("crop_pct", 0.875)
+    _, height, width = input_size
+    images = []
+    for file in files:
+        try:
+            image = decode_image(str(file), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError) as e:
+            raise SEInjectError(f"--images: cannot decode {file} ({str(e).splitlines()[0][:120]})") from None
+        image = F.resize(image, [int(min(height, width) / crop_pct)], antialias=True)
+        image = F.center_crop(image, [height, width])
+        image = F.to_dtype(image, torch.float32, scale=True)
+        images.append(F.normalize(image, list(mean), list(std)))
+    return torch.stack(images), f"{len(images)} images from {directory}"
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's eval-mode output on `x` (its training flag is restored)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(x.to(device))
+    finally:
+        model.train(training)
+    if not isinstance(out, torch.Tensor):
+        raise SEInjectError("drift needs a model that returns one tensor")
+    return out.detach().float().cpu()
+
+
+def compare(base: torch.Tensor, injected: torch.Tensor, inputs: str) -> Drift:
+    norm = float(base.norm())
+    top1 = float((base.flatten(1).argmax(1) == injected.flatten(1).argmax(1)).float().mean())
+    return Drift(
+        inputs=inputs,
+        relative_l2=float((injected - base).norm()) / norm if norm else float("inf"),
+        top1_agreement=top1,
+        max_abs_diff=float((injected - base).abs().max()),
+    )
