@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .attention import INITS, AttentionSpec, identity_gain, list_attention, squeeze_channels
+from .attention import INITS, attention_spec, list_attention
 from .drift import Drift, compare, image_batch, random_batch
 from .drift import outputs as drift_outputs
 from .errors import NoSitesError, SurgeryError, UsageError
@@ -30,6 +30,7 @@ from .models import (
 from .plan import Plan, Settings, Site
 from .recipes import GATES, resolve_recipes
 from .surgery import apply_plan
+from .variants import VARIANTS
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,10 @@ class Report:
 
     @property
     def default_output(self) -> str:
-        """``<model>-<attention><r>``, e.g. ``resnet50-se16``."""
-        name = self.model.split(":", 1)[-1].replace("/", "_").replace(":", "_")
-        kind = self.plan.sites[0].attention.kind if self.plan.sites else "se"
-        return f"{name}-{kind}{self.reduction}"
+        """``<model>-<attention><r>``, e.g. ``resnet50-se16`` (``resnet50-eca`` for variants without r)."""
+        name = self.plan.model.short_name if self.plan.model else self.model
+        kind = self.plan.sites[0].attention.kind
+        return f"{name}-{kind}{self.reduction if VARIANTS[kind].uses_reduction else ''}"
 
     def site_rows(self) -> list[dict[str, Any]]:
         return [
@@ -140,16 +141,16 @@ def validate_settings(settings: Settings) -> Settings:
 
 def _site(match: Match, settings: Settings) -> Site:
     defaults = match.recipe.defaults
-    reduction = settings.reduction or defaults.reduction
-    divisor = settings.divisor or defaults.divisor
-    gate = settings.gate or defaults.gate
-    spec = AttentionSpec(
-        kind=settings.attention,
-        channels=match.channels,
-        rd_channels=squeeze_channels(match.channels, reduction, divisor, defaults.round_limit),
+    spec = attention_spec(
+        settings.attention,
+        match.channels,
+        reduction=settings.reduction or defaults.reduction,
+        divisor=settings.divisor or defaults.divisor,
+        round_limit=defaults.round_limit,
         bias=defaults.bias if settings.bias is None else settings.bias,
-        gate=gate,
-        gain=identity_gain(gate) if settings.init == "identity" else 1.0,
+        gate=settings.gate,
+        recipe_gate=defaults.gate,
+        init=settings.init,
     )
     return Site(
         path=match.path,

@@ -13,8 +13,11 @@ import torch
 from timm.layers import make_divisible
 from torch import nn
 
+from .cbam import ConvBlockAttention
+from .eca import EfficientChannelAttention, eca_kernel_size
 from .errors import UsageError
-from .squeeze_excite import SqueezeExcite
+from .squeeze_excite import EffectiveSqueezeExcite, SqueezeExcite
+from .variants import VARIANTS
 
 INITS = ("paper", "identity")
 
@@ -27,6 +30,7 @@ class AttentionSpec:
         kind: Registered variant name ("se", ...).
         channels: C, channels of the feature map it scales.
         rd_channels: Squeeze (bottleneck) width, C / r rounded to the divisor; 0 where the variant has none.
+        kernel_size: ECA's 1-D kernel, CBAM's spatial kernel; 0 where the variant has none.
         bias: Bias in the FC layers.
         gate: Gating nonlinearity name.
         gain: Constant gate multiplier (2 under identity initialisation).
@@ -35,6 +39,7 @@ class AttentionSpec:
     kind: str
     channels: int
     rd_channels: int = 0
+    kernel_size: int = 0
     bias: bool = True
     gate: str = "sigmoid"
     gain: float = 1.0
@@ -74,8 +79,43 @@ def _build_se(spec: AttentionSpec, **dd: Any) -> nn.Module:
     return SqueezeExcite(spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate, gain=spec.gain, **dd)
 
 
+@register_attention("eca", EfficientChannelAttention)
+def _build_eca(spec: AttentionSpec, **dd: Any) -> nn.Module:
+    return EfficientChannelAttention(spec.channels, spec.kernel_size, gate=spec.gate, gain=spec.gain, **dd)
+
+
+@register_attention("cbam", ConvBlockAttention)
+def _build_cbam(spec: AttentionSpec, **dd: Any) -> nn.Module:
+    return ConvBlockAttention(spec.channels, spec.rd_channels, kernel_size=spec.kernel_size, bias=spec.bias,
+                              gate=spec.gate, gain=spec.gain, **dd)
+
+
+@register_attention("ese", EffectiveSqueezeExcite)
+def _build_ese(spec: AttentionSpec, **dd: Any) -> nn.Module:
+    return EffectiveSqueezeExcite(spec.channels, bias=spec.bias, gate=spec.gate, gain=spec.gain, **dd)
+
+
 def list_attention() -> list[str]:
-    return sorted(_BUILDERS)
+    return list(_BUILDERS)
+
+
+def attention_spec(
+    kind: str, channels: int, *, reduction: int, divisor: int, round_limit: float, bias: bool, gate: str | None,
+    recipe_gate: str, init: str,
+) -> AttentionSpec:
+    """The module for one site. The gate is the user's, else the variant's own (ESE: hard-sigmoid), else the
+    recipe's."""
+    variant = VARIANTS[kind]
+    gate = gate or variant.gate or recipe_gate
+    return AttentionSpec(
+        kind=kind,
+        channels=channels,
+        rd_channels=squeeze_channels(channels, reduction, divisor, round_limit) if variant.uses_reduction else 0,
+        kernel_size={"eca": eca_kernel_size(channels), "cbam": 7}.get(kind, 0),
+        bias=bias,
+        gate=gate,
+        gain=identity_gain(gate) if init == "identity" else 1.0,
+    )
 
 
 def attention_classes() -> tuple[type[nn.Module], ...]:

@@ -41,10 +41,10 @@ class DefaultCommandGroup(TyperGroup):
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
         argv = tuple(sys.argv[1:] if args is None else args)
-        if argv in (("recipes",), ("recipes", "--json")):
+        if argv in (("recipes",), ("recipes", "--json"), ("variants",), ("variants", "--json")):
             # Fast path: typer coerces every option through pydantic, whose import costs more than the listing.
             with error_funnel_exit():
-                print_recipes(as_json=len(argv) == 2)
+                (print_recipes if argv[0] == "recipes" else print_variants)(as_json=len(argv) == 2)
             sys.exit(0)
         try:
             code = super().main(args=args, prog_name=prog_name or "se-inject", standalone_mode=False, **extra)
@@ -132,6 +132,17 @@ def inject_command(
                                                    show_default=False)] = None,
     recipe: Annotated[list[str] | None, typer.Option("--recipe", help="Only these recipes (repeatable). Default: "
                                                      "every recipe that matches.", show_default=False)] = None,
+    recipe_file: Annotated[list[Path] | None, typer.Option("--recipe-file", help="A recipe file of your own "
+                                                           "(repeatable).", show_default=False)] = None,
+    attention: Annotated[str, typer.Option(help="Variant: se, eca, cbam or ese (see `se-inject variants`).")]
+    = "se",
+    gate: Annotated[str | None, typer.Option(help="Gate: sigmoid or hard-sigmoid (default: the variant's, else "
+                                             "sigmoid).", show_default=False)] = None,
+    include: Annotated[list[str] | None, typer.Option("--include", help="Only sites whose path matches this glob, "
+                                                      "e.g. 'layer3.*' (repeatable).", show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip sites whose path matches this glob "
+                                                      "(repeatable).", show_default=False)] = None,
+    min_channels: Annotated[int, typer.Option(help="Skip sites with fewer channels.")] = 0,
     divisor: Annotated[int | None, typer.Option(help="Round the squeeze width to a multiple of this (default 8; 1 "
                                                 "gives C // r).", show_default=False)] = None,
     bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="Bias in both FC layers (default on).",
@@ -164,6 +175,12 @@ def inject_command(
         injected, report = inject(
             model,
             recipe=recipe or "auto",
+            recipe_files=tuple(recipe_file or ()),
+            attention=attention,
+            gate=gate,
+            include=tuple(include or ()),
+            exclude=tuple(exclude or ()),
+            min_channels=min_channels,
             reduction=reduction,
             divisor=divisor,
             bias=bias,
@@ -335,6 +352,63 @@ def export_command(
             typer.echo(f"exported {result.format} to {result.path} ({diff}{'; ' + result.note if result.note else ''})")
 
 
+@app.command("compare")
+def compare_command(
+    model: Annotated[str, typer.Argument(help="Model name (as for `se-inject MODEL`).", show_default=False)],
+    attention: Annotated[list[str] | None, typer.Option("--attention", help="Variants to compare (repeatable; "
+                                                        "default: all).", show_default=False)] = None,
+    bench: Annotated[bool, typer.Option("--bench", help="Also time base vs injected on this machine.")] = False,
+    rounds: Annotated[int, typer.Option(help="Paired timing rounds per batch size.")] = 15,
+    reduction: Annotated[int | None, typer.Option("--reduction", "-r", help="Reduction ratio (default: the "
+                                                   "recipe's).", show_default=False)] = None,
+    recipe: Annotated[list[str] | None, typer.Option("--recipe", help="Only these recipes (repeatable).",
+                                                     show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Compare attention variants on one model: sites, params, MACs, elementwise ops (and latency with --bench)."""
+    with error_funnel():
+        import torch
+
+        from .compare import compare_variants
+        from .variants import VARIANTS
+
+        if rounds < 1:
+            raise UsageError(f"invalid rounds {rounds}: expected an integer >= 1")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        rows = compare_variants(model, tuple(attention or VARIANTS), bench=bench, rounds=rounds, device=device,
+                                recipe=recipe or "auto", reduction=reduction)
+        if as_json:
+            _print_json([r.to_dict() for r in rows])
+        else:
+            _render_compare(model, rows)
+
+
+def _render_compare(model: str, rows: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"attention variants on {model}", title_justify="left")
+    columns = ["variant", "sites", "params +", "MACs +", "elementwise +"]
+    batches = [t.batch for t in rows[0].latency] if rows and rows[0].latency else []
+    for b in batches:
+        columns += [f"b{b} base ms", f"b{b} SE ms", f"b{b} overhead"]
+    for name in columns:
+        table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
+    for r in rows:
+        cells = [r.attention, str(r.sites), f"{_num(r.params_delta)} ({_pct(r.params_delta, r.params_before)})",
+                 f"{_num(r.macs_delta)} ({_pct(r.macs_delta, r.macs_before)})", _num(r.elementwise_ops)]
+        for t in r.latency:
+            cells += [f"{t.base_ms:.1f}", f"{t.injected_ms:.1f}",
+                      f"{100 * t.overhead:+.1f}% [{100 * t.overhead_q1:+.1f}, {100 * t.overhead_q3:+.1f}]"]
+        table.add_row(*cells)
+    out = Console(highlight=False)
+    out.print(table)
+    if batches:
+        t = rows[0].latency[0]
+        out.print(f"latency: median of {t.rounds} paired, interleaved rounds (IQR in brackets) on {t.device}, "
+                  f"{t.threads} threads, eval mode, inference_mode")
+
+
 @app.command("scan")
 def scan_command(
     patterns: Annotated[list[str] | None, typer.Argument(help="fnmatch patterns over model names (default: all).",
@@ -412,6 +486,28 @@ def _render_scan(rows: list[Any], output: Path | None) -> None:
         out.print(f"error: {r.model}: {r.reason}", markup=False)
     if output is not None:
         out.print(f"rows written to {output}")
+
+
+@app.command("variants")
+def variants_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the variants as JSON.")] = False,
+) -> None:
+    """List the attention variants (--attention) and their defaults."""
+    with error_funnel():
+        print_variants(as_json=as_json)
+
+
+def print_variants(*, as_json: bool) -> None:
+    from .variants import VARIANTS
+
+    if as_json:
+        _print_json([v.to_dict() for v in VARIANTS.values()])
+        return
+    for v in VARIANTS.values():
+        typer.echo(f"{v.name}: {v.description}")
+        uses = "uses --reduction/--divisor" if v.uses_reduction else "no reduction"
+        typer.echo(f"  gate {v.gate or 'sigmoid (the recipe default)'}; {uses}; params per site: {v.params}")
+        typer.echo(f"  {v.reference}")
 
 
 def main() -> None:

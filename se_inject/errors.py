@@ -18,11 +18,12 @@ class UsageError(SEInjectError, ValueError):
 class UnknownModelError(SEInjectError, LookupError):
     """No timm or torchvision model has this name."""
 
-    def __init__(self, name: str, suggestions: list[str] | tuple[str, ...] = ()):
+    def __init__(self, name: str, suggestions: list[str] | tuple[str, ...] = (), hint: str = ""):
         self.name = name
         self.suggestions = tuple(suggestions)
-        hint = f"; did you mean {', '.join(self.suggestions)}?" if self.suggestions else "; see timm.list_models()"
-        super().__init__(f"unknown model {name!r}{hint}")
+        if not hint:
+            hint = f"did you mean {', '.join(self.suggestions)}?" if self.suggestions else "see timm.list_models()"
+        super().__init__(f"unknown model {name!r}; {hint}")
 
 
 class UnknownRecipeError(UsageError, LookupError):

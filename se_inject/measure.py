@@ -17,10 +17,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .find import as_meta, is_attention, output_shapes, run_meta
 
-_POOLS = {
+_POOLS = {  # reductions without the reduction tag: one op per input element
     torch.ops.aten._adaptive_avg_pool2d.default,
     torch.ops.aten.adaptive_max_pool2d.default,
     torch.ops.aten.avg_pool2d.default,
+}
+_NORMS = {  # affine normalisation: one op per output element, like a pointwise op
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+    torch.ops.aten._native_batch_norm_legit.default,
+    torch.ops.aten._native_batch_norm_legit.no_stats,
+    torch.ops.aten.native_batch_norm.default,
 }
 
 
@@ -52,6 +58,8 @@ class _Tally(TorchDispatchMode):
             self.ops[self.path] += args[0].numel()
         elif torch.Tag.pointwise in func.tags:
             self.ops[self.path] += out.numel()
+        elif func in _NORMS:
+            self.ops[self.path] += out[0].numel()
         return out
 
 

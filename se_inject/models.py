@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UnknownModelError, UsageError, WeightsError
+from .errors import SEInjectError, UnknownModelError, UsageError, WeightsError
 
-SOURCES = ("timm", "torchvision")
+SOURCES = ("timm", "torchvision")  # named model libraries; "python" specs are factories of the user's
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 
 
@@ -29,6 +29,14 @@ class ModelSpec:
 
     def __str__(self) -> str:
         return f"{self.source}:{self.name}"
+
+    @property
+    def short_name(self) -> str:
+        """A file-name-safe name: ``resnet50``, or ``<file stem>_<factory>`` for a factory."""
+        if self.source != "python":
+            return self.name.replace("/", "_")
+        source, _, factory = self.name.rpartition(":")
+        return f"{Path(source).stem if source.endswith('.py') else source.rsplit('.', 1)[-1]}_{factory}"
 
     def to_dict(self) -> dict[str, str]:
         return {"source": self.source, "name": self.name}
@@ -63,8 +71,8 @@ def _closest(name: str, names: tuple[str, ...]) -> list[str]:
 
 
 def resolve_model(name: str) -> ModelSpec:
-    """``NAME`` (timm first, then torchvision), ``timm:NAME`` or ``torchvision:NAME``. Unknown names raise with
-    the closest names."""
+    """``NAME`` (timm first, then torchvision), ``timm:NAME``, ``torchvision:NAME``, or a factory of your own:
+    ``path/to/file.py:factory`` or ``package.module:factory``. Unknown names raise with the closest names."""
     if not name or not name.strip():
         raise UsageError("empty model name")
     source, sep, bare = name.partition(":")
@@ -76,12 +84,71 @@ def resolve_model(name: str) -> ModelSpec:
         names = timm_names() if source == "timm" else torchvision_names()
         raise UnknownModelError(name, [f"{source}:{n}" for n in _closest(bare, names)])
     if sep:
-        raise UsageError(f"unknown model source {source!r} in {name!r}; use timm:NAME or torchvision:NAME")
+        return _resolve_factory(name, source, bare)
     if _timm_has(name):
         return ModelSpec("timm", name)
     if name in torchvision_names():
         return ModelSpec("torchvision", name)
     raise UnknownModelError(name, _closest(name, timm_names() + torchvision_names()))
+
+
+def _resolve_factory(name: str, source: str, factory: str) -> ModelSpec:
+    """``file.py:factory`` (stored with the absolute path, so ``load`` works from anywhere) or ``module:factory``."""
+    import importlib.util
+
+    if not factory.isidentifier():
+        raise UsageError(f"{name!r}: expected FILE.py:FACTORY or MODULE:FACTORY with a function name after ':'")
+    if source.endswith(".py"):
+        path = Path(source).expanduser().resolve()
+        if not path.is_file():
+            raise UnknownModelError(name, hint=f"no such file: {path}")
+        return ModelSpec("python", f"{path}:{factory}")
+    try:
+        found = all(p.isidentifier() for p in source.split(".")) and importlib.util.find_spec(source) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UsageError(
+            f"unknown model source {source!r} in {name!r}; use timm:NAME, torchvision:NAME, FILE.py:FACTORY or "
+            "MODULE:FACTORY"
+        )
+    return ModelSpec("python", f"{source}:{factory}")
+
+
+def _import_factory(spec: ModelSpec) -> Any:
+    import importlib
+    import importlib.util
+    import sys
+
+    source, _, factory = spec.name.rpartition(":")
+    if source.endswith(".py"):
+        path = Path(source)
+        module_name = path.stem  # classes get the path "<file stem>.<Class>", the name a recipe file uses
+        module = sys.modules.get(module_name)
+        if module is None or Path(getattr(module, "__file__", "") or "").resolve() != path:
+            if module is not None and not getattr(module, "__se_inject_factory__", False):
+                raise UsageError(f"{path}: a different module named {module_name!r} is already imported; "
+                                 "rename the file")
+            if not path.is_file():
+                raise UnknownModelError(spec.name, hint=f"no such file: {path}")
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+            module.__se_inject_factory__ = True  # ours to replace when another file of that name comes
+            sys.modules[module_name] = module
+            try:
+                module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+            except Exception as e:
+                del sys.modules[module_name]
+                raise SEInjectError(f"{path}: importing it failed ({type(e).__name__}: {e})") from None
+    else:
+        try:
+            module = importlib.import_module(source)
+        except Exception as e:
+            raise SEInjectError(f"{source}: importing it failed ({type(e).__name__}: {e})") from None
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        raise SEInjectError(f"{spec.name}: {source} has no function {factory!r}")
+    return fn
 
 
 @contextmanager
@@ -119,6 +186,17 @@ def _construct(spec: ModelSpec) -> nn.Module:
         import torchvision
 
         return torchvision.models.get_model(spec.name, weights=None)
+    if spec.source == "python":
+        factory = _import_factory(spec)
+        try:
+            model = factory()
+        except SEInjectError:
+            raise
+        except Exception as e:
+            raise SEInjectError(f"{spec.name}: the factory raised {type(e).__name__}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise SEInjectError(f"{spec.name}: the factory returned a {type(model).__name__}, not an nn.Module")
+        return model
     raise UsageError(f"cannot build models from source {spec.source!r}")
 
 
@@ -147,7 +225,7 @@ def empty_weights():
 
 def default_input_size(spec: ModelSpec, model: nn.Module | None = None) -> tuple[int, int, int]:
     """(C, H, W) the model is evaluated at: timm's pretrained_cfg, torchvision's weights transforms, else 224."""
-    if spec.source == "timm":
+    if spec.source in ("timm", "python"):
         cfg = getattr(model, "pretrained_cfg", None) or {}
         if "input_size" in cfg:
             return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]

@@ -58,3 +58,40 @@ class SqueezeExcite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gain={self.gain:g}" if self.gain != 1.0 else ""
+
+
+class EffectiveSqueezeExcite(nn.Module):
+    """Effective SE (Lee & Park, CenterMask): ``x * gain * gate(fc(mean_hw(x)))`` with one C -> C layer.
+
+    Parameter names follow timm's ``EffectiveSEModule`` (``fc``).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        bias: bool = True,
+        gate: str = "hard-sigmoid",
+        gain: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.fc = nn.Conv2d(channels, channels, kernel_size=1, bias=bias, device=device, dtype=dtype)
+        self.gate = GATE_LAYERS[gate]()
+        self.gain = float(gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.gate(self.fc(x.mean((2, 3), keepdim=True)))
+        if self.gain != 1.0:
+            s = s * self.gain
+        return x * s
+
+    def init_identity(self) -> None:
+        """Zero fc: the gate is gate(0) = 0.5 for every input, and gain 2 makes the module compute exactly x."""
+        nn.init.zeros_(self.fc.weight)
+        if self.fc.bias is not None:
+            nn.init.zeros_(self.fc.bias)
+
+    def extra_repr(self) -> str:
+        return f"gain={self.gain:g}" if self.gain != 1.0 else ""

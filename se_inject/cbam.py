@@ -1,0 +1,79 @@
+"""Convolutional Block Attention Module (Woo et al., "CBAM", ECCV 2018): channel then spatial attention.
+
+Parameter names follow timm's ``CbamModule`` (``channel.fc1/fc2``, ``spatial.conv.conv/bn``).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import ConvNormAct
+from torch import nn
+
+from .squeeze_excite import GATE_LAYERS
+
+
+class ChannelAttention(nn.Module):
+    """``x * gain * gate(mlp(avg_hw(x)) + mlp(max_hw(x)))`` with one shared two-layer MLP (eq. 2 of the paper)."""
+
+    def __init__(self, channels: int, rd_channels: int, *, bias: bool, gate: str, gain: float, **dd):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=bias, **dd)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)
+        self.gate = GATE_LAYERS[gate]()
+        self.gain = float(gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        s_max = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
+        s = self.gate(s_avg + s_max)
+        if self.gain != 1.0:
+            s = s * self.gain
+        return x * s
+
+
+class SpatialAttention(nn.Module):
+    """``x * gain * gate(bn(conv7x7([avg_c(x), max_c(x)])))`` (eq. 3 of the paper)."""
+
+    def __init__(self, kernel_size: int, *, gate: str, gain: float, **dd):
+        super().__init__()
+        self.conv = ConvNormAct(2, 1, kernel_size, apply_act=False, **dd)
+        self.gate = GATE_LAYERS[gate]()
+        self.gain = float(gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.gate(self.conv(torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)))
+        if self.gain != 1.0:
+            s = s * self.gain
+        return x * s
+
+
+class ConvBlockAttention(nn.Module):
+    """CBAM: channel attention, then spatial attention on its result."""
+
+    def __init__(
+        self,
+        channels: int,
+        rd_channels: int,
+        *,
+        kernel_size: int = 7,
+        bias: bool = True,
+        gate: str = "sigmoid",
+        gain: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.channel = ChannelAttention(channels, rd_channels, bias=bias, gate=gate, gain=gain, **dd)
+        self.spatial = SpatialAttention(kernel_size, gate=gate, gain=gain, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spatial(self.channel(x))
+
+    def init_identity(self) -> None:
+        """Zero both gates' last maps (fc2, the 7x7 conv): each gate is 0.5, and gain 2 makes the module compute x."""
+        nn.init.zeros_(self.channel.fc2.weight)
+        if self.channel.fc2.bias is not None:
+            nn.init.zeros_(self.channel.fc2.bias)
+        nn.init.zeros_(self.spatial.conv.conv.weight)

@@ -1,0 +1,81 @@
+"""Side-by-side comparison of attention variants on one model: exact costs, and measured latency on request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .bench import Timing
+from .errors import UsageError
+from .variants import VARIANTS
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    attention: str
+    sites: int
+    params_delta: int
+    macs_delta: int
+    elementwise_ops: int
+    params_before: int
+    macs_before: int
+    latency: tuple[Timing, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attention": self.attention,
+            "sites": self.sites,
+            "params_delta": self.params_delta,
+            "macs_delta": self.macs_delta,
+            "elementwise_ops": self.elementwise_ops,
+            "params_before": self.params_before,
+            "macs_before": self.macs_before,
+            "latency": [t.to_dict() for t in self.latency],
+        }
+
+
+def compare_variants(
+    model: str,
+    attentions: tuple[str, ...] | list[str] = tuple(VARIANTS),
+    *,
+    bench: bool = False,
+    batches: tuple[int, ...] = (1, 8),
+    rounds: int = 15,
+    device: str = "cpu",
+    seed: int = 0,
+    **options: Any,
+) -> list[CompareRow]:
+    """Plan each variant on `model` (meta device) and, with `bench`, time base vs injected on `device`."""
+    from .api import inject
+    from .bench import paired_latency
+    from .models import build_model, resolve_model
+
+    unknown = [a for a in attentions if a not in VARIANTS]
+    if unknown:
+        raise UsageError(f"unknown attention {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    base = None
+    if bench:
+        base = build_model(resolve_model(model), device=device, seed=seed).eval()
+    rows = []
+    for attention in dict.fromkeys(attentions):
+        _, report = inject(model, attention=attention, device="meta", seed=seed, **options)
+        data = report.to_dict()
+        timings: tuple[Timing, ...] = ()
+        if base is not None:
+            injected, _ = inject(base, attention=attention, seed=seed, **options)
+            timings = tuple(
+                paired_latency(base, injected.eval(), report.plan.input_size, batch=b, rounds=rounds) for b in batches
+            )
+        rows.append(
+            CompareRow(
+                attention=attention,
+                sites=len(report.plan.sites),
+                params_delta=data["params"]["delta"],
+                macs_delta=data["macs"]["delta"],
+                elementwise_ops=data["se_elementwise_ops"],
+                params_before=data["params"]["before"],
+                macs_before=data["macs"]["before"],
+                latency=timings,
+            )
+        )
+    return rows
