@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -118,6 +120,33 @@ def _finish(path: Path, mode: int) -> None:
         os.close(fd)
 
 
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(directory: Path, prefix: str = ".") -> None:
+    """Delete temporaries (files, staging folders) that a killed se-inject run left in `directory`."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match and entry.name.startswith(prefix) and not _alive(int(match.group(1))):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
 def write_atomically(
     directory: str | Path, files: dict[str, Callable[[Path], None]], *, force: bool = False, outputs: bool = False
 ) -> Path:
@@ -137,12 +166,15 @@ def write_atomically(
     temporaries: list[Path] = []
     staging: Path | None = None
     umask = _umask()
+    tag = f".tmp-{os.getpid()}-"  # temporaries carry the writer's pid, so a later run can clear a killed run's
     try:
+        _remove_stale_temporaries(directory)
+        _remove_stale_temporaries(directory.parent, f".{directory.name}.tmp-")
         if directory.is_dir():
             targets = {}
             for name, write in files.items():
                 stem, dot, ext = name.rpartition(".")  # keep the extension: some writers check it (.pt2)
-                prefix, suffix = (f".{stem}.tmp-", f"{dot}{ext}") if dot else (f".{name}.tmp-", "")
+                prefix, suffix = (f".{stem}{tag}", f"{dot}{ext}") if dot else (f".{name}{tag}", "")
                 fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
                 os.close(fd)
                 temporaries.append(Path(tmp))
@@ -156,7 +188,7 @@ def write_atomically(
                 (directory / name).unlink()
         else:
             directory.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}{tag}", dir=directory.parent))
             os.chmod(staging, 0o777 & ~umask)
             for name, write in files.items():
                 write(staging / name)
@@ -170,11 +202,7 @@ def write_atomically(
             with contextlib.suppress(OSError):
                 tmp.unlink()
         if staging is not None:
-            for child in staging.iterdir() if staging.exists() else ():
-                with contextlib.suppress(OSError):
-                    child.unlink()
-            with contextlib.suppress(OSError):
-                staging.rmdir()
+            shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

@@ -288,14 +288,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         import pickle
 
         try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise WeightsError(
-                f"{path}: refused, it holds objects that safe loading (weights_only=True) does not allow: "
-                f"{_first_line(e)}"
-            ) from None
+            detail = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+            detail_line = detail[0] if detail else ""
+            if "Unsupported global" in detail_line:  # a pickle that would import and call code
+                target = detail_line.split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip()
+                raise WeightsError(
+                    f"{path}: refused, loading it would call {target}; only tensors are read "
+                    "(torch.load weights_only=True). Convert it with code you trust, or use .safetensors"
+                ) from None
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({detail_line[:120]})") from None
         except Exception as e:  # truncated zip, random bytes, ...
-            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+            raise WeightsError(
+                f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({_first_line(e)})"
+            ) from None
     return _unwrap_state_dict(data, path)
 
 

@@ -82,6 +82,12 @@ def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
         _, report = inject(name, device="meta", seed=0, **options)
         data = report.to_dict()
         existing = sum(s.already_attention for s in report.skipped)
+        # Independent counts: numel over the inserted modules, and the flop counter's own per-module figures.
+        se_params = sum(report.site_params.values())
+        se_macs = sum(report.after.attention_macs.get(s.module_path, 0) for s in report.plan.sites)
+        if (data["params"]["delta"], data["macs"]["delta"]) != (se_params, se_macs):
+            return ScanRow(name, "error", reason=f"count mismatch: params {data['params']['delta']} vs {se_params}, "
+                           f"MACs {data['macs']['delta']} vs {se_macs}", seconds=time.perf_counter() - start)
         return ScanRow(
             model=name,
             status="covered",
