@@ -296,9 +296,9 @@ def inject(
     if size is None:
         size = default_input_size(spec, planning) if spec else _module_input_size(base)
 
-    findings = find_sites(planning, recipes, size)
+    findings = find_sites(planning, recipes, size, count_base=True)  # one forward: shapes and base counts
     plan, notes = make_plan(findings, settings, model=spec, seed=seed)
-    before = count(planning, size)
+    before = findings.counts
     apply_plan(planning, plan, inplace=True)
     after = count(planning, size)
     if after.output_shapes != before.output_shapes:
@@ -346,7 +346,7 @@ def save_injected(
     if unknown:
         raise UsageError(f"unknown export format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
     directory = Path(directory)
-    architecture = timm_architecture(model, report.plan)
+    architecture = timm_architecture(report.plan)
     results: list[Any] = []
     files = {MODEL_FILE: write_checkpoint(model, report.plan)}
     if architecture:

@@ -44,6 +44,32 @@ def _time(model: nn.Module, x: torch.Tensor, repeat: int) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def interleaved(
+    models: dict[str, nn.Module], x: torch.Tensor, *, rounds: int = 15, warmup: int = 3, repeat: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per forward of each model, `rounds` times, the order rotating every round so that drift and
+    cache effects hit every model alike. Runs under inference_mode."""
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name in names:
+                _time(models[name], x, 1)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                times[name].append(_time(models[name], x, repeat))
+    return times
+
+
+def overhead(times: dict[str, list[float]], model: str, base: str) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round overhead ``t_model / t_base - 1``."""
+    ratios = [t / b - 1 for t, b in zip(times[model], times[base], strict=True)]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), q1, q3
+
+
 def paired_latency(
     base: nn.Module,
     injected: nn.Module,
@@ -58,23 +84,14 @@ def paired_latency(
     """Time both models on the same input, alternating which runs first, in eval mode under inference_mode."""
     device = next((p.device for p in base.parameters()), torch.device("cpu"))
     x = torch.randn((batch, *input_size), generator=torch.Generator().manual_seed(seed)).to(device)
-    base.eval(), injected.eval()
-    base_times, injected_times, ratios = [], [], []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            _time(base, x, 1), _time(injected, x, 1)
-        for r in range(rounds):
-            if r % 2:
-                b, i = _time(base, x, repeat), _time(injected, x, repeat)
-            else:
-                i, b = _time(injected, x, repeat), _time(base, x, repeat)
-            base_times.append(b), injected_times.append(i), ratios.append(i / b - 1)
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    times = interleaved({"base": base.eval(), "injected": injected.eval()}, x, rounds=rounds, warmup=warmup,
+                        repeat=repeat)
+    median, q1, q3 = overhead(times, "injected", "base")
     return Timing(
         batch=batch,
-        base_ms=1e3 * statistics.median(base_times),
-        injected_ms=1e3 * statistics.median(injected_times),
-        overhead=statistics.median(ratios),
+        base_ms=1e3 * statistics.median(times["base"]),
+        injected_ms=1e3 * statistics.median(times["injected"]),
+        overhead=median,
         overhead_q1=q1,
         overhead_q3=q3,
         rounds=rounds,

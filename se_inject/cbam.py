@@ -9,7 +9,7 @@ import torch
 from timm.layers import ConvNormAct
 from torch import nn
 
-from .squeeze_excite import GATE_LAYERS
+from .squeeze_excite import GATE_LAYERS, fc, scale
 
 
 class ChannelAttention(nn.Module):
@@ -23,13 +23,14 @@ class ChannelAttention(nn.Module):
         self.gate = GATE_LAYERS[gate]()
         self.gain = float(gain)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
-        s_max = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
-        s = self.gate(s_avg + s_max)
+    def _mlp(self, s: torch.Tensor) -> torch.Tensor:
+        return fc(self.act(fc(s, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
+
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        s = self.gate(self._mlp(x.mean((2, 3))) + self._mlp(x.amax((2, 3))))
         if self.gain != 1.0:
             s = s * self.gain
-        return x * s
+        return scale(x, s[:, :, None, None], inplace)
 
 
 class SpatialAttention(nn.Module):
@@ -41,11 +42,11 @@ class SpatialAttention(nn.Module):
         self.gate = GATE_LAYERS[gate]()
         self.gain = float(gain)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         s = self.gate(self.conv(torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)))
         if self.gain != 1.0:
             s = s * self.gain
-        return x * s
+        return scale(x, s, inplace)
 
 
 class ConvBlockAttention(nn.Module):
@@ -67,9 +68,12 @@ class ConvBlockAttention(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.channel = ChannelAttention(channels, rd_channels, bias=bias, gate=gate, gain=gain, **dd)
         self.spatial = SpatialAttention(kernel_size, gate=gate, gain=gain, **dd)
+        self.scale_inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.spatial(self.channel(x))
+        # The spatial step may always scale in place: its input is the channel step's output, which is either a
+        # fresh tensor or, when in place is allowed, x itself.
+        return self.spatial(self.channel(x, self.scale_inplace), True)
 
     def init_identity(self) -> None:
         """Zero both gates' last maps (fc2, the 7x7 conv): each gate is 0.5, and gain 2 makes the module compute x."""

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .squeeze_excite import GATE_LAYERS
+from .squeeze_excite import GATE_LAYERS, scale
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
@@ -38,13 +38,14 @@ class EfficientChannelAttention(nn.Module):
                               dtype=dtype)
         self.gate = GATE_LAYERS[gate]()
         self.gain = float(gain)
+        self.scale_inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean((2, 3)).unsqueeze(1)  # (N, 1, C): channels as a 1-D signal
         s = self.gate(self.conv(s)).transpose(1, 2).unsqueeze(-1)  # (N, C, 1, 1)
         if self.gain != 1.0:
             s = s * self.gain
-        return x * s
+        return scale(x, s, self.scale_inplace)
 
     def init_identity(self) -> None:
         """Zero the convolution: the gate is 0.5 everywhere, and gain 2 makes the module compute exactly x."""

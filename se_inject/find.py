@@ -149,6 +149,7 @@ class Findings:
     input_size: tuple[int, int, int]
     output_shapes: tuple[tuple[int, ...], ...]  # the base model's output shapes, to check surgery against
     block_classes: tuple[str, ...]  # class paths present in the model (outside torch.nn), most frequent first
+    counts: Any = None  # the model's Counts, when find_sites(count_base=True)
 
 
 def output_shapes(output: Any) -> tuple[tuple[int, ...], ...]:
@@ -194,8 +195,13 @@ def run_meta(model: nn.Module, input_size: tuple[int, int, int]) -> Any:
             m.training = training
 
 
-def find_sites(model: nn.Module, recipes: list[Recipe], input_size: tuple[int, int, int]) -> Findings:
-    """Match the recipes' block classes and measure the feature map at each SE place. Changes nothing."""
+def find_sites(
+    model: nn.Module, recipes: list[Recipe], input_size: tuple[int, int, int], *, count_base: bool = False
+) -> Findings:
+    """Match the recipes' block classes and measure the feature map at each SE place. Changes nothing.
+
+    With `count_base`, the same forward pass also counts the model's params and MACs (``Findings.counts``).
+    """
     pending: list[tuple[str, Recipe, BlockRule, str, str]] = []  # path, recipe, rule, class path, anchor
     skipped: list[Skip] = []
     for path, block, recipe, rule in _candidates(model, recipes):
@@ -239,7 +245,13 @@ def find_sites(model: nn.Module, recipes: list[Recipe], input_size: tuple[int, i
         else:
             handles.append(target.register_forward_hook(lambda _m, _a, out, rec=record: rec.append(_shape(out))))
     try:
-        out = run_meta(probe, input_size)
+        if count_base:
+            from .measure import count
+
+            counts = count(probe, input_size)
+            shapes = counts.output_shapes
+        else:
+            counts, shapes = None, output_shapes(run_meta(probe, input_size))
     finally:
         for h in handles:
             h.remove()
@@ -255,7 +267,7 @@ def find_sites(model: nn.Module, recipes: list[Recipe], input_size: tuple[int, i
             skipped.append(Skip(path, cp, recipe.name, f"expects an NCHW feature map, got shape {shapes[0]}"))
         else:
             matches.append(Match(path, recipe, rule, cp, anchor, shapes[0]))
-    return _findings(model, matches, skipped, recipes, input_size, output_shapes(out))
+    return _findings(model, matches, skipped, recipes, input_size, shapes, counts)
 
 
 def _findings(
@@ -265,6 +277,7 @@ def _findings(
     recipes: list[Recipe],
     input_size: tuple[int, int, int],
     shapes: tuple[tuple[int, ...], ...],
+    counts: Any = None,
 ) -> Findings:
     classes = Counter(
         class_path(m) for m in model.modules() if not type(m).__module__.startswith("torch.nn") and m is not model
@@ -277,6 +290,7 @@ def _findings(
         input_size=input_size,
         output_shapes=shapes,
         block_classes=tuple(c for c, _ in classes.most_common()),
+        counts=counts,
     )
 
 

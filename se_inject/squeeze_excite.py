@@ -7,9 +7,24 @@ module in its ``se`` slot has exactly the state_dict of timm's ``seresnet*``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 GATE_LAYERS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "hard-sigmoid": nn.Hardsigmoid}
+
+
+def fc(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution's parameters applied to (N, C) descriptors as a linear layer: a single GEMM instead of a
+    convolution dispatch (on the CPU, PyTorch sends 1x1-spatial convolutions down a slow path)."""
+    return F.linear(s, weight.flatten(1), bias)
+
+
+def scale(x: torch.Tensor, s: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``x * s``, written into `x` when allowed and autograd is off (saves allocating a feature map in eager mode;
+    under torch.compile the out-of-place form fuses better, so it is kept there)."""
+    if inplace and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return x.mul_(s)
+    return x * s
 
 
 class SqueezeExcite(nn.Module):
@@ -22,6 +37,9 @@ class SqueezeExcite(nn.Module):
         gate: The gating nonlinearity, sigma in eq. 3 ("sigmoid" in the paper).
         gain: Constant multiplier of the gate. 1 in the paper; 2 with identity initialisation, where the gate
             starts at exactly 0.5 and the block at exactly the identity (as NFNets' ``attn_gain``).
+
+    ``scale_inplace`` is set by se-inject's surgery where the block's graph shows that nothing else reads the
+    input: then, with autograd off, the input is scaled in place.
     """
 
     def __init__(
@@ -42,13 +60,15 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
         self.gate = GATE_LAYERS[gate]()
         self.gain = float(gain)
+        self.scale_inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)  # squeeze: global average pool, eq. 2
-        s = self.gate(self.fc2(self.act(self.fc1(s))))  # excitation, eq. 3
+        s = x.mean((2, 3))  # squeeze: global average pool, eq. 2
+        s = self.act(fc(s, self.fc1.weight, self.fc1.bias))  # excitation, eq. 3: delta(W1 z) ...
+        s = self.gate(fc(s, self.fc2.weight, self.fc2.bias))  # ... then sigma(W2 .)
         if self.gain != 1.0:
             s = s * self.gain
-        return x * s  # scale, eq. 4
+        return scale(x, s[:, :, None, None], self.scale_inplace)  # scale, eq. 4
 
     def init_identity(self) -> None:
         """Zero fc2, so the gate is gate(0) = 0.5 for every input; with gain = 2 the block then computes exactly x."""
@@ -80,12 +100,13 @@ class EffectiveSqueezeExcite(nn.Module):
         self.fc = nn.Conv2d(channels, channels, kernel_size=1, bias=bias, device=device, dtype=dtype)
         self.gate = GATE_LAYERS[gate]()
         self.gain = float(gain)
+        self.scale_inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.gate(self.fc(x.mean((2, 3), keepdim=True)))
+        s = self.gate(fc(x.mean((2, 3)), self.fc.weight, self.fc.bias))
         if self.gain != 1.0:
             s = s * self.gain
-        return x * s
+        return scale(x, s[:, :, None, None], self.scale_inplace)
 
     def init_identity(self) -> None:
         """Zero fc: the gate is gate(0) = 0.5 for every input, and gain 2 makes the module compute exactly x."""

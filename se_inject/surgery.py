@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import linecache
+import operator
 from contextlib import nullcontext
 
 import torch
@@ -67,8 +68,38 @@ def insert(block: nn.Module, site: Site, module: nn.Module) -> None:
         if current is not None and not isinstance(current, nn.Identity):
             raise SurgeryError(f"{site.path}: slot {site.slot!r} already holds a {type(current).__name__}")
         setattr(block, site.slot, module)
+        try:
+            graph = _BlockTracer(set()).trace(block)
+        except Exception:  # an untraceable forward: the module just never scales in place
+            return
+        calls = [n for n in graph.nodes if n.op == "call_module" and n.target == site.slot]
+        module.scale_inplace = len(calls) == 1 and _only_reader(calls[0], block)
     else:
         rewrite_forward(block, site, module)
+
+
+def _only_reader(call: torch.fx.Node, block: nn.Module) -> bool:
+    """Whether `call` is the only reader of its input tensor, so it may scale it in place (autograd off).
+
+    Walks back through parameterless modules (activations, Identity, dropout: they may return their input) while
+    each tensor has a single user; a module with parameters, or a concatenation/addition, makes a fresh tensor.
+    """
+    node = call.args[0] if call.args else None
+    while isinstance(node, torch.fx.Node) and len(node.users) == 1:
+        if node.op == "call_module":
+            module = block.get_submodule(str(node.target))
+            if next(itertools.chain(module.parameters(), module.buffers()), None) is not None:
+                return True
+        elif node.op == "call_function" and node.target in _FRESH:
+            return True
+        elif node.op != "call_function" or node.target not in _PASS_THROUGH:
+            return False
+        node = node.args[0] if node.args else None
+    return False
+
+
+_FRESH = {torch.cat, torch.add, operator.add, operator.mul, torch.mul}
+_PASS_THROUGH = {torch.relu, torch.nn.functional.relu, torch.nn.functional.silu, torch.sigmoid}
 
 
 def _is_meta(module: nn.Module) -> bool:
@@ -144,6 +175,7 @@ def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
         anchor.args = (call, *anchor.args[1:])
     block.add_module(site.name, module)
     graph.lint()
+    module.scale_inplace = _only_reader(call, block)
     block.__class__ = _rewritten_class(type(block), graph)
 
 

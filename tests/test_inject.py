@@ -82,7 +82,10 @@ def test_seresnet_weights_load_strictly_and_give_identical_outputs(name):
     injected.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
-        assert torch.equal(injected.eval()(x), reference(x))
+        expected = reference(x)
+        # Same parameters and maths; our SE runs its FC layers as GEMMs (faster than 1x1 convolutions), so the
+        # outputs agree to float rounding, relative to their magnitude.
+        torch.testing.assert_close(injected.eval()(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_torchvision_resnet50_matches_seresnet50_params_and_keys():

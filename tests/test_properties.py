@@ -121,6 +121,8 @@ def test_generated_recipes_on_random_models(specs, recipe, attention, init):
     with torch.no_grad():
         out, expected = injected.eval()(x), model(x)
     assert out.shape == expected.shape
+    with torch.enable_grad():  # no in-place scaling with autograd on: must match the no_grad result exactly
+        assert torch.equal(injected(x).detach(), out)
     if init == "identity":
         assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5 * (1 + expected.abs().max().item()))
 

@@ -75,7 +75,7 @@ def test_eca_on_timm_resnet_is_timms_ecaresnet(name):
         reference = timm.create_model(f"eca{name}")
     assert {k: v.shape for k, v in injected.state_dict().items()} == {
         k: v.shape for k, v in reference.state_dict().items()}
-    assert timm_architecture(injected, report.plan) == f"eca{name}"
+    assert timm_architecture(report.plan) == f"eca{name}"
 
 
 def test_ese_defaults_to_hard_sigmoid_and_gate_overrides():

@@ -1,0 +1,120 @@
+"""Run-time cost of the SE block: base resnet50 vs se-inject's SE-ResNet-50 vs timm's own seresnet50.
+
+One process run, eval mode, ``torch.inference_mode``, float32, fixed threads, warm-up, paired interleaved rounds
+(the order rotates every round), medians with interquartile ranges; eager NCHW, eager channels_last and
+torch.compile (inductor). Part 1 also times the SE formulations that were tried, on the same model.
+
+Usage: ``python benchmarks/bench_se_runtime.py [--threads 2] [--rounds-b1 30] [--rounds-b8 10] [--no-compile]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import warnings
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import se_inject
+from se_inject.bench import interleaved, overhead
+from se_inject.squeeze_excite import SqueezeExcite
+
+warnings.filterwarnings("ignore")
+
+
+class ConvFormulation(SqueezeExcite):
+    """timm's SEModule formulation: 1x1 convolutions on (N, C, 1, 1), out-of-place scale."""
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+
+
+class LinearFormulation(SqueezeExcite):
+    """The same parameters as GEMMs on (N, C), out-of-place scale."""
+
+    def forward(self, x):
+        s = self.act(F.linear(x.mean((2, 3)), self.fc1.weight.flatten(1), self.fc1.bias))
+        s = self.gate(F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias))
+        return x * s[:, :, None, None]
+
+
+class PoolFormulation(LinearFormulation):
+    """adaptive_avg_pool2d for the squeeze instead of mean."""
+
+    def forward(self, x):
+        s = self.act(F.linear(F.adaptive_avg_pool2d(x, 1).flatten(1), self.fc1.weight.flatten(1), self.fc1.bias))
+        s = self.gate(F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias))
+        return x * s[:, :, None, None]
+
+
+def with_formulation(model, cls):
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) is SqueezeExcite:
+            m.__class__ = cls
+    return model
+
+
+def fmt(times, name, base="base"):
+    median, q1, q3 = overhead(times, name, base)
+    return f"{100 * median:+6.1f}% [{100 * q1:+.1f}, {100 * q3:+.1f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds-b1", type=int, default=30)
+    parser.add_argument("--rounds-b8", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+          f"timm {timm.__version__}, python {sys.version.split()[0]}")
+    base = timm.create_model("resnet50").eval()
+    ours, _ = se_inject.inject(base, seed=0)
+    reference = timm.create_model("seresnet50").eval()
+    reference.load_state_dict(ours.state_dict())  # same weights: only the SE implementation differs
+    rounds = {1: args.rounds_b1, 8: args.rounds_b8}
+
+    print("\n## 1. SE formulations on se-inject's SE-ResNet-50 (eager, NCHW): overhead vs resnet50")
+    variants = {
+        "base": base,
+        "conv 1x1, x*s (timm's)": with_formulation(ours, ConvFormulation),
+        "linear, x*s": with_formulation(ours, LinearFormulation),
+        "adaptive pool + linear, x*s": with_formulation(ours, PoolFormulation),
+        "linear, in-place scale (shipped)": ours.eval(),
+    }
+    for batch in (1, 8):
+        times = interleaved(variants, torch.randn(batch, 3, 224, 224), rounds=rounds[batch])
+        for name in list(variants)[1:]:
+            print(f"  batch {batch}  {name:34} {fmt(times, name)}")
+
+    print("\n## 2. base vs se-inject vs timm seresnet50: median overhead [IQR]; ratio = ours / timm overhead")
+    print(f"  {'mode':22} {'batch':>5} {'base ms':>8} {'se-inject':>24} {'timm seresnet50':>24} {'ratio':>6}")
+    modes = [("eager NCHW", False, False), ("eager channels_last", True, False)]
+    if not args.no_compile:
+        modes += [("compile NCHW", False, True), ("compile channels_last", True, True)]
+    for mode, channels_last, compiled in modes:
+        fmt_ = torch.channels_last if channels_last else torch.contiguous_format
+        models = {k: copy.deepcopy(m).to(memory_format=fmt_) for k, m in
+                  (("base", base), ("ours", ours), ("timm", reference))}
+        if compiled:
+            models = {k: torch.compile(m) for k, m in models.items()}
+        for batch in (1, 8):
+            x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt_)
+            times = interleaved(models, x, rounds=rounds[batch], warmup=3)
+            ratio = overhead(times, "ours", "base")[0] / max(overhead(times, "timm", "base")[0], 1e-9)
+            print(f"  {mode:22} {batch:5d} {1e3 * statistics.median(times['base']):8.1f} "
+                  f"{fmt(times, 'ours'):>24} {fmt(times, 'timm'):>24} {ratio:6.2f}")
+    print("\n  GPU: not measured (no CUDA device in this session)" if not torch.cuda.is_available() else "")
+
+
+if __name__ == "__main__":
+    main()
