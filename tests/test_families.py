@@ -93,17 +93,25 @@ def test_inception_v4_and_inception_resnet_v2_modules():
 
 
 def _calls(block: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    """Input (before the call) and output of each named child, cloned: later in-place ops must not reach them."""
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
 
-    def record(name: str, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        seen.setdefault(name, (inputs[0], output))
+    def pre(name: str, args: tuple[torch.Tensor, ...]) -> None:
+        inputs.setdefault(name, args[0].clone())
 
-    hooks = [block.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: record(n, i, o)) for n in names]
+    def post(name: str, output: torch.Tensor) -> None:
+        outputs.setdefault(name, output.clone())
+
+    hooks = []
+    for n in names:
+        hooks.append(block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: pre(n, a)))
+        hooks.append(block.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: post(n, o)))
     with torch.no_grad():
         block(x)
     for h in hooks:
         h.remove()
-    return seen
+    return {n: (inputs[n], outputs[n]) for n in names}
 
 
 def test_mobilenet_v2_se_sits_between_depthwise_and_projection():

@@ -99,18 +99,20 @@ def test_torchvision_blocks_get_se_before_the_addition():
     model = torchvision.models.resnet18().eval()
     injected, _ = se_inject.inject(model, seed=0)
     block = injected.layer2[0]
-    calls = []
-    hooks = [getattr(block, n).register_forward_hook(lambda m, i, o, n=n: calls.append((n, i[0], o)))
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:  # clones: later in-place ops must not reach them
+        seen[name] = tensor.clone()
+
+    hooks = [getattr(block, n).register_forward_hook(lambda m, i, o, n=n: keep(n, o))
              for n in ("bn2", "se", "downsample")]
-    x = torch.randn(1, 64, 32, 32)
+    hooks.append(block.se.register_forward_pre_hook(lambda m, i: keep("se input", i[0])))
     with torch.no_grad():
-        out = block(x)
+        out = block(torch.randn(1, 64, 32, 32))
     for h in hooks:
         h.remove()
-    by_name = {n: (i, o) for n, i, o in calls}
-    assert torch.equal(by_name["se"][0], by_name["bn2"][1])  # SE takes the last norm's output ...
-    expected = torch.relu(by_name["se"][1] + by_name["downsample"][1])  # ... and feeds the identity addition
-    assert torch.equal(out, expected)
+    assert torch.equal(seen["se input"], seen["bn2"])  # SE takes the last norm's output ...
+    assert torch.equal(out, torch.relu(seen["se"] + seen["downsample"]))  # ... and feeds the identity addition
 
 
 def test_running_twice_inserts_nothing_and_reports_existing_se():
