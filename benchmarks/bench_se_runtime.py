@@ -53,6 +53,18 @@ class PoolFormulation(LinearFormulation):
         return x * s[:, :, None, None]
 
 
+class _Stack(torch.nn.Module):
+    """Runs each SE module on its own feature map (the input argument is ignored)."""
+
+    def __init__(self, modules, maps):
+        super().__init__()
+        self.modules_, self.maps = modules, maps
+
+    def forward(self, _):
+        for m, x in zip(self.modules_, self.maps, strict=True):
+            m(x)
+
+
 def with_formulation(model, cls):
     model = copy.deepcopy(model)
     for m in model.modules():
@@ -69,12 +81,13 @@ def fmt(times, name, base="base"):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds-b1", type=int, default=30)
-    parser.add_argument("--rounds-b8", type=int, default=10)
+    parser.add_argument("--rounds-b1", type=int, default=40)
+    parser.add_argument("--rounds-b8", type=int, default=12)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    torch._dynamo.config.recompile_limit = 64  # three models share timm's ResNet.forward
     print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
           f"timm {timm.__version__}, python {sys.version.split()[0]}")
     base = timm.create_model("resnet50").eval()
@@ -83,7 +96,28 @@ def main() -> None:
     reference.load_state_dict(ours.state_dict())  # same weights: only the SE implementation differs
     rounds = {1: args.rounds_b1, 8: args.rounds_b8}
 
-    print("\n## 1. SE formulations on se-inject's SE-ResNet-50 (eager, NCHW): overhead vs resnet50")
+    print("\n## 1a. The 16 SE modules of SE-ResNet-50 alone, on their own feature maps (eager, NCHW): median ms")
+    shapes = [(256, 56)] * 3 + [(512, 28)] * 4 + [(1024, 14)] * 6 + [(2048, 7)] * 3
+    formulations = {
+        "conv 1x1, x*s (timm's)": ConvFormulation,
+        "linear, x*s": LinearFormulation,
+        "adaptive pool + linear, x*s": PoolFormulation,
+        "linear, in-place scale (shipped)": SqueezeExcite,
+    }
+    for batch in (1, 8):
+        maps = [torch.randn(batch, c, h, h) for c, h in shapes]
+        stacks = {}
+        for name, cls in formulations.items():
+            modules = [SqueezeExcite(c, c // 16).eval() for c, _ in shapes]
+            for m in modules:
+                m.__class__, m.scale_inplace = cls, True
+            stacks[name] = torch.nn.ModuleList(modules)
+        runners = {name: _Stack(stack, maps) for name, stack in stacks.items()}
+        times = interleaved(runners, maps[0], rounds=4 * rounds[batch], warmup=3)
+        cells = [f"{name} {1e3 * statistics.median(t):.2f}" for name, t in times.items()]
+        print(f"  batch {batch}  " + " | ".join(cells))
+
+    print("\n## 1b. The same formulations inside SE-ResNet-50 (eager, NCHW): overhead vs resnet50")
     variants = {
         "base": base,
         "conv 1x1, x*s (timm's)": with_formulation(ours, ConvFormulation),
@@ -105,11 +139,13 @@ def main() -> None:
         fmt_ = torch.channels_last if channels_last else torch.contiguous_format
         models = {k: copy.deepcopy(m).to(memory_format=fmt_) for k, m in
                   (("base", base), ("ours", ours), ("timm", reference))}
-        if compiled:
-            models = {k: torch.compile(m) for k, m in models.items()}
         for batch in (1, 8):
             x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt_)
-            times = interleaved(models, x, rounds=rounds[batch], warmup=3)
+            runners = models
+            if compiled:  # a fresh, static-shape compile per model and batch size
+                torch._dynamo.reset()
+                runners = {k: torch.compile(m, dynamic=False) for k, m in models.items()}
+            times = interleaved(runners, x, rounds=rounds[batch], warmup=3)
             ratio = overhead(times, "ours", "base")[0] / max(overhead(times, "timm", "base")[0], 1e-9)
             print(f"  {mode:22} {batch:5d} {1e3 * statistics.median(times['base']):8.1f} "
                   f"{fmt(times, 'ours'):>24} {fmt(times, 'timm'):>24} {ratio:6.2f}")

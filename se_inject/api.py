@@ -294,7 +294,7 @@ def inject(
         spec, base = None, model
         planning = base if is_meta(base) and inplace else meta_copy(base)
     if size is None:
-        size = default_input_size(spec, planning) if spec else _module_input_size(base)
+        size = default_input_size(spec, planning)
 
     findings = find_sites(planning, recipes, size, count_base=True)  # one forward: shapes and base counts
     plan, notes = make_plan(findings, settings, model=spec, seed=seed)
@@ -326,12 +326,6 @@ def inject(
         drift=drifted,
     )
     return injected, report
-
-
-def _module_input_size(model: nn.Module) -> tuple[int, int, int]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size")
-    return tuple(int(v) for v in size) if size else (3, 224, 224)  # type: ignore[return-value]
 
 
 def save_injected(

@@ -223,13 +223,10 @@ def empty_weights():
         nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
 
 
-def default_input_size(spec: ModelSpec, model: nn.Module | None = None) -> tuple[int, int, int]:
-    """(C, H, W) the model is evaluated at: timm's pretrained_cfg, torchvision's weights transforms, else 224."""
-    if spec.source in ("timm", "python"):
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        if "input_size" in cfg:
-            return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
-    elif spec.source == "torchvision":
+def default_input_size(spec: ModelSpec | None, model: nn.Module | None = None) -> tuple[int, int, int]:
+    """(C, H, W) the model is evaluated at: torchvision's weights transforms, a timm-style ``pretrained_cfg``, else
+    224."""
+    if spec is not None and spec.source == "torchvision":
         import torchvision
 
         try:
@@ -241,6 +238,9 @@ def default_input_size(spec: ModelSpec, model: nn.Module | None = None) -> tuple
             crop = getattr(transforms, "keywords", {}).get("crop_size")
             if crop:
                 return (3, int(crop), int(crop))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
     return DEFAULT_INPUT_SIZE
 
 
