@@ -52,7 +52,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    exe = shutil.which("se-inject") or sys.exit("se-inject is not installed (pip install -e .)")
+    # The console script next to this interpreter (a pyenv shim on PATH would add its own start-up to every run).
+    beside = Path(sys.executable).parent / "se-inject"
+    exe = str(beside) if beside.exists() else shutil.which("se-inject")
+    if exe is None:
+        sys.exit("se-inject is not installed (pip install -e .)")
     work = Path(tempfile.mkdtemp())
     out = work / "out"
 

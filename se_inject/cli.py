@@ -41,10 +41,9 @@ class DefaultCommandGroup(TyperGroup):
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
         argv = tuple(sys.argv[1:] if args is None else args)
-        if argv in (("recipes",), ("recipes", "--json"), ("variants",), ("variants", "--json")):
-            # Fast path: typer coerces every option through pydantic, whose import costs more than the listing.
+        if argv in _FAST:  # typer coerces every option through pydantic, whose import costs more than a listing
             with error_funnel_exit():
-                (print_recipes if argv[0] == "recipes" else print_variants)(as_json=len(argv) == 2)
+                _FAST[argv](as_json=argv[-1] == "--json")
             sys.exit(0)
         try:
             code = super().main(args=args, prog_name=prog_name or "se-inject", standalone_mode=False, **extra)
@@ -511,8 +510,20 @@ def print_variants(*, as_json: bool) -> None:
 
 
 def main() -> None:
+    argv = tuple(sys.argv[1:])
+    if argv in _FAST:  # before typer builds its command tree: listings stay as quick as importing typer
+        with error_funnel_exit():
+            _FAST[argv](as_json=argv[-1] == "--json")
+        sys.exit(0)
     app()
 
+
+_FAST = {
+    ("recipes",): print_recipes,
+    ("recipes", "--json"): print_recipes,
+    ("variants",): print_variants,
+    ("variants", "--json"): print_variants,
+}
 
 if __name__ == "__main__":
     main()
