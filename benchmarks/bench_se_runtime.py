@@ -31,8 +31,8 @@ class ConvFormulation(SqueezeExcite):
     """timm's SEModule formulation: 1x1 convolutions on (N, C, 1, 1), out-of-place scale."""
 
     def forward(self, x):
-        s = x.mean((2, 3), keepdim=True)
-        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+        s = self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return x * (s * self.gain if self.gain != 1.0 else s)
 
 
 class LinearFormulation(SqueezeExcite):
@@ -41,7 +41,7 @@ class LinearFormulation(SqueezeExcite):
     def forward(self, x):
         s = self.act(F.linear(x.mean((2, 3)), self.fc1.weight.flatten(1), self.fc1.bias))
         s = self.gate(F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias))
-        return x * s[:, :, None, None]
+        return x * (s * self.gain if self.gain != 1.0 else s)[:, :, None, None]
 
 
 class PoolFormulation(LinearFormulation):
@@ -50,7 +50,7 @@ class PoolFormulation(LinearFormulation):
     def forward(self, x):
         s = self.act(F.linear(F.adaptive_avg_pool2d(x, 1).flatten(1), self.fc1.weight.flatten(1), self.fc1.bias))
         s = self.gate(F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias))
-        return x * s[:, :, None, None]
+        return x * (s * self.gain if self.gain != 1.0 else s)[:, :, None, None]
 
 
 class _Stack(torch.nn.Module):
@@ -108,8 +108,11 @@ def main() -> None:
         maps = [torch.randn(batch, c, h, h) for c, h in shapes]
         stacks = {}
         for name, cls in formulations.items():
-            modules = [SqueezeExcite(c, c // 16).eval() for c, _ in shapes]
+            # identity init, gain 2: every gate is exactly 1, so scaling the maps in place round after round leaves
+            # them unchanged (a gate below 1 would shrink them towards slow denormals)
+            modules = [SqueezeExcite(c, c // 16, gain=2.0).eval() for c, _ in shapes]
             for m in modules:
+                m.init_identity()
                 m.__class__, m.scale_inplace = cls, True
             stacks[name] = torch.nn.ModuleList(modules)
         runners = {name: _Stack(stack, maps) for name, stack in stacks.items()}
