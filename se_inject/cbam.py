@@ -9,19 +9,12 @@ import torch
 from timm.layers import ConvNormAct
 from torch import nn
 
-from .squeeze_excite import GATE_LAYERS, fc, scale
+from .squeeze_excite import GATE_LAYERS, SqueezeExcite, fc, scale
 
 
-class ChannelAttention(nn.Module):
-    """``x * gain * gate(mlp(avg_hw(x)) + mlp(max_hw(x)))`` with one shared two-layer MLP (eq. 2 of the paper)."""
-
-    def __init__(self, channels: int, rd_channels: int, *, bias: bool, gate: str, gain: float, **dd):
-        super().__init__()
-        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=bias, **dd)
-        self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)
-        self.gate = GATE_LAYERS[gate]()
-        self.gain = float(gain)
+class ChannelAttention(SqueezeExcite):
+    """``x * gain * gate(mlp(avg_hw(x)) + mlp(max_hw(x)))``: SE's layers, with max pooling added to the squeeze and
+    one shared MLP for both descriptors (eq. 2 of the paper)."""
 
     def _mlp(self, s: torch.Tensor) -> torch.Tensor:
         return fc(self.act(fc(s, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
@@ -46,7 +39,7 @@ class SpatialAttention(nn.Module):
         s = self.gate(self.conv(torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)))
         if self.gain != 1.0:
             s = s * self.gain
-        return scale(x, s, inplace)
+        return scale(x, s, inplace, per_channel=False)
 
 
 class ConvBlockAttention(nn.Module):

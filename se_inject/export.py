@@ -52,20 +52,29 @@ def export_writer(model: nn.Module, plan: Plan, fmt: str, final: Path, results: 
     model and appends the outcome to `results`. `final` is the path the file will be renamed to."""
     if fmt not in FORMATS:
         raise SEInjectError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    writers = {"torchscript": _write_torchscript, "exported": _write_exported, "onnx": _write_onnx}
+    label, save, run_back = _WRITERS[fmt]
 
     def write(target: Path) -> None:
         training = model.training
         model.eval()
         x = example_input(plan).to(next((p.device for p in model.parameters()), torch.device("cpu")))
         try:
-            with torch.no_grad():
-                expected = model(x)
-            with warnings.catch_warnings():
+            with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit's deprecation notices, exporter chatter
-                results.append(writers[fmt](model, x, expected, target, final=final))
+                expected = model(x)
+                try:
+                    save(model, x, target)
+                    got = run_back(target, x)
+                except ExportError:
+                    raise
+                except Exception as e:
+                    raise ExportError(f"{label} export failed: {_first_line(e)}") from None
         finally:
             model.train(training)
+        if got is None:
+            results.append(ExportResult(fmt, str(final), None, "checked with onnx; install onnxruntime to run it"))
+        else:
+            results.append(ExportResult(fmt, str(final), _max_diff(got, expected)))
 
     return write
 
@@ -82,53 +91,48 @@ def export(model: nn.Module, plan: Plan, fmt: str, path: str | Path, *, force: b
     return results[0]
 
 
-def _write_torchscript(model: nn.Module, x: torch.Tensor, expected: torch.Tensor, target: Path, final: Path):
-    try:
-        scripted = torch.jit.script(model)
-        scripted.save(str(target))
-        loaded = torch.jit.load(str(target))
-        with torch.no_grad():
-            got = loaded(x)
-    except Exception as e:
-        raise ExportError(f"TorchScript export failed: {_first_line(e)}") from None
-    return ExportResult("torchscript", str(final), _max_diff(got, expected))
+def _save_torchscript(model: nn.Module, x: torch.Tensor, target: Path) -> None:
+    torch.jit.script(model).save(str(target))
 
 
-def _write_exported(model: nn.Module, x: torch.Tensor, expected: torch.Tensor, target: Path, final: Path):
-    try:
-        program = torch.export.export(model, (x,))
-        torch.export.save(program, str(target))
-        loaded = torch.export.load(str(target)).module()
-        with torch.no_grad():
-            got = loaded(x)
-    except Exception as e:
-        raise ExportError(f"torch.export failed: {_first_line(e)}") from None
-    return ExportResult("exported", str(final), _max_diff(got, expected))
+def _run_torchscript(target: Path, x: torch.Tensor) -> torch.Tensor:
+    return torch.jit.load(str(target))(x)
 
 
-def _write_onnx(model: nn.Module, x: torch.Tensor, expected: torch.Tensor, target: Path, final: Path):
+def _save_exported(model: nn.Module, x: torch.Tensor, target: Path) -> None:
+    torch.export.save(torch.export.export(model, (x,)), str(target))
+
+
+def _run_exported(target: Path, x: torch.Tensor) -> torch.Tensor:
+    return torch.export.load(str(target)).module()(x)
+
+
+def _save_onnx(model: nn.Module, x: torch.Tensor, target: Path) -> None:
     try:
         import onnx
     except ImportError:
         raise ExportError("ONNX export needs the onnx package: pip install 'se-inject[onnx]'") from None
-    try:
-        with tempfile.TemporaryDirectory() as tmp:  # the exporter writes next to its target; keep that out of sight
-            tmp_file = Path(tmp) / "model.onnx"
-            torch.onnx.export(model, (x,), str(tmp_file), dynamo=True, external_data=False, verbose=False)
-            proto = onnx.load(str(tmp_file))
-            onnx.checker.check_model(proto)
-            target.write_bytes(tmp_file.read_bytes())
-    except ExportError:
-        raise
-    except Exception as e:
-        raise ExportError(f"ONNX export failed: {_first_line(e)}") from None
+    with tempfile.TemporaryDirectory() as tmp:  # the exporter writes next to its target; keep that out of sight
+        tmp_file = Path(tmp) / "model.onnx"
+        torch.onnx.export(model, (x,), str(tmp_file), dynamo=True, external_data=False, verbose=False)
+        onnx.checker.check_model(onnx.load(str(tmp_file)))
+        target.write_bytes(tmp_file.read_bytes())
+
+
+def _run_onnx(target: Path, x: torch.Tensor) -> torch.Tensor | None:
     try:
         import onnxruntime
     except ImportError:
-        return ExportResult("onnx", str(final), None, "checked with onnx; install onnxruntime to run it back")
+        return None
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})[0]
-    return ExportResult("onnx", str(final), _max_diff(torch.from_numpy(got), expected))
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})[0])
+
+
+_WRITERS = {  # format: (name in messages, write the file, load it back and run it)
+    "torchscript": ("TorchScript", _save_torchscript, _run_torchscript),
+    "exported": ("torch.export", _save_exported, _run_exported),
+    "onnx": ("ONNX", _save_onnx, _run_onnx),
+}
 
 
 # --- plain timm --------------------------------------------------------------------------------------------------

@@ -121,6 +121,12 @@ def test_in_place_scaling_without_autograd_gives_the_same_outputs(name):
         assert torch.equal(model(x), expected)
     with torch.inference_mode():
         assert torch.equal(model(x), expected)
+    model = model.to(memory_format=torch.channels_last)  # the NHWC in-place path
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.enable_grad():
+        expected = model(x).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
 
 
 class SharedInput(torch.nn.Module):
