@@ -39,7 +39,7 @@ class SpatialAttention(nn.Module):
         s = self.gate(self.conv(torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)))
         if self.gain != 1.0:
             s = s * self.gain
-        return scale(x, s, inplace, per_channel=False)
+        return scale(x, s, inplace)
 
 
 class ConvBlockAttention(nn.Module):

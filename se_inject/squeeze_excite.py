@@ -19,16 +19,10 @@ def fc(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torc
     return F.linear(s, weight.flatten(1), bias)
 
 
-def scale(x: torch.Tensor, s: torch.Tensor, inplace: bool, per_channel: bool = True) -> torch.Tensor:
+def scale(x: torch.Tensor, s: torch.Tensor, inplace: bool) -> torch.Tensor:
     """``x * s``, written into `x` when allowed and autograd is off (saves allocating a feature map in eager mode;
-    under torch.compile the out-of-place form fuses better, so it is kept there). `s` is (N, C, 1, 1) when
-    `per_channel`, else any shape that broadcasts."""
+    under torch.compile the out-of-place form fuses better, so it is kept there)."""
     if inplace and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        if per_channel and x.is_contiguous(memory_format=torch.channels_last):
-            # NHWC memory: as an (N, H, W, C) view the per-channel gate broadcasts along the contiguous last dim,
-            # which the in-place kernel vectorises (the NCHW-shaped broadcast takes a slow strided path)
-            x.permute(0, 2, 3, 1).mul_(s.flatten(1)[:, None, None, :])
-            return x
         return x.mul_(s)
     return x * s
 
