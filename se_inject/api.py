@@ -281,13 +281,8 @@ def inject(
     if isinstance(model, str):
         spec: ModelSpec | None = resolve_model(model)
         planning = build_model(spec, device="meta")
-        base = planning if str(device) == "meta" else build_model(spec, device=device, seed=seed)
+        base = None  # built once the plan stands: a model with no place for SE costs no real build
         inplace = True  # nobody else holds this model
-        if weights is not None:
-            if base is planning:  # nothing to load into: still check that the file fits
-                check_state_dict(planning, read_state_dict(weights), str(weights))
-            else:
-                load_weights(base, weights)
     else:
         if weights is not None:
             raise UsageError("weights= is for model names; load weights into your module before calling inject")
@@ -299,6 +294,14 @@ def inject(
     findings = find_sites(planning, recipes, size, count_base=True)  # one forward: shapes and base counts
     plan, notes = make_plan(findings, settings, model=spec, seed=seed)
     before = findings.counts
+    if base is None:
+        assert spec is not None
+        base = planning if str(device) == "meta" else build_model(spec, device=device, seed=seed)
+        if weights is not None:
+            if base is planning:  # nothing to load into: still check that the file fits
+                check_state_dict(planning, read_state_dict(weights), str(weights))
+            else:
+                load_weights(base, weights)
     apply_plan(planning, plan, inplace=True)
     after = count(planning, size)
     if after.output_shapes != before.output_shapes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from .attention import AttentionSpec
@@ -90,9 +90,6 @@ class Plan:
     @property
     def recipes(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(s.recipe for s in self.sites))
-
-    def with_sites(self, sites: tuple[Site, ...]) -> Plan:
-        return replace(self, sites=tuple(sites))
 
     def to_dict(self) -> dict[str, Any]:
         return {
