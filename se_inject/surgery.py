@@ -17,6 +17,7 @@ import itertools
 import linecache
 import operator
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.fx
@@ -68,14 +69,32 @@ def insert(block: nn.Module, site: Site, module: nn.Module) -> None:
         if current is not None and not isinstance(current, nn.Identity):
             raise SurgeryError(f"{site.path}: slot {site.slot!r} already holds a {type(current).__name__}")
         setattr(block, site.slot, module)
+        module.scale_inplace = _slot_reads_alone(block, site.slot)
+    else:
+        rewrite_forward(block, site, module)
+
+
+_slot_verdicts: dict[tuple[Any, ...], bool] = {}
+
+
+def _slot_reads_alone(block: nn.Module, slot: str) -> bool:
+    """Whether the block's own forward passes the slot a tensor nothing else reads (see `_only_reader`). Traced
+    once per block class and configuration: the forward's branches depend only on these."""
+    config = tuple(
+        (name, type(value).__name__ if isinstance(value, nn.Module) else value)
+        for name, value in sorted({**vars(block), **block._modules}.items())
+        if not name.startswith("_") and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
+    )
+    key = (type(block), slot, config)
+    if key not in _slot_verdicts:
         try:
             graph = _BlockTracer(set()).trace(block)
         except Exception:  # an untraceable forward: the module just never scales in place
-            return
-        calls = [n for n in graph.nodes if n.op == "call_module" and n.target == site.slot]
-        module.scale_inplace = len(calls) == 1 and _only_reader(calls[0], block)
-    else:
-        rewrite_forward(block, site, module)
+            _slot_verdicts[key] = False
+        else:
+            calls = [n for n in graph.nodes if n.op == "call_module" and n.target == slot]
+            _slot_verdicts[key] = len(calls) == 1 and _only_reader(calls[0], block)
+    return _slot_verdicts[key]
 
 
 def _only_reader(call: torch.fx.Node, block: nn.Module) -> bool:

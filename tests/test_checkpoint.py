@@ -120,3 +120,11 @@ def test_seeded_runs_are_byte_identical(tmp_path):
         se_inject.save(model, report.plan, tmp_path / name, report=report.to_dict())
     for file in ("model.safetensors", "report.json"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+
+
+def test_loaded_model_keeps_the_in_place_decisions(saved):
+    model, report, directory = saved
+    loaded = se_inject.load(directory)
+    flags = [loaded.get_submodule(s.module_path).scale_inplace for s in report.plan.sites]
+    assert flags == [model.get_submodule(s.module_path).scale_inplace for s in report.plan.sites]
+    assert all(flags)
