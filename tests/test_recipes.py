@@ -85,3 +85,28 @@ def test_malformed_file_names_file_and_field(tmp_path, text, field):
 def test_missing_file(tmp_path):
     with pytest.raises(RecipeFileError, match="no such file"):
         load_recipe_file(tmp_path / "nope.toml")
+
+
+def test_wheel_ships_the_recipes(tmp_path):
+    """The top-level recipes/ folder travels inside the package, for wheel installs too (not only editable)."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "-q", "-w", str(tmp_path)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for recipe in (root / "recipes").glob("*.toml"):
+        assert f"se_inject/recipe_files/{recipe.name}" in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    listed = subprocess.run(
+        [sys.executable, "-c", "import se_inject, sys; print(se_inject.__file__); print(se_inject.list_recipes())"],
+        check=True, capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(target)}, timeout=60,
+    ).stdout.splitlines()
+    assert listed[0].startswith(str(target))
+    assert listed[1] == str(list_recipes())
