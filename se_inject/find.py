@@ -216,10 +216,10 @@ def find_sites(
             skipped.append(Skip(path, cp, recipe.name, f"no child {rule.anchor!r}"))
             continue
         if rule.slot is not None:
-            current = getattr(block, rule.slot, None) if hasattr(block, rule.slot) else ...
-            if current is ...:
+            if not hasattr(block, rule.slot):
                 skipped.append(Skip(path, cp, recipe.name, f"no attribute {rule.slot!r} to fill"))
                 continue
+            current = getattr(block, rule.slot)
             if current is not None and not isinstance(current, nn.Identity):
                 skipped.append(Skip(path, cp, recipe.name, f"slot {rule.slot!r} holds {type(current).__name__}"))
                 continue
