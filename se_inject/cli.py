@@ -40,11 +40,7 @@ class DefaultCommandGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
-        argv = tuple(sys.argv[1:] if args is None else args)
-        if argv in _FAST:  # typer coerces every option through pydantic, whose import costs more than a listing
-            with error_funnel_exit():
-                _FAST[argv](as_json=argv[-1] == "--json")
-            sys.exit(0)
+        run_listing(tuple(sys.argv[1:] if args is None else args))  # skips typer's pydantic option coercion
         try:
             code = super().main(args=args, prog_name=prog_name or "se-inject", standalone_mode=False, **extra)
         except Exception as e:
@@ -107,6 +103,9 @@ def error_funnel() -> Iterator[None]:
     except KeyboardInterrupt:
         error("interrupted")
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # the reader went away (`se-inject recipes | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except Exception as e:
         if os.environ.get("SE_INJECT_DEBUG"):
             raise
@@ -509,12 +508,17 @@ def print_variants(*, as_json: bool) -> None:
         typer.echo(f"  {v.reference}")
 
 
-def main() -> None:
-    argv = tuple(sys.argv[1:])
-    if argv in _FAST:  # before typer builds its command tree: listings stay as quick as importing typer
+def run_listing(argv: tuple[str, ...]) -> None:
+    """`recipes`/`variants` [--json] without typer's machinery (its command tree and pydantic-based option coercion
+    cost more than the listing); returns for anything else."""
+    if argv in _FAST:
         with error_funnel_exit():
             _FAST[argv](as_json=argv[-1] == "--json")
         sys.exit(0)
+
+
+def main() -> None:
+    run_listing(tuple(sys.argv[1:]))  # before typer builds its command tree
     app()
 
 
