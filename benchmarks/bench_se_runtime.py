@@ -27,30 +27,49 @@ from se_inject.squeeze_excite import SqueezeExcite
 warnings.filterwarnings("ignore")
 
 
+def _unfused(out, residual):
+    """The block's own residual addition, as a separate pass (what an unfused block does)."""
+    return out if residual is None else out + residual
+
+
 class ConvFormulation(SqueezeExcite):
     """timm's SEModule formulation: 1x1 convolutions on (N, C, 1, 1), out-of-place scale."""
 
-    def forward(self, x):
+    def forward(self, x, residual=None, squeezed=None):
         s = self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
-        return x * (s * self.gain if self.gain != 1.0 else s)
+        return _unfused(x * (s * self.gain if self.gain != 1.0 else s), residual)
 
 
 class LinearFormulation(SqueezeExcite):
     """The same parameters as GEMMs on (N, C), out-of-place scale."""
 
-    def forward(self, x):
+    def forward(self, x, residual=None, squeezed=None):
         s = self.act(F.linear(x.mean((2, 3)), self.fc1.weight.flatten(1), self.fc1.bias))
         s = self.gate(F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias))
-        return x * (s * self.gain if self.gain != 1.0 else s)[:, :, None, None]
+        return _unfused(x * (s * self.gain if self.gain != 1.0 else s)[:, :, None, None], residual)
 
 
 class PoolFormulation(LinearFormulation):
     """adaptive_avg_pool2d for the squeeze instead of mean."""
 
-    def forward(self, x):
+    def forward(self, x, residual=None, squeezed=None):
         s = self.act(F.linear(F.adaptive_avg_pool2d(x, 1).flatten(1), self.fc1.weight.flatten(1), self.fc1.bias))
         s = self.gate(F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias))
-        return x * (s * self.gain if self.gain != 1.0 else s)[:, :, None, None]
+        return _unfused(x * (s * self.gain if self.gain != 1.0 else s)[:, :, None, None], residual)
+
+
+class InPlaceUnfused(SqueezeExcite):
+    """The shipped module, but the residual addition left to the block (a second pass over the map)."""
+
+    def forward(self, x, residual=None, squeezed=None):
+        return _unfused(super().forward(x, squeezed=squeezed), residual)
+
+
+class DirectSqueeze(SqueezeExcite):
+    """The shipped module, but always squeezing its own input (ignores the squeeze computed from conv3's input)."""
+
+    def forward(self, x, residual=None, squeezed=None):
+        return super().forward(x, residual)
 
 
 class _Stack(torch.nn.Module):
@@ -91,6 +110,9 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
           f"timm {timm.__version__}, python {sys.version.split()[0]}")
     base = timm.create_model("resnet50").eval()
+    for m in base.modules():  # trained-like norms: timm zero-initialises bn3, which would make the SE inputs all 0
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
     ours, _ = se_inject.inject(base, seed=0)
     reference = timm.create_model("seresnet50").eval()
     reference.load_state_dict(ours.state_dict())  # same weights: only the SE implementation differs
@@ -102,7 +124,7 @@ def main() -> None:
         "conv 1x1, x*s (timm's)": ConvFormulation,
         "linear, x*s": LinearFormulation,
         "adaptive pool + linear, x*s": PoolFormulation,
-        "linear, in-place scale (shipped)": SqueezeExcite,
+        "linear, in-place scale": SqueezeExcite,
     }
     for batch in (1, 8):
         maps = [torch.randn(batch, c, h, h) for c, h in shapes]
@@ -120,18 +142,37 @@ def main() -> None:
         cells = [f"{name} {1e3 * statistics.median(t):.2f}" for name, t in times.items()]
         print(f"  batch {batch}  " + " | ".join(cells))
 
-    print("\n## 1b. The same formulations inside SE-ResNet-50 (eager, NCHW): overhead vs resnet50")
+    print("\n## 1b. The same formulations inside SE-ResNet-50 (eager): overhead vs resnet50")
     variants = {
         "base": base,
         "conv 1x1, x*s (timm's)": with_formulation(ours, ConvFormulation),
         "linear, x*s": with_formulation(ours, LinearFormulation),
         "adaptive pool + linear, x*s": with_formulation(ours, PoolFormulation),
-        "linear, in-place scale (shipped)": ours.eval(),
+        "linear, in-place, then + shortcut": with_formulation(ours, InPlaceUnfused),
+        "linear, shortcut + x*s fused (shipped)": ours.eval(),
     }
-    for batch in (1, 8):
-        times = interleaved(variants, torch.randn(batch, 3, 224, 224), rounds=rounds[batch])
-        for name in list(variants)[1:]:
-            print(f"  batch {batch}  {name:34} {fmt(times, name)}")
+    for fmt_ in (torch.contiguous_format, torch.channels_last):
+        models = {k: copy.deepcopy(m).to(memory_format=fmt_) for k, m in variants.items()}
+        for batch in (1, 8):
+            x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt_)
+            times = interleaved(models, x, rounds=rounds[batch])
+            for name in list(variants)[1:]:
+                layout = "NCHW" if fmt_ == torch.contiguous_format else "channels_last"
+                print(f"  {layout:13} batch {batch}  {name:40} {fmt(times, name)}")
+
+    if not args.no_compile:
+        print("\n## 1c. The squeeze under torch.compile, batch 8: from the SE input vs from conv3's input")
+        variants = {"base": base, "direct squeeze": with_formulation(ours, DirectSqueeze),
+                    "squeeze through conv3 (shipped)": ours}
+        for fmt_ in (torch.contiguous_format, torch.channels_last):
+            torch._dynamo.reset()
+            runners = {k: torch.compile(copy.deepcopy(m).to(memory_format=fmt_), dynamic=False)
+                       for k, m in variants.items()}
+            times = interleaved(runners, torch.randn(8, 3, 224, 224).contiguous(memory_format=fmt_),
+                                rounds=rounds[8], warmup=3)
+            for name in list(variants)[1:]:
+                layout = "NCHW" if fmt_ == torch.contiguous_format else "channels_last"
+                print(f"  {layout:13} {name:34} {fmt(times, name)}")
 
     print("\n## 2. base vs se-inject vs timm seresnet50: median overhead [IQR]; ratio = ours / timm overhead")
     print(f"  {'mode':22} {'batch':>5} {'base ms':>8} {'se-inject':>24} {'timm seresnet50':>24} {'ratio':>6}")

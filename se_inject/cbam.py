@@ -16,6 +16,8 @@ class ChannelAttention(SqueezeExcite):
     """``x * gain * gate(mlp(avg_hw(x)) + mlp(max_hw(x)))``: SE's layers, with max pooling added to the squeeze and
     one shared MLP for both descriptors (eq. 2 of the paper)."""
 
+    fusable = False
+
     def _mlp(self, s: torch.Tensor) -> torch.Tensor:
         return fc(self.act(fc(s, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
 

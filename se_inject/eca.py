@@ -21,7 +21,10 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
 
 
 class EfficientChannelAttention(nn.Module):
-    """``x * gain * gate(conv1d(mean_hw(x)))``: a k-wide 1-D convolution across channels replaces SE's FC layers."""
+    """``x * gain * gate(conv1d(mean_hw(x)))``: a k-wide 1-D convolution across channels replaces SE's FC layers.
+    Fusable like `SqueezeExcite`."""
+
+    fusable = True
 
     def __init__(
         self,
@@ -40,12 +43,17 @@ class EfficientChannelAttention(nn.Module):
         self.gain = float(gain)
         self.scale_inplace = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3)).unsqueeze(1)  # (N, 1, C): channels as a 1-D signal
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        squeezed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        s = (x.mean((2, 3)) if squeezed is None else squeezed).unsqueeze(1)  # (N, 1, C): channels as a 1-D signal
         s = self.gate(self.conv(s)).transpose(1, 2).unsqueeze(-1)  # (N, C, 1, 1)
         if self.gain != 1.0:
             s = s * self.gain
-        return scale(x, s, self.scale_inplace)
+        return scale(x, s, self.scale_inplace, residual)
 
     def init_identity(self) -> None:
         """Zero the convolution: the gate is 0.5 everywhere, and gain 2 makes the module compute exactly x."""

@@ -19,12 +19,46 @@ def fc(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torc
     return F.linear(s, weight.flatten(1), bias)
 
 
-def scale(x: torch.Tensor, s: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """``x * s``, written into `x` when allowed and autograd is off (saves allocating a feature map in eager mode;
-    under torch.compile the out-of-place form fuses better, so it is kept there)."""
-    if inplace and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return x.mul_(s)
-    return x * s
+def scale(x: torch.Tensor, s: torch.Tensor, inplace: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * s``, or ``residual + x * s`` in one pass when the block's residual addition was fused into the
+    attention module. Written into `x` when allowed and autograd is off (saves allocating a feature map in eager
+    mode; under torch.compile the out-of-place form fuses better, so it is kept there)."""
+    inplace = inplace and not torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    if residual is None:
+        return x.mul_(s) if inplace else x * s
+    if inplace and residual.shape == x.shape:
+        return torch.addcmul(residual, x, s, out=x)
+    return torch.addcmul(residual, x, s)
+
+
+def squeeze_through(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    eps: float,
+    bn_training: bool,
+) -> torch.Tensor | None:
+    """The squeeze of ``bn(conv1x1(h))`` computed from `h`, or None where the direct squeeze is to be used.
+
+    A 1x1 convolution (stride 1) and an eval-mode BatchNorm are per-pixel affine maps, so they commute with the
+    spatial mean: ``mean_hw(bn(conv(h))) == bn(conv(mean_hw(h)))`` up to float rounding. In a bottleneck `h` is
+    a quarter of the width of the SE input, and under torch.compile its mean fuses into the kernel that writes
+    `h`, so the SE no longer reads its whole input map once more. Used only there, only for an eval-mode BN with
+    running statistics, and only where the map is large next to the matrix the descriptor then goes through
+    (``N*H*W*(C - C_h) > 2*C*C_h``); in eager mode the direct mean is as fast and this returns None.
+    """
+    if bn_training or running_mean is None or running_var is None or not torch.compiler.is_compiling():
+        return None
+    n, c_h, height, width = h.shape
+    c = weight.shape[0]
+    if n * height * width * (c - c_h) <= 2 * c * c_h:
+        return None
+    s = F.linear(h.mean((2, 3)), weight.flatten(1), bias)
+    return F.batch_norm(s, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
 
 
 class SqueezeExcite(nn.Module):
@@ -39,8 +73,12 @@ class SqueezeExcite(nn.Module):
             starts at exactly 0.5 and the block at exactly the identity (as NFNets' ``attn_gain``).
 
     ``scale_inplace`` is set by se-inject's surgery where the block's graph shows that nothing else reads the
-    input: then, with autograd off, the input is scaled in place.
+    input: then, with autograd off, the input is scaled in place. The surgery may also fuse the block around the
+    module (``fusable``): the residual addition that follows it is passed as `residual` and done in the same pass
+    as the scaling, and `squeezed` may carry the squeeze computed upstream (see `squeeze_through`).
     """
+
+    fusable = True
 
     def __init__(
         self,
@@ -62,13 +100,18 @@ class SqueezeExcite(nn.Module):
         self.gain = float(gain)
         self.scale_inplace = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3))  # squeeze: global average pool, eq. 2
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        squeezed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        s = x.mean((2, 3)) if squeezed is None else squeezed  # squeeze: global average pool, eq. 2
         s = self.act(fc(s, self.fc1.weight, self.fc1.bias))  # excitation, eq. 3: delta(W1 z) ...
         s = self.gate(fc(s, self.fc2.weight, self.fc2.bias))  # ... then sigma(W2 .)
         if self.gain != 1.0:
             s = s * self.gain
-        return scale(x, s[:, :, None, None], self.scale_inplace)  # scale, eq. 4
+        return scale(x, s[:, :, None, None], self.scale_inplace, residual)  # scale, eq. 4
 
     def init_identity(self) -> None:
         """Zero fc2, so the gate is gate(0) = 0.5 for every input; with gain = 2 the block then computes exactly x."""
@@ -83,8 +126,10 @@ class SqueezeExcite(nn.Module):
 class EffectiveSqueezeExcite(nn.Module):
     """Effective SE (Lee & Park, CenterMask): ``x * gain * gate(fc(mean_hw(x)))`` with one C -> C layer.
 
-    Parameter names follow timm's ``EffectiveSEModule`` (``fc``).
+    Parameter names follow timm's ``EffectiveSEModule`` (``fc``). Fusable like `SqueezeExcite`.
     """
+
+    fusable = True
 
     def __init__(
         self,
@@ -102,11 +147,16 @@ class EffectiveSqueezeExcite(nn.Module):
         self.gain = float(gain)
         self.scale_inplace = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.gate(fc(x.mean((2, 3)), self.fc.weight, self.fc.bias))
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        squeezed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        s = self.gate(fc(x.mean((2, 3)) if squeezed is None else squeezed, self.fc.weight, self.fc.bias))
         if self.gain != 1.0:
             s = s * self.gain
-        return scale(x, s[:, :, None, None], self.scale_inplace)
+        return scale(x, s[:, :, None, None], self.scale_inplace, residual)
 
     def init_identity(self) -> None:
         """Zero fc: the gate is gate(0) = 0.5 for every input, and gain 2 makes the module compute exactly x."""

@@ -8,6 +8,10 @@ Two mechanics:
   after (or before) the anchor child's call, and the block's class is swapped for a subclass running that graph. The
   block keeps all its children under their names, its methods and ``isinstance``; the new class is scriptable and
   exportable like torch.fx's own GraphModule code.
+
+Either way the block's graph is then fused around a fusable module (`_fuse`), which changes how, not what, it
+computes: a residual addition right after it is done in the same pass as its scaling, and where its input is
+``bn(conv1x1(h))`` the squeeze may be taken from the narrower `h` (see `squeeze_excite.squeeze_through`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .errors import SurgeryError
 from .find import class_path
 from .models import seeded
 from .plan import Plan, Site
+from .squeeze_excite import squeeze_through
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
@@ -69,32 +74,37 @@ def insert(block: nn.Module, site: Site, module: nn.Module) -> None:
         if current is not None and not isinstance(current, nn.Identity):
             raise SurgeryError(f"{site.path}: slot {site.slot!r} already holds a {type(current).__name__}")
         setattr(block, site.slot, module)
-        module.scale_inplace = _slot_reads_alone(block, site.slot)
+        module.scale_inplace, fused = _slot_rewrite(block, site.slot)
+        if fused is not None:
+            block.__class__ = fused
     else:
         rewrite_forward(block, site, module)
 
 
-_slot_verdicts: dict[tuple[Any, ...], bool] = {}
+_slot_rewrites: dict[tuple[Any, ...], tuple[bool, type | None]] = {}
 
 
-def _slot_reads_alone(block: nn.Module, slot: str) -> bool:
-    """Whether the block's own forward passes the slot a tensor nothing else reads (see `_only_reader`). Traced
-    once per block class and configuration: the forward's branches depend only on these."""
+def _slot_rewrite(block: nn.Module, slot: str) -> tuple[bool, type | None]:
+    """For a filled slot: whether the block's forward passes it a tensor nothing else reads (see `_only_reader`),
+    and the fused class for the block, if fusing changes anything. Traced once per block class and configuration
+    (its scalar attributes and its children's types and settings): the forward's graph depends only on these."""
     config = tuple(
-        (name, type(value).__name__ if isinstance(value, nn.Module) else value)
+        (name, type(value).__name__, value.extra_repr()) if isinstance(value, nn.Module) else (name, value)
         for name, value in sorted({**vars(block), **block._modules}.items())
         if not name.startswith("_") and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
     )
     key = (type(block), slot, config)
-    if key not in _slot_verdicts:
+    if key not in _slot_rewrites:
         try:
-            graph = _BlockTracer(set()).trace(block)
+            graph, consistent = _trace_modes(block, set())
         except Exception:  # an untraceable forward: the module just never scales in place
-            _slot_verdicts[key] = False
+            _slot_rewrites[key] = (False, None)
         else:
             calls = [n for n in graph.nodes if n.op == "call_module" and n.target == slot]
-            _slot_verdicts[key] = len(calls) == 1 and _only_reader(calls[0], block)
-    return _slot_verdicts[key]
+            inplace = len(calls) == 1 and _only_reader(calls[0], block)
+            fused = consistent and len(calls) == 1 and _fuse(graph, block, slot)
+            _slot_rewrites[key] = (inplace, _rewritten_class(type(block), graph) if fused else None)
+    return _slot_rewrites[key]
 
 
 def _only_reader(call: torch.fx.Node, block: nn.Module) -> bool:
@@ -147,28 +157,36 @@ class _BlockTracer(torch.fx.Tracer):
         return module_qualified_name not in self.open_paths
 
 
-def _trace(block: nn.Module, anchor: str, path: str) -> torch.fx.Graph:
-    parts = anchor.split(".") if anchor else []
-    open_paths = {".".join(parts[:i]) for i in range(1, len(parts))}
+def _trace_modes(block: nn.Module, open_paths: set[str]) -> tuple[torch.fx.Graph, bool]:
+    """The block's graph, and whether it is the same in training and eval mode (the forward does not branch on
+    ``self.training``). Raises what tracing raises."""
     modes = [m.training for m in block.modules()]
     try:
         graphs = []
         for training in (True, False):
             block.train(training)
             graphs.append(_BlockTracer(open_paths).trace(block))
+    finally:
+        for m, training in zip(block.modules(), modes, strict=True):
+            m.training = training
+    train_code, eval_code = (g.python_code(root_module="self").src for g in graphs)
+    return graphs[0], train_code == eval_code
+
+
+def _trace(block: nn.Module, anchor: str, path: str) -> torch.fx.Graph:
+    parts = anchor.split(".") if anchor else []
+    open_paths = {".".join(parts[:i]) for i in range(1, len(parts))}
+    try:
+        graph, consistent = _trace_modes(block, open_paths)
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise SurgeryError(
             f"{path}: cannot trace {class_path(block)}.forward with torch.fx "
             f"({type(e).__name__}: {msg[0] if msg else ''})"
         ) from e
-    finally:
-        for m, training in zip(block.modules(), modes, strict=True):
-            m.training = training
-    train_code, eval_code = (g.python_code(root_module="self").src for g in graphs)
-    if train_code != eval_code:
+    if not consistent:
         raise SurgeryError(f"{path}: {class_path(block)}.forward branches on self.training; cannot rewrite it")
-    return graphs[0]
+    return graph
 
 
 def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
@@ -193,9 +211,85 @@ def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
             call = graph.call_module(site.name, (source,))
         anchor.args = (call, *anchor.args[1:])
     block.add_module(site.name, module)
-    graph.lint()
     module.scale_inplace = _only_reader(call, block)
+    _fuse(graph, block, site.name)
+    graph.lint()
     block.__class__ = _rewritten_class(type(block), graph)
+
+
+# --- fusing the block around the attention module -----------------------------------------------------------------
+
+_ADDITIONS = {operator.add, operator.iadd, torch.add}
+
+
+def _fuse(graph: torch.fx.Graph, block: nn.Module, name: str) -> bool:
+    """Rewrite the single call of the fusable module `name` in `graph`; whether anything changed.
+
+    - residual: when the module's output is read only by an addition of two tensors (``out += shortcut``), the
+      addition moves into the module, which computes ``shortcut + x * s`` in one pass (and in place where its
+      input is its own, see `_only_reader`) instead of scaling the map and then reading it again to add;
+    - squeezed: when its input is ``bn(conv1x1(h))``, the block passes ``squeeze_through(h, ...)``, which the
+      module uses instead of its own squeeze where that is cheaper (see there).
+    """
+    module = block.get_submodule(name)
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if not getattr(module, "fusable", False) or len(calls) != 1 or len(calls[0].args) != 1 or calls[0].kwargs:
+        return False
+    call = calls[0]
+    kwargs: dict[str, Any] = {}
+    users = list(call.users)
+    addition = users[0] if len(users) == 1 else None
+    if (
+        addition is not None
+        and addition.op == "call_function"
+        and addition.target in _ADDITIONS
+        and not addition.kwargs
+        and len(addition.args) == 2
+        and all(isinstance(a, torch.fx.Node) for a in addition.args)
+        and addition.args[0] is not addition.args[1]
+    ):
+        kwargs["residual"] = addition.args[1] if addition.args[0] is call else addition.args[0]
+    else:
+        addition = None
+    place = addition or call
+    conv = _conv_bn_source(call.args[0], block)
+    if conv is not None:
+        bn = call.args[0]
+        with graph.inserting_before(place):
+            attrs = [
+                graph.get_attr(f"{owner.target}.{attr}")
+                for owner, attr in [(conv, "weight"), (conv, "bias"), (bn, "running_mean"), (bn, "running_var"),
+                                    (bn, "weight"), (bn, "bias"), (bn, "eps"), (bn, "training")]
+            ]
+            kwargs["squeezed"] = graph.call_function(squeeze_through, (conv.args[0], *attrs))
+    if not kwargs:
+        return False
+    with graph.inserting_before(place):
+        fused = graph.call_module(name, call.args, kwargs)
+    place.replace_all_uses_with(fused)
+    if addition is not None:
+        graph.erase_node(addition)
+    graph.erase_node(call)
+    return True
+
+
+def _conv_bn_source(node: Any, block: nn.Module) -> torch.fx.Node | None:
+    """The convolution node when `node` computes ``bn(conv(h))`` with a 1x1, stride-1, unpadded, ungrouped
+    nn.Conv2d and an nn.BatchNorm2d keeping running statistics: per-pixel affine maps, which commute with the
+    spatial mean in eval mode."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs):
+        return None
+    conv = node.args[0]
+    if not (isinstance(conv, torch.fx.Node) and conv.op == "call_module" and len(conv.args) == 1 and not conv.kwargs):
+        return None
+    bn_module, conv_module = block.get_submodule(str(node.target)), block.get_submodule(str(conv.target))
+    if type(bn_module) is not nn.BatchNorm2d or not bn_module.track_running_stats:
+        return None
+    if type(conv_module) is not nn.Conv2d or not isinstance(conv.args[0], torch.fx.Node):
+        return None
+    if conv_module.kernel_size != (1, 1) or conv_module.stride != (1, 1) or conv_module.groups != 1:
+        return None
+    return conv if conv_module.padding in ((0, 0), "valid") and conv_module.padding_mode == "zeros" else None
 
 
 _classes: dict[tuple[type, str], type] = {}

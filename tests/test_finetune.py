@@ -139,7 +139,7 @@ def test_plain_timm_loads_the_folder(tmp_path):
         m = timm.create_model("local-dir:{tmp_path / 'out'}", pretrained=True).eval()
         x, y = torch.load({str(tmp_path / 'x.pt')!r}), torch.load({str(tmp_path / 'y.pt')!r})
         with torch.no_grad():
-            assert torch.equal(m(x), y), (m(x) - y).abs().max()
+            torch.testing.assert_close(m(x), y)  # to float rounding: se-inject fuses the residual addition
         assert "se_inject" not in sys.modules
     """)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120)

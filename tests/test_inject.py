@@ -106,13 +106,18 @@ def test_torchvision_blocks_get_se_before_the_addition():
 
     hooks = [getattr(block, n).register_forward_hook(lambda m, i, o, n=n: keep(n, o))
              for n in ("bn2", "se", "downsample")]
-    hooks.append(block.se.register_forward_pre_hook(lambda m, i: keep("se input", i[0])))
+    hooks.append(block.se.register_forward_pre_hook(
+        lambda m, args, kwargs: keep("se input", args[0]) or keep("residual", kwargs["residual"]), with_kwargs=True))
     with torch.no_grad():
         out = block(torch.randn(1, 64, 32, 32))
-    for h in hooks:
-        h.remove()
+        for h in hooks:
+            h.remove()
+        alone = block.se(seen["se input"].clone())  # the SE by itself: x * s
     assert torch.equal(seen["se input"], seen["bn2"])  # SE takes the last norm's output ...
-    assert torch.equal(out, torch.relu(seen["se"] + seen["downsample"]))  # ... and feeds the identity addition
+    # ... and feeds the identity addition, which the fused block does inside the SE's scaling pass
+    assert torch.equal(seen["residual"], seen["downsample"])
+    assert torch.equal(out, torch.relu(seen["se"]))
+    torch.testing.assert_close(seen["se"], alone + seen["downsample"])
 
 
 def test_running_twice_inserts_nothing_and_reports_existing_se():
