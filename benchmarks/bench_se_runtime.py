@@ -4,7 +4,8 @@ One process run, eval mode, ``torch.inference_mode``, float32, fixed threads, wa
 (the order rotates every round), medians with interquartile ranges; eager NCHW, eager channels_last and
 torch.compile (inductor). Part 1 also times the SE formulations that were tried, on the same model.
 
-Usage: ``python benchmarks/bench_se_runtime.py [--threads 2] [--rounds-b1 30] [--rounds-b8 10] [--no-compile]``
+Usage: ``python benchmarks/bench_se_runtime.py [--threads 2] [--rounds-b1 40] [--rounds-b8 12] [--no-compile]
+[--comparison-only] [--compile-only] [--batches 1,8]``
 """
 
 from __future__ import annotations
@@ -97,27 +98,7 @@ def fmt(times, name, base="base"):
     return f"{100 * median:+6.1f}% [{100 * q1:+.1f}, {100 * q3:+.1f}]"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds-b1", type=int, default=40)
-    parser.add_argument("--rounds-b8", type=int, default=12)
-    parser.add_argument("--no-compile", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    torch._dynamo.config.recompile_limit = 64  # three models share timm's ResNet.forward
-    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"timm {timm.__version__}, python {sys.version.split()[0]}")
-    base = timm.create_model("resnet50").eval()
-    for m in base.modules():  # trained-like norms: timm zero-initialises bn3, which would make the SE inputs all 0
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
-    ours, _ = se_inject.inject(base, seed=0)
-    reference = timm.create_model("seresnet50").eval()
-    reference.load_state_dict(ours.state_dict())  # same weights: only the SE implementation differs
-    rounds = {1: args.rounds_b1, 8: args.rounds_b8}
-
+def formulations(base, ours, rounds, compiled):
     print("\n## 1a. The 16 SE modules of SE-ResNet-50 alone, on their own feature maps (eager, NCHW): median ms")
     shapes = [(256, 56)] * 3 + [(512, 28)] * 4 + [(1024, 14)] * 6 + [(2048, 7)] * 3
     formulations = {
@@ -153,14 +134,14 @@ def main() -> None:
     }
     for fmt_ in (torch.contiguous_format, torch.channels_last):
         models = {k: copy.deepcopy(m).to(memory_format=fmt_) for k, m in variants.items()}
-        for batch in (1, 8):
+        for batch in rounds:
             x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt_)
             times = interleaved(models, x, rounds=rounds[batch])
             for name in list(variants)[1:]:
                 layout = "NCHW" if fmt_ == torch.contiguous_format else "channels_last"
                 print(f"  {layout:13} batch {batch}  {name:40} {fmt(times, name)}")
 
-    if not args.no_compile:
+    if compiled:
         print("\n## 1c. The squeeze under torch.compile, batch 8: from the SE input vs from conv3's input")
         variants = {"base": base, "direct squeeze": with_formulation(ours, DirectSqueeze),
                     "squeeze through conv3 (shipped)": ours}
@@ -174,16 +155,18 @@ def main() -> None:
                 layout = "NCHW" if fmt_ == torch.contiguous_format else "channels_last"
                 print(f"  {layout:13} {name:34} {fmt(times, name)}")
 
+
+def comparison(base, ours, reference, rounds, compiled, eager=True):
     print("\n## 2. base vs se-inject vs timm seresnet50: median overhead [IQR]; ratio = ours / timm overhead")
     print(f"  {'mode':22} {'batch':>5} {'base ms':>8} {'se-inject':>24} {'timm seresnet50':>24} {'ratio':>6}")
-    modes = [("eager NCHW", False, False), ("eager channels_last", True, False)]
-    if not args.no_compile:
+    modes = [("eager NCHW", False, False), ("eager channels_last", True, False)] if eager else []
+    if compiled:
         modes += [("compile NCHW", False, True), ("compile channels_last", True, True)]
     for mode, channels_last, compiled in modes:
         fmt_ = torch.channels_last if channels_last else torch.contiguous_format
         models = {k: copy.deepcopy(m).to(memory_format=fmt_) for k, m in
                   (("base", base), ("ours", ours), ("timm", reference))}
-        for batch in (1, 8):
+        for batch in rounds:
             x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt_)
             runners = models
             if compiled:  # a fresh, static-shape compile per model and batch size
@@ -193,6 +176,35 @@ def main() -> None:
             ratio = overhead(times, "ours", "base")[0] / max(overhead(times, "timm", "base")[0], 1e-9)
             print(f"  {mode:22} {batch:5d} {1e3 * statistics.median(times['base']):8.1f} "
                   f"{fmt(times, 'ours'):>24} {fmt(times, 'timm'):>24} {ratio:6.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds-b1", type=int, default=40)
+    parser.add_argument("--rounds-b8", type=int, default=12)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--comparison-only", action="store_true", help="skip part 1 (the formulations)")
+    parser.add_argument("--compile-only", action="store_true", help="part 2 under torch.compile only")
+    parser.add_argument("--batches", default="1,8", help="batch sizes of part 2")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    torch._dynamo.config.recompile_limit = 64  # three models share timm's ResNet.forward
+    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+          f"timm {timm.__version__}, python {sys.version.split()[0]}")
+    base = timm.create_model("resnet50").eval()
+    for m in base.modules():  # trained-like norms: timm zero-initialises bn3, which would make the SE inputs all 0
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    ours, _ = se_inject.inject(base, seed=0)
+    reference = timm.create_model("seresnet50").eval()
+    reference.load_state_dict(ours.state_dict())  # same weights: only the SE implementation differs
+    rounds = {1: args.rounds_b1, 8: args.rounds_b8}
+    if not (args.comparison_only or args.compile_only):
+        formulations(base, ours, rounds, compiled=not args.no_compile)
+    batches = {int(b): rounds.get(int(b), args.rounds_b8) for b in args.batches.split(",")}
+    comparison(base, ours, reference, batches, compiled=not args.no_compile, eager=not args.compile_only)
     print("\n  GPU: not measured (no CUDA device in this session)" if not torch.cuda.is_available() else "")
 
 

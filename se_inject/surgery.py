@@ -245,7 +245,7 @@ def _fuse(graph: torch.fx.Graph, block: nn.Module, name: str) -> bool:
         and addition.target in _ADDITIONS
         and not addition.kwargs
         and len(addition.args) == 2
-        and all(isinstance(a, torch.fx.Node) for a in addition.args)
+        and all(isinstance(a, torch.fx.Node) and a.op != "get_attr" for a in addition.args)  # two computed tensors
         and addition.args[0] is not addition.args[1]
     ):
         kwargs["residual"] = addition.args[1] if addition.args[0] is call else addition.args[0]
