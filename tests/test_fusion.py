@@ -94,6 +94,19 @@ def test_fused_model_runs_under_autocast(fused_and_plain):
             torch.testing.assert_close(fused(x).float(), plain(x).float(), rtol=0.05, atol=0.05)
 
 
+def test_in_place_only_where_it_pays(fused_and_plain):
+    fused, _ = fused_and_plain
+    block = next(m for m in fused.modules() if hasattr(type(m), "__se_inject_base__"))
+    writes = []
+    block.se.register_forward_hook(lambda m, args, kwargs, out: writes.append(out is args[0]), with_kwargs=True)
+    with torch.no_grad():
+        for batch, layout in [(2, torch.contiguous_format), (2, torch.channels_last), (1, torch.contiguous_format),
+                              (1, torch.channels_last)]:
+            block(torch.randn(batch, block.conv1.in_channels, 8, 8).contiguous(memory_format=layout))
+    block(torch.randn(2, block.conv1.in_channels, 8, 8))  # autograd on: never in place
+    assert writes == [True, True, True, False, False]  # a single channels_last map measured slower in place
+
+
 def _conv_bn(c_in: int, c_out: int) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     conv, bn = nn.Conv2d(c_in, c_out, 1, bias=True), _randomise_norms(nn.BatchNorm2d(c_out))
     return conv, bn.eval()
