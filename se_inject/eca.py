@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .squeeze_excite import GATE_LAYERS, scale
+from .squeeze_excite import GATE_LAYERS, ChannelGate
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
@@ -20,11 +20,8 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
     return max(t if t % 2 else t + 1, 3)
 
 
-class EfficientChannelAttention(nn.Module):
-    """``x * gain * gate(conv1d(mean_hw(x)))``: a k-wide 1-D convolution across channels replaces SE's FC layers.
-    Fusable like `SqueezeExcite`."""
-
-    fusable = True
+class EfficientChannelAttention(ChannelGate):
+    """``x * gain * gate(conv1d(mean_hw(x)))``: a k-wide 1-D convolution across channels replaces SE's FC layers."""
 
     def __init__(
         self,
@@ -43,21 +40,9 @@ class EfficientChannelAttention(nn.Module):
         self.gain = float(gain)
         self.scale_inplace = False
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None = None,
-        squeezed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        s = (x.mean((2, 3)) if squeezed is None else squeezed).unsqueeze(1)  # (N, 1, C): channels as a 1-D signal
-        s = self.gate(self.conv(s)).transpose(1, 2).unsqueeze(-1)  # (N, C, 1, 1)
-        if self.gain != 1.0:
-            s = s * self.gain
-        return scale(x, s, self.scale_inplace, residual)
+    def excite(self, s: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.conv(s.unsqueeze(1))).squeeze(1)  # channels as a 1-D signal: (N, 1, C)
 
     def init_identity(self) -> None:
         """Zero the convolution: the gate is 0.5 everywhere, and gain 2 makes the module compute exactly x."""
         nn.init.zeros_(self.conv.weight)
-
-    def extra_repr(self) -> str:
-        return f"gain={self.gain:g}" if self.gain != 1.0 else ""

@@ -65,7 +65,34 @@ def squeeze_through(
     return F.batch_norm(s, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
 
 
-class SqueezeExcite(nn.Module):
+class ChannelGate(nn.Module):
+    """Channel attention that squeezes by the spatial mean and scales each channel by a gate (SE, ESE, ECA):
+    ``x * gain * excite(mean_hw(x))``, with `excite` mapping (N, C) descriptors to (N, C) gates.
+
+    ``scale_inplace`` is set by se-inject's surgery where the block's graph shows that nothing else reads the
+    input: then, with autograd off, the input is scaled in place. The surgery may also fuse the block around the
+    module (``fusable``): the residual addition that follows it is passed as `residual` and done in the same pass
+    as the scaling, and `squeezed` may carry the squeeze computed upstream (see `squeeze_through`).
+    """
+
+    fusable = True  # subclasses set ``gain`` and ``scale_inplace`` in __init__
+
+    def excite(self, s: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, squeezed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        s = self.excite(x.mean((2, 3)) if squeezed is None else squeezed)  # squeeze: global average pool, eq. 2
+        if self.gain != 1.0:
+            s = s * self.gain
+        return scale(x, s[:, :, None, None], self.scale_inplace, residual)  # scale, eq. 4
+
+    def extra_repr(self) -> str:
+        return f"gain={self.gain:g}" if self.gain != 1.0 else ""
+
+
+class SqueezeExcite(ChannelGate):
     """SE block: ``x * gain * gate(fc2(relu(fc1(mean_hw(x)))))``.
 
     Args:
@@ -75,14 +102,7 @@ class SqueezeExcite(nn.Module):
         gate: The gating nonlinearity, sigma in eq. 3 ("sigmoid" in the paper).
         gain: Constant multiplier of the gate. 1 in the paper; 2 with identity initialisation, where the gate
             starts at exactly 0.5 and the block at exactly the identity (as NFNets' ``attn_gain``).
-
-    ``scale_inplace`` is set by se-inject's surgery where the block's graph shows that nothing else reads the
-    input: then, with autograd off, the input is scaled in place. The surgery may also fuse the block around the
-    module (``fusable``): the residual addition that follows it is passed as `residual` and done in the same pass
-    as the scaling, and `squeezed` may carry the squeeze computed upstream (see `squeeze_through`).
     """
-
-    fusable = True
 
     def __init__(
         self,
@@ -104,18 +124,9 @@ class SqueezeExcite(nn.Module):
         self.gain = float(gain)
         self.scale_inplace = False
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None = None,
-        squeezed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        s = x.mean((2, 3)) if squeezed is None else squeezed  # squeeze: global average pool, eq. 2
+    def excite(self, s: torch.Tensor) -> torch.Tensor:
         s = self.act(fc(s, self.fc1.weight, self.fc1.bias))  # excitation, eq. 3: delta(W1 z) ...
-        s = self.gate(fc(s, self.fc2.weight, self.fc2.bias))  # ... then sigma(W2 .)
-        if self.gain != 1.0:
-            s = s * self.gain
-        return scale(x, s[:, :, None, None], self.scale_inplace, residual)  # scale, eq. 4
+        return self.gate(fc(s, self.fc2.weight, self.fc2.bias))  # ... then sigma(W2 .)
 
     def init_identity(self) -> None:
         """Zero fc2, so the gate is gate(0) = 0.5 for every input; with gain = 2 the block then computes exactly x."""
@@ -123,17 +134,12 @@ class SqueezeExcite(nn.Module):
         if self.fc2.bias is not None:
             nn.init.zeros_(self.fc2.bias)
 
-    def extra_repr(self) -> str:
-        return f"gain={self.gain:g}" if self.gain != 1.0 else ""
 
-
-class EffectiveSqueezeExcite(nn.Module):
+class EffectiveSqueezeExcite(ChannelGate):
     """Effective SE (Lee & Park, CenterMask): ``x * gain * gate(fc(mean_hw(x)))`` with one C -> C layer.
 
-    Parameter names follow timm's ``EffectiveSEModule`` (``fc``). Fusable like `SqueezeExcite`.
+    Parameter names follow timm's ``EffectiveSEModule`` (``fc``).
     """
-
-    fusable = True
 
     def __init__(
         self,
@@ -151,22 +157,11 @@ class EffectiveSqueezeExcite(nn.Module):
         self.gain = float(gain)
         self.scale_inplace = False
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None = None,
-        squeezed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        s = self.gate(fc(x.mean((2, 3)) if squeezed is None else squeezed, self.fc.weight, self.fc.bias))
-        if self.gain != 1.0:
-            s = s * self.gain
-        return scale(x, s[:, :, None, None], self.scale_inplace, residual)
+    def excite(self, s: torch.Tensor) -> torch.Tensor:
+        return self.gate(fc(s, self.fc.weight, self.fc.bias))
 
     def init_identity(self) -> None:
         """Zero fc: the gate is gate(0) = 0.5 for every input, and gain 2 makes the module compute exactly x."""
         nn.init.zeros_(self.fc.weight)
         if self.fc.bias is not None:
             nn.init.zeros_(self.fc.bias)
-
-    def extra_repr(self) -> str:
-        return f"gain={self.gain:g}" if self.gain != 1.0 else ""
