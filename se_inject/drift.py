@@ -17,9 +17,6 @@ from .errors import SEInjectError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_IMAGES = 64
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass(frozen=True)
 class Drift:
@@ -54,9 +51,11 @@ def image_batch(
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_IMAGES]
     if not files:
         raise SEInjectError(f"--images {directory}: no {', '.join(IMAGE_SUFFIXES)} files")
+    from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
-    crop_pct = cfg.get("crop_pct", 0.875)
+    mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
+    crop_pct = cfg.get("crop_pct", DEFAULT_CROP_PCT)
     _, height, width = input_size
     images = []
     for file in files:

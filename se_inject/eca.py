@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .squeeze_excite import GATE_LAYERS, ChannelGate
+from .squeeze_excite import ChannelGate
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
@@ -36,9 +36,7 @@ class EfficientChannelAttention(ChannelGate):
         super().__init__()
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False, device=device,
                               dtype=dtype)
-        self.gate = GATE_LAYERS[gate]()
-        self.gain = float(gain)
-        self.scale_inplace = False
+        self._init_gate(gate, gain)
 
     def excite(self, s: torch.Tensor) -> torch.Tensor:
         return self.gate(self.conv(s.unsqueeze(1))).squeeze(1)  # channels as a 1-D signal: (N, 1, C)

@@ -75,7 +75,13 @@ class ChannelGate(nn.Module):
     as the scaling, and `squeezed` may carry the squeeze computed upstream (see `squeeze_through`).
     """
 
-    fusable = True  # subclasses set ``gain`` and ``scale_inplace`` in __init__
+    fusable = True
+
+    def _init_gate(self, gate: str, gain: float) -> None:
+        """The gate nonlinearity and its constant gain; called by subclasses after their own layers."""
+        self.gate = GATE_LAYERS[gate]()
+        self.gain = float(gain)
+        self.scale_inplace = False
 
     def excite(self, s: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -120,9 +126,7 @@ class SqueezeExcite(ChannelGate):
         self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
-        self.gate = GATE_LAYERS[gate]()
-        self.gain = float(gain)
-        self.scale_inplace = False
+        self._init_gate(gate, gain)
 
     def excite(self, s: torch.Tensor) -> torch.Tensor:
         s = self.act(fc(s, self.fc1.weight, self.fc1.bias))  # excitation, eq. 3: delta(W1 z) ...
@@ -153,9 +157,7 @@ class EffectiveSqueezeExcite(ChannelGate):
     ):
         super().__init__()
         self.fc = nn.Conv2d(channels, channels, kernel_size=1, bias=bias, device=device, dtype=dtype)
-        self.gate = GATE_LAYERS[gate]()
-        self.gain = float(gain)
-        self.scale_inplace = False
+        self._init_gate(gate, gain)
 
     def excite(self, s: torch.Tensor) -> torch.Tensor:
         return self.gate(fc(s, self.fc.weight, self.fc.bias))

@@ -4,6 +4,7 @@ from conv3's input under torch.compile. Both change how, not what, the block com
 from __future__ import annotations
 
 import copy
+import linecache
 
 import pytest
 import timm
@@ -134,8 +135,6 @@ def test_only_plain_1x1_conv_and_norm_chains_pass_a_squeeze():
     model.layer1[0].conv3 = nn.Conv2d(64, 256, 1, stride=1, padding=0, groups=2, bias=False)  # grouped: not fused
     injected, _ = se_inject.inject(model, seed=0)
     code = {name: type(m).forward.__code__ for name, m in injected.named_modules() if name.count(".") == 1}
-    import linecache
-
     sources = {name: "".join(linecache.getlines(c.co_filename)) for name, c in code.items()}
     assert "squeeze_through" not in sources["layer1.0"] and "residual = " in sources["layer1.0"]
     assert "squeeze_through" in sources["layer1.1"]
