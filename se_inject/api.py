@@ -79,6 +79,7 @@ class Report:
                 "path": s.path,
                 "module": s.module_path,
                 "recipe": s.recipe,
+                "pattern": s.pattern or None,
                 "block": s.block,
                 "attention": s.attention.kind,
                 "channels": s.channels,
@@ -161,6 +162,7 @@ def _site(match: Match, settings: Settings) -> Site:
         slot=match.rule.slot,
         name=match.rule.name,
         attention=spec,
+        pattern=match.pattern,
     )
 
 

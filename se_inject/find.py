@@ -17,7 +17,7 @@ from torch import nn
 
 from .attention import attention_classes
 from .errors import SEInjectError
-from .recipes import BlockRule, Recipe
+from .recipes import BlockRule, PatternRule, Recipe
 
 # Channel-attention modules already in timm/torchvision models: a block holding one "already has SE".
 KNOWN_ATTENTION = frozenset(
@@ -124,6 +124,7 @@ class Match:
     block: str
     anchor: str
     shape: tuple[int, ...]  # (N, C, H, W) of the feature map the SE scales, at the planning input size
+    pattern: str = ""  # the structural pattern that matched ("residual", ...); "" for a class rule
 
     @property
     def channels(self) -> int:
@@ -163,13 +164,60 @@ def output_shapes(output: Any) -> tuple[tuple[int, ...], ...]:
     return ()
 
 
-def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[tuple[str, nn.Module, Recipe, BlockRule]]:
+Candidate = tuple[str, nn.Module, Recipe, BlockRule, str]  # path, block, recipe, rule, pattern ("" for classes)
+
+
+def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[Candidate]:
+    """Blocks matched by class rules, then by structural patterns where no class rule matched the block, one of
+    its ancestors or one of its descendants (class rules are exact and take precedence)."""
+    taken: list[str] = []
     for path, module in model.named_modules():
         cp = class_path(module)
         for recipe in recipes:
             rule = recipe.rule_for(cp)
             if rule is not None:
-                yield path, module, recipe, rule
+                taken.append(path)
+                yield path, module, recipe, rule, ""
+                break
+    pattern_rules = [(recipe, rule) for recipe in recipes for rule in recipe.patterns]
+    if pattern_rules:
+        yield from _structural(model, pattern_rules, taken)
+
+
+def _inside(path: str, prefixes: Iterable[str]) -> bool:
+    return any(path == p or path.startswith(f"{p}.") or not p for p in prefixes)
+
+
+def _structural(model: nn.Module, rules: list[tuple[Recipe, PatternRule]], taken: list[str]) -> Iterator[Candidate]:
+    from .patterns import conv_chain, match_block
+
+    above = {".".join(p.split(".")[:i]) for p in taken for i in range(len(p.split(".")))}  # ancestors of taken
+    classes = {path: class_path(m) for path, m in model.named_modules()}
+    matched: list[str] = []
+    for path, module in model.named_modules():
+        if not path or path in above or _inside(path, taken) or _inside(path, matched):
+            continue
+        cp = classes[path]
+        parts = path.split(".")
+        ancestors = tuple(classes[".".join(parts[:i])] for i in range(len(parts)))
+        for recipe, rule in rules:
+            if not rule.accepts(cp, ancestors):
+                continue
+            if rule.pattern == "conv-chain":
+                names = conv_chain(module)
+                for name in names:  # SE in each unit's activation module: the Sequential stays as it is
+                    child = module.get_submodule(name)
+                    yield f"{path}.{name}", child, recipe, BlockRule((class_path(child),), ".", "after", None,
+                                                                      rule.name), rule.pattern
+                if names:
+                    matched.append(path)
+                    break
+                continue
+            place = match_block(module, rule.pattern)
+            if place is not None:
+                matched.append(path)
+                yield path, module, recipe, BlockRule((cp,), place.anchor or ".", place.position, None,
+                                                      rule.name), rule.pattern
                 break
 
 
@@ -202,16 +250,16 @@ def find_sites(
 
     With `count_base`, the same forward pass also counts the model's params and MACs (``Findings.counts``).
     """
-    pending: list[tuple[str, Recipe, BlockRule, str, str]] = []  # path, recipe, rule, class path, anchor
+    pending: list[tuple[str, Recipe, BlockRule, str, str, str]] = []  # path, recipe, rule, class path, anchor, pattern
     skipped: list[Skip] = []
-    for path, block, recipe, rule in _candidates(model, recipes):
+    for path, block, recipe, rule, pattern in _candidates(model, recipes):
         cp = class_path(block)
         attention = find_attention(block)
         if attention is not None:
             at = type(block.get_submodule("" if attention == "." else attention)).__name__
             skipped.append(Skip(path, cp, recipe.name, f"already has channel attention ({at} at {attention})", True))
             continue
-        anchor = resolve_child(block, rule.anchor)
+        anchor = rule.anchor if rule.anchor.startswith("%") else resolve_child(block, rule.anchor)
         if anchor is None:
             skipped.append(Skip(path, cp, recipe.name, f"no child {rule.anchor!r}"))
             continue
@@ -226,20 +274,26 @@ def find_sites(
         elif hasattr(block, rule.name):
             skipped.append(Skip(path, cp, recipe.name, f"attribute {rule.name!r} is taken"))
             continue
-        unmet = _unmet_requirement(block.get_submodule(anchor), rule.require)
+        unmet = None if anchor.startswith("%") else _unmet_requirement(block.get_submodule(anchor), rule.require)
         if unmet:
             skipped.append(Skip(path, cp, recipe.name, unmet))
             continue
-        pending.append((path, recipe, rule, cp, anchor))
+        pending.append((path, recipe, rule, cp, anchor, pattern))
 
     if not pending:  # nothing to measure: skip the forward pass
         return _findings(model, (), skipped, recipes, input_size, ())
     probe = as_meta(model)
     seen: dict[str, list[tuple[int, ...]]] = {}
+    node_inputs: dict[str, list[tuple[Any, ...]]] = {}  # block inputs, for anchors that are graph nodes
     handles = []
-    for path, _recipe, rule, _cp, anchor in pending:
-        target = probe.get_submodule(f"{path}.{anchor}" if path and anchor else path or anchor)
+    for path, _recipe, rule, _cp, anchor, _pattern in pending:
         record = seen.setdefault(path, [])
+        if anchor.startswith("%"):
+            calls = node_inputs.setdefault(path, [])
+            handles.append(probe.get_submodule(path).register_forward_pre_hook(
+                lambda _m, args, calls=calls: calls.append(args)))
+            continue
+        target = probe.get_submodule(f"{path}.{anchor}" if path and anchor else path or anchor)
         if rule.position == "before":
             handles.append(target.register_forward_pre_hook(lambda _m, args, rec=record: rec.append(_shape(args))))
         else:
@@ -256,8 +310,15 @@ def find_sites(
         for h in handles:
             h.remove()
 
+    if node_inputs:
+        from .patterns import node_output_shape
+
+        for path, calls in node_inputs.items():
+            block = probe.get_submodule(path)
+            anchor = next(a for p, _r, _ru, _c, a, _pt in pending if p == path)
+            seen[path] = [node_output_shape(block, anchor[1:], args) for args in calls]
     matches: list[Match] = []
-    for path, recipe, rule, cp, anchor in pending:
+    for path, recipe, rule, cp, anchor, pattern in pending:
         shapes = seen[path]
         if not shapes:
             skipped.append(Skip(path, cp, recipe.name, "not executed by the model's forward"))
@@ -266,7 +327,7 @@ def find_sites(
         elif shapes[0] is None or len(shapes[0]) != 4:
             skipped.append(Skip(path, cp, recipe.name, f"expects an NCHW feature map, got shape {shapes[0]}"))
         else:
-            matches.append(Match(path, recipe, rule, cp, anchor, shapes[0]))
+            matches.append(Match(path, recipe, rule, cp, anchor, shapes[0], pattern))
     return _findings(model, matches, skipped, recipes, input_size, shapes, counts)
 
 

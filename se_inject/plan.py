@@ -25,6 +25,8 @@ class Site:
         slot: Attribute the block's forward already calls at that place, filled instead of rewriting the forward.
         name: Attribute name of the new module in the block.
         attention: The module to build.
+        pattern: The structural pattern that matched the block ("residual", "conv-chain", ...; see
+            `se_inject.patterns`), or "" when a class rule named it.
     """
 
     path: str
@@ -35,6 +37,7 @@ class Site:
     slot: str | None
     name: str
     attention: AttentionSpec
+    pattern: str = ""
 
     @property
     def channels(self) -> int:
@@ -59,6 +62,7 @@ class Site:
             "slot": self.slot,
             "name": self.name,
             "attention": self.attention.to_dict(),
+            "pattern": self.pattern,
         }
 
     @classmethod

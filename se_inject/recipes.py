@@ -8,6 +8,10 @@ A recipe never runs code. It names block classes by full class path and, for eac
   so the slot is filled instead of rewriting the forward. ``after``/``before`` then only tells where to measure the
   feature map; without them the slot must hold a module (e.g. ``nn.Identity``), whose input is measured.
 
+A ``[[patterns]]`` table names a structure instead of classes (see `se_inject.patterns`): ``pattern = "residual"``
+matches every block whose graph has that shape, optionally narrowed to classes or to models by fnmatch globs over
+class paths (``classes``, ``within``, ``not_within``). Class rules are exact and take precedence over patterns.
+
 This module imports no torch, so listing recipes stays instant.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,11 +28,13 @@ from typing import Any
 from .errors import RecipeFileError, UnknownRecipeError
 
 GATES = ("sigmoid", "hard-sigmoid")
+PATTERNS = ("residual", "concat", "inverted-residual", "conv-chain")  # see se_inject.patterns
 REQUIREMENTS = ("pointwise",)  # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 _CLASS_PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
 _ATTR_RE = re.compile(r"^[A-Za-z_]\w*$")
 _CHILD_PATH_RE = re.compile(r"^(\.|-?\w+(\.-?\w+)*)$")
+_CLASS_GLOB_RE = re.compile(r"^[\w.*?\[\]!]+$")
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,29 @@ class BlockRule:
 
 
 @dataclass(frozen=True)
+class PatternRule:
+    """SE wherever a block's structure has `pattern` (see `se_inject.patterns`), whatever the block's class.
+
+    Narrowing, all fnmatch globs over full class paths: `classes` the block's own class (default any); `within` a
+    class among the block's ancestors, the model itself included (default any); `not_within` none of them may be.
+    """
+
+    pattern: str
+    classes: tuple[str, ...] = ("*",)
+    within: tuple[str, ...] = ()
+    not_within: tuple[str, ...] = ()
+    name: str = "se"
+
+    def accepts(self, class_path: str, ancestors: tuple[str, ...]) -> bool:
+        """Whether a block of class `class_path` under ancestors of these classes is in this rule's scope."""
+        return (
+            any(fnmatchcase(class_path, g) for g in self.classes)
+            and (not self.within or any(fnmatchcase(a, g) for a in ancestors for g in self.within))
+            and not any(fnmatchcase(a, g) for a in (*ancestors, class_path) for g in self.not_within)
+        )
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
@@ -61,6 +91,7 @@ class Recipe:
     defaults: SEDefaults = field(default_factory=SEDefaults)
     reference: str = ""
     source: str = ""
+    patterns: tuple[PatternRule, ...] = ()
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -76,6 +107,11 @@ class Recipe:
             "reference": self.reference,
             "defaults": vars(self.defaults).copy(),
             "classes": list(self.classes),
+            "patterns": [
+                {"pattern": p.pattern, "classes": list(p.classes), "within": list(p.within),
+                 "not_within": list(p.not_within)}
+                for p in self.patterns
+            ],
             "source": self.source,
         }
 
@@ -163,18 +199,49 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require))
 
 
+def _globs(path: str, where: str, value: Any) -> tuple[str, ...]:
+    _expect(path, where, value, list, "a list of class paths or fnmatch globs")
+    for g in value:
+        if not isinstance(g, str) or not _CLASS_GLOB_RE.match(g):
+            raise RecipeFileError(
+                path, f"field {where!r}: expected class paths or globs like 'timm.models.*', got {g!r}"
+            )
+    return tuple(value)
+
+
+def _parse_pattern(path: str, index: int, table: Any) -> PatternRule:
+    where = f"patterns[{index}]"
+    _expect(path, where, table, dict, "a table ([[patterns]])")
+    _check_keys(path, f"{where}.", table, {"pattern", "classes", "within", "not_within", "name"}, {"pattern"})
+    pattern = table["pattern"]
+    if pattern not in PATTERNS:
+        raise RecipeFileError(path, f"field '{where}.pattern': expected one of {', '.join(PATTERNS)}, got {pattern!r}")
+    name = table.get("name", "se")
+    if not (isinstance(name, str) and _ATTR_RE.match(name)):
+        raise RecipeFileError(path, f"field '{where}.name': expected an attribute name, got {name!r}")
+    classes = _globs(path, f"{where}.classes", table.get("classes", ["*"]))
+    if not classes:
+        raise RecipeFileError(path, f"field '{where}.classes': expected at least one class path or glob")
+    within = _globs(path, f"{where}.within", table.get("within", []))
+    not_within = _globs(path, f"{where}.not_within", table.get("not_within", []))
+    return PatternRule(pattern, classes, within, not_within, name)
+
+
 def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     """Validate a parsed recipe table; errors name the file, the field and what was expected."""
-    _check_keys(source, "", data, {"name", "description", "reference", "defaults", "blocks"}, {"name", "blocks"})
+    allowed = {"name", "description", "reference", "defaults", "blocks", "patterns"}
+    _check_keys(source, "", data, allowed, {"name"})
     name = _expect(source, "name", data["name"], str, "a recipe name")
     if not _NAME_RE.match(name):
         raise RecipeFileError(source, f"field 'name': expected lowercase letters, digits and '-', got {name!r}")
     description = _expect(source, "description", data.get("description", ""), str, "a string")
     reference = _expect(source, "reference", data.get("reference", ""), str, "a string")
-    blocks = _expect(source, "blocks", data["blocks"], list, "an array of tables ([[blocks]])")
-    if not blocks:
-        raise RecipeFileError(source, "field 'blocks': expected at least one [[blocks]] table")
+    blocks = _expect(source, "blocks", data.get("blocks", []), list, "an array of tables ([[blocks]])")
+    patterns = _expect(source, "patterns", data.get("patterns", []), list, "an array of tables ([[patterns]])")
+    if not blocks and not patterns:
+        raise RecipeFileError(source, "field 'blocks': expected at least one [[blocks]] or [[patterns]] table")
     rules = tuple(_parse_rule(source, i, table) for i, table in enumerate(blocks))
+    pattern_rules = tuple(_parse_pattern(source, i, table) for i, table in enumerate(patterns))
     seen: dict[str, int] = {}
     for i, rule in enumerate(rules):
         for c in rule.classes:
@@ -182,7 +249,7 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
                 raise RecipeFileError(source, f"field 'blocks[{i}].classes': {c!r} is already in blocks[{seen[c]}]")
             seen[c] = i
     defaults = _parse_defaults(source, data.get("defaults", {}))
-    return Recipe(name, description, rules, defaults, reference, source)
+    return Recipe(name, description, rules, defaults, reference, source, pattern_rules)
 
 
 def load_recipe_file(path: str | Path) -> Recipe:

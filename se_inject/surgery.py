@@ -174,7 +174,7 @@ def _trace_modes(block: nn.Module, open_paths: set[str]) -> tuple[torch.fx.Graph
 
 
 def _trace(block: nn.Module, anchor: str, path: str) -> torch.fx.Graph:
-    parts = anchor.split(".") if anchor else []
+    parts = anchor.split(".") if anchor and not anchor.startswith("%") else []
     open_paths = {".".join(parts[:i]) for i in range(1, len(parts))}
     try:
         graph, consistent = _trace_modes(block, open_paths)
@@ -192,7 +192,12 @@ def _trace(block: nn.Module, anchor: str, path: str) -> torch.fx.Graph:
 def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
     """Swap `block`'s class for a subclass whose forward also calls `module` (added as child ``site.name``)."""
     graph = _trace(block, site.anchor, site.path)
-    if site.anchor:
+    if site.anchor.startswith("%"):  # a graph node of a structural match (see se_inject.patterns.Place)
+        calls = [n for n in graph.nodes if n.name == site.anchor[1:]]
+        if len(calls) != 1:
+            raise SurgeryError(f"{site.path}: no node {site.anchor[1:]!r} in the traced forward")
+        anchor = calls[0]
+    elif site.anchor:
         calls = [n for n in graph.nodes if n.op == "call_module" and n.target == site.anchor]
         if len(calls) != 1:
             raise SurgeryError(f"{site.path}: expected one call of {site.anchor!r} in the forward, found {len(calls)}")

@@ -1,0 +1,330 @@
+"""Structural patterns: where SE goes in a block recognised by the shape of its graph, whatever its class.
+
+A block's graph is its forward traced with torch.fx, every child opaque (one node per child call). Four patterns,
+each the SE paper's place for a kind of network (Hu et al., *Squeeze-and-Excitation Networks*):
+
+- ``residual`` (SE-ResNet, Fig. 3): the block adds a branch to a shortcut. SE goes at the end of the branch: after its
+  last convolution or norm (or an MLP's last projection once the map is back in NCHW, as in ConvNeXt), before the
+  layer-scale, drop-path and the addition. Where a block has several additions (MetaFormer), the last one's branch.
+- ``concat`` (SE-Inception, Fig. 2): the block returns a concatenation of parallel branches; SE on that output.
+- ``inverted-residual`` (MobileNetV3 / EfficientNet): a depthwise convolution followed, through norms and
+  activations only, by a 1x1 projection; SE goes before the projection.
+- ``conv-chain`` (SE-VGG-16, Table 2): a plain ``nn.Sequential`` stack of conv(-norm)-activation units (at least
+  two); SE after each unit's activation. The activation module is the "block": its forward gets the SE call, so the
+  Sequential keeps its children, their numbering and its own forward.
+
+Matching is pure: it returns where SE would go (`Place`) and changes nothing. The engine then treats a structural
+place exactly like a class rule's (``find`` measures it, ``surgery`` rewrites the forward).
+
+Why a hand walk over ``graph.nodes`` rather than torch.fx's ``SubgraphMatcher``: these patterns have variable length
+(any number of optional layer-scale, drop-path, dropout or identity nodes between the branch's end and the addition;
+any number of norms and activations between a depthwise conv and its projection) and their nodes are told apart by
+the *type* of the module called (a conv, a norm), not by a fixed call target. SubgraphMatcher matches a fixed graph
+and compares ``call_module`` targets by name, so each family would need its own set of pattern graphs; a short walk
+backwards from each addition states the rule once.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .recipes import PATTERNS
+
+__all__ = ["PATTERNS", "Place", "conv_chain", "match_block", "node_output_shape", "trace_block"]
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where SE goes in a block: ``after``/``before`` an anchor.
+
+    The anchor is a child path (``"bn3"``), ``""`` for the block's own output, or ``"%name"`` for a graph node that
+    is not a child call (e.g. the ``permute`` that brings a ConvNeXt MLP's output back to NCHW).
+    """
+
+    anchor: str
+    position: str
+
+
+# --- tracing, cached per block class and configuration -----------------------------------------------------------
+
+
+class _OpaqueTracer(torch.fx.Tracer):
+    """Every child module is one node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def config_key(block: nn.Module) -> tuple[Any, ...]:
+    """The block's class and configuration (scalar attributes, children's types and settings): a block's traced
+    graph depends only on these."""
+    config = tuple(
+        (name, type(value).__name__, value.extra_repr()) if isinstance(value, nn.Module) else (name, value)
+        for name, value in sorted({**vars(block), **block._modules}.items())
+        if not name.startswith("_") and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
+    )
+    return (type(block), config)
+
+
+_traces: dict[tuple[Any, ...], torch.fx.Graph | None] = {}
+
+
+def trace_block(block: nn.Module) -> torch.fx.Graph | None:
+    """The block's forward traced with every child opaque, or None when torch.fx cannot trace it. Cached per class
+    and configuration, so a model with 50 identical blocks is traced once."""
+    key = config_key(block)
+    if key not in _traces:
+        try:
+            _traces[key] = _OpaqueTracer().trace(block)
+        except Exception:  # data-dependent control flow, unsupported arguments, ...: no structural match
+            _traces[key] = None
+    return _traces[key]
+
+
+# --- what the nodes are ---------------------------------------------------------------------------------------------
+
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
+_PASS_MODULE_NAMES = {"DropPath", "StochasticDepth", "LayerScale", "LayerScale2d", "Scale"}
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+_NCHW_LAYER_NORMS = {"LayerNorm2d", "LayerNormChannel"}  # LayerNorm over dim 1 of an NCHW map (timm)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+                nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh)
+_ADDITIONS = {operator.add, operator.iadd, torch.add}
+_MULS = {operator.mul, operator.imul, torch.mul}
+
+
+def _module(block: nn.Module, node: torch.fx.Node) -> nn.Module | None:
+    return block.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+
+def _passes_through(module: nn.Module) -> bool:
+    """Layer-scale, drop-path, dropout, identity: what may sit between a branch's end and its addition."""
+    return isinstance(module, _PASS_MODULES) or type(module).__name__ in _PASS_MODULE_NAMES
+
+
+def _is_conv_or_norm(module: nn.Module) -> bool:
+    """A 2-D convolution or a norm over the channels of an NCHW map."""
+    return (
+        isinstance(module, (nn.Conv2d, *_NORMS))
+        or type(module).__name__ in _NCHW_LAYER_NORMS
+        or (isinstance(module, nn.LayerNorm) and type(module).__name__.endswith("2d"))
+    )
+
+
+def _last_layer(module: nn.Module) -> nn.Module:
+    """The last module with its own computation inside `module` (in registration order), skipping containers and
+    pass-through modules: `ConvNormAct(conv, bn(drop, act=Identity))` ends in its norm."""
+    for sub in reversed(list(module.modules())):
+        if isinstance(sub, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or _passes_through(sub):
+            continue
+        if sub is not module and next(iter(sub.children()), None) is not None and not _is_conv_or_norm(sub):
+            continue  # a composite child: its own last layer comes later in the list
+        return sub
+    return module
+
+
+def _is_constant(node: Any) -> bool:
+    """Whether `node` is computed from parameters/constants only (a layer-scale gamma, reshaped or not)."""
+    if not isinstance(node, torch.fx.Node):
+        return True
+    if node.op == "get_attr":
+        return True
+    if node.op in ("placeholder", "call_module"):
+        return False
+    return all(_is_constant(a) for a in node.all_input_nodes)
+
+
+def _depends_on(node: torch.fx.Node, target: torch.fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def _from_input(node: torch.fx.Node) -> bool:
+    return any(_depends_on(node, p) for p in node.graph.nodes if p.op == "placeholder")
+
+
+# --- the patterns ----------------------------------------------------------------------------------------------------
+
+
+def _branch_end(block: nn.Module, node: torch.fx.Node) -> torch.fx.Node | None:
+    """Walk back from an addition's operand over layer-scale, drop-path and the like to the node after which SE
+    goes, or None when the branch does not end in a conv/norm (or an MLP back in NCHW)."""
+    while True:
+        module = _module(block, node)
+        if module is not None and _passes_through(module) and len(node.args) == 1:
+            node = node.args[0]
+            continue
+        if node.op in ("call_function", "call_method") and node.target in (*_MULS, "mul", "mul_"):
+            tensors = [a for a in node.args if not _is_constant(a)]
+            if len(tensors) == 1 and len(node.args) == 2:  # x * gamma: layer scale
+                node = tensors[0]
+                continue
+        break
+    if not isinstance(node, torch.fx.Node):
+        return None
+    module = _module(block, node)
+    if module is not None:
+        last = _last_layer(module)
+        if _is_conv_or_norm(last):
+            return node
+        if isinstance(module, nn.Sequential) and type(last).__name__ == "Permute" and _mlp_back_to_nchw(module):
+            return node  # torchvision CNBlock: Sequential(..., Linear, Permute([0, 3, 1, 2]))
+        return None
+    if node.op == "call_method" and node.target == "permute" and tuple(node.args[1:]) == (0, 3, 1, 2):
+        source = node.args[0]
+        inner = _module(block, source) if isinstance(source, torch.fx.Node) else None
+        if inner is not None and isinstance(_last_layer(inner), nn.Linear):
+            return node  # timm ConvNeXtBlock: mlp (channels-last) then permute back to NCHW
+    return None
+
+
+def _mlp_back_to_nchw(seq: nn.Sequential) -> bool:
+    layers = [m for m in seq if not _passes_through(m)]
+    return (
+        len(layers) >= 2
+        and list(getattr(layers[-1], "dims", ())) == [0, 3, 1, 2]
+        and isinstance(_last_layer(layers[-2]), nn.Linear)
+    )
+
+
+def _anchor(node: torch.fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else f"%{node.name}"
+
+
+def match_residual(block: nn.Module, graph: torch.fx.Graph) -> Place | None:
+    additions = [
+        n for n in graph.nodes
+        if ((n.op == "call_function" and n.target in _ADDITIONS) or (n.op == "call_method" and n.target in
+            ("add", "add_")))
+        and len(n.args) == 2 and not n.kwargs and all(isinstance(a, torch.fx.Node) for a in n.args)
+    ]
+    for addition in reversed(additions):  # the last residual: MetaFormer's MLP branch rather than its mixer's
+        for branch, shortcut in (addition.args, addition.args[::-1]):
+            end = _branch_end(block, branch)
+            if end is None or _depends_on(shortcut, end) or _is_constant(shortcut) or not _from_input(end):
+                continue
+            return Place(_anchor(end), "after")
+    return None
+
+
+def match_concat(block: nn.Module, graph: torch.fx.Graph) -> Place | None:
+    output = next(n for n in graph.nodes if n.op == "output")
+    result = output.args[0]
+    if not (isinstance(result, torch.fx.Node) and result.op == "call_function" and result.target is torch.cat):
+        return None
+    tensors, dim = result.args[0], result.args[1] if len(result.args) > 1 else result.kwargs.get("dim", 0)
+    if dim != 1 or not isinstance(tensors, (list, tuple)) or len(tensors) < 2:
+        return None
+    if sum(isinstance(t, torch.fx.Node) and _computed_by_modules(t) for t in tensors) < 2:
+        return None  # parallel branches: at least two computed by the block's children
+    return Place("", "after")
+
+
+def _computed_by_modules(node: torch.fx.Node) -> bool:
+    return any(n.op == "call_module" for n in _ancestors(node))
+
+
+def _ancestors(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            yield n
+            stack.extend(n.all_input_nodes)
+
+
+def _is_depthwise(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels \
+        == module.out_channels and module.kernel_size != (1, 1)
+
+
+def _is_pointwise(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+
+
+def match_inverted_residual(block: nn.Module, graph: torch.fx.Graph) -> Place | None:
+    for node in graph.nodes:
+        if not _is_depthwise(_module(block, node)):
+            continue
+        current = node
+        while len(current.users) == 1:
+            current = next(iter(current.users))
+            module = _module(block, current)
+            if _is_pointwise(module):
+                return Place(str(current.target), "before")
+            if not (isinstance(module, (*_NORMS, *_ACTIVATIONS)) or (module is not None and _passes_through(module))):
+                break
+    return None
+
+
+def conv_chain(seq: nn.Module) -> list[str]:
+    """Names of the activation children that close each conv(-norm)-activation unit of a plain Sequential stack
+    (every child a single layer), when there are at least two units; else []."""
+    if type(seq).forward is not nn.Sequential.forward or not isinstance(seq, nn.Sequential):
+        return []
+    children = list(seq.named_children())
+    if any(next(iter(child.children()), None) is not None for _, child in children):
+        return []  # not plain: it holds blocks
+    sites = []
+    for i, (_, child) in enumerate(children):
+        if not isinstance(child, nn.Conv2d):
+            continue
+        j = i + 1
+        if j < len(children) and isinstance(children[j][1], _NORMS):
+            j += 1
+        if j < len(children) and isinstance(children[j][1], _ACTIVATIONS):
+            sites.append(children[j][0])
+    return sites if len(sites) >= 2 else []
+
+
+_MATCHERS = {
+    "residual": match_residual,
+    "concat": match_concat,
+    "inverted-residual": match_inverted_residual,
+}
+
+
+def match_block(block: nn.Module, pattern: str) -> Place | None:
+    """Where `pattern` puts SE in `block`, or None. Pure: traces (cached) and reads, changes nothing."""
+    if isinstance(block, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or not block._modules:
+        return None
+    graph = trace_block(block)
+    return None if graph is None else _MATCHERS[pattern](block, graph)
+
+
+def node_output_shape(block: nn.Module, node_name: str, args: tuple[Any, ...]) -> tuple[int, ...] | None:
+    """Shape of the value of graph node `node_name` when `block` runs on these (meta) inputs."""
+    graph = trace_block(block)
+    if graph is None:
+        return None
+    module = torch.fx.GraphModule(block, graph)
+    seen: dict[str, Any] = {}
+
+    class _Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            value = super().run_node(n)
+            if n.name == node_name:
+                seen["value"] = value
+            return value
+
+    try:
+        _Recorder(module).run(*args)
+    except Exception:
+        return None
+    value = seen.get("value")
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
