@@ -1,0 +1,244 @@
+"""Structural patterns: blocks matched by the shape of their graph, whatever their class, and the families and SE
+paper networks (SE-VGG-16, ShuffleNet) that recipes take through them."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import randomize_norm_stats, state_snapshot
+from torch import nn
+
+import se_inject
+from se_inject import RecipeFileError, load_recipe_file
+from se_inject.patterns import conv_chain, match_block, trace_block
+from se_inject.surgery import apply_plan
+
+
+class ToyBlock(nn.Module):
+    """The README's block: a residual unit with no recipe naming its class."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+class ScaledBlock(nn.Module):
+    """ConvNeXt-like: depthwise conv, channels-last MLP, permute back, layer scale, drop-path, addition."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.fc1 = nn.Linear(channels, 2 * channels)
+        self.fc2 = nn.Linear(2 * channels, channels)
+        self.mlp = nn.Sequential(self.fc1, nn.GELU(), self.fc2)
+        self.gamma = nn.Parameter(torch.full((channels,), 0.5))
+        self.drop_path = nn.Identity()
+
+    def forward(self, x):
+        y = self.conv_dw(x).permute(0, 2, 3, 1)
+        y = self.mlp(self.norm(y)).permute(0, 3, 1, 2)
+        y = y.mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.drop_path(y) + x
+
+
+class Branches(nn.Module):
+    """Inception-like: parallel branches concatenated."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(channels, 8, 1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: expand, depthwise, project, residual addition."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.expand = nn.Conv2d(channels, 4 * channels, 1)
+        self.act1 = nn.ReLU6()
+        self.dw = nn.Conv2d(4 * channels, 4 * channels, 3, padding=1, groups=4 * channels)
+        self.bn = nn.BatchNorm2d(4 * channels)
+        self.act2 = nn.ReLU6()
+        self.project = nn.Conv2d(4 * channels, channels, 1)
+
+    def forward(self, x):
+        return x + self.project(self.act2(self.bn(self.dw(self.act1(self.expand(x))))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.res = ToyBlock(16)
+        self.scaled = ScaledBlock(16)
+        self.mb = MBConv(16)
+        self.cat = Branches(16)
+        self.chain = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                                   nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+
+    def forward(self, x):
+        return self.chain(self.cat(self.mb(self.scaled(self.res(self.stem(x))))))
+
+
+def test_each_pattern_finds_its_place():
+    net = Net()
+    assert match_block(net.res, "residual").anchor == "bn"
+    scaled = match_block(net.scaled, "residual")
+    assert scaled.anchor.startswith("%permute") and scaled.position == "after"  # back in NCHW, before gamma
+    assert match_block(net.mb, "inverted-residual").anchor == "project"
+    assert match_block(net.mb, "inverted-residual").position == "before"
+    assert match_block(net.cat, "concat").anchor == ""
+    assert conv_chain(net.chain) == ["2", "4"]
+    assert match_block(net.cat, "residual") is None  # no addition
+    assert match_block(net.res, "concat") is None
+    assert match_block(net.res, "inverted-residual") is None
+    assert conv_chain(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())) == []  # one unit is not a stack
+
+
+def test_matching_changes_nothing_and_traces_once_per_configuration():
+    blocks = [ToyBlock(8), ToyBlock(8), ToyBlock(16)]
+    before = [state_snapshot(b) for b in blocks]
+    graphs = [trace_block(b) for b in blocks]
+    assert graphs[0] is graphs[1]  # same class and configuration: one trace
+    assert graphs[2] is not graphs[0]
+    for b, snap in zip(blocks, before, strict=True):
+        assert type(b) is ToyBlock and state_snapshot(b).keys() == snap.keys()
+
+
+def test_user_model_gets_se_by_structure_without_a_recipe_file():
+    net = randomize_norm_stats(Net()).eval()
+    before = state_snapshot(net)
+    injected, report = se_inject.inject(net, seed=0, init="identity", input_size=16)
+    sites = {s.path: (s.pattern, s.anchor, s.channels) for s in report.plan.sites}
+    assert sites == {
+        "res": ("residual", "bn", 16),
+        "scaled": ("residual", sites["scaled"][1], 16),
+        "mb": ("inverted-residual", "project", 64),
+        "cat": ("concat", "", 24),
+        "chain.2": ("conv-chain", "", 24),
+        "chain.4": ("conv-chain", "", 32),
+    }
+    assert {s.recipe for s in report.plan.sites} == {"structural"}
+    assert all(row["pattern"] for row in report.to_dict()["sites"])  # the report says the match was structural
+    after = injected.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # every key kept, nothing renumbered
+    assert [n for n, _ in injected.chain.named_children()] == [n for n, _ in net.chain.named_children()]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(injected(x), net(x))  # identity init: exactly the base model
+    # the SE sits where the pattern says: on the block's MLP output, before gamma
+    seen = {}
+    hook = injected.scaled.se.register_forward_hook(lambda _m, args, out: seen.update(x=args[0]))
+    with torch.no_grad():
+        h = torch.randn(1, 16, 8, 8)
+        injected.scaled(h)
+        mlp = net.scaled.mlp(net.scaled.norm(net.scaled.conv_dw(h).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+    hook.remove()
+    assert torch.equal(seen["x"], mlp)
+    reloaded = apply_plan(net, report.plan)  # the plan replays (node anchors included) on a fresh copy
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), net(x))
+
+
+def test_class_rules_take_precedence_over_patterns():
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), torchvision.models.resnet.BasicBlock(64, 64), ToyBlock(64))
+    _, report = se_inject.inject(model, seed=0, input_size=16)
+    assert [(s.path, s.recipe, s.pattern) for s in report.plan.sites] == [
+        ("1", "resnet-residual", ""), ("2", "structural", "residual")]
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ('pattern = "spiral"', "patterns[0].pattern"),
+    ('pattern = "residual"\nclasses = "x"', "patterns[0].classes"),
+    ('pattern = "residual"\nwithin = ["a b"]', "patterns[0].within"),
+    ('pattern = "residual"\nafter = "bn"', "after"),
+    ('classes = ["*"]', "missing field"),
+])
+def test_malformed_pattern_rules_name_the_field(tmp_path, text, field):
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "p"\n[[patterns]]\n{text}\n')
+    with pytest.raises(RecipeFileError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        load_recipe_file(path)
+
+
+def test_pattern_rules_narrow_by_class_and_model(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\n[[patterns]]\npattern = "residual"\nclasses = ["*.ToyBlock"]\n'
+                    f'within = ["{__name__}.Net"]\n')
+    _, report = se_inject.inject(Net(), seed=0, input_size=16, recipe="mine", recipe_files=[path])
+    assert [s.path for s in report.plan.sites] == ["res"]
+    with pytest.raises(se_inject.NoSitesError):
+        se_inject.inject(nn.Sequential(ToyBlock(8)), seed=0, input_size=16, recipe="mine", recipe_files=[path])
+
+
+# --- the SE paper's networks -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["timm:vgg16_bn", "torchvision:vgg16_bn"])
+def test_se_vgg16_takes_se_after_each_of_its_13_convolutions(name):
+    model, report = se_inject.inject(name, device="meta", seed=0)
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13
+    assert [s.channels for s in report.plan.sites] == [c.out_channels for c in convs]
+    for site in report.plan.sites:  # each SE follows a conv-BN-ReLU unit of `features`
+        i = int(site.path.split(".")[-1])
+        assert isinstance(model.features[i - 2], nn.Conv2d) and isinstance(model.features[i - 1], nn.BatchNorm2d)
+    assert round(report.before.macs / 1e9, 2) == 15.47  # the SE paper's VGG-16 baseline (Table 2)
+    fc = sum(2 * s.channels * s.squeeze_channels for s in report.plan.sites)  # two FC layers per SE
+    assert report.after.macs - report.before.macs == fc
+
+
+def test_shufflenet_v2_takes_se_on_branch2_of_all_16_units():
+    model, report = se_inject.inject("torchvision:shufflenet_v2_x1_0", device="meta", seed=0)
+    units = [p for p, m in model.named_modules() if type(m).__name__ == "InvertedResidual"]
+    assert [s.path for s in report.plan.sites] == units and len(units) == 16
+    for site in report.plan.sites:
+        branch2 = model.get_submodule(f"{site.path}.branch2")
+        assert site.anchor == "branch2" and site.channels == branch2[-2].num_features  # its last BN
+
+
+# --- families (smallest model each, meta device) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "recipe", "block"), [
+    ("timm:test_convnext", "convnext", "ConvNeXtBlock"),
+    ("torchvision:convnext_tiny", "convnext", "CNBlock"),
+])
+def test_family_sites_equal_an_independent_count(name, recipe, block):
+    model, report = se_inject.inject(name, device="meta", seed=0)
+    blocks = [(p, m) for p, m in model.named_modules() if type(m).__name__ == block]
+    assert report.plan.recipes == (recipe,)
+    assert [s.path for s in report.plan.sites] == [p for p, _ in blocks]
+    dw = {p: next(c for c in m.modules() if isinstance(c, nn.Conv2d)).out_channels for p, m in blocks}
+    assert [s.channels for s in report.plan.sites] == [dw[s.path] for s in report.plan.sites]
+
+
+@pytest.mark.parametrize(("source", "name", "size"), [
+    ("timm", "test_convnext", 32),
+    ("torchvision", "shufflenet_v2_x0_5", 32),
+    ("torchvision", "alexnet", 64),
+])
+def test_identity_init_reproduces_real_models(source, name, size):
+    model = timm.create_model(name) if source == "timm" else torchvision.models.get_model(name)
+    model = randomize_norm_stats(model).eval()
+    before = state_snapshot(model)
+    injected, _ = se_inject.inject(model, seed=0, init="identity", input_size=size)
+    after = injected.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(injected.eval()(x), model(x))
+    scripted = torch.jit.script(injected)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
