@@ -66,7 +66,8 @@ def config_key(block: nn.Module) -> tuple[Any, ...]:
     """The block's class and configuration (scalar attributes, children's types and settings): a block's traced
     graph depends only on these."""
     config = tuple(
-        (name, type(value).__name__, value.extra_repr()) if isinstance(value, nn.Module) else (name, value)
+        (name, type(value).__name__, value.extra_repr(), tuple(value._modules))  # child names: a container's length
+        if isinstance(value, nn.Module) else (name, value)
         for name, value in sorted({**vars(block), **block._modules}.items())
         if not name.startswith("_") and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
     )
@@ -119,10 +120,10 @@ def _is_conv_or_norm(module: nn.Module) -> bool:
 
 
 def _last_layer(module: nn.Module) -> nn.Module:
-    """The last module with its own computation inside `module` (in registration order), skipping containers and
-    pass-through modules: `ConvNormAct(conv, bn(drop, act=Identity))` ends in its norm."""
+    """The last conv, norm or linear layer inside `module` (in registration order), skipping containers,
+    pass-through modules and activations: `ConvNormAct(conv, bn(drop, act))` ends in its norm."""
     for sub in reversed(list(module.modules())):
-        if isinstance(sub, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or _passes_through(sub):
+        if isinstance(sub, (nn.Sequential, nn.ModuleList, nn.ModuleDict, *_ACTIVATIONS)) or _passes_through(sub):
             continue
         if sub is not module and next(iter(sub.children()), None) is not None and not _is_conv_or_norm(sub):
             continue  # a composite child: its own last layer comes later in the list

@@ -211,24 +211,41 @@ def test_shufflenet_v2_takes_se_on_branch2_of_all_16_units():
 # --- families (smallest model each, meta device) ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "recipe", "block"), [
-    ("timm:test_convnext", "convnext", "ConvNeXtBlock"),
-    ("torchvision:convnext_tiny", "convnext", "CNBlock"),
+def _last_conv(module: nn.Module) -> nn.Conv2d:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
+
+
+@pytest.mark.parametrize(("name", "recipe", "blocks"), [
+    ("timm:test_convnext", "convnext", {"ConvNeXtBlock"}),
+    ("torchvision:convnext_tiny", "convnext", {"CNBlock"}),
+    ("timm:gernet_s", "byobnet", {"BasicBlock", "BottleneckBlock"}),
+    ("timm:repvgg_a0", "byobnet", {"RepVggBlock"}),
+    ("timm:mobileone_s0", "byobnet", {"MobileOneBlock"}),
+    ("timm:cspresnet50", "cspnet", {"BottleneckBlock"}),
+    ("timm:cs3darknet_s", "cspnet", {"DarkBlock"}),
+    ("timm:cs3edgenet_x", "cspnet", {"EdgeBlock"}),
 ])
-def test_family_sites_equal_an_independent_count(name, recipe, block):
+def test_family_sites_equal_an_independent_count(name, recipe, blocks):
+    """One SE per block of the family, on the block's output width (its last convolution's), nowhere else."""
     model, report = se_inject.inject(name, device="meta", seed=0)
-    blocks = [(p, m) for p, m in model.named_modules() if type(m).__name__ == block]
+    expected = [(p, m) for p, m in model.named_modules() if type(m).__name__ in blocks]
     assert report.plan.recipes == (recipe,)
-    assert [s.path for s in report.plan.sites] == [p for p, _ in blocks]
-    dw = {p: next(c for c in m.modules() if isinstance(c, nn.Conv2d)).out_channels for p, m in blocks}
-    assert [s.channels for s in report.plan.sites] == [dw[s.path] for s in report.plan.sites]
+    assert [s.path for s in report.plan.sites] == [p for p, _ in expected]
+    assert [s.channels for s in report.plan.sites] == [_last_conv(m).out_channels for _, m in expected]
 
 
-@pytest.mark.parametrize(("source", "name", "size"), [
+REAL = [
     ("timm", "test_convnext", 32),
     ("torchvision", "shufflenet_v2_x0_5", 32),
-    ("torchvision", "alexnet", 64),
-])
+    pytest.param("timm", "gernet_s", 32, marks=pytest.mark.slow),
+    pytest.param("timm", "cs3darknet_s", 32, marks=pytest.mark.slow),
+    pytest.param("timm", "repvgg_a0", 32, marks=pytest.mark.slow),
+    pytest.param("torchvision", "alexnet", 64, marks=pytest.mark.slow),
+    pytest.param("torchvision", "vgg11_bn", 32, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("source", "name", "size"), REAL)
 def test_identity_init_reproduces_real_models(source, name, size):
     model = timm.create_model(name) if source == "timm" else torchvision.models.get_model(name)
     model = randomize_norm_stats(model).eval()
@@ -239,6 +256,15 @@ def test_identity_init_reproduces_real_models(source, name, size):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.equal(injected.eval()(x), model(x))
-    scripted = torch.jit.script(injected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("source", "name", "size"), [p if isinstance(p, tuple) else p.values for p in REAL])
+def test_structural_rewrites_script_and_export(source, name, size):
+    model = timm.create_model(name) if source == "timm" else torchvision.models.get_model(name)
+    injected, _ = se_inject.inject(model.eval(), seed=0, input_size=size)
+    x = torch.randn(1, 3, size, size)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x))
+        expected = injected.eval()(x)
+        torch.testing.assert_close(torch.jit.script(injected)(x), expected)
+        torch.testing.assert_close(torch.export.export(injected, (x,)).module()(x), expected)
