@@ -7,8 +7,9 @@ each the SE paper's place for a kind of network (Hu et al., *Squeeze-and-Excitat
   last convolution or norm (or an MLP's last projection once the map is back in NCHW, as in ConvNeXt), before the
   layer-scale, drop-path and the addition. Where a block has several additions (MetaFormer), the last one's branch.
 - ``concat`` (SE-Inception, Fig. 2): the block returns a concatenation of parallel branches; SE on that output.
-- ``inverted-residual`` (MobileNetV3 / EfficientNet): a depthwise convolution followed, through norms and
-  activations only, by a 1x1 projection; SE goes before the projection.
+- ``inverted-residual`` (MobileNetV3 / EfficientNet): a depthwise convolution (a child that is one, or a
+  conv-norm-act unit around one) followed, through norms, activations and empty slots only, by a 1x1 projection;
+  SE goes before the projection.
 - ``conv-chain`` (SE-VGG-16, Table 2): a plain ``nn.Sequential`` stack of conv(-norm)-activation units (at least
   two); SE after each unit's activation. The activation module is the "block": its forward gets the SE call, so the
   Sequential keeps its children, their numbering and its own forward.
@@ -81,12 +82,20 @@ def trace_block(block: nn.Module) -> torch.fx.Graph | None:
     """The block's forward traced with every child opaque, or None when torch.fx cannot trace it. Cached per class
     and configuration, so a model with 50 identical blocks is traced once."""
     key = config_key(block)
+    if key in _traces and not _fits(_traces[key], block):
+        key = (*key, id(block))  # a configuration the key does not tell apart: trace this block on its own
     if key not in _traces:
         try:
             _traces[key] = _OpaqueTracer().trace(block)
         except Exception:  # data-dependent control flow, unsupported arguments, ...: no structural match
             _traces[key] = None
     return _traces[key]
+
+
+def _fits(graph: torch.fx.Graph | None, block: nn.Module) -> bool:
+    """Whether every child a cached graph calls exists in `block`."""
+    names = dict(block.named_modules())
+    return graph is None or all(str(n.target) in names for n in graph.nodes if n.op == "call_module")
 
 
 # --- what the nodes are ---------------------------------------------------------------------------------------------
@@ -214,12 +223,27 @@ def match_residual(block: nn.Module, graph: torch.fx.Graph) -> Place | None:
         and len(n.args) == 2 and not n.kwargs and all(isinstance(a, torch.fx.Node) for a in n.args)
     ]
     for addition in reversed(additions):  # the last residual: MetaFormer's MLP branch rather than its mixer's
-        for branch, shortcut in (addition.args, addition.args[::-1]):
-            end = _branch_end(block, branch)
-            if end is None or _depends_on(shortcut, end) or _is_constant(shortcut) or not _from_input(end):
-                continue
-            return Place(_anchor(end), "after")
+        # The branch is the operand with more layers between the block's input and the addition; the other is the
+        # shortcut (the input itself, or a projection such as conv-BN, which must not be mistaken for the branch).
+        branch, shortcut = sorted(addition.args, key=_depth, reverse=True)
+        if _depth(branch) == _depth(shortcut):
+            continue
+        end = _branch_end(block, branch)
+        if end is None or _depends_on(shortcut, end) or _is_constant(shortcut) or not _from_input(end):
+            continue
+        return Place(_anchor(end), "after")
     return None
+
+
+def _depth(node: torch.fx.Node) -> int:
+    """Child calls on the longest path from the block's input to `node`."""
+    depths: dict[torch.fx.Node, int] = {}
+    for n in node.graph.nodes:  # topological order
+        inputs = [depths[a] for a in n.all_input_nodes if a in depths]
+        depths[n] = (max(inputs) if inputs else 0) + (n.op == "call_module")
+        if n is node:
+            break
+    return depths[node]
 
 
 def match_concat(block: nn.Module, graph: torch.fx.Graph) -> Place | None:
@@ -249,26 +273,38 @@ def _ancestors(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
             stack.extend(n.all_input_nodes)
 
 
-def _is_depthwise(module: nn.Module | None) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels \
-        == module.out_channels and module.kernel_size != (1, 1)
+def _only_conv(module: nn.Module | None) -> nn.Conv2d | None:
+    """The module's single 2-D convolution (itself, or the one inside a conv-norm-act unit), else None."""
+    if module is None:
+        return None
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return convs[0] if len(convs) == 1 else None
 
 
-def _is_pointwise(module: nn.Module | None) -> bool:
-    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+def _is_depthwise(conv: nn.Conv2d | None) -> bool:
+    return conv is not None and 1 < conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size != (1, 1)
+
+
+def _is_pointwise(conv: nn.Conv2d | None) -> bool:
+    return conv is not None and conv.kernel_size == (1, 1) and conv.groups == 1
+
+
+def _no_layer(module: nn.Module | None) -> bool:
+    """Norms, activations, identities, empty slots: nothing with a conv or linear layer."""
+    return module is not None and not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
 
 
 def match_inverted_residual(block: nn.Module, graph: torch.fx.Graph) -> Place | None:
     for node in graph.nodes:
-        if not _is_depthwise(_module(block, node)):
+        if not _is_depthwise(_only_conv(_module(block, node))):
             continue
         current = node
         while len(current.users) == 1:
             current = next(iter(current.users))
             module = _module(block, current)
-            if _is_pointwise(module):
+            if _is_pointwise(_only_conv(module)):
                 return Place(str(current.target), "before")
-            if not (isinstance(module, (*_NORMS, *_ACTIVATIONS)) or (module is not None and _passes_through(module))):
+            if not _no_layer(module):
                 break
     return None
 
