@@ -105,6 +105,22 @@ def _first_conv(module: nn.Module) -> nn.Conv2d | None:
     return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
 
 
+def _has_depthwise(block: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels and m.kernel_size != (1, 1)
+        for m in block.modules()
+    )
+
+
+def _block_requirements_met(block: nn.Module, require: Iterable[str]) -> bool:
+    for req in require:
+        if req == "depthwise" and not _has_depthwise(block):
+            return False
+        if req == "no-depthwise" and _has_depthwise(block):
+            return False
+    return True
+
+
 def _unmet_requirement(anchor_module: nn.Module, require: Iterable[str]) -> str | None:
     for req in require:
         if req == "pointwise":
@@ -174,9 +190,10 @@ def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[Candidate]:
     for path, module in model.named_modules():
         cp = class_path(module)
         for recipe in recipes:
-            rule = recipe.rule_for(cp)
-            if rule is not None:
+            rules = recipe.rules_for(cp)
+            if rules:
                 taken.append(path)
+                rule = next((r for r in rules if _block_requirements_met(module, r.require)), rules[-1])
                 yield path, module, recipe, rule, ""
                 break
     pattern_rules = [(recipe, rule) for recipe in recipes for rule in recipe.patterns]
@@ -275,6 +292,8 @@ def find_sites(
             skipped.append(Skip(path, cp, recipe.name, f"attribute {rule.name!r} is taken"))
             continue
         unmet = None if anchor.startswith("%") else _unmet_requirement(block.get_submodule(anchor), rule.require)
+        if unmet is None and not _block_requirements_met(block, rule.require):
+            unmet = "its structure fits none of the recipe's rules for its class"
         if unmet:
             skipped.append(Skip(path, cp, recipe.name, unmet))
             continue

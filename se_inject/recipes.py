@@ -29,7 +29,9 @@ from .errors import RecipeFileError, UnknownRecipeError
 
 GATES = ("sigmoid", "hard-sigmoid")
 PATTERNS = ("residual", "concat", "inverted-residual", "conv-chain")  # see se_inject.patterns
-REQUIREMENTS = ("pointwise",)  # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection
+# "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection; "depthwise" / "no-depthwise": the
+# block has (has not) a depthwise convolution, so one class can take SE at different places by its structure.
+REQUIREMENTS = ("pointwise", "depthwise", "no-depthwise")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 _CLASS_PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
 _ATTR_RE = re.compile(r"^[A-Za-z_]\w*$")
@@ -99,6 +101,10 @@ class Recipe:
 
     def rule_for(self, class_path: str) -> BlockRule | None:
         return next((rule for rule in self.blocks if class_path in rule.classes), None)
+
+    def rules_for(self, class_path: str) -> tuple[BlockRule, ...]:
+        """Every rule naming the class, in file order (they differ in their block requirements)."""
+        return tuple(rule for rule in self.blocks if class_path in rule.classes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -242,12 +248,14 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
         raise RecipeFileError(source, "field 'blocks': expected at least one [[blocks]] or [[patterns]] table")
     rules = tuple(_parse_rule(source, i, table) for i, table in enumerate(blocks))
     pattern_rules = tuple(_parse_pattern(source, i, table) for i, table in enumerate(patterns))
-    seen: dict[str, int] = {}
+    seen: dict[tuple[str, tuple[str, ...]], int] = {}
     for i, rule in enumerate(rules):
         for c in rule.classes:
-            if c in seen:
-                raise RecipeFileError(source, f"field 'blocks[{i}].classes': {c!r} is already in blocks[{seen[c]}]")
-            seen[c] = i
+            if (c, rule.require) in seen:  # one class may have several rules told apart by their requirements
+                raise RecipeFileError(
+                    source, f"field 'blocks[{i}].classes': {c!r} is already in blocks[{seen[c, rule.require]}]"
+                )
+            seen[c, rule.require] = i
     defaults = _parse_defaults(source, data.get("defaults", {}))
     return Recipe(name, description, rules, defaults, reference, source, pattern_rules)
 

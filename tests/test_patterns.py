@@ -211,27 +211,52 @@ def test_shufflenet_v2_takes_se_on_branch2_of_all_16_units():
 # --- families (smallest model each, meta device) ---------------------------------------------------------------------
 
 
-def _last_conv(module: nn.Module) -> nn.Conv2d:
-    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
+def _last_conv(module: nn.Module) -> int:
+    """Width at the end of a residual branch: the block's last convolution's output."""
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
-@pytest.mark.parametrize(("name", "recipe", "blocks"), [
-    ("timm:test_convnext", "convnext", {"ConvNeXtBlock"}),
-    ("torchvision:convnext_tiny", "convnext", {"CNBlock"}),
-    ("timm:gernet_s", "byobnet", {"BasicBlock", "BottleneckBlock"}),
-    ("timm:repvgg_a0", "byobnet", {"RepVggBlock"}),
-    ("timm:mobileone_s0", "byobnet", {"MobileOneBlock"}),
-    ("timm:cspresnet50", "cspnet", {"BottleneckBlock"}),
-    ("timm:cs3darknet_s", "cspnet", {"DarkBlock"}),
-    ("timm:cs3edgenet_x", "cspnet", {"EdgeBlock"}),
+def _depthwise(module: nn.Module) -> int:
+    """Width after an inverted residual's depthwise convolution."""
+    return next(m for m in module.modules() if isinstance(m, nn.Conv2d) and m.groups > 1).out_channels
+
+
+def _byob(module: nn.Module) -> int:
+    """ByobNet: inverted bottlenecks (a depthwise kxk conv) after it, the others at the end of the branch."""
+    dw = any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels for m in module.modules())
+    return _depthwise(module) if dw else _last_conv(module)
+
+
+def _fire(module: nn.Module) -> int:
+    return module.expand1x1.out_channels + module.expand3x3.out_channels
+
+
+@pytest.mark.parametrize(("name", "recipe", "blocks", "width"), [
+    ("timm:test_convnext", "convnext", {"ConvNeXtBlock"}, _last_conv),
+    ("torchvision:convnext_tiny", "convnext", {"CNBlock"}, _last_conv),
+    ("timm:gernet_s", "byobnet", {"BasicBlock", "BottleneckBlock"}, _byob),
+    ("timm:repvgg_a0", "byobnet", {"RepVggBlock"}, _last_conv),
+    ("timm:mobileone_s0", "byobnet", {"MobileOneBlock"}, _last_conv),
+    ("timm:mobilevit_xxs", "byobnet", {"BottleneckBlock"}, _byob),
+    ("timm:cspresnet50", "cspnet", {"BottleneckBlock"}, _last_conv),
+    ("timm:cs3darknet_s", "cspnet", {"DarkBlock"}, _last_conv),
+    ("timm:cs3edgenet_x", "cspnet", {"EdgeBlock"}, _last_conv),
+    ("timm:poolformer_s12", "metaformer", {"MetaFormerBlock"}, _last_conv),
+    ("timm:fastvit_t8", "metaformer", {"RepMixerBlock"}, _last_conv),
+    ("timm:starnet_s050", "residual-cnn", {"Block"}, _last_conv),
+    ("timm:fasternet_t0", "residual-cnn", {"MLPBlock"}, _last_conv),
+    ("timm:inception_next_atto", "residual-cnn", {"MetaNeXtBlock"}, _last_conv),
+    ("timm:tiny_vit_5m_224", "hybrid-mbconv", {"MBConv"}, _depthwise),
+    ("torchvision:squeezenet1_1", "concat", {"Fire"}, _fire),
 ])
-def test_family_sites_equal_an_independent_count(name, recipe, blocks):
-    """One SE per block of the family, on the block's output width (its last convolution's), nowhere else."""
+def test_family_sites_equal_an_independent_count(name, recipe, blocks, width):
+    """One SE per block of the family, on the width its place has (counted from the block's own layers)."""
     model, report = se_inject.inject(name, device="meta", seed=0)
     expected = [(p, m) for p, m in model.named_modules() if type(m).__name__ in blocks]
     assert report.plan.recipes == (recipe,)
     assert [s.path for s in report.plan.sites] == [p for p, _ in expected]
-    assert [s.channels for s in report.plan.sites] == [_last_conv(m).out_channels for _, m in expected]
+    assert [s.channels for s in report.plan.sites] == [width(m) for _, m in expected]
+    assert all(s.pattern or s.slot or s.anchor for s in report.plan.sites)
 
 
 REAL = [
