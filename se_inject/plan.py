@@ -8,6 +8,7 @@ from typing import Any
 
 from .attention import AttentionSpec
 from .models import ModelSpec
+from .recipes import PATTERNS
 
 PLAN_FORMAT = "se-inject.plan/1"
 
@@ -27,6 +28,8 @@ class Site:
         attention: The module to build.
         pattern: The structural pattern that matched the block ("residual", "conv-chain", ...; see
             `se_inject.patterns`), or "" when a class rule named it.
+        fixed_args: The block's non-tensor forward arguments as its parent passes them (``shortcut=None``, flags),
+            by parameter name: tracing specialises on them. Empty for blocks called with tensors only.
     """
 
     path: str
@@ -38,6 +41,7 @@ class Site:
     name: str
     attention: AttentionSpec
     pattern: str = ""
+    fixed_args: dict[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def channels(self) -> int:
@@ -53,7 +57,7 @@ class Site:
         return f"{self.path}.{self.name}" if self.path else self.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "path": self.path,
             "recipe": self.recipe,
             "block": self.block,
@@ -62,12 +66,23 @@ class Site:
             "slot": self.slot,
             "name": self.name,
             "attention": self.attention.to_dict(),
-            "pattern": self.pattern,
         }
+        if self.pattern:  # a structural match (class-rule sites read as before)
+            data["pattern"] = self.pattern
+        if self.fixed_args:  # absent for most blocks: their plans read as before
+            data["fixed_args"] = dict(self.fixed_args)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Site:
-        return cls(**{**data, "attention": AttentionSpec.from_dict(data["attention"])})
+        fixed = data.get("fixed_args", {})
+        if not isinstance(fixed, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in fixed.items()
+        ):
+            raise ValueError(f"site {data.get('path')!r}: fixed_args must map names to plain values")
+        if data.get("pattern", "") not in ("", *PATTERNS):
+            raise ValueError(f"site {data.get('path')!r}: unknown pattern {data.get('pattern')!r}")
+        return cls(**{**data, "attention": AttentionSpec.from_dict(data["attention"]), "fixed_args": dict(fixed)})
 
 
 @dataclass(frozen=True)
