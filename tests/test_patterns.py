@@ -248,6 +248,7 @@ def _fire(module: nn.Module) -> int:
     ("timm:inception_next_atto", "residual-cnn", {"MetaNeXtBlock"}, _last_conv),
     ("timm:tiny_vit_5m_224", "hybrid-mbconv", {"MBConv"}, _depthwise),
     ("torchvision:squeezenet1_1", "concat", {"Fire"}, _fire),
+    ("timm:dla46_c", "dla", {"DlaBottleneck"}, _last_conv),
 ])
 def test_family_sites_equal_an_independent_count(name, recipe, blocks, width):
     """One SE per block of the family, on the width its place has (counted from the block's own layers)."""
@@ -262,6 +263,7 @@ def test_family_sites_equal_an_independent_count(name, recipe, blocks, width):
 REAL = [
     ("timm", "test_convnext", 32),
     ("torchvision", "shufflenet_v2_x0_5", 32),
+    ("timm", "dla46_c", 32),  # blocks called with and without their optional `shortcut` argument
     pytest.param("timm", "gernet_s", 32, marks=pytest.mark.slow),
     pytest.param("timm", "cs3darknet_s", 32, marks=pytest.mark.slow),
     pytest.param("timm", "repvgg_a0", 32, marks=pytest.mark.slow),
