@@ -322,6 +322,10 @@ def print_recipes(*, as_json: bool) -> None:
             place = f"{rule.position} {rule.anchor}" + (f" (fills `{rule.slot}`)" if rule.slot else "")
             for c in rule.classes:
                 typer.echo(f"  {c}: {place}")
+        for p in r.patterns:
+            scope = " ".join([*p.classes, *(f"within {w}" for w in p.within),
+                              *(f"not within {w}" for w in p.not_within)])
+            typer.echo(f"  pattern {p.pattern}: {scope}")
 
 
 @app.command("export")
@@ -427,7 +431,7 @@ def scan_command(
     with error_funnel():
         from .api import validate_settings
         from .plan import Settings
-        from .scan import model_names, summarize, write_rows
+        from .scan import model_names, summarize, summarize_categories, write_rows
 
         validate_settings(Settings(reduction=reduction))
         names = model_names(patterns or ["*"], source)
@@ -438,7 +442,8 @@ def scan_command(
         if output is not None:
             write_rows(rows, output)
         if as_json:
-            _print_json({"summary": summarize(rows), "models": [r.to_dict() for r in rows]})
+            _print_json({"summary": summarize(rows), "no_match": summarize_categories(rows),
+                         "models": [r.to_dict() for r in rows]})
         else:
             _render_scan(rows, output)
 
@@ -460,7 +465,7 @@ def _render_scan(rows: list[Any], output: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .scan import summarize
+    from .scan import summarize, summarize_categories
 
     out = Console(highlight=False)
     if len(rows) <= 50:
@@ -479,6 +484,9 @@ def _render_scan(rows: list[Any], output: Path | None) -> None:
         table.add_column(name, justify="right")
     table.add_row(*(str(summary[k]) for k in ("models", "covered", "already-se", "no-match", "error")))
     out.print(table)
+    kinds = summarize_categories(rows)
+    if kinds:
+        out.print("no match by kind: " + ", ".join(f"{k} {n}" for k, n in kinds.items()), markup=False)
     errors = [r for r in rows if r.status == "error"]
     for r in errors[:20]:
         out.print(f"error: {r.model}: {r.reason}", markup=False)

@@ -365,3 +365,27 @@ def node_output_shape(block: nn.Module, node_name: str, args: tuple[Any, ...]) -
         return None
     value = seen.get("value")
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+# --- what a model without sites is ----------------------------------------------------------------------------------
+
+CATEGORIES = ("transformer", "MLP", "hybrid", "CNN")
+
+
+def architecture_category(model: nn.Module) -> str:
+    """What kind of network `model` is, for models no recipe takes: "transformer" or "MLP" when its only spatial
+    convolutions are a stem or patch embedding (at most 4, or strided by their own kernel size) and it does (does
+    not) have attention; "hybrid" or "CNN" when it has convolutional layers beyond that (a family no recipe covers
+    yet)."""
+    spatial = [
+        m for m in model.modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) and tuple(m.stride) != tuple(m.kernel_size)
+    ]
+    attention = any(
+        isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
+        or type(m).__name__.lower().endswith(("attn", "msa", "mhsa"))
+        for m in model.modules()
+    )
+    if len(spatial) <= 4:
+        return "transformer" if attention else "MLP"
+    return "hybrid" if attention else "CNN"

@@ -41,6 +41,7 @@ class ScanRow:
     macs_delta: int | None = None
     reason: str = ""
     seconds: float = 0.0
+    category: str = ""  # for "no-match": transformer, MLP, hybrid or CNN (`patterns.architecture_category`)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "recipes": list(self.recipes)}
@@ -101,7 +102,8 @@ def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
         )
     except NoSitesError as e:
         status = "already-se" if e.reason == "already-attention" else "no-match"
-        return ScanRow(name, status, reason=str(e), seconds=time.perf_counter() - start)
+        category = _category(name) if status == "no-match" else ""
+        return ScanRow(name, status, reason=str(e), seconds=time.perf_counter() - start, category=category)
     except _Timeout:
         return ScanRow(name, "error", reason=f"timed out after {timeout:g}s", seconds=time.perf_counter() - start)
     except SEInjectError as e:
@@ -113,6 +115,25 @@ def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+
+
+def _category(name: str) -> str:
+    from .models import build_model, resolve_model
+    from .patterns import architecture_category
+
+    try:
+        return architecture_category(build_model(resolve_model(name), device="meta"))
+    except Exception:  # the row is still a no-match; its kind is just unknown
+        return ""
+
+
+def summarize_categories(rows: list[ScanRow]) -> dict[str, int]:
+    """The "no-match" rows by architecture category."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.status == "no-match":
+            counts[row.category or "unknown"] = counts.get(row.category or "unknown", 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _worker_init() -> None:
@@ -182,7 +203,8 @@ def write_rows(rows: list[ScanRow], path: str | Path) -> None:
 
     path = Path(path)
     if path.suffix.lower() == ".json":
-        text = json.dumps({"summary": summarize(rows), "models": [r.to_dict() for r in rows]}, indent=2) + "\n"
+        text = json.dumps({"summary": summarize(rows), "no_match": summarize_categories(rows),
+                           "models": [r.to_dict() for r in rows]}, indent=2) + "\n"
     elif path.suffix.lower() == ".csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(ScanRow.__dataclass_fields__))

@@ -295,3 +295,14 @@ def test_structural_rewrites_script_and_export(source, name, size):
         expected = injected.eval()(x)
         torch.testing.assert_close(torch.jit.script(injected)(x), expected)
         torch.testing.assert_close(torch.export.export(injected, (x,)).module()(x), expected)
+
+
+def test_architecture_category_of_models_without_sites():
+    from se_inject.patterns import architecture_category
+
+    cnn = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(5)])
+    assert architecture_category(cnn) == "CNN"
+    patchify = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(2), nn.Linear(16, 16))
+    assert architecture_category(patchify) == "MLP"
+    assert architecture_category(nn.Sequential(patchify, nn.MultiheadAttention(16, 2))) == "transformer"
+    assert architecture_category(nn.Sequential(cnn, nn.MultiheadAttention(16, 2))) == "hybrid"

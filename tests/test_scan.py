@@ -30,6 +30,7 @@ def test_scan_classifies_each_model():
     partial = rows[3]
     assert partial.sites == 2 and partial.existing == 9  # the blocks that have SE keep it
     assert summarize(rows) == {"models": 4, "covered": 2, "already-se": 1, "no-match": 1, "error": 0}
+    assert rows[2].category == "transformer"  # a no-match says what kind of network it is
 
 
 def test_scan_one_never_raises():
