@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeFileError, UnknownRecipeError
+from .schema import attribute_name_problem
 
 GATES = ("sigmoid", "hard-sigmoid")
 REQUIREMENTS = ("pointwise",)  # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 _CLASS_PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
-_ATTR_RE = re.compile(r"^[A-Za-z_]\w*$")
 _CHILD_PATH_RE = re.compile(r"^(\.|-?\w+(\.-?\w+)*)$")
 
 
@@ -131,7 +131,7 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     if not classes:
         raise RecipeFileError(path, f"field '{where}.classes': expected at least one class path")
     for c in classes:
-        if not isinstance(c, str) or not _CLASS_PATH_RE.match(c):
+        if not isinstance(c, str) or not _CLASS_PATH_RE.fullmatch(c):
             raise RecipeFileError(
                 path, f"field '{where}.classes': expected full class paths like 'package.module.Class', got {c!r}"
             )
@@ -142,16 +142,16 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     default_anchor = table.get("slot") if isinstance(table.get("slot"), str) else "?"
     anchor = _expect(path, f"{where}.{position}", table.get(position, default_anchor), str,
                      "a child path such as 'bn3' or 'conv.-2'")
-    if not _CHILD_PATH_RE.match(anchor) or (position == "before" and anchor == "."):
+    if not _CHILD_PATH_RE.fullmatch(anchor) or (position == "before" and anchor == "."):
         raise RecipeFileError(
             path, f"field '{where}.{position}': expected a child path such as 'bn3' or 'conv.-2', got {anchor!r}"
         )
     slot = table.get("slot")
-    if slot is not None and not (isinstance(slot, str) and _ATTR_RE.match(slot)):
-        raise RecipeFileError(path, f"field '{where}.slot': expected an attribute name, got {slot!r}")
+    if slot is not None and attribute_name_problem(slot):
+        raise RecipeFileError(path, f"field '{where}.slot': {attribute_name_problem(slot)}")
     name = table.get("name", slot or "se")
-    if not (isinstance(name, str) and _ATTR_RE.match(name)):
-        raise RecipeFileError(path, f"field '{where}.name': expected an attribute name, got {name!r}")
+    if attribute_name_problem(name):
+        raise RecipeFileError(path, f"field '{where}.name': {attribute_name_problem(name)}")
     if slot is not None and name != slot:
         raise RecipeFileError(path, f"field '{where}.name': must equal 'slot' ({slot!r}) when a slot is filled")
     require = _expect(path, f"{where}.require", table.get("require", []), list, "a list of requirement names")
@@ -167,7 +167,7 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     """Validate a parsed recipe table; errors name the file, the field and what was expected."""
     _check_keys(source, "", data, {"name", "description", "reference", "defaults", "blocks"}, {"name", "blocks"})
     name = _expect(source, "name", data["name"], str, "a recipe name")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise RecipeFileError(source, f"field 'name': expected lowercase letters, digits and '-', got {name!r}")
     description = _expect(source, "description", data.get("description", ""), str, "a string")
     reference = _expect(source, "reference", data.get("reference", ""), str, "a string")
