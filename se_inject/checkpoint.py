@@ -1,18 +1,14 @@
 """Saving and loading: a folder with ``model.safetensors`` (weights + the plan in its metadata) and ``report.json``.
 
-Files are written to temporary names and renamed into place, so an interrupted run leaves either the previous
-output or the complete new one. ``load`` rebuilds the base model, replays the plan and loads the weights strictly.
+A folder is staged complete and swapped in with one atomic step (see `atomic`), so an interrupted run leaves either
+the previous output or the complete new one. ``load`` validates the plan and the weights' digest, rebuilds the base
+model (timm/torchvision names only; code only when trusted), replays the plan and loads the weights strictly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, OutputExistsError, SEInjectError, WeightsError
+from .errors import CheckpointError, SEInjectError, WeightsError
 from .models import ModelSpec, _timm_has, build_model, check_state_dict, load_state, torchvision_names
 from .plan import Plan
 from .surgery import apply_plan
@@ -29,7 +25,7 @@ MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
 PLAN_KEY = "se_inject.plan"
 PLAN_HASH_KEY = "se_inject.plan_sha256"
-OUTPUT_FILES = (MODEL_FILE, REPORT_FILE, "config.json", "model.pt", "model.pt2", "model.onnx")  # names we own
+OUTPUT_FILES = (MODEL_FILE, REPORT_FILE, "config.json", "model.pt", "model.pt2", "model.onnx")  # names it writes
 
 
 def library_versions() -> dict[str, str]:
@@ -128,106 +124,13 @@ def write_text(text: str) -> Callable[[Path], None]:
     return write
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _finish(path: Path, mode: int) -> None:
-    """Give a written temporary file its final permissions and flush it to disk before it is renamed."""
-    os.chmod(path, mode)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)-")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(directory: Path, prefix: str = ".") -> None:
-    """Delete temporaries (files, staging folders) that a killed se-inject run left in `directory`."""
-    if not directory.is_dir():
-        return
-    for entry in directory.iterdir():
-        match = _TEMPORARY.match(entry.name)
-        if match and entry.name.startswith(prefix) and not _alive(int(match.group(1))):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    entry.unlink()
-
-
 def write_atomically(
     directory: str | Path, files: dict[str, Callable[[Path], None]], *, force: bool = False, outputs: bool = False
 ) -> Path:
-    """Write `files` (name -> writer) into `directory`: all to temporary names first, then renamed into place.
+    """Write `files` (name -> writer) into `directory`, all or nothing; see `atomic.write_folder`."""
+    from .atomic import write_folder
 
-    Raises OutputExistsError, without touching anything, when a file to write exists and `force` is off. With
-    `outputs` (a whole se-inject output folder), our other output files count too, and with `force` the ones this
-    write does not produce are removed as stale; other files in the folder are never touched.
-    """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise OutputExistsError(f"{directory} exists and is not a directory")
-    names = (*files, *OUTPUT_FILES) if outputs else tuple(files)
-    owned = [name for name in dict.fromkeys(names) if (directory / name).exists()]
-    if owned and not force:
-        raise OutputExistsError(f"{directory / owned[0]} already exists; pass --force to overwrite it")
-    temporaries: list[Path] = []
-    staging: Path | None = None
-    umask = _umask()
-    tag = f".tmp-{os.getpid()}-"  # temporaries carry the writer's pid, so a later run can clear a killed run's
-    try:
-        _remove_stale_temporaries(directory)
-        _remove_stale_temporaries(directory.parent, f".{directory.name}.tmp-")
-        if directory.is_dir():
-            targets = {}
-            for name, write in files.items():
-                stem, dot, ext = name.rpartition(".")  # keep the extension: some writers check it (.pt2)
-                prefix, suffix = (f".{stem}{tag}", f"{dot}{ext}") if dot else (f".{name}{tag}", "")
-                fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
-                os.close(fd)
-                temporaries.append(Path(tmp))
-                write(Path(tmp))
-                _finish(Path(tmp), 0o666 & ~umask)
-                targets[Path(tmp)] = directory / name
-            for tmp, target in targets.items():
-                os.replace(tmp, target)
-            temporaries.clear()
-            for name in set(owned) - set(files):  # a previous run's outputs, now stale (only with `outputs`)
-                (directory / name).unlink()
-        else:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}{tag}", dir=directory.parent))
-            os.chmod(staging, 0o777 & ~umask)
-            for name, write in files.items():
-                write(staging / name)
-                _finish(staging / name, 0o666 & ~umask)
-            os.rename(staging, directory)
-            staging = None
-    except OSError as e:
-        raise SEInjectError(f"cannot write {directory}: {e.strerror or e}") from None
-    finally:
-        for tmp in temporaries:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return write_folder(directory, files, force=force, outputs=outputs)
 
 
 def save(

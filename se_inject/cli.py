@@ -332,6 +332,11 @@ def export_command(
                                                 show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    base_model: Annotated[str | None, typer.Option("--model", help="The base model, for a folder saved from your "
+                                                   "own code: FILE.py:FACTORY, MODULE:FACTORY or a model name.",
+                                                   show_default=False)] = None,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the model code the folder names (only for "
+                                             "folders you trust).")] = False,
 ) -> None:
     """Export a saved model to a file that loads and runs with torch alone; checks it against the eager model."""
     with error_funnel():
@@ -341,13 +346,22 @@ def export_command(
         if fmt not in FORMATS:
             raise UsageError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
         plan = read_plan(directory)
-        model = load(directory)
+        model = load(directory, model=_base_model(base_model, plan.seed), trust_code=trust_code)
         result = export(model, plan, fmt, output or Path(directory) / f"model{FORMATS[fmt]}", force=force)
         if as_json:
             _print_json(result.to_dict())
         else:
             diff = "not run back" if result.max_abs_diff is None else f"max |diff| vs eager {result.max_abs_diff:.3g}"
             typer.echo(f"exported {result.format} to {result.path} ({diff}{'; ' + result.note if result.note else ''})")
+
+
+def _base_model(name: str | None, seed: int) -> Any:
+    """The model the user names on the command line (their own code runs: they named it)."""
+    if name is None:
+        return None
+    from .models import build_model, resolve_model
+
+    return build_model(resolve_model(name), seed=seed)
 
 
 @app.command("compare")

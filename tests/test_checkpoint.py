@@ -25,7 +25,7 @@ def saved(tmp_path_factory):
 
 def test_folder_holds_weights_with_plan_and_report(saved):
     model, report, directory = saved
-    assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "report.json"]
+    assert sorted(p.name for p in directory.iterdir()) == [".se-inject.json", "model.safetensors", "report.json"]
     with safe_open(str(directory / "model.safetensors"), "pt") as f:
         meta = f.metadata()
         assert set(f.keys()) == set(model.state_dict())
@@ -69,7 +69,8 @@ def test_refuses_to_overwrite_without_force(saved, tmp_path):
     assert (directory / "model.safetensors").read_bytes() == before
     se_inject.save(model, report.plan, directory, force=True)
     assert (directory / "notes.txt").read_text() == "mine"  # --force replaces our files only
-    assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "notes.txt"]  # no temporaries left
+    assert sorted(p.name for p in directory.iterdir()) == [".se-inject.json", "model.safetensors", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporaries left
 
 
 def test_failed_write_leaves_nothing(saved, tmp_path, monkeypatch):
