@@ -281,12 +281,12 @@ def _swap_in(directory: Path, files: dict[str, Writer], owned: set[str]) -> None
             record = staging / RECORD_FILE
             record.write_text(_record_text(staging, list(files)), encoding="utf-8")
             _finish(record, 0o666 & ~umask)
-            (staging / _MARKER).unlink()
             os.chmod(staging, old_mode if old_mode is not None else 0o777 & ~umask)
             _fsync_dir(staging)
             fault_point("staged")
             if old_mode is None:
                 os.rename(staging, directory)  # a new folder: appears complete
+                fault_point("renamed")
             else:
                 # The previous folder gets the marker before the swap, so a run killed right after it leaves a
                 # staging folder that the next run recognises and removes.
@@ -298,9 +298,11 @@ def _swap_in(directory: Path, files: dict[str, Writer], owned: set[str]) -> None
                     for name in [*files, RECORD_FILE]:
                         os.replace(staging / name, directory / name)
                         fault_point(f"replaced {name}")
-                    for name in [*(owned - set(files)), _MARKER]:
+                    for name in owned - set(files):
                         with contextlib.suppress(FileNotFoundError):
                             (directory / name).unlink()
+            with contextlib.suppress(FileNotFoundError):
+                (directory / _MARKER).unlink()  # the staging marker the new folder still carries
             _fsync_dir(parent)
     finally:
         if staging.exists():  # the unfinished new folder, or the previous one after the swap
