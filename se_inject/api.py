@@ -29,6 +29,7 @@ from .models import (
 )
 from .plan import Plan, Settings, Site
 from .recipes import GATES, resolve_recipes
+from .schema import MAX_SEED
 from .surgery import apply_plan
 from .variants import VARIANTS
 
@@ -274,8 +275,8 @@ def inject(
     size = parse_input_size(input_size)
     if seed is None:
         seed = secrets.randbelow(2**31)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"invalid seed {seed!r}: expected an integer >= 0")
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"invalid seed {seed!r}: expected an integer in [0, {MAX_SEED}] (torch's seed range)")
     recipes = resolve_recipes(recipe, tuple(recipe_files))
     # Finding, planning and counting run on a meta-device twin ("planning"): no memory, no init, no real compute.
     if isinstance(model, str):
@@ -291,6 +292,10 @@ def inject(
     if size is None:
         size = default_input_size(spec, planning)
 
+    if str(device) != "meta":  # the saved model will run at this size: refuse one no machine here can hold
+        from .memory import check_forward_memory
+
+        check_forward_memory(planning, size)
     findings = find_sites(planning, recipes, size, count_base=True)  # one forward: shapes and base counts
     plan, notes = make_plan(findings, settings, model=spec, seed=seed)
     before = findings.counts

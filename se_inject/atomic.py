@@ -25,7 +25,7 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError, SEInjectError
+from .errors import OutputExistsError, SEInjectError, UsageError
 
 RECORD_FILE = ".se-inject.json"
 RECORD_FORMAT = "se-inject.files/1"
@@ -232,6 +232,10 @@ def write_folder(
     the folder's record gains it.
     """
     directory = Path(directory)
+    try:
+        os.fsencode(directory).decode("utf-8")
+    except UnicodeDecodeError:  # written, it could not be named in report.json nor read back by other tools
+        raise UsageError(f"output path {str(directory)!r} is not valid UTF-8; choose another name") from None
     if directory.is_symlink():
         directory = directory.resolve()
     if directory.exists() and not directory.is_dir():

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, SEInjectError, WeightsError
-from .models import ModelSpec, _timm_has, build_model, check_state_dict, load_state, torchvision_names
+from .models import (
+    ModelSpec,
+    _timm_has,
+    build_model,
+    check_readable,
+    check_state_dict,
+    load_state,
+    torchvision_names,
+)
 from .plan import Plan
 from .surgery import apply_plan
 
@@ -158,6 +166,7 @@ def _model_file(path: str | Path) -> Path:
         if path.is_dir():
             raise CheckpointError(f"{path}: no {MODEL_FILE} in this folder (not an se-inject output?)")
         raise CheckpointError(f"{path}: no such file or folder")
+    check_readable(file, CheckpointError)
     return file
 
 

@@ -40,6 +40,7 @@ class DefaultCommandGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
+        printable_streams()
         run_listing(tuple(sys.argv[1:] if args is None else args))  # skips typer's pydantic option coercion
         try:
             code = super().main(args=args, prog_name=prog_name or "se-inject", standalone_mode=False, **extra)
@@ -49,6 +50,14 @@ class DefaultCommandGroup(TyperGroup):
             error(f"error: {e.format_message()}")
             sys.exit(e.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def printable_streams() -> None:
+    """Text the terminal's encoding cannot show (PYTHONIOENCODING=ascii, a path with 'é') is escaped, not fatal."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 app = typer.Typer(
@@ -345,8 +354,11 @@ def export_command(
 
         if fmt not in FORMATS:
             raise UsageError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+        from .memory import check_forward_memory
+
         plan = read_plan(directory)
         model = load(directory, model=_base_model(base_model, plan.seed), trust_code=trust_code)
+        check_forward_memory(model, plan.input_size, error=SEInjectError)
         result = export(model, plan, fmt, output or Path(directory) / f"model{FORMATS[fmt]}", force=force)
         if as_json:
             _print_json(result.to_dict())
@@ -532,6 +544,7 @@ def run_listing(argv: tuple[str, ...]) -> None:
 
 
 def main() -> None:
+    printable_streams()
     run_listing(tuple(sys.argv[1:]))  # before typer builds its command tree
     app()
 

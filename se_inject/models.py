@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from .errors import SEInjectError, UnknownModelError, UsageError, WeightsError
 
 SOURCES = ("timm", "torchvision")  # named model libraries; "python" specs are factories of the user's
 DEFAULT_INPUT_SIZE = (3, 224, 224)
+MAX_SIDE = 16384  # the plan schema's bound too (schema.MAX_SIDE)
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,8 @@ def parse_input_size(value: int | str | tuple[int, ...] | list[int] | None) -> t
         parts = [3, *parts]
     if len(parts) != 3 or any(p <= 0 for p in parts):
         raise UsageError(f"invalid input size {value!r}: expected N, HxW or C,H,W with positive integers")
+    if any(p > MAX_SIDE for p in parts):
+        raise UsageError(f"invalid input size {value!r}: each of C, H, W must be at most {MAX_SIDE}")
     return tuple(parts)  # type: ignore[return-value]
 
 
@@ -276,6 +280,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: empty file")
+    check_readable(path, WeightsError)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -292,20 +297,31 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 warnings.simplefilter("ignore")
                 data = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            detail = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-            detail_line = detail[0] if detail else ""
-            if "Unsupported global" in detail_line:  # a pickle that would import and call code
-                target = detail_line.split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip()
+            target = re.search(r"GLOBAL\s+([\w.]+)", str(e))  # torch names what the pickle would import and call
+            if target:
                 raise WeightsError(
-                    f"{path}: refused, loading it would call {target}; only tensors are read "
+                    f"{path}: refused, loading it would call {target.group(1)}; only tensors are read "
                     "(torch.load weights_only=True). Convert it with code you trust, or use .safetensors"
                 ) from None
+            detail = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+            detail_line = detail[0] if detail else ""
             raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({detail_line[:120]})") from None
         except Exception as e:  # truncated zip, random bytes, ...
             raise WeightsError(
                 f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({_first_line(e)})"
             ) from None
     return _unwrap_state_dict(data, path)
+
+
+def check_readable(path: Path, error: type[SEInjectError]) -> None:
+    """Raise `error` saying "permission denied" (not "no such file" or "corrupt") for a file we may not read."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise error(f"{path}: permission denied") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -192,12 +192,16 @@ def load_recipe_file(path: str | Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeFileError(str(path), "no such file") from None
+    except PermissionError:
+        raise RecipeFileError(str(path), "permission denied") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeFileError(str(path), f"cannot read: {e}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeFileError(str(path), f"invalid TOML: {e}") from None
+    except RecursionError:
+        raise RecipeFileError(str(path), "invalid TOML: nested too deeply") from None
     return parse_recipe(data, str(path))
 
 

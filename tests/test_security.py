@@ -493,3 +493,100 @@ def test_a_live_writers_temporaries_are_left_alone(tmp_path):
 
     write_atomically(out, {"a.txt": write_while_another_run_starts}, force=True, outputs=True)
     assert (out / "a.txt").read_text() == "2"
+
+
+# --- 7. the remaining bad inputs: one line, exit 1 or 2 --------------------------------------------------------------
+
+
+def one_line(result, code: int, *texts: str) -> None:
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for text in texts:
+        assert text in lines[0], lines[0]
+
+
+def cli(*args: str):
+    return runner.invoke(app, list(args), env={"COLUMNS": "300"})
+
+
+def test_deeply_nested_recipe_file(tmp_path):
+    recipe = tmp_path / "deep.toml"
+    recipe.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    one_line(cli("timm:test_resnet", "--dry-run", "--recipe-file", str(recipe)), 2, "nested too deeply")
+
+
+@pytest.mark.parametrize("seed", [str(2**64), "-1"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_seed_outside_the_rng_range(tmp_path, seed, dry_run):
+    args = ["timm:test_resnet", "--seed", seed, "-o", str(tmp_path / "o"), *(["--dry-run"] if dry_run else [])]
+    one_line(cli(*args), 2, "invalid seed")
+    assert not (tmp_path / "o").exists()
+    assert cli("timm:test_resnet", "--dry-run", "--seed", str(2**64 - 1)).exit_code == 0
+
+
+def test_input_size_no_machine_can_hold(tmp_path, monkeypatch):
+    one_line(cli("timm:test_resnet", "--input-size", "3,16385,16", "-o", str(tmp_path / "o")), 2, "at most 16384")
+    import se_inject.memory
+
+    monkeypatch.setattr(se_inject.memory, "machine_memory", lambda: 2**30)  # a 1 GiB machine
+    one_line(cli("timm:test_resnet", "--input-size", "4096", "-o", str(tmp_path / "o")), 2, "GiB, more than")
+    assert not (tmp_path / "o").exists()
+    assert cli("timm:test_resnet", "--input-size", "4096", "--dry-run").exit_code == 0  # planning needs no memory
+
+
+def test_unreadable_files_say_permission_denied(saved, tmp_path, monkeypatch):
+    import builtins
+
+    import se_inject.models
+
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):  # what open() does for a file without read permission (root reads all)
+        if str(file) in (str(weights), str(saved[2] / "model.safetensors")):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(se_inject.models, "open", denied, raising=False)
+    one_line(cli("timm:test_resnet", "--weights", str(weights), "--dry-run"), 1, "permission denied")
+    one_line(cli("export", str(saved[2]), "-f", "onnx"), 1, "permission denied")
+
+
+def test_non_utf8_output_path_is_refused(tmp_path):
+    out = os.fsdecode(bytes(tmp_path) + b"/out\xff")
+    one_line(cli("timm:test_resnet", "-o", out), 2, "not valid UTF-8")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_printing_under_an_ascii_terminal(tmp_path, monkeypatch):
+    import io
+
+    from se_inject.cli import printable_streams, render_report
+
+    _, report = se_inject.inject("timm:test_resnet", seed=0, device="meta")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    printable_streams()
+    render_report(report.__class__(**{**vars(report), "output": str(tmp_path / "é")}))
+    stdout.flush()
+    assert b"saved to" in stdout.buffer.getvalue() and b"\\xe9" in stdout.buffer.getvalue()
+
+
+class SystemCall:
+    """Unpickling this would run a shell command (the harmless target creates a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_os_system_pickle_is_refused_naming_the_callable(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"conv1.weight": SystemCall(marker)}, tmp_path / "evil.pth")
+    result = cli("timm:test_resnet", "--weights", str(tmp_path / "evil.pth"), "--dry-run")
+    one_line(result, 1, "refused, loading it would call", f"{os.system.__module__}.system")
+    assert not marker.exists()
