@@ -71,13 +71,19 @@ def image_batch(
 
 
 def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's eval-mode output on `x` (its training flag is restored)."""
+    """The model's eval-mode output on `x` (its training flag is restored).
+
+    Computed on one CPU thread: how kernels split reductions depends on the thread count, and the last digits of the
+    drift figures with it; on one thread they are the same on every machine, so seeded reports are byte-identical.
+    """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    training = model.training
+    training, threads = model.training, torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
         with torch.no_grad():
             out = model.eval()(x.to(device))
     finally:
+        torch.set_num_threads(threads)
         model.train(training)
     if not isinstance(out, torch.Tensor):
         raise SEInjectError("drift needs a model that returns one tensor")

@@ -590,3 +590,21 @@ def test_os_system_pickle_is_refused_naming_the_callable(tmp_path):
     result = cli("timm:test_resnet", "--weights", str(tmp_path / "evil.pth"), "--dry-run")
     one_line(result, 1, "refused, loading it would call", f"{os.system.__module__}.system")
     assert not marker.exists()
+
+
+# --- 8. reproducible reports ---------------------------------------------------------------------------------------
+
+
+def test_seeded_report_is_byte_identical_across_thread_counts(tmp_path):
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), weights)  # weights: the drift is measured
+    reports, threads = [], torch.get_num_threads()
+    try:
+        for n in (2, 1):  # what OMP_NUM_THREADS=2 / =1 set
+            torch.set_num_threads(n)
+            _, report = se_inject.inject("timm:test_efficientnet", seed=3, weights=weights)
+            reports.append(json.dumps(report.to_dict(), indent=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(reports[0])["drift"]["max_abs_diff"] > 0
+    assert reports[0] == reports[1]
