@@ -32,6 +32,7 @@ from .recipes import GATES, resolve_recipes
 from .schema import MAX_SEED
 from .surgery import apply_plan
 from .variants import VARIANTS
+from .verify import verify_plan
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ def _site(match: Match, settings: Settings) -> Site:
         slot=match.rule.slot,
         name=match.rule.name,
         attention=spec,
+        fixed_args=dict(match.fixed_args),
     )
 
 
@@ -307,6 +309,10 @@ def inject(
                 check_state_dict(planning, read_state_dict(weights), str(weights))
             else:
                 load_weights(base, weights)
+    plan, refused = verify_plan(base, plan, {m.path: m.call for m in findings.matches if m.call is not None})
+    if not plan.sites:
+        reasons = "; ".join(sorted({f"{s.path or 'the model'}: {s.reason}" for s in refused})[:3])
+        raise NoSitesError(f"no block to put SE in: every rewrite failed its verification ({reasons})", "unverified")
     apply_plan(planning, plan, inplace=True)
     after = count(planning, size)
     if after.output_shapes != before.output_shapes:
@@ -324,7 +330,7 @@ def inject(
     report = Report(
         model=str(spec) if spec else type(base).__name__,
         plan=plan,
-        skipped=findings.skipped,
+        skipped=_in_model_order(planning, (*findings.skipped, *refused)),
         before=before,
         after=after,
         site_params=site_params,
@@ -334,6 +340,11 @@ def inject(
         drift=drifted,
     )
     return injected, report
+
+
+def _in_model_order(model: nn.Module, skipped: tuple[Skip, ...]) -> tuple[Skip, ...]:
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    return tuple(sorted(skipped, key=lambda s: order.get(s.path, -1)))
 
 
 def save_injected(

@@ -42,7 +42,8 @@ class NoSitesError(SEInjectError):
     """No recipe found a block to put SE in (or the filters removed every site).
 
     `reason` is "no-match" (no block a recipe names), "already-attention" (every matching block has channel
-    attention already), "ineligible" (matching blocks have no place for SE) or "filtered" (the filters removed all).
+    attention already), "ineligible" (matching blocks have no place for SE), "filtered" (the filters removed all)
+    or "unverified" (every rewrite failed its equivalence check, see `verify`).
     """
 
     def __init__(self, message: str, reason: str = "no-match"):

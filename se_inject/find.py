@@ -9,7 +9,7 @@ import copy
 import itertools
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -124,6 +124,8 @@ class Match:
     block: str
     anchor: str
     shape: tuple[int, ...]  # (N, C, H, W) of the feature map the SE scales, at the planning input size
+    call: Any = field(default=None, compare=False)  # how the parent called the block (`verify.Call`)
+    fixed_args: dict[str, Any] = field(default_factory=dict, compare=False)  # its non-tensor arguments, by name
 
     @property
     def channels(self) -> int:
@@ -234,10 +236,22 @@ def find_sites(
 
     if not pending:  # nothing to measure: skip the forward pass
         return _findings(model, (), skipped, recipes, input_size, ())
+    from .verify import record_call
+
     probe = as_meta(model)
     seen: dict[str, list[tuple[int, ...]]] = {}
+    calls: dict[str, Any] = {}
     handles = []
+
+    def recorder(path: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if path not in calls:
+                calls[path] = record_call(args, kwargs)
+
+        return hook
+
     for path, _recipe, rule, _cp, anchor in pending:
+        handles.append(probe.get_submodule(path).register_forward_pre_hook(recorder(path), with_kwargs=True))
         target = probe.get_submodule(f"{path}.{anchor}" if path and anchor else path or anchor)
         record = seen.setdefault(path, [])
         if rule.position == "before":
@@ -258,15 +272,17 @@ def find_sites(
 
     matches: list[Match] = []
     for path, recipe, rule, cp, anchor in pending:
-        shapes = seen[path]
-        if not shapes:
+        places = seen[path]
+        if not places:
             skipped.append(Skip(path, cp, recipe.name, "not executed by the model's forward"))
-        elif len(shapes) > 1:
-            skipped.append(Skip(path, cp, recipe.name, f"its SE place runs {len(shapes)} times per forward"))
-        elif shapes[0] is None or len(shapes[0]) != 4:
-            skipped.append(Skip(path, cp, recipe.name, f"expects an NCHW feature map, got shape {shapes[0]}"))
+        elif len(places) > 1:
+            skipped.append(Skip(path, cp, recipe.name, f"its SE place runs {len(places)} times per forward"))
+        elif places[0] is None or len(places[0]) != 4:
+            skipped.append(Skip(path, cp, recipe.name, f"expects an NCHW feature map, got shape {places[0]}"))
         else:
-            matches.append(Match(path, recipe, rule, cp, anchor, shapes[0]))
+            call = calls.get(path)
+            fixed = call.fixed(probe.get_submodule(path).forward) if call is not None else {}
+            matches.append(Match(path, recipe, rule, cp, anchor, places[0], call, fixed))
     return _findings(model, matches, skipped, recipes, input_size, shapes, counts)
 
 

@@ -25,6 +25,8 @@ class Site:
         slot: Attribute the block's forward already calls at that place, filled instead of rewriting the forward.
         name: Attribute name of the new module in the block.
         attention: The module to build.
+        fixed_args: The block's non-tensor forward arguments as its parent passes them (``shortcut=None``, flags),
+            by parameter name: tracing specialises on them. Empty for blocks called with tensors only.
     """
 
     path: str
@@ -35,6 +37,7 @@ class Site:
     slot: str | None
     name: str
     attention: AttentionSpec
+    fixed_args: dict[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def channels(self) -> int:
@@ -50,7 +53,7 @@ class Site:
         return f"{self.path}.{self.name}" if self.path else self.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "path": self.path,
             "recipe": self.recipe,
             "block": self.block,
@@ -60,10 +63,18 @@ class Site:
             "name": self.name,
             "attention": self.attention.to_dict(),
         }
+        if self.fixed_args:  # absent for most blocks: their plans read as before
+            data["fixed_args"] = dict(self.fixed_args)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Site:
-        return cls(**{**data, "attention": AttentionSpec.from_dict(data["attention"])})
+        fixed = data.get("fixed_args", {})
+        if not isinstance(fixed, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in fixed.items()
+        ):
+            raise ValueError(f"site {data.get('path')!r}: fixed_args must map names to plain values")
+        return cls(**{**data, "attention": AttentionSpec.from_dict(data["attention"]), "fixed_args": dict(fixed)})
 
 
 @dataclass(frozen=True)

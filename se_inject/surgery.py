@@ -88,7 +88,7 @@ def insert(block: nn.Module, site: Site, module: nn.Module) -> None:
         if current is not None and not isinstance(current, nn.Identity):
             raise SurgeryError(f"{site.path}: slot {site.slot!r} already holds a {type(current).__name__}")
         setattr(block, site.slot, module)
-        module.scale_inplace, fused = _slot_rewrite(block, site.slot)
+        module.scale_inplace, fused = _slot_rewrite(block, site.slot, site.fixed_args)
         if fused is not None:
             block.__class__ = fused
     else:
@@ -98,19 +98,20 @@ def insert(block: nn.Module, site: Site, module: nn.Module) -> None:
 _slot_rewrites: dict[tuple[Any, ...], tuple[bool, type | None]] = {}
 
 
-def _slot_rewrite(block: nn.Module, slot: str) -> tuple[bool, type | None]:
+def _slot_rewrite(block: nn.Module, slot: str, fixed: dict[str, Any]) -> tuple[bool, type | None]:
     """For a filled slot: whether the block's forward passes it a tensor nothing else reads (see `_only_reader`),
-    and the fused class for the block, if fusing changes anything. Traced once per block class and configuration
-    (its scalar attributes and its children's types and settings): the forward's graph depends only on these."""
+    and the fused class for the block, if fusing changes anything. Traced once per block class, configuration
+    (its scalar attributes and its children's types and settings) and fixed arguments: the forward's graph depends
+    only on these."""
     config = tuple(
         (name, type(value).__name__, value.extra_repr()) if isinstance(value, nn.Module) else (name, value)
         for name, value in sorted({**vars(block), **block._modules}.items())
         if not name.startswith("_") and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
     )
-    key = (type(block), slot, config)
+    key = (type(block), slot, config, tuple(sorted(fixed.items())))
     if key not in _slot_rewrites:
         try:
-            graph, consistent = _trace_modes(block, set())
+            graph, consistent = _trace_modes(block, set(), fixed)
         except Exception:  # an untraceable forward: the module just never scales in place
             _slot_rewrites[key] = (False, None)
         else:
@@ -171,15 +172,23 @@ class _BlockTracer(torch.fx.Tracer):
         return module_qualified_name not in self.open_paths
 
 
-def _trace_modes(block: nn.Module, open_paths: set[str]) -> tuple[torch.fx.Graph, bool]:
+def _trace_modes(
+    block: nn.Module, open_paths: set[str], fixed: dict[str, Any] | None = None
+) -> tuple[torch.fx.Graph, bool]:
     """The block's graph, and whether it is the same in training and eval mode (the forward does not branch on
-    ``self.training``). Raises what tracing raises."""
+    ``self.training``). Arguments in `fixed` are specialised on (torch.fx ``concrete_args``: the graph asserts their
+    value) and keep their names. Raises what tracing raises."""
     modes = [m.training for m in block.modules()]
     try:
         graphs = []
         for training in (True, False):
             block.train(training)
-            graphs.append(_BlockTracer(open_paths).trace(block))
+            graph = _BlockTracer(open_paths).trace(block, concrete_args=dict(fixed) if fixed else None)
+            renamed = {f"{name}_1": name for name in fixed or ()}
+            for node in graph.nodes:  # torch.fx names a specialised parameter `name_1`; callers may pass `name=`
+                if node.op == "placeholder" and node.target in renamed:
+                    node.target = renamed[node.target]
+            graphs.append(graph)
     finally:
         for m, training in zip(block.modules(), modes, strict=True):
             m.training = training
@@ -187,11 +196,11 @@ def _trace_modes(block: nn.Module, open_paths: set[str]) -> tuple[torch.fx.Graph
     return graphs[0], train_code == eval_code
 
 
-def _trace(block: nn.Module, anchor: str, path: str) -> torch.fx.Graph:
+def _trace(block: nn.Module, anchor: str, path: str, fixed: dict[str, Any]) -> torch.fx.Graph:
     parts = anchor.split(".") if anchor else []
     open_paths = {".".join(parts[:i]) for i in range(1, len(parts))}
     try:
-        graph, consistent = _trace_modes(block, open_paths)
+        graph, consistent = _trace_modes(block, open_paths, fixed)
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise SurgeryError(
@@ -205,7 +214,7 @@ def _trace(block: nn.Module, anchor: str, path: str) -> torch.fx.Graph:
 
 def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
     """Swap `block`'s class for a subclass whose forward also calls `module` (added as child ``site.name``)."""
-    graph = _trace(block, site.anchor, site.path)
+    graph = _trace(block, site.anchor, site.path, site.fixed_args)
     if site.anchor:
         calls = [n for n in graph.nodes if n.op == "call_module" and n.target == site.anchor]
         if len(calls) != 1:

@@ -1,0 +1,203 @@
+"""Verified surgery: every rewritten block, with its new module passing its input through, computes exactly what the
+original block computes on the arguments its parent really passes; a rewrite that does not is refused."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_norm_stats
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import se_inject
+import se_inject.surgery
+import se_inject.verify
+from se_inject import NoSitesError
+from se_inject.find import class_path
+
+
+class DlaBlock(nn.Module):
+    """timm DLA's blocks: ``forward(x, shortcut=None)``, the parent passes a shortcut to some of them."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += shortcut
+        return torch.relu(out)
+
+
+class FlagBlock(nn.Module):
+    """Branches on a flag argument its parent passes."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x, residual: bool = False):
+        out = self.bn(self.conv(x))
+        if residual:
+            out = out + x
+        return torch.relu(out)
+
+
+class TupleBlock(nn.Module):
+    """Returns its output and an auxiliary tensor."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        return torch.relu(out + x), out.mean((2, 3))
+
+
+class Net(nn.Module):
+    def __init__(self, blocks: list[tuple[str, dict]], channels: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        kinds = {"dla": DlaBlock, "flag": FlagBlock, "tuple": TupleBlock}
+        self.blocks = nn.ModuleList(kinds[kind](channels) for kind, _ in blocks)
+        self.calls = [call for _, call in blocks]
+        self.project = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        self.head = nn.Linear(channels, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        aux = 0
+        for block, call in zip(self.blocks, self.calls, strict=True):
+            kwargs = {k: self.project(x) if v == "tensor" else v for k, v in call.items()}
+            x = block(x, **kwargs)
+            if isinstance(x, tuple):
+                x, extra = x
+                aux = aux + extra
+        return self.head(x.mean((2, 3))) + (aux.sum() if isinstance(aux, torch.Tensor) else 0)
+
+
+def _recipe(tmp_path: Path, rules: dict[type, str], name: str = "toy") -> Path:
+    path = tmp_path / f"{name}.toml"
+    lines = [f'name = "{name}"', "[defaults]", "reduction = 4"]
+    for cls, place in rules.items():
+        lines += ["[[blocks]]", f'classes = ["{class_path(cls)}"]', f'after = "{place}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _inject(model: nn.Module, recipe: Path, **options):
+    return se_inject.inject(model, recipe="toy", recipe_files=[recipe], input_size=16, seed=0, init="identity",
+                            **options)
+
+
+def _assert_identity(model: nn.Module, injected: nn.Module) -> None:
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(injected.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_dla_style_blocks_keep_their_shortcut(tmp_path):
+    model = randomize_norm_stats(Net([("dla", {"shortcut": "tensor"}), ("dla", {}), ("dla", {"shortcut": None})]))
+    injected, report = _inject(model, _recipe(tmp_path, {DlaBlock: "bn2"}))
+    assert [s.path for s in report.plan.sites] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert [s.fixed_args for s in report.plan.sites] == [{}, {"shortcut": None}, {"shortcut": None}]
+    _assert_identity(model, injected)
+    se_inject.save(injected, report.plan, tmp_path / "out")  # the fixed arguments travel in the plan
+    reloaded = se_inject.load(tmp_path / "out", model=model)
+    _assert_identity(model, reloaded)
+
+
+def test_a_rewrite_that_drops_the_shortcut_is_refused(tmp_path, monkeypatch):
+    trace = se_inject.surgery._trace_modes
+    # The old tracing, which ignored the arguments the parent passes: the shortcut branch is frozen the wrong way.
+    monkeypatch.setattr(se_inject.surgery, "_trace_modes", lambda block, paths, fixed=None: trace(block, paths))
+    monkeypatch.setattr(se_inject.surgery, "_slot_rewrites", {})
+    model = randomize_norm_stats(Net([("dla", {"shortcut": "tensor"}), ("dla", {})]))
+    injected, report = _inject(model, _recipe(tmp_path, {DlaBlock: "bn2"}))
+    assert [s.path for s in report.plan.sites] == ["blocks.0"]
+    (refused,) = [s for s in report.skipped if s.path == "blocks.1"]
+    assert "differs from the original" in refused.reason
+    _assert_identity(model, injected)
+    with pytest.raises(NoSitesError, match="failed its verification") as info:
+        _inject(Net([("dla", {})]), _recipe(tmp_path, {DlaBlock: "bn2"}))
+    assert info.value.reason == "unverified" and info.value.exit_code == 1
+
+
+def test_block_branching_on_a_flag_argument(tmp_path):
+    model = randomize_norm_stats(Net([("flag", {"residual": True}), ("flag", {}), ("flag", {"residual": True})]))
+    injected, report = _inject(model, _recipe(tmp_path, {FlagBlock: "bn"}))
+    assert [s.fixed_args for s in report.plan.sites] == [{"residual": True}, {"residual": False}, {"residual": True}]
+    _assert_identity(model, injected)
+    with pytest.raises(AssertionError, match="specialized"):  # called otherwise than traced: loud, not wrong
+        injected.blocks[1](torch.randn(1, 16, 4, 4), residual=True)
+
+
+def test_block_returning_a_tuple(tmp_path):
+    model = randomize_norm_stats(Net([("tuple", {}), ("tuple", {})]))
+    injected, report = _inject(model, _recipe(tmp_path, {TupleBlock: "bn"}))
+    assert len(report.plan.sites) == 2
+    _assert_identity(model, injected)
+    with pytest.raises(NoSitesError, match="not one tensor"):  # SE on the block's output: which one?
+        _inject(model, _recipe(tmp_path, {TupleBlock: "."}))
+
+
+def test_one_check_per_block_configuration(monkeypatch):
+    checks = []
+    check = se_inject.verify.check_site
+    monkeypatch.setattr(se_inject.verify, "check_site", lambda *a: checks.append(a[1].path) or check(*a))
+    _, report = se_inject.inject("torchvision:resnet18", device="meta", seed=0)
+    assert len(report.plan.sites) == 8
+    # layer1.0 and layer1.1 are alike; each later stage has a downsampling first block and a plain second one
+    assert checks == ["layer1.0", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+
+
+def test_verification_leaves_the_users_model_alone():
+    model = randomize_norm_stats(se_inject.models.build_model(se_inject.models.resolve_model("timm:test_resnet")))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    se_inject.inject(model, seed=0)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+_CALLS = {"dla": [{}, {"shortcut": None}, {"shortcut": "tensor"}], "flag": [{}, {"residual": True}], "tuple": [{}]}
+_PLACES = {DlaBlock: ["conv1", "bn1", "bn2", "."], FlagBlock: ["conv", "bn", "."], TupleBlock: ["conv", "bn", "."]}
+
+
+@st.composite
+def _models(draw):
+    blocks = draw(st.lists(st.sampled_from(sorted(_CALLS)), min_size=1, max_size=4))
+    return [(kind, draw(st.sampled_from(_CALLS[kind]))) for kind in blocks]
+
+
+def test_identity_init_reproduces_the_base_model_or_refuses(tmp_path):
+    outcomes: Counter[str] = Counter()
+
+    @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(blocks=_models(), places=st.fixed_dictionaries({c: st.sampled_from(p) for c, p in _PLACES.items()}),
+           attention=st.sampled_from(["se", "eca", "cbam"]))
+    def run(blocks, places, attention):
+        model = randomize_norm_stats(Net(blocks))
+        try:
+            injected, report = _inject(model, _recipe(tmp_path, places), attention=attention)
+        except NoSitesError as e:
+            outcomes[f"refused: {e.reason}"] += 1
+            return
+        outcomes["injected"] += 1
+        assert len(report.plan.sites) + len(report.skipped) == len(blocks)
+        _assert_identity(model, injected)
+
+    run()
+    assert set(outcomes) <= {"injected", "refused: unverified", "refused: ineligible"}, outcomes
+    assert outcomes["injected"] >= sum(outcomes.values()) // 2, outcomes
