@@ -121,7 +121,8 @@ def _attention(field: str, data: Any) -> Any:
 def _site(field: str, data: Any) -> Any:
     from .plan import Site
 
-    _keys(field, data, {"path", "recipe", "block", "anchor", "position", "slot", "name", "attention"})
+    _keys(field, data, {"path", "recipe", "block", "anchor", "position", "slot", "name", "attention"},
+          {"fixed_args"})
     path = _str(f"{field}.path", data["path"], _MODULE_PATH, "a dotted module path", empty=True)
     recipe = _str(f"{field}.recipe", data["recipe"], _RECIPE_NAME, "a recipe name (lowercase letters, digits, '-')")
     block = _str(f"{field}.block", data["block"], _CLASS_PATH, "a full class path like 'package.module.Class'")
@@ -139,7 +140,25 @@ def _site(field: str, data: Any) -> Any:
     if slot is not None and name != slot:
         raise _fail(f"{field}.name", f"must equal the slot {slot!r}")
     attention = _attention(f"{field}.attention", data["attention"])
-    return Site(path, recipe, block, anchor, position, slot, name, attention)
+    fixed = _fixed_args(f"{field}.fixed_args", data.get("fixed_args", {}))
+    return Site(path, recipe, block, anchor, position, slot, name, attention, fixed)
+
+
+def _fixed_args(field: str, data: Any) -> dict[str, Any]:
+    """The block's non-tensor forward arguments: parameter names become names in the traced forward's source, so
+    they are identifiers; values are plain literals (finite numbers, short strings, booleans, None)."""
+    if not isinstance(data, dict) or len(data) > 64:
+        raise _fail(field, "expected an object of at most 64 parameter names")
+    for name, value in data.items():
+        problem = attribute_name_problem(name)
+        if problem:
+            raise _fail(f"{field}.{name[:40]}", problem)
+        plain = value is None or isinstance(value, (bool, str)) or (
+            isinstance(value, int) and abs(value) < 2**63) or (isinstance(value, float) and math.isfinite(value))
+        if not plain or (isinstance(value, str) and len(value) > 200):
+            raise _fail(f"{field}.{name}", f"expected None, a boolean, a finite number or a short string, got "
+                        f"{str(value)[:40]!r}")
+    return dict(data)
 
 
 def _model(field: str, data: Any) -> Any:

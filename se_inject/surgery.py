@@ -79,6 +79,10 @@ def check_site_name(block: nn.Module, site: Site) -> None:
         problem = f"the block has no slot {site.slot!r}"
     if problem:
         raise SurgeryError(f"plan site {site.path!r}: invalid module name: {problem}")
+    for arg in site.fixed_args:  # parameter names end up in the traced forward's source too
+        problem = attribute_name_problem(arg)
+        if problem:
+            raise SurgeryError(f"plan site {site.path!r}: invalid fixed argument name: {problem}")
 
 
 def insert(block: nn.Module, site: Site, module: nn.Module) -> None:

@@ -189,6 +189,11 @@ def test_bad_plan_fields_are_named(saved, tmp_path, field, value, expected):
     (lambda p: p.update(format="se-inject.plan/9"), "'format'"),
     (lambda p: p.pop("sites"), "'sites'"),
     (lambda p: p.update(extra=1), "'extra'"),
+    (lambda p: p["sites"][0].update(fixed_args={"x\nimport os": 1}), r"sites\[0\]\.fixed_args"),
+    (lambda p: p["sites"][0].update(fixed_args={"__class__": None}), r"sites\[0\]\.fixed_args"),
+    (lambda p: p["sites"][0].update(fixed_args={"flag": float("inf")}), r"sites\[0\]\.fixed_args\.flag"),
+    (lambda p: p["sites"][0].update(fixed_args={"flag": [1]}), r"sites\[0\]\.fixed_args\.flag"),
+    (lambda p: p["sites"][0].update(fixed_args=[]), r"sites\[0\]\.fixed_args"),
 ])
 def test_bad_plan_values_are_named(saved, tmp_path, edit, expected):
     folder = craft(saved[2], tmp_path / "f", edit)
@@ -228,6 +233,16 @@ def test_bad_names_never_reach_the_rewrite(saved, name):
     evil = Plan(plan.model, (Site(site.path, site.recipe, site.block, site.anchor, site.position, None, name,
                                   site.attention),), plan.input_size, seed=plan.seed)
     with pytest.raises(SurgeryError, match="invalid module name"):
+        apply_plan(timm.create_model("test_resnet", pretrained=False).to("meta"), evil)
+
+
+@pytest.mark.parametrize("name", ["x\nimport os", "__class__", "x=1"])
+def test_bad_fixed_argument_names_never_reach_the_trace(saved, name):
+    _, plan, _ = saved
+    site = plan.sites[0]
+    evil = Plan(plan.model, (Site(site.path, site.recipe, site.block, site.anchor, site.position, None, "attn",
+                                  site.attention, {name: None}),), plan.input_size, seed=plan.seed)
+    with pytest.raises(SurgeryError, match="invalid fixed argument name"):
         apply_plan(timm.create_model("test_resnet", pretrained=False).to("meta"), evil)
 
 
