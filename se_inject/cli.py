@@ -141,6 +141,8 @@ def inject_command(
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip sites whose path matches this glob "
                                                       "(repeatable).", show_default=False)] = None,
     min_channels: Annotated[int, typer.Option(help="Skip sites with fewer channels.")] = 0,
+    fill: Annotated[bool, typer.Option("--fill", help="In a model where some matching blocks already have channel "
+                                       "attention (partial SE), add SE to the blocks without it.")] = False,
     divisor: Annotated[int | None, typer.Option(help="Round the squeeze width to a multiple of this (default 8; 1 "
                                                 "gives C // r).", show_default=False)] = None,
     bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="Bias in both FC layers (default on).",
@@ -179,6 +181,7 @@ def inject_command(
             include=tuple(include or ()),
             exclude=tuple(exclude or ()),
             min_channels=min_channels,
+            fill=fill,
             reduction=reduction,
             divisor=divisor,
             bias=bias,
@@ -273,12 +276,17 @@ def render_report(report: Any, *, verbose: bool = False) -> None:
         f"{len(data['sites'])} SE blocks ({', '.join(sorted(recipes))}); "
         f"SE elementwise ops (pool, gate, scale): {_num(data['se_elementwise_ops'])}"
     )
+    if data["already_attention"]:
+        paths = data["already_attention"]
+        out.print(f"{len(paths)} blocks already had channel attention (kept as they are): "
+                  f"{', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''}", markup=False)
     if data["skipped"]:
         reasons: dict[str, int] = {}
         for s in data["skipped"]:
-            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+            if s["path"] not in data["already_attention"]:
+                reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
         for reason, n in reasons.items():
-            out.print(f"skipped {n} blocks: {reason}")
+            out.print(f"skipped {n} blocks: {reason}", markup=False)
     if data["drift"]:
         d = data["drift"]
         out.print(f"drift from the base model on {d['inputs']}: relative L2 {d['relative_l2']:.3g}, "
@@ -475,9 +483,9 @@ def _render_scan(rows: list[Any], output: Path | None) -> None:
         out.print(table)
     summary = summarize(rows)
     table = Table(title="summary", title_justify="left")
-    for name in ("models", "covered", "already SE", "no match", "errors"):
+    for name in ("models", "covered", "partial SE", "already SE", "no match", "errors"):
         table.add_column(name, justify="right")
-    table.add_row(*(str(summary[k]) for k in ("models", "covered", "already-se", "no-match", "error")))
+    table.add_row(*(str(summary[k]) for k in ("models", "covered", "partial-se", "already-se", "no-match", "error")))
     out.print(table)
     errors = [r for r in rows if r.status == "error"]
     for r in errors[:20]:
