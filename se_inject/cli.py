@@ -244,6 +244,8 @@ def render_report(report: Any, *, verbose: bool = False) -> None:
     out = Console(highlight=False)
     recipes = {row["recipe"] for row in data["sites"]}
     table = Table(title=f"SE in {data['model']} at {'x'.join(map(str, data['input_size']))}", title_justify="left")
+    if out.width < 100:  # a narrow terminal (or a pipe at 80 columns): no rules, one space between columns
+        table.box, table.collapse_padding, table.pad_edge = None, True, False
     columns = ["site" if verbose else "stage", "n", "C", "C/r", "map", "params +", "MACs +", "elementwise +"]
     if len(recipes) > 1:
         columns.insert(1, "recipe")

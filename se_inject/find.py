@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .attention import attention_classes
-from .errors import SEInjectError
+from .errors import SEInjectError, UsageError
 from .recipes import BlockRule, Recipe
 
 # Channel-attention modules already in timm/torchvision models: a block holding one "already has SE".
@@ -165,14 +165,33 @@ def output_shapes(output: Any) -> tuple[tuple[int, ...], ...]:
     return ()
 
 
+def _shipped(recipe: Recipe) -> bool:
+    return recipe.source.startswith("se_inject/recipes/")
+
+
 def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[tuple[str, nn.Module, Recipe, BlockRule]]:
+    """Each module a recipe names, with its recipe. Where several recipes name a block: the same place with the same
+    settings is one site; a recipe file of the user's takes the block from a shipped recipe; any other overlap is a
+    conflict (UsageError naming both)."""
     for path, module in model.named_modules():
         cp = class_path(module)
-        for recipe in recipes:
-            rule = recipe.rule_for(cp)
-            if rule is not None:
-                yield path, module, recipe, rule
-                break
+        found = [(recipe, rule) for recipe in recipes if (rule := recipe.rule_for(cp)) is not None]
+        if not found:
+            continue
+        if any(not _shipped(recipe) for recipe, _ in found):
+            found = [(recipe, rule) for recipe, rule in found if not _shipped(recipe)]
+        first, rule = found[0]
+        for other, other_rule in found[1:]:
+            if _place(other_rule) != _place(rule) or other.defaults != first.defaults:
+                raise UsageError(
+                    f"recipes {first.name!r} ({first.source}) and {other.name!r} ({other.source}) both take "
+                    f"{path or 'the model'} ({cp}) with different places or settings; keep one (--recipe NAME)"
+                )
+        yield path, module, first, rule
+
+
+def _place(rule: BlockRule) -> tuple[object, ...]:
+    return (rule.anchor, rule.position, rule.slot, rule.name, rule.require)
 
 
 def run_meta(model: nn.Module, input_size: tuple[int, int, int]) -> Any:
