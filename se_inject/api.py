@@ -142,13 +142,16 @@ def validate_settings(settings: Settings) -> Settings:
 
 
 def _site(match: Match, settings: Settings) -> Site:
-    defaults = match.recipe.defaults
+    defaults = match.defaults or match.recipe.defaults
+    from_input = defaults.squeeze_from == "input" and match.input_channels is not None
     spec = attention_spec(
         settings.attention,
         match.channels,
         reduction=settings.reduction or defaults.reduction,
         divisor=settings.divisor or defaults.divisor,
         round_limit=defaults.round_limit,
+        squeeze_base=match.input_channels if from_input else None,
+        rounding=defaults.rounding if settings.divisor is None else "divisible",
         bias=defaults.bias if settings.bias is None else settings.bias,
         gate=settings.gate,
         recipe_gate=defaults.gate,
@@ -217,6 +220,10 @@ def make_plan(
             f"(e.g. {small[0].path}: {small[0].channels}); their squeeze width is clamped to "
             f"{small[0].squeeze_channels}"
         )
+    conventions = {m.recipe.name: (m.defaults or m.recipe.defaults).convention for m in kept}
+    for name, convention in conventions.items():
+        if convention and settings.divisor is None and settings.attention in ("se", "cbam"):
+            notes.append(f"squeeze width ({name}): {convention}")
     if len(kept) < len(findings.matches):
         notes.append(f"filters removed {len(findings.matches) - len(kept)} of {len(findings.matches)} sites")
     plan = Plan(

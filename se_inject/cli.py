@@ -328,10 +328,15 @@ def print_recipes(*, as_json: bool) -> None:
         typer.echo(f"{r.name}: {r.description}")
         bias = str(d.bias).lower()
         typer.echo(f"  defaults: reduction {d.reduction}, divisor {d.divisor}, bias {bias}, gate {d.gate}")
+        if d.convention:
+            typer.echo(f"  squeeze width: {d.convention}")
+        for c in r.conventions:
+            typer.echo(f"  in {', '.join(c.models)}: {c.defaults.convention}")
         for rule in r.blocks:
             place = f"{rule.position} {rule.anchor}" + (f" (fills `{rule.slot}`)" if rule.slot else "")
+            when = "".join(f", where {attr} = {value!r}" for attr, value in rule.when)
             for c in rule.classes:
-                typer.echo(f"  {c}: {place}")
+                typer.echo(f"  {c}: {place}{when}")
 
 
 @app.command("export")

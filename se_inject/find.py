@@ -126,6 +126,8 @@ class Match:
     shape: tuple[int, ...]  # (N, C, H, W) of the feature map the SE scales, at the planning input size
     call: Any = field(default=None, compare=False)  # how the parent called the block (`verify.Call`)
     fixed_args: dict[str, Any] = field(default_factory=dict, compare=False)  # its non-tensor arguments, by name
+    input_channels: int | None = None  # channels of the block's input (its first tensor argument), if NCHW
+    defaults: Any = None  # the recipe's SE settings in this model (`Recipe.defaults_for` the model's class)
 
     @property
     def channels(self) -> int:
@@ -175,7 +177,7 @@ def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[tuple[str, 
     conflict (UsageError naming both)."""
     for path, module in model.named_modules():
         cp = class_path(module)
-        found = [(recipe, rule) for recipe in recipes if (rule := recipe.rule_for(cp)) is not None]
+        found = [(recipe, rule) for recipe in recipes if (rule := recipe.rule_for(cp, module)) is not None]
         if not found:
             continue
         if any(not _shipped(recipe) for recipe, _ in found):
@@ -301,7 +303,10 @@ def find_sites(
         else:
             call = calls.get(path)
             fixed = call.fixed(probe.get_submodule(path).forward) if call is not None else {}
-            matches.append(Match(path, recipe, rule, cp, anchor, places[0], call, fixed))
+            first = call.first_tensor() if call is not None else None
+            matches.append(Match(path, recipe, rule, cp, anchor, places[0], call, fixed,
+                                 first.shape[1] if first is not None and len(first.shape) == 4 else None,
+                                 recipe.defaults_for(class_path(model))))
     return _findings(model, matches, skipped, recipes, input_size, shapes, counts)
 
 

@@ -70,9 +70,9 @@ def test_torchvision_mobilenet_v2_sites():
     expanded = [32, 96, 144, 144, 192, 192, 192, 384, 384, 384, 384, 576, 576, 576, 960, 960, 960]
     assert [s.path for s in report.plan.sites] == [f"features.{i}" for i in range(1, 18)]
     assert [s.channels for s in report.plan.sites] == expanded
-    # MobileNetV3 rule: expanded / 4 rounded to a multiple of 8, never 10% below
-    assert [s.squeeze_channels for s in report.plan.sites] == [
-        8, 24, 40, 40, 48, 48, 48, 96, 96, 96, 96, 144, 144, 144, 240, 240, 240]
+    # no SE convention of its own: EfficientNet's, as torchvision computes it (block input channels // 4)
+    inputs = [32, 16, 24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160]
+    assert [s.squeeze_channels for s in report.plan.sites] == [c // 4 for c in inputs]
 
 
 def test_googlenet_has_nine_inception_sites_and_no_aux():
@@ -197,7 +197,8 @@ class TwoFamilies(nn.Module):
 def test_auto_detection_applies_every_matching_recipe_and_recipe_restricts():
     _, report = se_inject.inject(TwoFamilies(), seed=0, input_size=32)
     assert {s.path: s.recipe for s in report.plan.sites} == {"res": "resnet-residual", "mbv2": "inverted-residual"}
-    assert {s.path: s.squeeze_channels for s in report.plan.sites} == {"res": 8, "mbv2": 64}  # each recipe's r
+    # each recipe's convention: 64 // 16 -> 8 (to the divisor); input channels 64 / 4
+    assert {s.path: s.squeeze_channels for s in report.plan.sites} == {"res": 8, "mbv2": 16}
     _, only = se_inject.inject(TwoFamilies(), seed=0, input_size=32, recipe=["inverted-residual"])
     assert [s.path for s in only.plan.sites] == ["mbv2"]
 
