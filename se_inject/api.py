@@ -108,6 +108,7 @@ class Report:
             "skipped": [
                 {"path": s.path, "block": s.block, "recipe": s.recipe, "reason": s.reason} for s in self.skipped
             ],
+            "already_attention": [s.path for s in self.skipped if s.already_attention],
             "params": delta("params"),
             "macs": delta("macs"),
             "se_elementwise_ops": self.after.attention_elementwise_ops - self.before.attention_elementwise_ops,
@@ -142,13 +143,16 @@ def validate_settings(settings: Settings) -> Settings:
 
 
 def _site(match: Match, settings: Settings) -> Site:
-    defaults = match.recipe.defaults
+    defaults = match.defaults or match.recipe.defaults
+    from_input = defaults.squeeze_from == "input" and match.input_channels is not None
     spec = attention_spec(
         settings.attention,
         match.channels,
         reduction=settings.reduction or defaults.reduction,
         divisor=settings.divisor or defaults.divisor,
         round_limit=defaults.round_limit,
+        squeeze_base=match.input_channels if from_input else None,
+        rounding=defaults.rounding if settings.divisor is None else "divisible",
         bias=defaults.bias if settings.bias is None else settings.bias,
         gate=settings.gate,
         recipe_gate=defaults.gate,
@@ -196,6 +200,15 @@ def make_plan(
             )
         found = ", ".join(c.rsplit(".", 1)[-1] for c in findings.block_classes[:8]) or "none"
         raise NoSitesError(f"no matching blocks: tried recipes {tried}; the model's block classes: {found}")
+    already = [s for s in findings.skipped if s.already_attention]
+    if already and not settings.fill:
+        lacking = len(findings.matches) + sum(not s.already_attention for s in findings.skipped)
+        detail = already[0].reason.removeprefix("already has channel attention ").strip("()")
+        raise NoSitesError(
+            f"partial SE: {len(already)} matching blocks already have channel attention (e.g. {already[0].path}: "
+            f"{detail}), {lacking} lack it, as the model's design has it; --fill (fill=True) adds SE to those",
+            "partial-attention",
+        )
     if not kept:
         removed = ", ".join(m.path for m in findings.matches[:6]) + (", ..." if len(findings.matches) > 6 else "")
         raise NoSitesError(f"the filters removed all {len(findings.matches)} sites ({removed})", "filtered")
@@ -208,6 +221,10 @@ def make_plan(
             f"(e.g. {small[0].path}: {small[0].channels}); their squeeze width is clamped to "
             f"{small[0].squeeze_channels}"
         )
+    conventions = {m.recipe.name: (m.defaults or m.recipe.defaults).convention for m in kept}
+    for name, convention in conventions.items():
+        if convention and settings.divisor is None and settings.attention in ("se", "cbam"):
+            notes.append(f"squeeze width ({name}): {convention}")
     if len(kept) < len(findings.matches):
         notes.append(f"filters removed {len(findings.matches) - len(kept)} of {len(findings.matches)} sites")
     plan = Plan(
@@ -235,6 +252,7 @@ def inject(
     include: tuple[str, ...] | list[str] = (),
     exclude: tuple[str, ...] | list[str] = (),
     min_channels: int = 0,
+    fill: bool = False,
     input_size: int | str | tuple[int, ...] | None = None,
     weights: str | Path | None = None,
     seed: int | None = None,
@@ -254,6 +272,8 @@ def inject(
         reduction, divisor, bias, gate: Override the recipes' defaults (r, squeeze rounding, FC bias, gating).
         init: "paper" (default init) or "identity" (the model computes exactly what it did before).
         include, exclude: fnmatch globs over site paths; min_channels drops narrower sites.
+        fill: In a model where some matching blocks already have channel attention (partial SE: MobileNetV3,
+            EfficientNetV2, ...), add SE to the blocks without it; without `fill` such a model raises NoSitesError.
         input_size: (C, H, W), HxW or N used for shapes and counts; default from the model's config.
         weights: Local checkpoint loaded into the base model first (name only).
         seed: Seed of the random weights and of the SE init; random (and recorded in the plan) when None.
@@ -272,6 +292,7 @@ def inject(
             include=tuple(include),
             exclude=tuple(exclude),
             min_channels=min_channels,
+            fill=fill,
         )
     )
     size = parse_input_size(input_size)

@@ -150,6 +150,8 @@ def inject_command(
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip sites whose path matches this glob "
                                                       "(repeatable).", show_default=False)] = None,
     min_channels: Annotated[int, typer.Option(help="Skip sites with fewer channels.")] = 0,
+    fill: Annotated[bool, typer.Option("--fill", help="In a model where some matching blocks already have channel "
+                                       "attention (partial SE), add SE to the blocks without it.")] = False,
     divisor: Annotated[int | None, typer.Option(help="Round the squeeze width to a multiple of this (default 8; 1 "
                                                 "gives C // r).", show_default=False)] = None,
     bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="Bias in both FC layers (default on).",
@@ -188,6 +190,7 @@ def inject_command(
             include=tuple(include or ()),
             exclude=tuple(exclude or ()),
             min_channels=min_channels,
+            fill=fill,
             reduction=reduction,
             divisor=divisor,
             bias=bias,
@@ -250,6 +253,8 @@ def render_report(report: Any, *, verbose: bool = False) -> None:
     out = Console(highlight=False)
     recipes = {row["recipe"] for row in data["sites"]}
     table = Table(title=f"SE in {data['model']} at {'x'.join(map(str, data['input_size']))}", title_justify="left")
+    if out.width < 100:  # a narrow terminal (or a pipe at 80 columns): no rules, one space between columns
+        table.box, table.collapse_padding, table.pad_edge = None, True, False
     columns = ["site" if verbose else "stage", "n", "C", "C/r", "map", "params +", "MACs +", "elementwise +"]
     if len(recipes) > 1:
         columns.insert(1, "recipe")
@@ -282,12 +287,17 @@ def render_report(report: Any, *, verbose: bool = False) -> None:
         f"{len(data['sites'])} SE blocks ({', '.join(sorted(recipes))}); "
         f"SE elementwise ops (pool, gate, scale): {_num(data['se_elementwise_ops'])}"
     )
+    if data["already_attention"]:
+        paths = data["already_attention"]
+        out.print(f"{len(paths)} blocks already had channel attention (kept as they are): "
+                  f"{', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''}", markup=False)
     if data["skipped"]:
         reasons: dict[str, int] = {}
         for s in data["skipped"]:
-            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+            if s["path"] not in data["already_attention"]:
+                reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
         for reason, n in reasons.items():
-            out.print(f"skipped {n} blocks: {reason}")
+            out.print(f"skipped {n} blocks: {reason}", markup=False)
     if data["drift"]:
         d = data["drift"]
         out.print(f"drift from the base model on {d['inputs']}: relative L2 {d['relative_l2']:.3g}, "
@@ -327,10 +337,15 @@ def print_recipes(*, as_json: bool) -> None:
         typer.echo(f"{r.name}: {r.description}")
         bias = str(d.bias).lower()
         typer.echo(f"  defaults: reduction {d.reduction}, divisor {d.divisor}, bias {bias}, gate {d.gate}")
+        if d.convention:
+            typer.echo(f"  squeeze width: {d.convention}")
+        for c in r.conventions:
+            typer.echo(f"  in {', '.join(c.models)}: {c.defaults.convention}")
         for rule in r.blocks:
             place = f"{rule.position} {rule.anchor}" + (f" (fills `{rule.slot}`)" if rule.slot else "")
+            when = "".join(f", where {attr} = {value!r}" for attr, value in rule.when)
             for c in rule.classes:
-                typer.echo(f"  {c}: {place}")
+                typer.echo(f"  {c}: {place}{when}")
 
 
 @app.command("export")
@@ -501,9 +516,9 @@ def _render_scan(rows: list[Any], output: Path | None) -> None:
         out.print(table)
     summary = summarize(rows)
     table = Table(title="summary", title_justify="left")
-    for name in ("models", "covered", "already SE", "no match", "errors"):
+    for name in ("models", "covered", "partial SE", "already SE", "no match", "errors"):
         table.add_column(name, justify="right")
-    table.add_row(*(str(summary[k]) for k in ("models", "covered", "already-se", "no-match", "error")))
+    table.add_row(*(str(summary[k]) for k in ("models", "covered", "partial-se", "already-se", "no-match", "error")))
     out.print(table)
     errors = [r for r in rows if r.status == "error"]
     for r in errors[:20]:

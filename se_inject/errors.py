@@ -42,8 +42,9 @@ class NoSitesError(SEInjectError):
     """No recipe found a block to put SE in (or the filters removed every site).
 
     `reason` is "no-match" (no block a recipe names), "already-attention" (every matching block has channel
-    attention already), "ineligible" (matching blocks have no place for SE), "filtered" (the filters removed all)
-    or "unverified" (every rewrite failed its equivalence check, see `verify`).
+    attention already), "partial-attention" (some have it, some lack it; ``fill`` adds SE to those), "ineligible"
+    (matching blocks have no place for SE), "filtered" (the filters removed all) or "unverified" (every rewrite
+    failed its equivalence check, see `verify`).
     """
 
     def __init__(self, message: str, reason: str = "no-match"):

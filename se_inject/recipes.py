@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from .errors import RecipeFileError, UnknownRecipeError
 from .schema import attribute_name_problem
 
 GATES = ("sigmoid", "hard-sigmoid")
+SQUEEZE_FROM = ("output", "input")
+ROUNDINGS = ("divisible", "round", "floor")
 REQUIREMENTS = ("pointwise",)  # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 _CLASS_PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
@@ -39,6 +41,17 @@ class SEDefaults:
     round_limit: float = 0.0  # timm make_divisible: bump up when rounding down loses more than (1 - round_limit)
     bias: bool = True
     gate: str = "sigmoid"
+    squeeze_from: str = "output"  # the width r divides: "output" (the map SE scales) or "input" (the block's input)
+    rounding: str = "divisible"  # "divisible" (C // r to a multiple of divisor), "round" (round(C / r)), "floor"
+    convention: str = ""  # what these settings reproduce, for the record (e.g. "timm EfficientNet")
+
+
+@dataclass(frozen=True)
+class Convention:
+    """A model family's own SE settings, used instead of the recipe's defaults in models of these classes."""
+
+    models: tuple[str, ...]  # full class paths of the whole model (its root module)
+    defaults: SEDefaults
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,13 @@ class BlockRule:
     slot: str | None = None
     name: str = "se"
     require: tuple[str, ...] = ()
+    when: tuple[tuple[str, Any], ...] = ()  # (attribute, value): the block's attribute must equal the value
+
+    def applies_to(self, block: Any) -> bool:
+        return all(getattr(block, attr, _MISSING) == value for attr, value in self.when)
+
+
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -61,13 +81,20 @@ class Recipe:
     defaults: SEDefaults = field(default_factory=SEDefaults)
     reference: str = ""
     source: str = ""
+    conventions: tuple[Convention, ...] = ()
 
     @property
     def classes(self) -> tuple[str, ...]:
         return tuple(c for rule in self.blocks for c in rule.classes)
 
-    def rule_for(self, class_path: str) -> BlockRule | None:
-        return next((rule for rule in self.blocks if class_path in rule.classes), None)
+    def rule_for(self, class_path: str, block: Any = None) -> BlockRule | None:
+        """The rule naming this class whose `when` conditions the block meets (checked only when given)."""
+        return next((rule for rule in self.blocks if class_path in rule.classes
+                     and (block is None or rule.applies_to(block))), None)
+
+    def defaults_for(self, model_class: str) -> SEDefaults:
+        """The SE settings in a model of this class: its family's convention, else the recipe's defaults."""
+        return next((c.defaults for c in self.conventions if model_class in c.models), self.defaults)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +102,7 @@ class Recipe:
             "description": self.description,
             "reference": self.reference,
             "defaults": vars(self.defaults).copy(),
+            "conventions": [{"models": list(c.models), **vars(c.defaults)} for c in self.conventions],
             "classes": list(self.classes),
             "source": self.source,
         }
@@ -98,35 +126,43 @@ def _check_keys(path: str, where: str, table: dict[str, Any], allowed: set[str],
         raise RecipeFileError(path, f"missing field {where}{missing[0]!r}")
 
 
-def _parse_defaults(path: str, table: Any) -> SEDefaults:
-    _expect(path, "defaults", table, dict, "a table")
-    _check_keys(path, "defaults.", table, set(vars(SEDefaults())), set())
+def _parse_defaults(
+    path: str, table: Any, where: str = "defaults", base: SEDefaults | None = None, extra: frozenset[str] = frozenset()
+) -> SEDefaults:
+    base = base or SEDefaults()
+    _expect(path, where, table, dict, "a table")
+    _check_keys(path, f"{where}.", table, set(vars(SEDefaults())) | extra, set(extra))
     values: dict[str, Any] = {}
     for key in ("reduction", "divisor"):
         if key in table:
-            value = _expect(path, f"defaults.{key}", table[key], int, "a positive integer")
+            value = _expect(path, f"{where}.{key}", table[key], int, "a positive integer")
             if value < 1:
-                raise RecipeFileError(path, f"field 'defaults.{key}': expected a positive integer, got {value}")
+                raise RecipeFileError(path, f"field '{where}.{key}': expected a positive integer, got {value}")
             values[key] = value
     if "round_limit" in table:
-        value = _expect(path, "defaults.round_limit", table["round_limit"], (int, float), "a number in [0, 1]")
+        value = _expect(path, f"{where}.round_limit", table["round_limit"], (int, float), "a number in [0, 1]")
         if not 0 <= value <= 1:
-            raise RecipeFileError(path, f"field 'defaults.round_limit': expected a number in [0, 1], got {value}")
+            raise RecipeFileError(path, f"field '{where}.round_limit': expected a number in [0, 1], got {value}")
         values["round_limit"] = float(value)
     if "bias" in table:
-        values["bias"] = _expect(path, "defaults.bias", table["bias"], bool, "true or false")
-    if "gate" in table:
-        gate = _expect(path, "defaults.gate", table["gate"], str, f"one of {', '.join(GATES)}")
-        if gate not in GATES:
-            raise RecipeFileError(path, f"field 'defaults.gate': expected one of {', '.join(GATES)}, got {gate!r}")
-        values["gate"] = gate
-    return SEDefaults(**values)
+        values["bias"] = _expect(path, f"{where}.bias", table["bias"], bool, "true or false")
+    for key, allowed in (("gate", GATES), ("squeeze_from", SQUEEZE_FROM), ("rounding", ROUNDINGS)):
+        if key in table:
+            value = _expect(path, f"{where}.{key}", table[key], str, f"one of {', '.join(allowed)}")
+            if value not in allowed:
+                expected = ", ".join(allowed)
+                raise RecipeFileError(path, f"field '{where}.{key}': expected one of {expected}, got {value!r}")
+            values[key] = value
+    if "convention" in table:
+        values["convention"] = _expect(path, f"{where}.convention", table["convention"], str, "a string")
+    return replace(base, **values)
 
 
 def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     where = f"blocks[{index}]"
     _expect(path, where, table, dict, "a table ([[blocks]])")
-    _check_keys(path, f"{where}.", table, {"classes", "after", "before", "slot", "name", "require"}, {"classes"})
+    _check_keys(path, f"{where}.", table, {"classes", "after", "before", "slot", "name", "require", "when"},
+                {"classes"})
     classes = _expect(path, f"{where}.classes", table["classes"], list, "a list of full class paths")
     if not classes:
         raise RecipeFileError(path, f"field '{where}.classes': expected at least one class path")
@@ -160,12 +196,17 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
             raise RecipeFileError(
                 path, f"field '{where}.require': expected names from {', '.join(REQUIREMENTS)}, got {req!r}"
             )
-    return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require))
+    when = _expect(path, f"{where}.when", table.get("when", {}), dict, "a table of attribute = value")
+    for attr, value in when.items():
+        if not _ATTR_RE.match(attr) or not isinstance(value, (bool, int, float, str)):
+            raise RecipeFileError(path, f"field '{where}.when': expected attribute = plain value, got {attr!r}")
+    return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require), tuple(sorted(when.items())))
 
 
 def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     """Validate a parsed recipe table; errors name the file, the field and what was expected."""
-    _check_keys(source, "", data, {"name", "description", "reference", "defaults", "blocks"}, {"name", "blocks"})
+    _check_keys(source, "", data, {"name", "description", "reference", "defaults", "blocks", "conventions"},
+                {"name", "blocks"})
     name = _expect(source, "name", data["name"], str, "a recipe name")
     if not _NAME_RE.fullmatch(name):
         raise RecipeFileError(source, f"field 'name': expected lowercase letters, digits and '-', got {name!r}")
@@ -178,11 +219,21 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     seen: dict[str, int] = {}
     for i, rule in enumerate(rules):
         for c in rule.classes:
-            if c in seen:
+            if c in seen and rules[seen[c]].when == rule.when:
                 raise RecipeFileError(source, f"field 'blocks[{i}].classes': {c!r} is already in blocks[{seen[c]}]")
             seen[c] = i
     defaults = _parse_defaults(source, data.get("defaults", {}))
-    return Recipe(name, description, rules, defaults, reference, source)
+    conventions = []
+    tables = _expect(source, "conventions", data.get("conventions", []), list, "an array of tables ([[conventions]])")
+    for i, table in enumerate(tables):
+        where = f"conventions[{i}]"
+        _expect(source, where, table, dict, "a table ([[conventions]])")
+        models = _expect(source, f"{where}.models", table.get("models"), list, "a list of full model class paths")
+        if not models or not all(isinstance(m, str) and _CLASS_PATH_RE.match(m) for m in models):
+            raise RecipeFileError(source, f"field '{where}.models': expected full class paths of models")
+        settings = _parse_defaults(source, table, where, defaults, frozenset({"models"}))
+        conventions.append(Convention(tuple(models), settings))
+    return Recipe(name, description, rules, defaults, reference, source, tuple(conventions))
 
 
 def load_recipe_file(path: str | Path) -> Recipe:

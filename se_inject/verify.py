@@ -79,6 +79,9 @@ class Call:
             if params[name].kind in plain and isinstance(value, FIXED_TYPES)
         }
 
+    def first_tensor(self) -> TensorArg | None:
+        return next((leaf for leaf in _leaves((self.args, self.kwargs)) if isinstance(leaf, TensorArg)), None)
+
     def signature(self) -> str:
         """A hashable description: tensors by rank and dtype, other values as they are."""
         return repr(_describe((self.args, self.kwargs)))
