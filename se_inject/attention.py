@@ -74,11 +74,6 @@ def register_attention(kind: str, cls: type[nn.Module]) -> Callable[[Builder], B
     return decorator
 
 
-def attention_classes() -> tuple[type[nn.Module], ...]:
-    """The module classes of the registered variants (what se-inject inserts)."""
-    return tuple(_CLASSES.values())
-
-
 @register_attention("se", SqueezeExcite)
 def _build_se(spec: AttentionSpec, **dd: Any) -> nn.Module:
     return SqueezeExcite(spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate, gain=spec.gain, **dd)

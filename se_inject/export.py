@@ -58,7 +58,7 @@ class ExportResult:
                 "checked_batches": list(self.checked_batches), "opset": self.opset, "note": self.note}
 
     def summary(self) -> str:
-        """``exported onnx to DIR/model.onnx (batch dynamic, checked at 1, 3: relative error 2.1e-07, max |diff| ...)``"""
+        """One line: path, batch axis, opset, the batches checked, relative error and max |diff| vs eager."""
         if self.max_abs_diff is None:
             check = "not run back"
         else:

@@ -128,7 +128,7 @@ def resolve_model(name: str) -> ModelSpec:
     source, sep, bare = name.partition(":")
     if sep and source in SOURCES:
         arch, tag = split_tag(bare)
-        if source == "timm" and _timm_has(arch) or source == "torchvision" and arch in torchvision_names():
+        if (source == "timm" and _timm_has(arch)) or (source == "torchvision" and arch in torchvision_names()):
             spec = _tagged(source, arch, tag) if tag else ModelSpec(source, arch)
             if spec is None:
                 raise _unknown_tag(name, [(source, arch)], tag)
