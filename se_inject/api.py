@@ -409,7 +409,7 @@ def save_injected(
     for fmt in dict.fromkeys(exports):
         name = f"model{FORMATS[fmt]}"
         files[name] = export_writer(model, report.plan, fmt, directory / name, results, batch=export_batch,
-                                    opset=opset)
+                                    opset=opset if fmt == "onnx" else None)
     final: list[Report] = []
 
     def write_report(path: Path) -> None:  # runs last: the exports' results are in by then

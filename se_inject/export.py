@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ExportError, OutputExistsError, UsageError, describe
+from .errors import ExportError, describe
 from .plan import Plan
+from .preflight import EXPORT_FORMATS, check_export_options, check_output_file
 
-FORMATS = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}
+FORMATS = EXPORT_FORMATS
 RELATIVE_TOLERANCE = 1e-4  # float32 kernels differ by ~1e-6 of the output's magnitude; a broken export by far more
 DYNAMIC_TRACE_BATCH = 2  # traced at 2: a batch of 1 would let the tracer specialise the axis to 1
 DYNAMIC_CHECK_BATCHES = (1, 3)
-MIN_OPSET = 18  # the oldest opset torch's dynamo-based ONNX exporter writes directly
 
 
 @dataclass(frozen=True)
@@ -57,35 +57,11 @@ class ExportResult:
                 "relative_diff": self.relative_diff, "batch": self.batch,
                 "checked_batches": list(self.checked_batches), "opset": self.opset, "note": self.note}
 
-    def summary(self) -> str:
-        """One line: path, batch axis, opset, the batches checked, relative error and max |diff| vs eager."""
-        if self.max_abs_diff is None:
-            check = "not run back"
-        else:
-            batches = ", ".join(map(str, self.checked_batches))
-            check = (f"checked at batch {batches}: relative error {self.relative_diff:.2g}, "
-                     f"max |diff| {self.max_abs_diff:.3g}")
-        details = [f"batch {self.batch}", check]
-        if self.opset is not None:
-            details.insert(1, f"opset {self.opset}")
-        if self.note:
-            details.append(self.note)
-        return f"exported {self.format} to {self.path} ({'; '.join(details)})"
-
 
 def validate_export_options(formats: tuple[str, ...] | list[str], *, batch: int | None = None,
                             opset: int | None = None) -> None:
-    """Raise UsageError for an unknown format or a batch/opset that cannot apply (before any model is built)."""
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise UsageError(f"unknown export format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise UsageError(f"invalid static batch {batch!r}: expected an integer >= 1")
-    if opset is not None:
-        if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-            raise UsageError(f"invalid opset {opset!r}: expected an integer >= {MIN_OPSET}")
-        if "onnx" not in formats:
-            raise UsageError("--opset applies to ONNX exports only")
+    """Raise UsageError for an unknown format or a batch/opset that cannot apply (see `check_export_options`)."""
+    check_export_options(formats, batch=batch, opset=opset)
 
 
 def example_input(plan: Plan, *, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -137,8 +113,10 @@ def export_writer(model: nn.Module, plan: Plan, fmt: str, final: Path, results: 
     file will be renamed to. `batch` fixes the batch axis (default: dynamic); `opset` is ONNX's."""
     validate_export_options([fmt], batch=batch, opset=opset)
     label, save, load_back = _WRITERS[fmt]
+    note = ""
+    if fmt == "torchscript" and batch is not None:
+        batch, note = None, f"TorchScript has no fixed shapes: static batch {batch} does not apply; dynamic"
     trace_batch, check_batches = (DYNAMIC_TRACE_BATCH, DYNAMIC_CHECK_BATCHES) if batch is None else (batch, (batch,))
-    note = "TorchScript has no fixed shapes: the batch stays dynamic" if fmt == "torchscript" and batch else ""
 
     def write(target: Path) -> None:
         training = model.training
@@ -185,8 +163,7 @@ def export(model: nn.Module, plan: Plan, fmt: str, path: str | Path, *, force: b
 
     path = Path(path)
     validate_export_options([fmt], batch=batch, opset=opset)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
+    check_output_file(path, force=force)
     results: list[ExportResult] = []
     write_atomically(path.parent, {path.name: export_writer(model, plan, fmt, path, results, batch=batch,
                                                             opset=opset)}, force=True)
