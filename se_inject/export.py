@@ -92,7 +92,7 @@ def compare_outputs(got: Any, expected: Any) -> tuple[float, float]:
         raise ExportError(f"the export returns {len(got_tensors)} tensors, the eager model {len(expected_tensors)}")
     worst_abs, worst_rel = 0.0, 0.0
     for g, e in zip(got_tensors, expected_tensors, strict=True):
-        g, e = torch.as_tensor(g).detach().float().cpu(), e.detach().float().cpu()
+        g, e = torch.as_tensor(g).detach().double().cpu(), e.detach().double().cpu()
         if g.shape != e.shape:
             raise ExportError(f"the export returns shape {tuple(g.shape)}, the eager model {tuple(e.shape)}")
         diff = float((g - e).abs().max()) if e.numel() else 0.0
