@@ -178,3 +178,14 @@ def test_cli_export_options(tmp_path):
     assert text.exit_code == 0, text.stderr
     assert "batch dynamic" in text.stdout and "relative error" in text.stdout and "max |diff|" in text.stdout
     assert len(text.stdout.strip().splitlines()) == 1  # piped: one line, never wrapped
+
+
+def test_cli_export_refuses_an_existing_file_before_loading(tmp_path, monkeypatch):
+    (tmp_path / "model.pt").write_bytes(b"previous")
+    monkeypatch.setattr("se_inject.checkpoint.load", lambda *a, **k: pytest.fail("loaded the model"))
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(tmp_path), "-f", "torchscript"])
+    assert result.exit_code == 1 and "already exists" in result.stderr
+    assert (tmp_path / "model.pt").read_bytes() == b"previous"
+    bad = runner.invoke(app, ["export", str(tmp_path), "-f", "onnx", "--opset", "9"])
+    assert bad.exit_code == 2 and "opset" in bad.stderr
