@@ -20,7 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .errors import SEInjectError, UsageError, describe
+from .errors import SEInjectError, UsageError, WeightsError, describe
 from .preflight import EXPORT_FORMATS, check_export_options, check_output_file, check_output_folder
 from .variants import VARIANTS
 
@@ -306,8 +306,6 @@ def inject_preflight(*, dry_run: bool, output: Path | None, force: bool, formats
     elif output is not None:
         check_output_folder(output, force=force)
     if weights is not None and not weights.is_file():
-        from .errors import WeightsError
-
         raise WeightsError(f"{weights}: no such file" if not weights.exists() else f"{weights}: not a file")
     if images is not None:
         if not images.is_dir():
