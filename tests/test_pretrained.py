@@ -4,7 +4,10 @@ weights where each library's cache finds them, and refuse any network access."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -130,3 +133,21 @@ def test_config_json_describes_torchvision_weights(tmp_path):
     loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
     assert loaded.pretrained_cfg["interpolation"] == "bilinear"
     assert timm.data.resolve_data_config({}, model=loaded)["crop_pct"] == pytest.approx(224 / 256)
+
+
+def test_a_tag_without_pretrained_says_the_weights_are_random():
+    _, report = se_inject.inject("resnet50.a1_in1k", device="meta", seed=0)
+    assert report.pretrained is None
+    assert any("random weights" in note and "--pretrained" in note for note in report.notes)
+
+
+def test_hf_home_is_the_cache_in_a_fresh_process(tmp_path):
+    """End to end, as a user configures it: HF_HOME names the cache, HF_HUB_OFFLINE=1 keeps the hub quiet."""
+    state = timm.create_model("test_resnet").state_dict()
+    place_in_hf_cache(tmp_path / "hf" / "hub", "timm/test_resnet.r160_in1k", state)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-m", "se_inject", "test_resnet", "--pretrained", "--dry-run", "--json"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pretrained"] == "timm/test_resnet.r160_in1k"
