@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -26,6 +27,7 @@ from .models import (
     parse_input_size,
     read_state_dict,
     resolve_model,
+    seeded,
 )
 from .plan import Plan, Settings, Site
 from .recipes import GATES, resolve_recipes
@@ -52,6 +54,8 @@ class Report:
         drift: How far the injected model's outputs are from the base model's (when measured).
         timm_architecture: The timm model the saved folder loads as in plain timm (``local-dir:``), if any.
         exports: What each export wrote and its maximum difference from the eager model.
+        pretrained: The pretrained weights the base model was loaded with (``timm/resnet50.a1_in1k``,
+            ``ResNet50_Weights.IMAGENET1K_V2``), if any.
     """
 
     model: str
@@ -67,13 +71,12 @@ class Report:
     drift: Drift | None = None
     timm_architecture: str | None = None
     exports: tuple[Any, ...] = ()
+    pretrained: str | None = None
 
     @property
     def default_output(self) -> str:
-        """``<model>-<attention><r>``, e.g. ``resnet50-se16`` (``resnet50-eca`` for variants without r)."""
-        name = self.plan.model.short_name if self.plan.model else self.model
-        kind = self.plan.sites[0].attention.kind
-        return f"{name}-{kind}{self.reduction if VARIANTS[kind].uses_reduction else ''}"
+        """``<model>-<attention><r>``, e.g. ``resnet50-se16`` (see `default_output_name`)."""
+        return default_output_name(self.plan, self.reduction, self.model)
 
     def site_rows(self) -> list[dict[str, Any]]:
         return [
@@ -117,7 +120,21 @@ class Report:
             "output": self.output,
             "timm_architecture": self.timm_architecture,
             "exports": [e.to_dict() for e in self.exports],
+            "pretrained": self.pretrained,
         }
+
+
+def default_output_name(plan: Plan, reduction: int, model: str = "model") -> str:
+    """``<model>-<attention><r>``: ``resnet50-se16`` for timm's resnet50, ``torchvision-resnet50-se16`` for
+    torchvision's (the two would collide otherwise), ``resnet50-eca`` for variants without r."""
+    if plan.model is None:
+        name = model
+    elif plan.model.source == "torchvision":
+        name = f"torchvision-{plan.model.short_name}"
+    else:
+        name = plan.model.short_name
+    kind = plan.sites[0].attention.kind
+    return f"{name}-{kind}{reduction if VARIANTS[kind].uses_reduction else ''}"
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int | None:
@@ -260,6 +277,8 @@ def inject(
     inplace: bool = False,
     drift: bool | None = None,
     images: str | Path | None = None,
+    pretrained: bool = False,
+    before_build: Callable[[Plan, str], None] | None = None,
 ) -> tuple[nn.Module, Report]:
     """Insert SE blocks where the recipes put them and return ``(model, report)``.
 
@@ -280,6 +299,12 @@ def inject(
         inplace: Modify `model` itself instead of a copy.
         drift: Compare the outputs before and after surgery (default: when `weights` or `images` are given).
         images: A folder of images for the drift measurement instead of random inputs.
+        pretrained: Load the pretrained weights the model name's tag names (``resnet50.a1_in1k``,
+            ``torchvision:resnet50.IMAGENET1K_V2``; no tag: the library's default) through timm's or torchvision's
+            own loader and cache. Raises WeightsError at once when they are not cached and cannot be downloaded.
+        before_build: Called with the plan and the default output folder name once planning (on the meta device)
+            is done, before the model is built with real weights: a caller's last chance to refuse cheaply (the CLI
+            checks the output folder there).
     """
     settings = validate_settings(
         Settings(
@@ -301,15 +326,28 @@ def inject(
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise UsageError(f"invalid seed {seed!r}: expected an integer in [0, {MAX_SEED}] (torch's seed range)")
     recipes = resolve_recipes(recipe, tuple(recipe_files))
+    if pretrained and weights is not None:
+        raise UsageError("pretrained weights and a weights file exclude each other: pass one")
+    notes: tuple[str, ...] = ()
+    located = None
     # Finding, planning and counting run on a meta-device twin ("planning"): no memory, no init, no real compute.
     if isinstance(model, str):
         spec: ModelSpec | None = resolve_model(model)
+        if pretrained:
+            from .pretrained import locate_pretrained
+
+            located = locate_pretrained(spec)  # fails here, before any build, when the weights cannot be had
+            spec = located.spec
+        elif "." in spec.name and spec.source != "python":
+            notes += (f"random weights: the tag in {spec} names pretrained weights, loaded only with pretrained=True "
+                      "(--pretrained)",)
         planning = build_model(spec, device="meta")
         base = None  # built once the plan stands: a model with no place for SE costs no real build
         inplace = True  # nobody else holds this model
     else:
-        if weights is not None:
-            raise UsageError("weights= is for model names; load weights into your module before calling inject")
+        if weights is not None or pretrained:
+            raise UsageError("weights= and pretrained= are for model names; load weights into your module before "
+                             "calling inject")
         spec, base = None, model
         planning = base if is_meta(base) and inplace else meta_copy(base)
     if size is None:
@@ -320,11 +358,24 @@ def inject(
 
         check_forward_memory(planning, size)
     findings = find_sites(planning, recipes, size, count_base=True)  # one forward: shapes and base counts
-    plan, notes = make_plan(findings, settings, model=spec, seed=seed)
+    plan, plan_notes = make_plan(findings, settings, model=spec, seed=seed)
+    notes += plan_notes
     before = findings.counts
+    first = next(m for m in findings.matches if m.path == plan.sites[0].path)
+    reduction_used = settings.reduction or first.recipe.defaults.reduction
+    if before_build is not None:
+        before_build(plan, default_output_name(plan, reduction_used, type(base).__name__ if base else "model"))
     if base is None:
         assert spec is not None
-        base = planning if str(device) == "meta" else build_model(spec, device=device, seed=seed)
+        if str(device) == "meta":
+            base = planning
+        elif located is not None:
+            from .pretrained import build_pretrained
+
+            with seeded(seed):  # parts the checkpoint does not cover (none in practice) stay reproducible
+                base = build_pretrained(located, device=device)
+        else:
+            base = build_model(spec, device=device, seed=seed)
         if weights is not None:
             if base is planning:  # nothing to load into: still check that the file fits
                 check_state_dict(planning, read_state_dict(weights), str(weights))
@@ -338,7 +389,7 @@ def inject(
     after = count(planning, size)
     if after.output_shapes != before.output_shapes:
         raise SurgeryError(f"surgery changed the output shapes: {before.output_shapes} -> {after.output_shapes}")
-    measure_drift = (weights is not None or images is not None) if drift is None else drift
+    measure_drift = (weights is not None or images is not None or pretrained) if drift is None else drift
     measure_drift = measure_drift and base is not planning  # a meta model computes nothing
     if measure_drift:
         batch, described = image_batch(images, size, base) if images is not None else random_batch(size)
@@ -347,7 +398,6 @@ def inject(
     drifted = compare(base_outputs, drift_outputs(injected, batch), described) if measure_drift else None
     site_params = {s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites}
     feature_maps = {m.path: m.shape[1:] for m in findings.matches}
-    first = next(m for m in findings.matches if m.path == plan.sites[0].path)
     report = Report(
         model=str(spec) if spec else type(base).__name__,
         plan=plan,
@@ -357,8 +407,9 @@ def inject(
         site_params=site_params,
         feature_maps={s.path: feature_maps[s.path] for s in plan.sites},
         notes=notes,
-        reduction=settings.reduction or first.recipe.defaults.reduction,
+        reduction=reduction_used,
         drift=drifted,
+        pretrained=located.weights if located else None,
     )
     return injected, report
 
@@ -369,25 +420,33 @@ def _in_model_order(model: nn.Module, skipped: tuple[Skip, ...]) -> tuple[Skip, 
 
 
 def save_injected(
-    model: nn.Module, report: Report, directory: str | Path, *, force: bool = False, exports: tuple[str, ...] = ()
+    model: nn.Module,
+    report: Report,
+    directory: str | Path,
+    *,
+    force: bool = False,
+    exports: tuple[str, ...] = (),
+    export_batch: int | None = None,
+    opset: int | None = None,
 ) -> Report:
     """The save step: checkpoint and report, ``config.json`` where the result is exactly a timm architecture (so
-    plain timm loads the folder), and the requested exports, all written atomically. Returns the final report."""
+    plain timm loads the folder), and the requested exports (batch axis dynamic unless `export_batch` fixes it;
+    `opset` for ONNX), all written atomically. Returns the final report."""
     from .checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
-    from .export import FORMATS, export_writer, timm_architecture, timm_config
+    from .export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
 
-    unknown = [f for f in exports if f not in FORMATS]
-    if unknown:
-        raise UsageError(f"unknown export format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+    validate_export_options(exports, batch=export_batch, opset=opset)
     directory = Path(directory)
     architecture = timm_architecture(report.plan)
     results: list[Any] = []
     files = {MODEL_FILE: write_checkpoint(model, report.plan)}
     if architecture:
-        files["config.json"] = write_text(timm_config(architecture))
+        files["config.json"] = write_text(timm_config(architecture, base=report.plan.model,
+                                                      pretrained=report.pretrained is not None))
     for fmt in dict.fromkeys(exports):
         name = f"model{FORMATS[fmt]}"
-        files[name] = export_writer(model, report.plan, fmt, directory / name, results)
+        files[name] = export_writer(model, report.plan, fmt, directory / name, results, batch=export_batch,
+                                    opset=opset if fmt == "onnx" else None)
     final: list[Report] = []
 
     def write_report(path: Path) -> None:  # runs last: the exports' results are in by then

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class SEInjectError(Exception):
     """Base class. `exit_code` is what the CLI exits with: 1 for a problem with the inputs' content, 2 for bad usage."""
@@ -70,3 +72,26 @@ class CheckpointError(SEInjectError):
 
 class ExportError(SEInjectError):
     """An export format is unavailable or its round-trip check failed."""
+
+
+_BUILD_NOISE = re.compile(
+    r"\s*\(Triggered internally at [^)]*\)"  # torch's C++ warnings
+    r"|\s*\[enforce fail at [^\]]*\]\s*\.?"  # caffe2's checks
+    r"|\s*\(?(?:at|from)?\s*(?:/|\.\./)[\w./+-]*(?:aten|c10|caffe2|torch/csrc|third_party)/[\w./+-]*(?::\d+)?\)?"
+)
+
+
+def describe(e: BaseException | str, limit: int = 200) -> str:
+    """The first line of an exception's message, without library build paths, shortened at a word boundary."""
+    lines = str(e).strip().splitlines()
+    text = _BUILD_NOISE.sub("", lines[0] if lines else "").strip() or (type(e).__name__ if lines else "")
+    return shorten(text, limit)
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a word boundary, with an ellipsis where it was cut."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "…"

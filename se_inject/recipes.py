@@ -198,7 +198,7 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
             )
     when = _expect(path, f"{where}.when", table.get("when", {}), dict, "a table of attribute = value")
     for attr, value in when.items():
-        if not _ATTR_RE.match(attr) or not isinstance(value, (bool, int, float, str)):
+        if attribute_name_problem(attr) or not isinstance(value, (bool, int, float, str)):
             raise RecipeFileError(path, f"field '{where}.when': expected attribute = plain value, got {attr!r}")
     return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require), tuple(sorted(when.items())))
 
