@@ -141,7 +141,7 @@ def _print_json(data: Any) -> None:
 
 def _console(*, stderr: bool = False) -> Any:
     """A rich console for data (stdout) or messages (stderr). On a terminal rich wraps at word boundaries to its
-    width; piped, nothing is wrapped or cut (a copy-paste line stays one line). A closed pipe raises
+    width; piped, no line is wrapped or cut (a copy-paste line stays one line) and tables take $COLUMNS if set. A closed pipe raises
     BrokenPipeError, which `error_funnel` turns into exit 141 (rich's own handler would exit 1)."""
     from rich.console import Console
 
@@ -151,8 +151,9 @@ def _console(*, stderr: bool = False) -> Any:
             raise BrokenPipeError
 
     terminal = (sys.stderr if stderr else sys.stdout).isatty()
-    return PipeAwareConsole(stderr=stderr, highlight=False, soft_wrap=not terminal,
-                            width=None if terminal else 1000)
+    columns = os.environ.get("COLUMNS", "")
+    width = None if terminal else int(columns) if columns.isdigit() and int(columns) >= 40 else 1000
+    return PipeAwareConsole(stderr=stderr, highlight=False, soft_wrap=not terminal, width=width)
 
 
 def _interactive(as_json: bool = False) -> bool:
