@@ -249,7 +249,7 @@ def write_folder(
     try:
         remove_leftovers(directory)
         if outputs or not directory.is_dir():
-            _swap_in(directory, files, owned)
+            _swap_in(directory, files, owned, record=outputs)
         else:
             _replace_files(directory, files)
     except OSError as e:
@@ -258,7 +258,9 @@ def write_folder(
     return directory
 
 
-def _swap_in(directory: Path, files: dict[str, Writer], owned: set[str]) -> None:
+def _swap_in(directory: Path, files: dict[str, Writer], owned: set[str], *, record: bool = True) -> None:
+    """Stage `files` (plus the user's files already in `directory`, and with `record` the record of what se-inject
+    wrote) in a folder next to `directory`, then swap it in."""
     umask = _umask()
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -282,9 +284,9 @@ def _swap_in(directory: Path, files: dict[str, Writer], owned: set[str]) -> None
                         continue
                     _link_tree(entry, staging / entry.name)
                 fault_point("linked")
-            record = staging / RECORD_FILE
-            record.write_text(_record_text(staging, list(files)), encoding="utf-8")
-            _finish(record, 0o666 & ~umask)
+            if record:  # an output folder; a folder made for one file (an export, scan rows) gets none
+                (staging / RECORD_FILE).write_text(_record_text(staging, list(files)), encoding="utf-8")
+                _finish(staging / RECORD_FILE, 0o666 & ~umask)
             os.chmod(staging, old_mode if old_mode is not None else 0o777 & ~umask)
             _fsync_dir(staging)
             fault_point("staged")
@@ -299,7 +301,7 @@ def _swap_in(directory: Path, files: dict[str, Writer], owned: set[str]) -> None
                     fault_point("swapped")  # `staging` now holds the previous folder
                     _keep_late_files(staging, directory, owned)
                 else:  # no atomic swap here (another OS, a mount point, the working directory): file by file
-                    for name in [*files, RECORD_FILE]:
+                    for name in [*files, *([RECORD_FILE] if record else [])]:
                         os.replace(staging / name, directory / name)
                         fault_point(f"replaced {name}")
                     for name in owned - set(files):

@@ -623,3 +623,15 @@ def test_seeded_report_is_byte_identical_across_thread_counts(tmp_path):
         torch.set_num_threads(threads)
     assert json.loads(reports[0])["drift"]["max_abs_diff"] > 0
     assert reports[0] == reports[1]
+
+
+def test_without_an_atomic_swap_files_are_replaced_one_by_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "exchange", lambda _a, _b: False)  # another OS, a mount point, the cwd
+    out = tmp_path / "o"
+    write_atomically(out, _writers(_run(0)), outputs=True)
+    (out / "notes.txt").write_text("mine")
+    write_atomically(out, _writers(_run(1)), force=True, outputs=True)
+    assert _state(out) == _run(1) and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    assert sorted(p.name for p in out.iterdir()) == [".se-inject.json", "config.json", "model.safetensors",
+                                                     "notes.txt", "report.json"]
