@@ -45,6 +45,7 @@ _LAZY = {
     "save": "checkpoint",
     "load": "checkpoint",
     "read_plan": "checkpoint",
+    "new_parameters": "finetune",
 }
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from .attention import AttentionSpec, create_attention, list_attention
     from .checkpoint import load, read_plan, save
     from .find import find_sites
+    from .finetune import new_parameters
     from .measure import count
     from .models import ModelSpec, build_model, resolve_model
     from .plan import Plan, Settings, Site
@@ -99,6 +101,7 @@ __all__ = [
     "load",
     "load_recipe_file",
     "make_plan",
+    "new_parameters",
     "read_plan",
     "resolve_model",
     "save",

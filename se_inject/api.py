@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -26,9 +27,11 @@ from .models import (
     parse_input_size,
     read_state_dict,
     resolve_model,
+    seeded,
 )
 from .plan import Plan, Settings, Site
 from .recipes import GATES, resolve_recipes
+from .schema import MAX_SEED
 from .surgery import apply_plan
 from .variants import VARIANTS
 from .verify import verify_plan
@@ -51,6 +54,8 @@ class Report:
         drift: How far the injected model's outputs are from the base model's (when measured).
         timm_architecture: The timm model the saved folder loads as in plain timm (``local-dir:``), if any.
         exports: What each export wrote and its maximum difference from the eager model.
+        pretrained: The pretrained weights the base model was loaded with (``timm/resnet50.a1_in1k``,
+            ``ResNet50_Weights.IMAGENET1K_V2``), if any.
     """
 
     model: str
@@ -66,13 +71,12 @@ class Report:
     drift: Drift | None = None
     timm_architecture: str | None = None
     exports: tuple[Any, ...] = ()
+    pretrained: str | None = None
 
     @property
     def default_output(self) -> str:
-        """``<model>-<attention><r>``, e.g. ``resnet50-se16`` (``resnet50-eca`` for variants without r)."""
-        name = self.plan.model.short_name if self.plan.model else self.model
-        kind = self.plan.sites[0].attention.kind
-        return f"{name}-{kind}{self.reduction if VARIANTS[kind].uses_reduction else ''}"
+        """``<model>-<attention><r>``, e.g. ``resnet50-se16`` (see `default_output_name`)."""
+        return default_output_name(self.plan, self.reduction, self.model)
 
     def site_rows(self) -> list[dict[str, Any]]:
         return [
@@ -108,6 +112,7 @@ class Report:
             "skipped": [
                 {"path": s.path, "block": s.block, "recipe": s.recipe, "reason": s.reason} for s in self.skipped
             ],
+            "already_attention": [s.path for s in self.skipped if s.already_attention],
             "params": delta("params"),
             "macs": delta("macs"),
             "se_elementwise_ops": self.after.attention_elementwise_ops - self.before.attention_elementwise_ops,
@@ -116,7 +121,21 @@ class Report:
             "output": self.output,
             "timm_architecture": self.timm_architecture,
             "exports": [e.to_dict() for e in self.exports],
+            "pretrained": self.pretrained,
         }
+
+
+def default_output_name(plan: Plan, reduction: int, model: str = "model") -> str:
+    """``<model>-<attention><r>``: ``resnet50-se16`` for timm's resnet50, ``torchvision-resnet50-se16`` for
+    torchvision's (the two would collide otherwise), ``resnet50-eca`` for variants without r."""
+    if plan.model is None:
+        name = model
+    elif plan.model.source == "torchvision":
+        name = f"torchvision-{plan.model.short_name}"
+    else:
+        name = plan.model.short_name
+    kind = plan.sites[0].attention.kind
+    return f"{name}-{kind}{reduction if VARIANTS[kind].uses_reduction else ''}"
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int | None:
@@ -142,13 +161,16 @@ def validate_settings(settings: Settings) -> Settings:
 
 
 def _site(match: Match, settings: Settings) -> Site:
-    defaults = match.recipe.defaults
+    defaults = match.defaults or match.recipe.defaults
+    from_input = defaults.squeeze_from == "input" and match.input_channels is not None
     spec = attention_spec(
         settings.attention,
         match.channels,
         reduction=settings.reduction or defaults.reduction,
         divisor=settings.divisor or defaults.divisor,
         round_limit=defaults.round_limit,
+        squeeze_base=match.input_channels if from_input else None,
+        rounding=defaults.rounding if settings.divisor is None else "divisible",
         bias=defaults.bias if settings.bias is None else settings.bias,
         gate=settings.gate,
         recipe_gate=defaults.gate,
@@ -197,6 +219,15 @@ def make_plan(
             )
         found = ", ".join(c.rsplit(".", 1)[-1] for c in findings.block_classes[:8]) or "none"
         raise NoSitesError(f"no matching blocks: tried recipes {tried}; the model's block classes: {found}")
+    already = [s for s in findings.skipped if s.already_attention]
+    if already and not settings.fill:
+        lacking = len(findings.matches) + sum(not s.already_attention for s in findings.skipped)
+        detail = already[0].reason.removeprefix("already has channel attention ").strip("()")
+        raise NoSitesError(
+            f"partial SE: {len(already)} matching blocks already have channel attention (e.g. {already[0].path}: "
+            f"{detail}), {lacking} lack it, as the model's design has it; --fill (fill=True) adds SE to those",
+            "partial-attention",
+        )
     if not kept:
         removed = ", ".join(m.path for m in findings.matches[:6]) + (", ..." if len(findings.matches) > 6 else "")
         raise NoSitesError(f"the filters removed all {len(findings.matches)} sites ({removed})", "filtered")
@@ -209,6 +240,10 @@ def make_plan(
             f"(e.g. {small[0].path}: {small[0].channels}); their squeeze width is clamped to "
             f"{small[0].squeeze_channels}"
         )
+    conventions = {m.recipe.name: (m.defaults or m.recipe.defaults).convention for m in kept}
+    for name, convention in conventions.items():
+        if convention and settings.divisor is None and settings.attention in ("se", "cbam"):
+            notes.append(f"squeeze width ({name}): {convention}")
     if len(kept) < len(findings.matches):
         notes.append(f"filters removed {len(findings.matches) - len(kept)} of {len(findings.matches)} sites")
     plan = Plan(
@@ -236,6 +271,7 @@ def inject(
     include: tuple[str, ...] | list[str] = (),
     exclude: tuple[str, ...] | list[str] = (),
     min_channels: int = 0,
+    fill: bool = False,
     input_size: int | str | tuple[int, ...] | None = None,
     weights: str | Path | None = None,
     seed: int | None = None,
@@ -243,6 +279,8 @@ def inject(
     inplace: bool = False,
     drift: bool | None = None,
     images: str | Path | None = None,
+    pretrained: bool = False,
+    before_build: Callable[[Plan, str], None] | None = None,
 ) -> tuple[nn.Module, Report]:
     """Insert SE blocks where the recipes put them and return ``(model, report)``.
 
@@ -255,12 +293,20 @@ def inject(
         reduction, divisor, bias, gate: Override the recipes' defaults (r, squeeze rounding, FC bias, gating).
         init: "paper" (default init) or "identity" (the model computes exactly what it did before).
         include, exclude: fnmatch globs over site paths; min_channels drops narrower sites.
+        fill: In a model where some matching blocks already have channel attention (partial SE: MobileNetV3,
+            EfficientNetV2, ...), add SE to the blocks without it; without `fill` such a model raises NoSitesError.
         input_size: (C, H, W), HxW or N used for shapes and counts; default from the model's config.
         weights: Local checkpoint loaded into the base model first (name only).
         seed: Seed of the random weights and of the SE init; random (and recorded in the plan) when None.
         inplace: Modify `model` itself instead of a copy.
         drift: Compare the outputs before and after surgery (default: when `weights` or `images` are given).
         images: A folder of images for the drift measurement instead of random inputs.
+        pretrained: Load the pretrained weights the model name's tag names (``resnet50.a1_in1k``,
+            ``torchvision:resnet50.IMAGENET1K_V2``; no tag: the library's default) through timm's or torchvision's
+            own loader and cache. Raises WeightsError at once when they are not cached and cannot be downloaded.
+        before_build: Called with the plan and the default output folder name once planning (on the meta device)
+            is done, before the model is built with real weights: a caller's last chance to refuse cheaply (the CLI
+            checks the output folder there).
     """
     settings = validate_settings(
         Settings(
@@ -273,34 +319,65 @@ def inject(
             include=tuple(include),
             exclude=tuple(exclude),
             min_channels=min_channels,
+            fill=fill,
         )
     )
     size = parse_input_size(input_size)
     if seed is None:
         seed = secrets.randbelow(2**31)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"invalid seed {seed!r}: expected an integer >= 0")
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"invalid seed {seed!r}: expected an integer in [0, {MAX_SEED}] (torch's seed range)")
     recipes = resolve_recipes(recipe, tuple(recipe_files))
+    if pretrained and weights is not None:
+        raise UsageError("pretrained weights and a weights file exclude each other: pass one")
+    notes: tuple[str, ...] = ()
+    located = None
     # Finding, planning and counting run on a meta-device twin ("planning"): no memory, no init, no real compute.
     if isinstance(model, str):
         spec: ModelSpec | None = resolve_model(model)
+        if pretrained:
+            from .pretrained import locate_pretrained
+
+            located = locate_pretrained(spec)  # fails here, before any build, when the weights cannot be had
+            spec = located.spec
+        elif "." in spec.name and spec.source != "python":
+            notes += (f"random weights: the tag in {spec} names pretrained weights, loaded only with pretrained=True "
+                      "(--pretrained)",)
         planning = build_model(spec, device="meta")
         base = None  # built once the plan stands: a model with no place for SE costs no real build
         inplace = True  # nobody else holds this model
     else:
-        if weights is not None:
-            raise UsageError("weights= is for model names; load weights into your module before calling inject")
+        if weights is not None or pretrained:
+            raise UsageError("weights= and pretrained= are for model names; load weights into your module before "
+                             "calling inject")
         spec, base = None, model
         planning = base if is_meta(base) and inplace else meta_copy(base)
     if size is None:
         size = default_input_size(spec, planning)
 
+    if str(device) != "meta":  # the saved model will run at this size: refuse one no machine here can hold
+        from .memory import check_forward_memory
+
+        check_forward_memory(planning, size)
     findings = find_sites(planning, recipes, size, count_base=True)  # one forward: shapes and base counts
-    plan, notes = make_plan(findings, settings, model=spec, seed=seed)
+    plan, plan_notes = make_plan(findings, settings, model=spec, seed=seed)
+    notes += plan_notes
     before = findings.counts
+    first = next(m for m in findings.matches if m.path == plan.sites[0].path)
+    reduction_used = settings.reduction or first.recipe.defaults.reduction
+    if before_build is not None:
+        before_build(plan, default_output_name(plan, reduction_used, type(base).__name__ if base else "model"))
     if base is None:
         assert spec is not None
-        base = planning if str(device) == "meta" else build_model(spec, device=device, seed=seed)
+        if str(device) == "meta":
+            base = planning
+        elif located is not None:
+            from .pretrained import build_pretrained
+
+            with seeded(seed):  # parts the checkpoint does not cover (none in practice) stay reproducible
+                base = build_pretrained(located, device=device)
+        else:
+            base = build_model(spec, device=device, seed=seed)
         if weights is not None:
             if base is planning:  # nothing to load into: still check that the file fits
                 check_state_dict(planning, read_state_dict(weights), str(weights))
@@ -314,7 +391,7 @@ def inject(
     after = count(planning, size)
     if after.output_shapes != before.output_shapes:
         raise SurgeryError(f"surgery changed the output shapes: {before.output_shapes} -> {after.output_shapes}")
-    measure_drift = (weights is not None or images is not None) if drift is None else drift
+    measure_drift = (weights is not None or images is not None or pretrained) if drift is None else drift
     measure_drift = measure_drift and base is not planning  # a meta model computes nothing
     if measure_drift:
         batch, described = image_batch(images, size, base) if images is not None else random_batch(size)
@@ -323,7 +400,6 @@ def inject(
     drifted = compare(base_outputs, drift_outputs(injected, batch), described) if measure_drift else None
     site_params = {s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites}
     feature_maps = {m.path: m.shape[1:] for m in findings.matches}
-    first = next(m for m in findings.matches if m.path == plan.sites[0].path)
     report = Report(
         model=str(spec) if spec else type(base).__name__,
         plan=plan,
@@ -333,8 +409,9 @@ def inject(
         site_params=site_params,
         feature_maps={s.path: feature_maps[s.path] for s in plan.sites},
         notes=notes,
-        reduction=settings.reduction or first.recipe.defaults.reduction,
+        reduction=reduction_used,
         drift=drifted,
+        pretrained=located.weights if located else None,
     )
     return injected, report
 
@@ -345,25 +422,33 @@ def _in_model_order(model: nn.Module, skipped: tuple[Skip, ...]) -> tuple[Skip, 
 
 
 def save_injected(
-    model: nn.Module, report: Report, directory: str | Path, *, force: bool = False, exports: tuple[str, ...] = ()
+    model: nn.Module,
+    report: Report,
+    directory: str | Path,
+    *,
+    force: bool = False,
+    exports: tuple[str, ...] = (),
+    export_batch: int | None = None,
+    opset: int | None = None,
 ) -> Report:
     """The save step: checkpoint and report, ``config.json`` where the result is exactly a timm architecture (so
-    plain timm loads the folder), and the requested exports, all written atomically. Returns the final report."""
+    plain timm loads the folder), and the requested exports (batch axis dynamic unless `export_batch` fixes it;
+    `opset` for ONNX), all written atomically. Returns the final report."""
     from .checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
-    from .export import FORMATS, export_writer, timm_architecture, timm_config
+    from .export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
 
-    unknown = [f for f in exports if f not in FORMATS]
-    if unknown:
-        raise UsageError(f"unknown export format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+    validate_export_options(exports, batch=export_batch, opset=opset)
     directory = Path(directory)
     architecture = timm_architecture(report.plan)
     results: list[Any] = []
     files = {MODEL_FILE: write_checkpoint(model, report.plan)}
     if architecture:
-        files["config.json"] = write_text(timm_config(architecture))
+        files["config.json"] = write_text(timm_config(architecture, base=report.plan.model,
+                                                      pretrained=report.pretrained is not None))
     for fmt in dict.fromkeys(exports):
         name = f"model{FORMATS[fmt]}"
-        files[name] = export_writer(model, report.plan, fmt, directory / name, results)
+        files[name] = export_writer(model, report.plan, fmt, directory / name, results, batch=export_batch,
+                                    opset=opset if fmt == "onnx" else None)
     final: list[Report] = []
 
     def write_report(path: Path) -> None:  # runs last: the exports' results are in by then

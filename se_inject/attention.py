@@ -101,16 +101,17 @@ def list_attention() -> list[str]:
 
 def attention_spec(
     kind: str, channels: int, *, reduction: int, divisor: int, round_limit: float, bias: bool, gate: str | None,
-    recipe_gate: str, init: str,
+    recipe_gate: str, init: str, squeeze_base: int | None = None, rounding: str = "divisible",
 ) -> AttentionSpec:
     """The module for one site. The gate is the user's, else the variant's own (ESE: hard-sigmoid), else the
-    recipe's."""
+    recipe's. The squeeze width divides `squeeze_base` (default: `channels`) by r, rounded as `rounding` says."""
     variant = VARIANTS[kind]
     gate = gate or variant.gate or recipe_gate
     return AttentionSpec(
         kind=kind,
         channels=channels,
-        rd_channels=squeeze_channels(channels, reduction, divisor, round_limit) if variant.uses_reduction else 0,
+        rd_channels=squeeze_channels(squeeze_base or channels, reduction, divisor, round_limit, rounding)
+        if variant.uses_reduction else 0,
         kernel_size={"eca": eca_kernel_size(channels), "cbam": 7}.get(kind, 0),
         bias=bias,
         gate=gate,
@@ -122,12 +123,21 @@ def attention_classes() -> tuple[type[nn.Module], ...]:
     return tuple(_CLASSES.values())
 
 
-def squeeze_channels(channels: int, reduction: int, divisor: int = 8, round_limit: float = 0.0) -> int:
-    """Squeeze width: C // r rounded to a multiple of `divisor`, never below it (timm's ``make_divisible``).
+def squeeze_channels(
+    channels: int, reduction: int, divisor: int = 8, round_limit: float = 0.0, rounding: str = "divisible"
+) -> int:
+    """Squeeze width from C and r.
 
-    With an even divisor this equals timm's ``make_divisible(C / r, divisor)`` (``seresnet*``); with divisor 1 it is
-    the seed document's ``C // r`` (at least 1).
+    - "divisible": C // r rounded to a multiple of `divisor`, never below it (timm's ``make_divisible``). With an
+      even divisor this equals timm's ``make_divisible(C / r, divisor)`` (``seresnet*``; with ``round_limit`` 0.9
+      MobileNetV3's ``_make_divisible(C // 4, 8)``); with divisor 1 it is the seed document's ``C // r``;
+    - "round": ``round(C / r)``, timm's EfficientNet ``SqueezeExcite`` (``rd_round_fn`` defaults to ``round``);
+    - "floor": ``max(1, C // r)``, torchvision's EfficientNet (``max(1, input_channels // 4)``).
     """
+    if rounding == "round":
+        return max(1, round(channels / reduction))
+    if rounding == "floor":
+        return max(1, channels // reduction)
     return make_divisible(channels // reduction, divisor, round_limit=round_limit)
 
 

@@ -10,11 +10,20 @@ from typing import Any
 import torch
 from torch import nn
 
+NOISY_IQR = 0.10  # an interquartile range of the paired overheads wider than 10 points: too noisy to conclude
+
 
 @dataclass(frozen=True)
 class Timing:
-    """Median latencies of both models at one batch size, and the median of the paired overheads with its
-    interquartile range."""
+    """Latency of base and injected model at one batch size.
+
+    Attributes:
+        base_ms, injected_ms: Median latency of each model over the rounds.
+        overhead: Median over the rounds of the paired ratio ``t_injected / t_base - 1`` (each round times both
+            models back to back); `overhead_q1`/`overhead_q3` are its quartiles.
+    On a quiet machine the paired median agrees with the ratio of the two medians; `noisy` is set when it does not
+    (the ratio of medians falls outside the paired interquartile range) or the range is wider than `NOISY_IQR`.
+    """
 
     batch: int
     base_ms: float
@@ -26,8 +35,17 @@ class Timing:
     device: str
     threads: int
 
+    @property
+    def ratio_of_medians(self) -> float:
+        return self.injected_ms / self.base_ms - 1 if self.base_ms else float("nan")
+
+    @property
+    def noisy(self) -> bool:
+        return (self.overhead_q3 - self.overhead_q1 > NOISY_IQR
+                or not self.overhead_q1 <= self.ratio_of_medians <= self.overhead_q3)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "ratio_of_medians": self.ratio_of_medians, "noisy": self.noisy}
 
 
 def _sync(device: torch.device) -> None:

@@ -1,18 +1,14 @@
 """Saving and loading: a folder with ``model.safetensors`` (weights + the plan in its metadata) and ``report.json``.
 
-Files are written to temporary names and renamed into place, so an interrupted run leaves either the previous
-output or the complete new one. ``load`` rebuilds the base model, replays the plan and loads the weights strictly.
+A folder is staged complete and swapped in with one atomic step (see `atomic`), so an interrupted run leaves either
+the previous output or the complete new one. ``load`` validates the plan and the weights' digest, rebuilds the base
+model (timm/torchvision names only; code only when trusted), replays the plan and loads the weights strictly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, OutputExistsError, SEInjectError, WeightsError
-from .models import build_model, check_state_dict, load_state
+from .errors import CheckpointError, SEInjectError, WeightsError
+from .models import (
+    ModelSpec,
+    _timm_has,
+    build_model,
+    check_readable,
+    check_state_dict,
+    load_state,
+    torchvision_names,
+)
 from .plan import Plan
 from .surgery import apply_plan
 
@@ -29,7 +33,7 @@ MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
 PLAN_KEY = "se_inject.plan"
 PLAN_HASH_KEY = "se_inject.plan_sha256"
-OUTPUT_FILES = (MODEL_FILE, REPORT_FILE, "config.json", "model.pt", "model.pt2", "model.onnx")  # names we own
+OUTPUT_FILES = (MODEL_FILE, REPORT_FILE, "config.json", "model.pt", "model.pt2", "model.onnx")  # names it writes
 
 
 def library_versions() -> dict[str, str]:
@@ -48,8 +52,25 @@ def checkpoint_metadata(plan: Plan) -> dict[str, str]:
         "format": "pt",
         PLAN_KEY: text,
         PLAN_HASH_KEY: hashlib.sha256(text.encode()).hexdigest(),
+        WEIGHTS_HASH_KEY: _PLACEHOLDER,  # the writer fills in the digest of the tensors it streams
         "se_inject.versions": json.dumps(library_versions(), sort_keys=True),
     }
+
+
+WEIGHTS_HASH_KEY = "se_inject.weights_sha256"
+_PLACEHOLDER = "0" * 64
+_DIGEST_PREFIX = b"se-inject.weights/1\n"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def _weights_hasher(header: dict[str, Any]) -> Any:
+    """SHA-256 over the tensor index (names, dtypes, shapes, offsets) and then the data bytes, in file order: binds
+    what each tensor is to its bytes, so a changed dtype or a swapped tensor is caught as well as a flipped bit."""
+    index = {k: v for k, v in header.items() if k != "__metadata__"}
+    hasher = hashlib.sha256(_DIGEST_PREFIX)
+    hasher.update(json.dumps(index, sort_keys=True, separators=(",", ":")).encode())
+    hasher.update(b"\n")
+    return hasher
 
 
 _DTYPES = {
@@ -81,13 +102,20 @@ def write_safetensors_file(path: Path, tensors: dict[str, torch.Tensor], metadat
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format allows space padding; keeps the data 8-byte aligned
+    hasher = _weights_hasher(header)
+    placeholder = f'"{WEIGHTS_HASH_KEY}":"{_PLACEHOLDER}"'.encode()
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name in sorted(tensors):
             t = tensors[name].to("cpu").contiguous().reshape(-1)
             if t.numel():
-                f.write(t.view(torch.uint8).numpy().data)
+                data = t.view(torch.uint8).numpy().data
+                hasher.update(data)  # hashed as streamed: no second pass over the weights
+                f.write(data)
+        if placeholder in blob:  # same length as the digest: no offset moves
+            f.seek(8 + blob.index(placeholder) + len(placeholder) - len(_PLACEHOLDER) - 1)
+            f.write(hasher.hexdigest().encode())
 
 
 def write_checkpoint(model: nn.Module, plan: Plan) -> Callable[[Path], None]:
@@ -104,106 +132,13 @@ def write_text(text: str) -> Callable[[Path], None]:
     return write
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _finish(path: Path, mode: int) -> None:
-    """Give a written temporary file its final permissions and flush it to disk before it is renamed."""
-    os.chmod(path, mode)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)-")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(directory: Path, prefix: str = ".") -> None:
-    """Delete temporaries (files, staging folders) that a killed se-inject run left in `directory`."""
-    if not directory.is_dir():
-        return
-    for entry in directory.iterdir():
-        match = _TEMPORARY.match(entry.name)
-        if match and entry.name.startswith(prefix) and not _alive(int(match.group(1))):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    entry.unlink()
-
-
 def write_atomically(
     directory: str | Path, files: dict[str, Callable[[Path], None]], *, force: bool = False, outputs: bool = False
 ) -> Path:
-    """Write `files` (name -> writer) into `directory`: all to temporary names first, then renamed into place.
+    """Write `files` (name -> writer) into `directory`, all or nothing; see `atomic.write_folder`."""
+    from .atomic import write_folder
 
-    Raises OutputExistsError, without touching anything, when a file to write exists and `force` is off. With
-    `outputs` (a whole se-inject output folder), our other output files count too, and with `force` the ones this
-    write does not produce are removed as stale; other files in the folder are never touched.
-    """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise OutputExistsError(f"{directory} exists and is not a directory")
-    names = (*files, *OUTPUT_FILES) if outputs else tuple(files)
-    owned = [name for name in dict.fromkeys(names) if (directory / name).exists()]
-    if owned and not force:
-        raise OutputExistsError(f"{directory / owned[0]} already exists; pass --force to overwrite it")
-    temporaries: list[Path] = []
-    staging: Path | None = None
-    umask = _umask()
-    tag = f".tmp-{os.getpid()}-"  # temporaries carry the writer's pid, so a later run can clear a killed run's
-    try:
-        _remove_stale_temporaries(directory)
-        _remove_stale_temporaries(directory.parent, f".{directory.name}.tmp-")
-        if directory.is_dir():
-            targets = {}
-            for name, write in files.items():
-                stem, dot, ext = name.rpartition(".")  # keep the extension: some writers check it (.pt2)
-                prefix, suffix = (f".{stem}{tag}", f"{dot}{ext}") if dot else (f".{name}{tag}", "")
-                fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
-                os.close(fd)
-                temporaries.append(Path(tmp))
-                write(Path(tmp))
-                _finish(Path(tmp), 0o666 & ~umask)
-                targets[Path(tmp)] = directory / name
-            for tmp, target in targets.items():
-                os.replace(tmp, target)
-            temporaries.clear()
-            for name in set(owned) - set(files):  # a previous run's outputs, now stale (only with `outputs`)
-                (directory / name).unlink()
-        else:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}{tag}", dir=directory.parent))
-            os.chmod(staging, 0o777 & ~umask)
-            for name, write in files.items():
-                write(staging / name)
-                _finish(staging / name, 0o666 & ~umask)
-            os.rename(staging, directory)
-            staging = None
-    except OSError as e:
-        raise SEInjectError(f"cannot write {directory}: {e.strerror or e}") from None
-    finally:
-        for tmp in temporaries:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return write_folder(directory, files, force=force, outputs=outputs)
 
 
 def save(
@@ -231,6 +166,7 @@ def _model_file(path: str | Path) -> Path:
         if path.is_dir():
             raise CheckpointError(f"{path}: no {MODEL_FILE} in this folder (not an se-inject output?)")
         raise CheckpointError(f"{path}: no such file or folder")
+    check_readable(file, CheckpointError)
     return file
 
 
@@ -246,7 +182,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def read_plan(path: str | Path) -> Plan:
-    """The plan stored in a saved checkpoint, verified against its checksum."""
+    """The plan stored in a saved checkpoint, verified against its checksum and validated field by field."""
+    from .schema import plan_from_data
+
     file = _model_file(path)
     metadata = read_metadata(file)
     text = metadata.get(PLAN_KEY)
@@ -255,13 +193,119 @@ def read_plan(path: str | Path) -> Plan:
     if metadata.get(PLAN_HASH_KEY) != hashlib.sha256(text.encode()).hexdigest():
         raise CheckpointError(f"{file}: the plan in its metadata was modified (checksum mismatch)")
     try:
-        return Plan.from_json(text)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{file}: the plan in its metadata is damaged ({e})") from None
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{file}: the plan in its metadata is not valid JSON ({str(e)[:120]})") from None
+    try:
+        return plan_from_data(data)
+    except CheckpointError as e:
+        raise CheckpointError(f"{file}: {e}") from None
 
 
-def load(path: str | Path, *, model: nn.Module | None = None, device: str | torch.device = "cpu") -> nn.Module:
+def check_weights_digest(path: str | Path) -> None:
+    """Check the tensors' bytes against the digest the writer stored (streamed in 16 MiB chunks). A file saved by
+    an se-inject without weight digests passes; a damaged header, a changed byte or a swapped tensor raises."""
+    file = _model_file(path)
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= MAX_HEADER_BYTES:
+                raise CheckpointError(f"{file}: not a valid safetensors file (header size {size})")
+            header = json.loads(f.read(size))
+            if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+                raise CheckpointError(f"{file}: not a valid safetensors file (the header is not an object)")
+            expected = header.get("__metadata__", {}).get(WEIGHTS_HASH_KEY)
+            if expected is None:
+                return
+            hasher = _weights_hasher(header)
+            chunk = bytearray(16 << 20)
+            view = memoryview(chunk)
+            while n := f.readinto(chunk):
+                hasher.update(view[:n])
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{file}: cannot read its header ({_reason(e)})") from None
+    if hasher.hexdigest() != expected:
+        raise CheckpointError(f"{file}: the weights were modified or damaged (digest mismatch); "
+                              "re-save the model, or load with verify_weights=False at your own risk")
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
+def _check_model_spec(spec: ModelSpec, file: Path, metadata: dict[str, str], trust_code: bool) -> None:
+    """Only registry names are built from a folder; code named by it runs only with `trust_code`."""
+    if spec.source == "python":
+        if not trust_code:
+            raise CheckpointError(
+                f"{file}: the plan's model is code ({spec.name}); se-inject never runs code named by a folder. "
+                "Pass the model yourself: load(DIR, model=...) or --model FILE.py:FACTORY; or, if you trust this "
+                "folder, trust_code=True / --trust-code"
+            )
+        return
+    known = _timm_has(spec.name) if spec.source == "timm" else spec.name in torchvision_names()
+    if not known:
+        try:
+            saved = json.loads(metadata.get("se_inject.versions", "{}")).get(spec.source, "another version")
+        except (ValueError, AttributeError):
+            saved = "another version"
+        installed = library_versions()[spec.source]
+        raise CheckpointError(f"{file}: plan field 'model.name': {spec.source} {installed} has no model "
+                              f"{spec.name!r} (the folder was saved with {spec.source} {saved})")
+
+
+def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    own = model.state_dict(keep_vars=True)
+    for key, tensor in state.items():
+        expected = own[key]
+        if tensor.is_floating_point() != expected.is_floating_point() or (
+            not tensor.is_floating_point() and tensor.dtype != expected.dtype
+        ):
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype} in the file, the model expects "
+                                  f"{expected.dtype} (a damaged header?)")
+
+
+def _check_channels(model: nn.Module, plan: Plan, file: Path) -> None:
+    """Each site's channel count must be what its block really feeds the module (one forward on a meta copy)."""
+    from .find import as_meta, run_meta
+
+    probe = as_meta(model)
+    handles = []
+
+    def check(index: int, site: Any) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], *_: Any) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and (x.dim() < 2 or x.shape[1] != site.channels):
+                raise CheckpointError(f"{file}: plan field 'sites[{index}].attention.channels': {site.channels}, "
+                                      f"but {site.path or 'the model'} has {x.shape[1] if x.dim() > 1 else '?'} "
+                                      "channels there")
+        return hook
+
+    for i, site in enumerate(plan.sites):
+        handles.append(probe.get_submodule(site.module_path).register_forward_pre_hook(check(i, site)))
+    try:
+        run_meta(probe, plan.input_size)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def load(
+    path: str | Path,
+    *,
+    model: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    trust_code: bool = False,
+    verify_weights: bool = True,
+) -> nn.Module:
     """Rebuild a saved model: base model from the plan's spec (or `model`), replay the plan, load weights strictly.
+
+    Nothing named by the folder is imported or executed: only timm and torchvision models are built by registry
+    name. A plan whose model is code (``FILE.py:factory``) needs `model` (the base model, built by you) or
+    `trust_code=True`. The plan is validated field by field and the weights against their digest first
+    (`verify_weights=False` skips the digest, a full read of the file, for very large checkpoints).
 
     Returns the model in eval mode on `device`.
     """
@@ -271,25 +315,41 @@ def load(path: str | Path, *, model: nn.Module | None = None, device: str | torc
     plan = read_plan(file)
     if model is None and plan.model is None:
         raise CheckpointError(f"{file}: saved from a model object; pass the base model: load(path, model=...)")
+    if model is None:
+        assert plan.model is not None
+        _check_model_spec(plan.model, file, read_metadata(file), trust_code)
+    if verify_weights:
+        check_weights_digest(file)
     try:
         with safe_open(str(file), "pt") as f:
             # Cloned into torch's own (64-byte aligned) memory: kernels then take the same paths as for the saved
             # model, and outputs are bit-identical.
             state = {key: f.get_tensor(key).clone() for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{file}: cannot read the weights ({str(e).splitlines()[0][:160]})") from None
-    if model is not None:
-        rebuilt = apply_plan(model, plan)
-    else:
-        assert plan.model is not None
-        # Meta build: no init cost; weights are assigned from the file. Fall back to a real build when the model has
-        # state that is not in the file (non-persistent buffers), which only a real build computes.
-        rebuilt = apply_plan(build_model(plan.model, device="meta"), plan, inplace=True)
-        if set(dict(rebuilt.named_buffers())) - set(state):
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{file}: cannot read the weights ({_reason(e)})") from None
+    try:
+        if model is not None:
+            rebuilt = apply_plan(model, plan)
+        else:
+            assert plan.model is not None
+            # Meta build: no init cost; weights are assigned from the file. Fall back to a real build when the model
+            # has state that is not in the file (non-persistent buffers), which only a real build computes.
+            rebuilt = apply_plan(build_model(plan.model, device="meta"), plan, inplace=True)
+        _check_channels(rebuilt, plan, file)
+        if model is None and set(dict(rebuilt.named_buffers())) - set(state):
+            assert plan.model is not None
             rebuilt = apply_plan(build_model(plan.model, seed=plan.seed), plan, inplace=True)
+    except CheckpointError:
+        raise
+    except SEInjectError as e:
+        raise CheckpointError(f"{file}: the plan does not fit the model: {e}") from None
     try:
         check_state_dict(rebuilt, state, f"{file}: the weights")
     except WeightsError as e:
         raise CheckpointError(f"{e} (they do not match the plan)") from None
-    load_state(rebuilt, state)
+    _check_dtypes(rebuilt, state, file)
+    try:
+        load_state(rebuilt, state)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{file}: cannot load the weights into the model ({_reason(e)})") from None
     return rebuilt.to(device).eval()

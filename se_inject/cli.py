@@ -20,9 +20,21 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .errors import SEInjectError, UsageError
+from .errors import SEInjectError, UsageError, WeightsError, describe
+from .preflight import EXPORT_FORMATS, check_export_options, check_output_file, check_output_folder
+from .variants import VARIANTS
 
 DEFAULT_COMMAND = "inject"
+# Allowed values, shown in --help (the library validates them; tests check these lists against its own).
+ATTENTION_CHOICES = tuple(VARIANTS)
+GATE_CHOICES = ("sigmoid", "hard-sigmoid")
+INIT_CHOICES = ("paper", "identity")
+FORMAT_CHOICES = tuple(EXPORT_FORMATS)
+SOURCE_CHOICES = ("timm", "torchvision")
+
+
+def _choices(values: tuple[str, ...]) -> str:
+    return f"[{'|'.join(values)}]"
 
 
 def error(message: str) -> None:
@@ -40,6 +52,7 @@ class DefaultCommandGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
+        printable_streams()
         run_listing(tuple(sys.argv[1:] if args is None else args))  # skips typer's pydantic option coercion
         try:
             code = super().main(args=args, prog_name=prog_name or "se-inject", standalone_mode=False, **extra)
@@ -51,13 +64,22 @@ class DefaultCommandGroup(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def printable_streams() -> None:
+    """Text the terminal's encoding cannot show (PYTHONIOENCODING=ascii, a path with 'é') is escaped, not fatal."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+
+
 app = typer.Typer(
     cls=DefaultCommandGroup,
     name="se-inject",
     help="Insert Squeeze-and-Excitation blocks into timm/torchvision models where the SE paper puts them.\n\n"
     "Run `se-inject MODEL` (the `inject` command) or one of the commands below.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion: typer's shell completion
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help: rendering it with rich would double the start-up time
 )
@@ -109,8 +131,7 @@ def error_funnel() -> Iterator[None]:
     except Exception as e:
         if os.environ.get("SE_INJECT_DEBUG"):
             raise
-        first = (str(e).strip().splitlines() or [""])[0]
-        error(f"internal error: {type(e).__name__}: {first} (SE_INJECT_DEBUG=1 shows the traceback)")
+        error(f"internal error: {type(e).__name__}: {describe(e)} (SE_INJECT_DEBUG=1 shows the traceback)")
         raise typer.Exit(3) from None
 
 
@@ -118,57 +139,127 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+def _console(*, stderr: bool = False) -> Any:
+    """A rich console for data (stdout) or messages (stderr). On a terminal rich wraps at word boundaries to its
+    width; piped, no line is wrapped or cut (a copy-paste line stays one line) and tables take $COLUMNS if set. A closed pipe raises
+    BrokenPipeError, which `error_funnel` turns into exit 141 (rich's own handler would exit 1)."""
+    from rich.console import Console
+
+    class PipeAwareConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError
+
+    terminal = (sys.stderr if stderr else sys.stdout).isatty()
+    columns = os.environ.get("COLUMNS", "")
+    width = None if terminal else int(columns) if columns.isdigit() and int(columns) >= 40 else 1000
+    return PipeAwareConsole(stderr=stderr, highlight=False, soft_wrap=not terminal, width=width)
+
+
+def _interactive(as_json: bool = False) -> bool:
+    """Progress and status lines only for a person watching: both streams on a terminal, no --json."""
+    return not as_json and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+@contextmanager
+def _status(message: str, *, enabled: bool) -> Iterator[Any]:
+    """A rich status line on stderr (transient) while slow steps run. Yields ``update(text)``; ``update(None)``
+    clears the line for good (before the results are printed)."""
+    if not enabled:
+        yield lambda text: None
+        return
+    status = _console(stderr=True).status(message)
+    status.start()
+
+    def update(text: str | None) -> None:
+        if text is None:
+            status.stop()
+        else:
+            status.update(text)
+
+    try:
+        yield update
+    finally:
+        status.stop()
+
+
 # --- inject --------------------------------------------------------------------------------------------------------
 
 
 @app.command(DEFAULT_COMMAND)
 def inject_command(
-    model: Annotated[str, typer.Argument(help="Model name: NAME (timm first, then torchvision), timm:NAME, "
+    model: Annotated[str, typer.Argument(metavar="MODEL",
+                                         help="Model name: NAME (timm first, then torchvision), timm:NAME, "
                                          "torchvision:NAME.", show_default=False)],
-    reduction: Annotated[int | None, typer.Option("--reduction", "-r", help="Reduction ratio r: squeeze width "
+    reduction: Annotated[int | None, typer.Option("--reduction", "-r", metavar="R",
+                                                  help="Reduction ratio r: squeeze width "
                                                    "C/r. Default: the recipe's (16; 4 for inverted residuals).",
                                                    show_default=False)] = None,
-    recipe: Annotated[list[str] | None, typer.Option("--recipe", help="Only these recipes (repeatable). Default: "
+    recipe: Annotated[list[str] | None, typer.Option("--recipe", metavar="NAME",
+                                                     help="Only these recipes (repeatable). Default: "
                                                      "every recipe that matches.", show_default=False)] = None,
-    recipe_file: Annotated[list[Path] | None, typer.Option("--recipe-file", help="A recipe file of your own "
-                                                           "(repeatable).", show_default=False)] = None,
-    attention: Annotated[str, typer.Option(help="Variant: se, eca, cbam or ese (see `se-inject variants`).")]
-    = "se",
-    gate: Annotated[str | None, typer.Option(help="Gate: sigmoid or hard-sigmoid (default: the variant's, else "
-                                             "sigmoid).", show_default=False)] = None,
-    include: Annotated[list[str] | None, typer.Option("--include", help="Only sites whose path matches this glob, "
-                                                      "e.g. 'layer3.*' (repeatable).", show_default=False)] = None,
-    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip sites whose path matches this glob "
-                                                      "(repeatable).", show_default=False)] = None,
-    min_channels: Annotated[int, typer.Option(help="Skip sites with fewer channels.")] = 0,
-    divisor: Annotated[int | None, typer.Option(help="Round the squeeze width to a multiple of this (default 8; 1 "
+    recipe_file: Annotated[list[Path] | None, typer.Option("--recipe-file", metavar="FILE", help="A recipe file of "
+                                                           "your own (repeatable).", show_default=False)] = None,
+    attention: Annotated[str, typer.Option(metavar=_choices(ATTENTION_CHOICES), help="Variant: se, eca, cbam or "
+                                           "ese (see the variants command).")] = "se",
+    gate: Annotated[str | None, typer.Option(metavar=_choices(GATE_CHOICES), help="Gate: sigmoid or hard-sigmoid "
+                                             "(default: the variant's, else sigmoid).", show_default=False)] = None,
+    include: Annotated[list[str] | None, typer.Option("--include", metavar="GLOB", help="Only sites whose path "
+                                                      "matches this glob, e.g. 'layer3.*' (repeatable).",
+                                                      show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Skip sites whose path "
+                                                      "matches this glob (repeatable).", show_default=False)] = None,
+    min_channels: Annotated[int, typer.Option(metavar="N", help="Skip sites with fewer channels.")] = 0,
+    fill: Annotated[bool, typer.Option("--fill", help="In a model where some matching blocks already have channel "
+                                       "attention (partial SE), add SE to the blocks without it.")] = False,
+    divisor: Annotated[int | None, typer.Option(metavar="N",
+                                                help="Round the squeeze width to a multiple of this (default 8; 1 "
                                                 "gives C // r).", show_default=False)] = None,
     bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="Bias in both FC layers (default on).",
                                               show_default=False)] = None,
-    init: Annotated[str, typer.Option(help="paper: standard init; identity: the model computes exactly what it "
-                                      "did before.")] = "paper",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder. Default: "
-                                                "./<model>-se<r>/", show_default=False)] = None,
+    init: Annotated[str, typer.Option(metavar=_choices(INIT_CHOICES), help="paper: standard init; identity: the "
+                                      "model computes exactly what it did before.")] = "paper",
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="DIR", help="Output folder. Default: "
+                                                "./<model>-se<r>/ (./torchvision-<model>-se<r>/ for torchvision's).",
+                                                show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report on the meta device; write nothing.")]
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
-    input_size: Annotated[str | None, typer.Option(help="Input size for shapes and counts: N, HxW or C,H,W. "
+    input_size: Annotated[str | None, typer.Option(metavar="N|HxW|C,H,W", help="Input size for shapes and counts. "
                                                    "Default: the model's.", show_default=False)] = None,
-    weights: Annotated[Path | None, typer.Option(help="Local checkpoint (.safetensors, .pth, .pt) loaded into the "
-                                                 "base model before surgery.", show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the random weights and SE init (recorded in the plan).",
+    weights: Annotated[Path | None, typer.Option(metavar="FILE", help="Local checkpoint (.safetensors, .pth, .pt) "
+                                                 "loaded into the base model before surgery.",
+                                                 show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(metavar="N",
+                                             help="Seed of the random weights and SE init (recorded in the plan).",
                                              show_default=False)] = None,
-    images: Annotated[Path | None, typer.Option(help="Folder of images for the drift report (default: random "
-                                                "inputs).", show_default=False)] = None,
-    export_formats: Annotated[list[str] | None, typer.Option("--export", help="Also export: torchscript, exported "
-                                                             "(torch.export .pt2), onnx (repeatable).",
-                                                             show_default=False)] = None,
+    images: Annotated[Path | None, typer.Option(metavar="DIR", help="Folder of images for the drift report "
+                                                "(default: random inputs).", show_default=False)] = None,
+    export_formats: Annotated[list[str] | None, typer.Option("--export", metavar=_choices(FORMAT_CHOICES),
+                                                             help="Also export: torchscript, exported (torch.export "
+                                                             ".pt2), onnx (repeatable).", show_default=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="One table row per site.")] = False,
+    # -- pretrained weights and export shape (issue 14)
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Load the pretrained weights the model's tag "
+                                             "names (resnet50.a1_in1k, torchvision:resnet50.IMAGENET1K_V2; no tag: "
+                                             "the library's default) via timm's/torchvision's own cache.")] = False,
+    static_batch: Annotated[int | None, typer.Option("--static-batch", metavar="N", help="Fix the exports' batch "
+                                                     "axis to N (default: dynamic).", show_default=False)] = None,
+    opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset for --export onnx (default: the "
+                                              "exporter's).", show_default=False)] = None,
 ) -> None:
     """Insert SE blocks into MODEL, report params/MACs before and after, save the result."""
-    with error_funnel():
+    with error_funnel(), _status(f"planning SE for {model}", enabled=_interactive(as_json)) as status:
+        formats = tuple(dict.fromkeys(export_formats or ()))
+        notes = inject_preflight(dry_run=dry_run, output=output, force=force, formats=formats, weights=weights,
+                                 images=images, pretrained=pretrained, static_batch=static_batch, opset=opset)
         from .api import inject, save_injected
+
+        def before_build(plan: Any, default_output: str) -> None:
+            if not dry_run:
+                check_output_folder(output or Path(default_output), force=force)  # before the costly build
+                status(f"building {model} ({'pretrained' if pretrained else 'random'} weights) and inserting SE")
 
         injected, report = inject(
             model,
@@ -179,6 +270,7 @@ def inject_command(
             include=tuple(include or ()),
             exclude=tuple(exclude or ()),
             min_channels=min_channels,
+            fill=fill,
             reduction=reduction,
             divisor=divisor,
             bias=bias,
@@ -188,14 +280,53 @@ def inject_command(
             images=images,
             seed=seed,
             device="meta" if dry_run else "cpu",
+            pretrained=pretrained,
+            before_build=before_build,
         )
         if not dry_run:
+            status(f"saving{' and exporting ' + ', '.join(formats) if formats else ''}")
             report = save_injected(injected, report, output or Path(report.default_output), force=force,
-                                   exports=tuple(export_formats or ()))
+                                   exports=formats, export_batch=static_batch, opset=opset)
+        status(None)  # done: clear the status line before the report
+        if notes:
+            from dataclasses import replace
+
+            report = replace(report, notes=(*report.notes, *notes))
         if as_json:
             _print_json(report.to_dict())
         else:
-            render_report(report, verbose=verbose)
+            render_report(report, verbose=verbose, seed_drawn=seed is None)
+
+
+def inject_preflight(*, dry_run: bool, output: Path | None, force: bool, formats: tuple[str, ...],
+                     weights: Path | None, images: Path | None, pretrained: bool, static_batch: int | None,
+                     opset: int | None) -> list[str]:
+    """Everything about an inject command that can be checked before torch is imported: raises for options that
+    contradict each other or cannot work, returns notes for options that will not be used."""
+    check_export_options(formats, batch=static_batch, opset=opset)
+    notes = []
+    if dry_run:
+        if formats:
+            raise UsageError("--export writes files and --dry-run writes nothing: drop one of them")
+        if images is not None:
+            raise UsageError("--dry-run computes no outputs, so --images has nothing to measure: drop one of them")
+        if output is not None or force:
+            notes.append("dry run: --output/--force unused, nothing is written")
+        if weights is not None:
+            notes.append("dry run: the weights file was checked against the model; drift is not measured")
+        if pretrained:
+            notes.append("dry run: the pretrained weights were located, not loaded; drift is not measured")
+    elif output is not None:
+        check_output_folder(output, force=force)
+    if weights is not None and not weights.is_file():
+        raise WeightsError(f"{weights}: no such file" if not weights.exists() else f"{weights}: not a file")
+    if images is not None:
+        if not images.is_dir():
+            raise SEInjectError(f"--images {images}: not a folder")
+        if weights is None and not pretrained:
+            notes.append("--images without --weights or --pretrained: the drift is measured against the base "
+                         "model's random weights")
+    return notes
 
 
 def _pct(delta: int, before: int) -> str:
@@ -233,14 +364,15 @@ def _label(paths: list[str]) -> str:
     return f"{head}.{tail}-{tail2}" if head == head2 and head else f"{first} .. {last}"
 
 
-def render_report(report: Any, *, verbose: bool = False) -> None:
-    from rich.console import Console
+def render_report(report: Any, *, verbose: bool = False, seed_drawn: bool = False) -> None:
     from rich.table import Table
 
     data = report.to_dict()
-    out = Console(highlight=False)
+    out = _console()
     recipes = {row["recipe"] for row in data["sites"]}
     table = Table(title=f"SE in {data['model']} at {'x'.join(map(str, data['input_size']))}", title_justify="left")
+    if out.width < 100:  # a narrow terminal (or a pipe at 80 columns): no rules, one space between columns
+        table.box, table.collapse_padding, table.pad_edge = None, True, False
     columns = ["site" if verbose else "stage", "n", "C", "C/r", "map", "params +", "MACs +", "elementwise +"]
     if len(recipes) > 1:
         columns.insert(1, "recipe")
@@ -273,12 +405,20 @@ def render_report(report: Any, *, verbose: bool = False) -> None:
         f"{len(data['sites'])} SE blocks ({', '.join(sorted(recipes))}); "
         f"SE elementwise ops (pool, gate, scale): {_num(data['se_elementwise_ops'])}"
     )
+    if data["already_attention"]:
+        paths = data["already_attention"]
+        out.print(f"{len(paths)} blocks already had channel attention (kept as they are): "
+                  f"{', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''}", markup=False)
+    if data["pretrained"]:
+        out.print(f"base weights: pretrained {data['pretrained']}", markup=False)
+    out.print(f"seed {data['seed']}" + (f" (drawn: --seed {data['seed']} repeats this run)" if seed_drawn else ""))
     if data["skipped"]:
         reasons: dict[str, int] = {}
         for s in data["skipped"]:
-            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+            if s["path"] not in data["already_attention"]:
+                reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
         for reason, n in reasons.items():
-            out.print(f"skipped {n} blocks: {reason}")
+            out.print(f"skipped {n} blocks: {reason}", markup=False)
     if data["drift"]:
         d = data["drift"]
         out.print(f"drift from the base model on {d['inputs']}: relative L2 {d['relative_l2']:.3g}, "
@@ -290,8 +430,24 @@ def render_report(report: Any, *, verbose: bool = False) -> None:
         out.print(f"plain timm loads it: timm.create_model(\"local-dir:{data['output']}\", pretrained=True) "
                   f"is {data['timm_architecture']}", markup=False)
     for e in data["exports"]:
-        diff = "not run back" if e["max_abs_diff"] is None else f"max |diff| vs eager {e['max_abs_diff']:.3g}"
-        out.print(f"exported {e['format']} to {e['path']} ({diff}{'; ' + e['note'] if e['note'] else ''})")
+        out.print(_export_line(e), markup=False)
+
+
+def _export_line(e: dict[str, Any]) -> str:
+    """``exported onnx to out/model.onnx (batch dynamic; opset 20; checked at batch 1, 3: relative error 3e-07, max
+    |diff| 1.2e-05)``: the verdict is on the relative error."""
+    details = [f"batch {e['batch']}"]
+    if e.get("opset") is not None:
+        details.append(f"opset {e['opset']}")
+    if e["max_abs_diff"] is None:
+        details.append("not run back")
+    else:
+        batches = ", ".join(map(str, e["checked_batches"]))
+        details.append(f"checked at batch {batches}: relative error {e['relative_diff']:.2g}, "
+                       f"max |diff| {e['max_abs_diff']:.3g}")
+    if e["note"]:
+        details.append(e["note"])
+    return f"exported {e['format']} to {e['path']} ({'; '.join(details)})"
 
 
 # --- recipes -------------------------------------------------------------------------------------------------------
@@ -318,10 +474,15 @@ def print_recipes(*, as_json: bool) -> None:
         typer.echo(f"{r.name}: {r.description}")
         bias = str(d.bias).lower()
         typer.echo(f"  defaults: reduction {d.reduction}, divisor {d.divisor}, bias {bias}, gate {d.gate}")
+        if d.convention:
+            typer.echo(f"  squeeze width: {d.convention}")
+        for c in r.conventions:
+            typer.echo(f"  in {', '.join(c.models)}: {c.defaults.convention}")
         for rule in r.blocks:
             place = f"{rule.position} {rule.anchor}" + (f" (fills `{rule.slot}`)" if rule.slot else "")
+            when = "".join(f", where {attr} = {value!r}" for attr, value in rule.when)
             for c in rule.classes:
-                typer.echo(f"  {c}: {place}")
+                typer.echo(f"  {c}: {place}{when}")
         for p in r.patterns:
             scope = " ".join([*p.classes, *(f"within {w}" for w in p.within),
                               *(f"not within {w}" for w in p.not_within)])
@@ -330,40 +491,68 @@ def print_recipes(*, as_json: bool) -> None:
 
 @app.command("export")
 def export_command(
-    directory: Annotated[Path, typer.Argument(help="A folder saved by se-inject.", show_default=False)],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="torchscript, exported (torch.export .pt2) or onnx.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file. Default: DIR/model.<ext>.",
-                                                show_default=False)] = None,
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A folder saved by se-inject.", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", "-f", metavar=_choices(FORMAT_CHOICES), help="torchscript, "
+                                     "exported (torch.export .pt2) or onnx.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Output file. Default: "
+                                                "DIR/model.<ext>.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    base_model: Annotated[str | None, typer.Option("--model", help="The base model, for a folder saved from your "
+                                                   "own code: FILE.py:FACTORY, MODULE:FACTORY or a model name.",
+                                                   show_default=False)] = None,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help="Run the model code the folder names (only for "
+                                             "folders you trust).")] = False,
+    static_batch: Annotated[int | None, typer.Option("--static-batch", metavar="N", help="Fix the batch axis to N "
+                                                     "(default: dynamic).", show_default=False)] = None,
+    opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset (default: the exporter's).",
+                                              show_default=False)] = None,
 ) -> None:
     """Export a saved model to a file that loads and runs with torch alone; checks it against the eager model."""
     with error_funnel():
-        from .checkpoint import load, read_plan
-        from .export import FORMATS, export
+        check_export_options([fmt], batch=static_batch, opset=opset)
+        target = output or Path(directory) / f"model{EXPORT_FORMATS[fmt]}"
+        if not Path(directory).exists():
+            raise SEInjectError(f"{directory}: no such file or folder (an output of se-inject MODEL)")
+        check_output_file(target, force=force)
+        with _status(f"exporting {directory} as {fmt}", enabled=_interactive(as_json)):
+            from .checkpoint import load, read_plan
+            from .export import export
+            from .memory import check_forward_memory
 
-        if fmt not in FORMATS:
-            raise UsageError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-        plan = read_plan(directory)
-        model = load(directory)
-        result = export(model, plan, fmt, output or Path(directory) / f"model{FORMATS[fmt]}", force=force)
+            plan = read_plan(directory)
+            model = load(directory, model=_base_model(base_model, plan.seed), trust_code=trust_code)
+            check_forward_memory(model, plan.input_size, error=SEInjectError)
+            result = export(model, plan, fmt, target, force=force, batch=static_batch, opset=opset)
         if as_json:
             _print_json(result.to_dict())
         else:
-            diff = "not run back" if result.max_abs_diff is None else f"max |diff| vs eager {result.max_abs_diff:.3g}"
-            typer.echo(f"exported {result.format} to {result.path} ({diff}{'; ' + result.note if result.note else ''})")
+            _console().print(_export_line(result.to_dict()), markup=False)
+
+
+def _base_model(name: str | None, seed: int) -> Any:
+    """The model the user names on the command line (their own code runs: they named it)."""
+    if name is None:
+        return None
+    from .models import build_model, resolve_model
+
+    return build_model(resolve_model(name), seed=seed)
 
 
 @app.command("compare")
 def compare_command(
-    model: Annotated[str, typer.Argument(help="Model name (as for `se-inject MODEL`).", show_default=False)],
-    attention: Annotated[list[str] | None, typer.Option("--attention", help="Variants to compare (repeatable; "
+    model: Annotated[str, typer.Argument(metavar="MODEL",
+                                         help="Model name (as for `se-inject MODEL`).", show_default=False)],
+    attention: Annotated[list[str] | None, typer.Option("--attention", metavar=_choices(ATTENTION_CHOICES),
+                                                        help="Variants to compare (repeatable; "
                                                         "default: all).", show_default=False)] = None,
     bench: Annotated[bool, typer.Option("--bench", help="Also time base vs injected on this machine.")] = False,
-    rounds: Annotated[int, typer.Option(help="Paired timing rounds per batch size.")] = 15,
-    reduction: Annotated[int | None, typer.Option("--reduction", "-r", help="Reduction ratio (default: the "
+    rounds: Annotated[int, typer.Option(metavar="N", help="Paired timing rounds per batch size.")] = 15,
+    reduction: Annotated[int | None, typer.Option("--reduction", "-r", metavar="R",
+                                                  help="Reduction ratio (default: the "
                                                    "recipe's).", show_default=False)] = None,
-    recipe: Annotated[list[str] | None, typer.Option("--recipe", help="Only these recipes (repeatable).",
+    recipe: Annotated[list[str] | None, typer.Option("--recipe", metavar="NAME",
+                                                     help="Only these recipes (repeatable).",
                                                      show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
@@ -377,8 +566,9 @@ def compare_command(
         if rounds < 1:
             raise UsageError(f"invalid rounds {rounds}: expected an integer >= 1")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        rows = compare_variants(model, tuple(attention or VARIANTS), bench=bench, rounds=rounds, device=device,
-                                recipe=recipe or "auto", reduction=reduction)
+        with _status(f"comparing variants on {model}", enabled=_interactive(as_json)) as status:
+            rows = compare_variants(model, tuple(attention or VARIANTS), bench=bench, rounds=rounds, device=device,
+                                    recipe=recipe or "auto", reduction=reduction, progress=status)
         if as_json:
             _print_json([r.to_dict() for r in rows])
         else:
@@ -386,45 +576,56 @@ def compare_command(
 
 
 def _render_compare(model: str, rows: list[Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"attention variants on {model}", title_justify="left")
     columns = ["variant", "sites", "params +", "MACs +", "elementwise +"]
     batches = [t.batch for t in rows[0].latency] if rows and rows[0].latency else []
-    for b in batches:
-        columns += [f"b{b} base ms", f"b{b} SE ms", f"b{b} overhead"]
+    for b in batches:  # (a) medians of each model, (b) their ratio, (c) the median of the paired ratios
+        columns += [f"b{b} base ms (a)", f"b{b} SE ms (a)", f"b{b} SE/base (b)", f"b{b} paired (c) [IQR]"]
     for name in columns:
         table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
     for r in rows:
         cells = [r.attention, str(r.sites), f"{_num(r.params_delta)} ({_pct(r.params_delta, r.params_before)})",
                  f"{_num(r.macs_delta)} ({_pct(r.macs_delta, r.macs_before)})", _num(r.elementwise_ops)]
         for t in r.latency:
-            cells += [f"{t.base_ms:.1f}", f"{t.injected_ms:.1f}",
-                      f"{100 * t.overhead:+.1f}% [{100 * t.overhead_q1:+.1f}, {100 * t.overhead_q3:+.1f}]"]
+            cells += [f"{t.base_ms:.1f}", f"{t.injected_ms:.1f}", f"{100 * t.ratio_of_medians:+.1f}%",
+                      f"{100 * t.overhead:+.1f}% [{100 * t.overhead_q1:+.1f}, {100 * t.overhead_q3:+.1f}]"
+                      + (" !" if t.noisy else "")]
         table.add_row(*cells)
-    out = Console(highlight=False)
+    out = _console()
     out.print(table)
     if batches:
         t = rows[0].latency[0]
-        out.print(f"latency: median of {t.rounds} paired, interleaved rounds (IQR in brackets) on {t.device}, "
-                  f"{t.threads} threads, eval mode, inference_mode")
+        out.print(f"latency on {t.device}, {t.threads} threads, eval mode, inference_mode, {t.rounds} interleaved "
+                  "rounds: (a) median latency of each model; (b) SE median / base median - 1; (c) median and "
+                  "interquartile range of the per-round ratio SE/base - 1 (both models timed back to back)")
+        noisy = [f"{r.attention} b{t.batch}" for r in rows for t in r.latency if t.noisy]
+        if noisy:
+            error(f"warning: too noisy to conclude for {', '.join(noisy)} (marked !): the paired interquartile "
+                      "range is wider than 10 points or excludes (b); rerun on a quiet machine or with more --rounds")
 
 
 @app.command("scan")
 def scan_command(
-    patterns: Annotated[list[str] | None, typer.Argument(help="fnmatch patterns over model names (default: all).",
+    patterns: Annotated[list[str] | None, typer.Argument(metavar="[PATTERN]...",
+                                                         help="fnmatch patterns over model names (default: all).",
                                                          show_default=False)] = None,
-    source: Annotated[str | None, typer.Option(help="Only timm or only torchvision.", show_default=False)] = None,
-    reduction: Annotated[int | None, typer.Option("--reduction", "-r", help="Reduction ratio (default: each "
+    source: Annotated[str | None, typer.Option(metavar=_choices(SOURCE_CHOICES), help="Only timm or only "
+                                               "torchvision.", show_default=False)] = None,
+    reduction: Annotated[int | None, typer.Option("--reduction", "-r", metavar="R",
+                                                  help="Reduction ratio (default: each "
                                                    "recipe's).", show_default=False)] = None,
-    recipe: Annotated[list[str] | None, typer.Option("--recipe", help="Only these recipes (repeatable).",
+    recipe: Annotated[list[str] | None, typer.Option("--recipe", metavar="NAME",
+                                                     help="Only these recipes (repeatable).",
                                                      show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print every model's row as JSON.")] = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the rows to a .csv or .json file.",
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE",
+                                                help="Write the rows to a .csv or .json file.",
                                                 show_default=False)] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes (default: the CPU count).")] = 0,
-    timeout: Annotated[float, typer.Option(help="Seconds one model may take before it counts as an error.")]
+    workers: Annotated[int, typer.Option(metavar="N", help="Worker processes (default: the CPU count).")] = 0,
+    timeout: Annotated[float, typer.Option(metavar="SECONDS",
+                                           help="Seconds one model may take before it counts as an error.")]
     = 300.0,
 ) -> None:
     """Plan SE for every model matching the patterns (on the meta device) and summarize the coverage."""
@@ -438,7 +639,8 @@ def scan_command(
         if not names:
             raise SEInjectError(f"no model name matches {' '.join(patterns or ['*'])}")
         options: dict[str, Any] = {"recipe": recipe or "auto", "reduction": reduction}
-        rows = _scan_with_progress(names, workers or os.cpu_count() or 1, timeout, options)
+        rows = _scan_with_progress(names, workers or os.cpu_count() or 1, timeout, options,
+                                   show=_interactive(as_json))
         if output is not None:
             write_rows(rows, output)
         if as_json:
@@ -448,27 +650,30 @@ def scan_command(
             _render_scan(rows, output)
 
 
-def _scan_with_progress(names: list[str], workers: int, timeout: float, options: dict[str, Any]) -> list[Any]:
-    from rich.console import Console
+def _scan_with_progress(names: list[str], workers: int, timeout: float, options: dict[str, Any], *,
+                        show: bool = True) -> list[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .scan import scan
 
     with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[last]}"), console=Console(stderr=True), transient=True) as progress:
+                  TextColumn("{task.fields[last]}"), console=_console(stderr=True), transient=True,
+                  disable=not show) as progress:
         task = progress.add_task("scan", total=len(names), last="")
         return scan(names, workers=min(workers, len(names)), timeout=timeout,
                     on_result=lambda row: progress.update(task, advance=1, last=row.model), **options)
 
 
+SCAN_TABLE_ROWS = 50  # more models than this: the summary only
+
+
 def _render_scan(rows: list[Any], output: Path | None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from .scan import summarize, summarize_categories
 
-    out = Console(highlight=False)
-    if len(rows) <= 50:
+    out = _console()
+    if len(rows) <= SCAN_TABLE_ROWS:
         table = Table(title="SE coverage", title_justify="left")
         for name in ("model", "status", "recipes", "sites", "existing SE", "params +", "MACs +", "reason"):
             table.add_column(name, justify="right" if name in ("sites", "existing SE", "params +", "MACs +")
@@ -480,9 +685,9 @@ def _render_scan(rows: list[Any], output: Path | None) -> None:
         out.print(table)
     summary = summarize(rows)
     table = Table(title="summary", title_justify="left")
-    for name in ("models", "covered", "already SE", "no match", "errors"):
+    for name in ("models", "covered", "partial SE", "already SE", "no match", "errors"):
         table.add_column(name, justify="right")
-    table.add_row(*(str(summary[k]) for k in ("models", "covered", "already-se", "no-match", "error")))
+    table.add_row(*(str(summary[k]) for k in ("models", "covered", "partial-se", "already-se", "no-match", "error")))
     out.print(table)
     kinds = summarize_categories(rows)
     if kinds:
@@ -492,6 +697,9 @@ def _render_scan(rows: list[Any], output: Path | None) -> None:
         out.print(f"error: {r.model}: {r.reason}", markup=False)
     if output is not None:
         out.print(f"rows written to {output}")
+    elif len(rows) > SCAN_TABLE_ROWS:
+        out.print(f"{len(rows)} models: the table shows up to {SCAN_TABLE_ROWS}; see them all with --output "
+                  "FILE.csv (or .json), or --json")
 
 
 @app.command("variants")
@@ -526,8 +734,13 @@ def run_listing(argv: tuple[str, ...]) -> None:
 
 
 def main() -> None:
-    run_listing(tuple(sys.argv[1:]))  # before typer builds its command tree
-    app()
+    try:
+        printable_streams()
+        run_listing(tuple(sys.argv[1:]))  # before typer builds its command tree
+        app()
+    except BrokenPipeError:  # a closed pipe outside the commands' error funnel (help, usage errors): exit as they do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
 
 
 _FAST = {

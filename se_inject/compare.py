@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +44,12 @@ def compare_variants(
     rounds: int = 15,
     device: str = "cpu",
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
     **options: Any,
 ) -> list[CompareRow]:
-    """Plan each variant on `model` (meta device) and, with `bench`, time base vs injected on `device`."""
+    """Plan each variant on `model` (meta device) and, with `bench`, time base vs injected on `device`.
+    `progress` is told each step as it starts (for a status line)."""
+    step = progress or (lambda text: None)
     from .api import inject
     from .bench import paired_latency
     from .models import build_model, resolve_model
@@ -55,17 +59,21 @@ def compare_variants(
         raise UsageError(f"unknown attention {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     base = None
     if bench:
+        step(f"building {model}")
         base = build_model(resolve_model(model), device=device, seed=seed).eval()
     rows = []
     for attention in dict.fromkeys(attentions):
+        step(f"planning {attention}")
         _, report = inject(model, attention=attention, device="meta", seed=seed, **options)
         data = report.to_dict()
         timings: tuple[Timing, ...] = ()
         if base is not None:
             injected, _ = inject(base, attention=attention, seed=seed, **options)
-            timings = tuple(
-                paired_latency(base, injected.eval(), report.plan.input_size, batch=b, rounds=rounds) for b in batches
-            )
+            timed = []
+            for b in batches:
+                step(f"timing {attention} at batch {b} ({rounds} paired rounds)")
+                timed.append(paired_latency(base, injected.eval(), report.plan.input_size, batch=b, rounds=rounds))
+            timings = tuple(timed)
         rows.append(
             CompareRow(
                 attention=attention,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SEInjectError
+from .errors import SEInjectError, describe
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_IMAGES = 64
@@ -41,7 +41,10 @@ def random_batch(input_size: tuple[int, int, int], *, batch: int = 8, seed: int 
 def image_batch(
     directory: str | Path, input_size: tuple[int, int, int], model: nn.Module | None = None
 ) -> tuple[torch.Tensor, str]:
-    """Up to 64 images from `directory` (sorted by name), resized, center-cropped and normalised for `model`."""
+    """Up to 64 images from `directory` (sorted by name), resized, center-cropped and normalised for `model`.
+
+    Files that do not decode are skipped and named in the description; it is an error only when none decodes.
+    """
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2 import functional as F
 
@@ -57,27 +60,41 @@ def image_batch(
     mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
     crop_pct = cfg.get("crop_pct", DEFAULT_CROP_PCT)
     _, height, width = input_size
-    images = []
+    images, undecodable = [], []
     for file in files:
         try:
             image = decode_image(str(file), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as e:
-            raise SEInjectError(f"--images: cannot decode {file} ({str(e).splitlines()[0][:120]})") from None
+            undecodable.append((file.name, describe(e, 120)))
+            continue
         image = F.resize(image, [int(min(height, width) / crop_pct)], antialias=True)
         image = F.center_crop(image, [height, width])
         image = F.to_dtype(image, torch.float32, scale=True)
         images.append(F.normalize(image, list(mean), list(std)))
-    return torch.stack(images), f"{len(images)} images from {directory}"
+    if not images:
+        name, reason = undecodable[0]
+        raise SEInjectError(f"--images {directory}: none of the {len(files)} files decodes (e.g. {name}: {reason})")
+    described = f"{len(images)} images from {directory}"
+    if undecodable:
+        names = ", ".join(name for name, _ in undecodable[:3]) + (", ..." if len(undecodable) > 3 else "")
+        described += f" (skipped {len(undecodable)} that do not decode: {names})"
+    return torch.stack(images), described
 
 
 def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's eval-mode output on `x` (its training flag is restored)."""
+    """The model's eval-mode output on `x` (its training flag is restored).
+
+    Computed on one CPU thread: how kernels split reductions depends on the thread count, and the last digits of the
+    drift figures with it; on one thread they are the same on every machine, so seeded reports are byte-identical.
+    """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    training = model.training
+    training, threads = model.training, torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
         with torch.no_grad():
             out = model.eval()(x.to(device))
     finally:
+        torch.set_num_threads(threads)
         model.train(training)
     if not isinstance(out, torch.Tensor):
         raise SEInjectError("drift needs a model that returns one tensor")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class SEInjectError(Exception):
     """Base class. `exit_code` is what the CLI exits with: 1 for a problem with the inputs' content, 2 for bad usage."""
@@ -42,8 +44,9 @@ class NoSitesError(SEInjectError):
     """No recipe found a block to put SE in (or the filters removed every site).
 
     `reason` is "no-match" (no block a recipe names), "already-attention" (every matching block has channel
-    attention already), "ineligible" (matching blocks have no place for SE), "filtered" (the filters removed all)
-    or "unverified" (every rewrite failed its equivalence check, see `verify`).
+    attention already), "partial-attention" (some have it, some lack it; ``fill`` adds SE to those), "ineligible"
+    (matching blocks have no place for SE), "filtered" (the filters removed all) or "unverified" (every rewrite
+    failed its equivalence check, see `verify`).
     """
 
     def __init__(self, message: str, reason: str = "no-match"):
@@ -69,3 +72,26 @@ class CheckpointError(SEInjectError):
 
 class ExportError(SEInjectError):
     """An export format is unavailable or its round-trip check failed."""
+
+
+_BUILD_NOISE = re.compile(
+    r"\s*\(Triggered internally at [^)]*\)"  # torch's C++ warnings
+    r"|\s*\[enforce fail at [^\]]*\]\s*\.?"  # caffe2's checks
+    r"|\s*\(?(?:at|from)?\s*(?:/|\.\./)[\w./+-]*(?:aten|c10|caffe2|torch/csrc|third_party)/[\w./+-]*(?::\d+)?\)?"
+)
+
+
+def describe(e: BaseException | str, limit: int = 200) -> str:
+    """The first line of an exception's message, without library build paths, shortened at a word boundary."""
+    lines = str(e).strip().splitlines()
+    text = _BUILD_NOISE.sub("", lines[0] if lines else "").strip() or (type(e).__name__ if lines else "")
+    return shorten(text, limit)
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a word boundary, with an ellipsis where it was cut."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "…"

@@ -1,7 +1,10 @@
 """Exports that run without se-inject: TorchScript, torch.export and ONNX files, and plain-timm folders.
 
-Every export is loaded back right after writing and compared with the eager model; the maximum absolute
-difference is returned.
+The batch axis is dynamic by default (ONNX dynamic axes, a ``torch.export.Dim``; TorchScript has no fixed shapes)
+or fixed to a static batch on request. Every export is loaded back right after writing, run at each batch size it
+must accept (1 and 3 when dynamic) and compared with the eager model: the maximum absolute difference and the
+relative error (``max |diff| / max |eager output|``) are returned, and a file whose relative error exceeds
+`RELATIVE_TOLERANCE` is refused, not written.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,21 +20,48 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ExportError, OutputExistsError, SEInjectError
+from .errors import ExportError, describe
 from .plan import Plan
+from .preflight import EXPORT_FORMATS, check_export_options, check_output_file
 
-FORMATS = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}
+FORMATS = EXPORT_FORMATS
+RELATIVE_TOLERANCE = 1e-4  # float32 kernels differ by ~1e-6 of the output's magnitude; a broken export by far more
+DYNAMIC_TRACE_BATCH = 2  # traced at 2: a batch of 1 would let the tracer specialise the axis to 1
+DYNAMIC_CHECK_BATCHES = (1, 3)
 
 
 @dataclass(frozen=True)
 class ExportResult:
+    """One written export and how it compared with the eager model.
+
+    Attributes:
+        batch: "dynamic" or the fixed batch size of the file's input.
+        checked_batches: The batch sizes the file was run back at.
+        max_abs_diff: Maximum absolute difference from the eager outputs (None where the file could not be run back:
+            ONNX without onnxruntime).
+        relative_diff: ``max_abs_diff / max |eager output|``, the number the verdict is based on.
+        opset: The ONNX opset written (ONNX only).
+    """
+
     format: str
     path: str
-    max_abs_diff: float | None  # None where the file could not be run back (ONNX without onnxruntime)
+    max_abs_diff: float | None
+    relative_diff: float | None = None
+    batch: int | str = "dynamic"
+    checked_batches: tuple[int, ...] = ()
+    opset: int | None = None
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "path": self.path, "max_abs_diff": self.max_abs_diff, "note": self.note}
+        return {"format": self.format, "path": self.path, "max_abs_diff": self.max_abs_diff,
+                "relative_diff": self.relative_diff, "batch": self.batch,
+                "checked_batches": list(self.checked_batches), "opset": self.opset, "note": self.note}
+
+
+def validate_export_options(formats: tuple[str, ...] | list[str], *, batch: int | None = None,
+                            opset: int | None = None) -> None:
+    """Raise UsageError for an unknown format or a batch/opset that cannot apply (see `check_export_options`)."""
+    check_export_options(formats, batch=batch, opset=opset)
 
 
 def example_input(plan: Plan, *, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -38,100 +69,162 @@ def example_input(plan: Plan, *, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randn((batch, *plan.input_size), generator=generator)
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().float() - b.detach().float()).abs().max())
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model output, flattened in order: a tensor, or (named) tuples, lists and dicts of them
+    (TorchScript of torchvision's inception_v3/googlenet returns ``InceptionOutputs(logits, aux=None)``). Nones,
+    such as an absent auxiliary output, are dropped."""
+    if output is None:
+        return []
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, tuple | list):
+        return [t for item in output for t in output_tensors(item)]
+    raise ExportError(f"cannot compare a model output of type {type(output).__name__}")
+
+
+def compare_outputs(got: Any, expected: Any) -> tuple[float, float]:
+    """``(max |diff|, relative error)`` over all output tensors; the relative error is the maximum absolute
+    difference over the maximum magnitude of the eager output."""
+    got_tensors, expected_tensors = output_tensors(got), output_tensors(expected)
+    if len(got_tensors) != len(expected_tensors):
+        raise ExportError(f"the export returns {len(got_tensors)} tensors, the eager model {len(expected_tensors)}")
+    worst_abs, worst_rel = 0.0, 0.0
+    for g, e in zip(got_tensors, expected_tensors, strict=True):
+        g, e = torch.as_tensor(g).detach().double().cpu(), e.detach().double().cpu()
+        if g.shape != e.shape:
+            raise ExportError(f"the export returns shape {tuple(g.shape)}, the eager model {tuple(e.shape)}")
+        diff = float((g - e).abs().max()) if e.numel() else 0.0
+        scale = float(e.abs().max()) if e.numel() else 0.0
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / scale if scale else (0.0 if diff == 0 else float("inf")))
+    return worst_abs, worst_rel
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+    return f"{type(e).__name__}: {describe(e)}"
 
 
-def export_writer(model: nn.Module, plan: Plan, fmt: str, final: Path, results: list[ExportResult]) -> Any:
+def export_writer(model: nn.Module, plan: Plan, fmt: str, final: Path, results: list[ExportResult], *,
+                  batch: int | None = None, opset: int | None = None) -> Any:
     """A writer (``fn(target_path)``) that exports `model` in `fmt`, loads the file back, compares it with the eager
-    model and appends the outcome to `results`. `final` is the path the file will be renamed to."""
-    if fmt not in FORMATS:
-        raise SEInjectError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    label, save, run_back = _WRITERS[fmt]
+    model at the batch sizes the file must accept and appends the outcome to `results`. `final` is the path the
+    file will be renamed to. `batch` fixes the batch axis (default: dynamic); `opset` is ONNX's."""
+    validate_export_options([fmt], batch=batch, opset=opset)
+    label, save, load_back = _WRITERS[fmt]
+    note = ""
+    if fmt == "torchscript" and batch is not None:
+        batch, note = None, f"TorchScript has no fixed shapes: static batch {batch} does not apply; dynamic"
+    trace_batch, check_batches = (DYNAMIC_TRACE_BATCH, DYNAMIC_CHECK_BATCHES) if batch is None else (batch, (batch,))
 
     def write(target: Path) -> None:
         training = model.training
         model.eval()
-        x = example_input(plan).to(next((p.device for p in model.parameters()), torch.device("cpu")))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        inputs = {b: example_input(plan, batch=b).to(device) for b in dict.fromkeys((trace_batch, *check_batches))}
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit's deprecation notices, exporter chatter
-                expected = model(x)
                 try:
-                    save(model, x, target)
-                    got = run_back(target, x)
+                    written_opset = save(model, inputs[trace_batch], target, dynamic=batch is None, opset=opset)
+                    run = load_back(target)
+                    diffs = None if run is None else [compare_outputs(run(inputs[b]), model(inputs[b]))
+                                                      for b in check_batches]
                 except ExportError:
                     raise
                 except Exception as e:
                     raise ExportError(f"{label} export failed: {_first_line(e)}") from None
         finally:
             model.train(training)
-        if got is None:
-            results.append(ExportResult(fmt, str(final), None, "checked with onnx; install onnxruntime to run it"))
-        else:
-            results.append(ExportResult(fmt, str(final), _max_diff(got, expected)))
+        if diffs is None:
+            results.append(ExportResult(fmt, str(final), None, None, batch or "dynamic", (), written_opset,
+                                        "checked with onnx; install onnxruntime to run it"))
+            return
+        max_abs, relative = max(d[0] for d in diffs), max(d[1] for d in diffs)
+        if not relative <= RELATIVE_TOLERANCE:
+            raise ExportError(f"{label} export differs from the eager model: relative error {relative:.2g} > "
+                              f"{RELATIVE_TOLERANCE:g} (max |diff| {max_abs:.3g}); nothing written")
+        results.append(ExportResult(fmt, str(final), max_abs, relative, batch or "dynamic", check_batches,
+                                    written_opset, note))
 
     return write
 
 
-def export(model: nn.Module, plan: Plan, fmt: str, path: str | Path, *, force: bool = False) -> ExportResult:
-    """Write `model` in `fmt` to `path` (atomically), load it back and compare with the eager model."""
+def export(model: nn.Module, plan: Plan, fmt: str, path: str | Path, *, force: bool = False,
+           batch: int | None = None, opset: int | None = None) -> ExportResult:
+    """Write `model` in `fmt` to `path` (atomically), load it back and compare with the eager model.
+
+    Args:
+        batch: Fix the batch axis to this size; default: dynamic (the file accepts any batch).
+        opset: ONNX opset (default: the exporter's).
+    """
     from .checkpoint import write_atomically
 
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
+    validate_export_options([fmt], batch=batch, opset=opset)
+    check_output_file(path, force=force)
     results: list[ExportResult] = []
-    write_atomically(path.parent, {path.name: export_writer(model, plan, fmt, path, results)}, force=True)
+    write_atomically(path.parent, {path.name: export_writer(model, plan, fmt, path, results, batch=batch,
+                                                            opset=opset)}, force=True)
     return results[0]
 
 
-def _save_torchscript(model: nn.Module, x: torch.Tensor, target: Path) -> None:
+def _batch_dim() -> Any:
+    return torch.export.Dim("batch", min=1)
+
+
+def _save_torchscript(model: nn.Module, x: torch.Tensor, target: Path, *, dynamic: bool, opset: int | None) -> None:
     torch.jit.script(model).save(str(target))
 
 
-def _run_torchscript(target: Path, x: torch.Tensor) -> torch.Tensor:
-    return torch.jit.load(str(target))(x)
+def _load_torchscript(target: Path) -> Callable[[torch.Tensor], Any]:
+    return torch.jit.load(str(target))
 
 
-def _save_exported(model: nn.Module, x: torch.Tensor, target: Path) -> None:
-    torch.export.save(torch.export.export(model, (x,)), str(target))
+def _save_exported(model: nn.Module, x: torch.Tensor, target: Path, *, dynamic: bool, opset: int | None) -> None:
+    shapes = ({0: _batch_dim()},) if dynamic else None
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=shapes), str(target))
 
 
-def _run_exported(target: Path, x: torch.Tensor) -> torch.Tensor:
-    return torch.export.load(str(target)).module()(x)
+def _load_exported(target: Path) -> Callable[[torch.Tensor], Any]:
+    return torch.export.load(str(target)).module()
 
 
-def _save_onnx(model: nn.Module, x: torch.Tensor, target: Path) -> None:
+def _save_onnx(model: nn.Module, x: torch.Tensor, target: Path, *, dynamic: bool, opset: int | None) -> int:
     try:
         import onnx
     except ImportError:
         raise ExportError("ONNX export needs the onnx package: pip install 'se-inject[onnx]'") from None
     with tempfile.TemporaryDirectory() as tmp:  # the exporter writes next to its target; keep that out of sight
         tmp_file = Path(tmp) / "model.onnx"
-        torch.onnx.export(model, (x,), str(tmp_file), dynamo=True, external_data=False, verbose=False)
-        onnx.checker.check_model(onnx.load(str(tmp_file)))
+        torch.onnx.export(model, (x,), str(tmp_file), dynamo=True, external_data=False, verbose=False,
+                          input_names=["input"], dynamic_shapes=({0: _batch_dim()},) if dynamic else None,
+                          opset_version=opset)
+        proto = onnx.load(str(tmp_file))
+        onnx.checker.check_model(proto)
         target.write_bytes(tmp_file.read_bytes())
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _run_onnx(target: Path, x: torch.Tensor) -> torch.Tensor | None:
+def _load_onnx(target: Path) -> Callable[[torch.Tensor], Any] | None:
     try:
         import onnxruntime
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})[0])
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.from_numpy(y) for y in session.run(None, {name: x.cpu().numpy()})]
+
+    return run
 
 
-_WRITERS = {  # format: (name in messages, write the file, load it back and run it)
-    "torchscript": ("TorchScript", _save_torchscript, _run_torchscript),
-    "exported": ("torch.export", _save_exported, _run_exported),
-    "onnx": ("ONNX", _save_onnx, _run_onnx),
+_WRITERS = {  # format: (name in messages, write the file (returns the ONNX opset), load it back as a callable)
+    "torchscript": ("TorchScript", _save_torchscript, _load_torchscript),
+    "exported": ("torch.export", _save_exported, _load_exported),
+    "onnx": ("ONNX", _save_onnx, _load_onnx),
 }
 
 
@@ -198,14 +291,63 @@ def _random_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def timm_config(architecture: str, num_classes: int | None = None) -> str:
-    """``config.json`` for ``timm.create_model("local-dir:DIR", pretrained=True)``."""
+PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "num_classes")
+ARCHITECTURE_KEYS = ("first_conv", "classifier", "pool_size", "fixed_input_size", "min_input_size")
+PROVENANCE_KEYS = ("license", "origin_url", "paper_ids", "paper_name", "notes", "description", "test_input_size",
+                   "test_crop_pct", "test_pool_size", "label_names", "label_offset")
+
+
+def timm_config(architecture: str, num_classes: int | None = None, *, base: Any = None,
+                pretrained: bool = False) -> str:
+    """``config.json`` for ``timm.create_model("local-dir:DIR", pretrained=True)``.
+
+    timm reads its ``pretrained_cfg`` as the whole description of the weights (missing keys take timm's defaults,
+    not the architecture's), so it is written from what is true of the saved weights: the base model's preprocessing
+    (a timm base's own pretrained cfg; a torchvision base's weights transforms: bilinear resize and centre crop) and,
+    only when the weights are a library's pretrained ones, their provenance (license, paper, evaluation size). The
+    architecture contributes only structural keys (first conv, classifier, pool size).
+    """
     import timm
 
-    pretrained_cfg = dict(timm.models.get_pretrained_cfg(architecture).to_dict())
-    for key in ("url", "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "file", "source", "tag"):
-        pretrained_cfg.pop(key, None)
+    structure = timm.models.get_pretrained_cfg(architecture).to_dict()
+    pretrained_cfg: dict[str, Any] = {k: structure[k] for k in ARCHITECTURE_KEYS if structure.get(k) is not None}
+    if base is not None and base.source == "torchvision":
+        pretrained_cfg.update(torchvision_preprocessing(base.name, pretrained=pretrained))
+    else:
+        base_cfg = timm.models.get_pretrained_cfg(base.name) if base is not None and base.source == "timm" else None
+        source = (base_cfg or timm.models.get_pretrained_cfg(architecture)).to_dict()
+        keys = PREPROCESSING_KEYS + (PROVENANCE_KEYS if pretrained else ())
+        pretrained_cfg.update({k: source[k] for k in keys if source.get(k) is not None})
+    pretrained_cfg["architecture"] = architecture
     config: dict[str, Any] = {"architecture": architecture, "pretrained_cfg": pretrained_cfg}
     if num_classes is not None:
         config["num_classes"] = num_classes
     return json.dumps(config, indent=2, sort_keys=True, default=list) + "\n"
+
+
+def torchvision_preprocessing(name: str, *, pretrained: bool) -> dict[str, Any]:
+    """A timm ``pretrained_cfg`` for a torchvision classification model: its weights' own preset (resize, crop,
+    interpolation, mean/std; the tag's weights, else the library's default weights), and with `pretrained`, where
+    the weights come from."""
+    import torchvision
+
+    from .models import split_tag
+
+    arch, tag = split_tag(name)
+    enum = torchvision.models.get_model_weights(arch)
+    weights = enum[tag or "DEFAULT"]
+    preset = weights.transforms()
+    crop, resize = preset.crop_size[0], preset.resize_size[0]
+    cfg: dict[str, Any] = {
+        "input_size": (3, crop, crop),
+        "interpolation": preset.interpolation.value,
+        "crop_pct": round(crop / resize, 4),
+        "crop_mode": "center",
+        "mean": tuple(preset.mean),
+        "std": tuple(preset.std),
+        "num_classes": len(weights.meta["categories"]),
+    }
+    if pretrained:
+        cfg["origin_url"] = weights.url
+        cfg["description"] = f"torchvision {weights}"
+    return cfg

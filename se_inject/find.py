@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .attention import attention_classes
-from .errors import SEInjectError
+from .errors import SEInjectError, UsageError
 from .recipes import BlockRule, PatternRule, Recipe
 
 # Channel-attention modules already in timm/torchvision models: a block holding one "already has SE".
@@ -143,6 +143,8 @@ class Match:
     pattern: str = ""  # the structural pattern that matched ("residual", ...); "" for a class rule
     call: Any = field(default=None, compare=False)  # how the parent called the block (`verify.Call`)
     fixed_args: dict[str, Any] = field(default_factory=dict, compare=False)  # its non-tensor arguments, by name
+    input_channels: int | None = None  # channels of the block's input (its first tensor argument), if NCHW
+    defaults: Any = None  # the recipe's SE settings in this model (`Recipe.defaults_for` the model's class)
 
     @property
     def channels(self) -> int:
@@ -182,25 +184,47 @@ def output_shapes(output: Any) -> tuple[tuple[int, ...], ...]:
     return ()
 
 
+def _shipped(recipe: Recipe) -> bool:
+    return recipe.source.startswith("se_inject/recipes/")
+
+
 Candidate = tuple[str, nn.Module, Recipe, BlockRule, str]  # path, block, recipe, rule, pattern ("" for classes)
 
 
+def _rule_for(recipe: Recipe, cp: str, module: nn.Module) -> BlockRule | None:
+    return next((rule for rule in recipe.blocks if cp in rule.classes and rule.applies_to(module)
+                 and _block_requirements_met(module, rule.require)), None)
+
+
 def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[Candidate]:
-    """Blocks matched by class rules, then by structural patterns where no class rule matched the block, one of
-    its ancestors or one of its descendants (class rules are exact and take precedence)."""
+    """Each module a recipe names, with its recipe. Where several recipes name a block: the same place with the same
+    settings is one site; a recipe file of the user's takes the block from a shipped recipe; any other overlap is a
+    conflict (UsageError naming both). Then blocks matched by structural patterns where no class rule matched the
+    block, one of its ancestors or one of its descendants (class rules are exact and take precedence)."""
     taken: list[str] = []
     for path, module in model.named_modules():
         cp = class_path(module)
-        for recipe in recipes:
-            rules = recipe.rules_for(cp)
-            if rules:
-                taken.append(path)
-                rule = next((r for r in rules if _block_requirements_met(module, r.require)), rules[-1])
-                yield path, module, recipe, rule, ""
-                break
+        found = [(recipe, rule) for recipe in recipes if (rule := _rule_for(recipe, cp, module)) is not None]
+        if not found:
+            continue
+        if any(not _shipped(recipe) for recipe, _ in found):
+            found = [(recipe, rule) for recipe, rule in found if not _shipped(recipe)]
+        first, rule = found[0]
+        for other, other_rule in found[1:]:
+            if _place(other_rule) != _place(rule) or other.defaults != first.defaults:
+                raise UsageError(
+                    f"recipes {first.name!r} ({first.source}) and {other.name!r} ({other.source}) both take "
+                    f"{path or 'the model'} ({cp}) with different places or settings; keep one (--recipe NAME)"
+                )
+        taken.append(path)
+        yield path, module, first, rule, ""
     pattern_rules = [(recipe, rule) for recipe in recipes for rule in recipe.patterns]
     if pattern_rules:
         yield from _structural(model, pattern_rules, taken)
+
+
+def _place(rule: BlockRule) -> tuple[object, ...]:
+    return (rule.anchor, rule.position, rule.slot, rule.name, rule.require)
 
 
 def _inside(path: str, prefixes: Iterable[str]) -> bool:
@@ -362,7 +386,10 @@ def find_sites(
         else:
             call = calls.get(path)
             fixed = call.fixed(probe.get_submodule(path).forward) if call is not None else {}
-            matches.append(Match(path, recipe, rule, cp, anchor, places[0], pattern, call, fixed))
+            first = call.first_tensor() if call is not None else None
+            matches.append(Match(path, recipe, rule, cp, anchor, places[0], pattern, call, fixed,
+                                 first.shape[1] if first is not None and len(first.shape) == 4 else None,
+                                 recipe.defaults_for(class_path(model))))
     return _findings(model, matches, skipped, recipes, input_size, shapes, counts)
 
 

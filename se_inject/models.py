@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -14,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SEInjectError, UnknownModelError, UsageError, WeightsError
+from .errors import SEInjectError, UnknownModelError, UsageError, WeightsError, describe
 
 SOURCES = ("timm", "torchvision")  # named model libraries; "python" specs are factories of the user's
 DEFAULT_INPUT_SIZE = (3, 224, 224)
+MAX_SIDE = 16384  # the plan schema's bound too (schema.MAX_SIDE)
 
 
 @dataclass(frozen=True)
@@ -70,25 +72,83 @@ def _closest(name: str, names: tuple[str, ...]) -> list[str]:
     return difflib.get_close_matches(name.split(".", 1)[0], list(dict.fromkeys(names)), n=3, cutoff=0.6)
 
 
+def split_tag(name: str) -> tuple[str, str]:
+    """``resnet50.a1_in1k`` -> ``("resnet50", "a1_in1k")``; ``resnet50`` -> ``("resnet50", "")``. The tag names
+    pretrained weights: a timm pretrained tag, or a torchvision weights enum member (``IMAGENET1K_V2``)."""
+    arch, _, tag = name.partition(".")
+    return arch, tag
+
+
+def timm_tags(arch: str) -> tuple[str, ...]:
+    import timm
+
+    return tuple(split_tag(n)[1] for n in timm.list_pretrained(f"{arch}.*"))
+
+
+def torchvision_tags(arch: str) -> tuple[str, ...]:
+    """The weights enum members of a torchvision model, ``DEFAULT`` (an alias) last."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch)
+    except ValueError:
+        return ()
+    members = [m for m in weights.__members__ if m != "DEFAULT"]
+    return (*members, "DEFAULT") if members else ()
+
+
+def _tagged(source: str, arch: str, tag: str) -> ModelSpec | None:
+    """The spec for ARCH.TAG in `source` if the tag names weights there (torchvision's DEFAULT is resolved to the
+    member it stands for, so the plan records which weights)."""
+    if source == "timm":
+        return ModelSpec("timm", f"{arch}.{tag}") if tag in timm_tags(arch) else None
+    if tag not in torchvision_tags(arch):
+        return None
+    if tag == "DEFAULT":
+        import torchvision
+
+        tag = torchvision.models.get_model_weights(arch).DEFAULT.name
+    return ModelSpec("torchvision", f"{arch}.{tag}")
+
+
+def _unknown_tag(name: str, sources: list[tuple[str, str]], tag: str) -> UnknownModelError:
+    known = [f"{s}:{a}.{t}" for s, a in sources for t in (timm_tags(a) if s == "timm" else torchvision_tags(a))]
+    hint = (f"no weights tagged {tag!r}; known: {', '.join(known[:6])}{', ...' if len(known) > 6 else ''}" if known
+            else "the model has no pretrained weights in its library")
+    return UnknownModelError(name, hint=hint)
+
+
 def resolve_model(name: str) -> ModelSpec:
     """``NAME`` (timm first, then torchvision), ``timm:NAME``, ``torchvision:NAME``, or a factory of your own:
-    ``path/to/file.py:factory`` or ``package.module:factory``. Unknown names raise with the closest names."""
+    ``path/to/file.py:factory`` or ``package.module:factory``. Unknown names raise with the closest names.
+
+    A name may carry a weights tag, ``NAME.TAG``: a timm pretrained tag (``resnet50.a1_in1k``) or a torchvision
+    weights enum member (``torchvision:resnet50.IMAGENET1K_V2``; ``DEFAULT`` is resolved to the member it names).
+    """
     if not name or not name.strip():
         raise UsageError("empty model name")
     source, sep, bare = name.partition(":")
     if sep and source in SOURCES:
-        if source == "timm" and _timm_has(bare):
-            return ModelSpec("timm", bare)
-        if source == "torchvision" and bare in torchvision_names():
-            return ModelSpec("torchvision", bare)
+        arch, tag = split_tag(bare)
+        if (source == "timm" and _timm_has(arch)) or (source == "torchvision" and arch in torchvision_names()):
+            spec = _tagged(source, arch, tag) if tag else ModelSpec(source, arch)
+            if spec is None:
+                raise _unknown_tag(name, [(source, arch)], tag)
+            return spec
         names = timm_names() if source == "timm" else torchvision_names()
-        raise UnknownModelError(name, [f"{source}:{n}" for n in _closest(bare, names)])
+        raise UnknownModelError(name, [f"{source}:{n}" for n in _closest(arch, names)])
     if sep:
         return _resolve_factory(name, source, bare)
-    if _timm_has(name):
-        return ModelSpec("timm", name)
-    if name in torchvision_names():
-        return ModelSpec("torchvision", name)
+    arch, tag = split_tag(name)
+    sources = [s for s, known in (("timm", _timm_has(arch)), ("torchvision", arch in torchvision_names())) if known]
+    if sources and not tag:
+        return ModelSpec(sources[0], arch)
+    for s in sources:
+        spec = _tagged(s, arch, tag)
+        if spec is not None:
+            return spec
+    if sources:
+        raise _unknown_tag(name, [(s, arch) for s in sources], tag)
     raise UnknownModelError(name, _closest(name, timm_names() + torchvision_names()))
 
 
@@ -107,6 +167,9 @@ def _resolve_factory(name: str, source: str, factory: str) -> ModelSpec:
         found = all(p.isidentifier() for p in source.split(".")) and importlib.util.find_spec(source) is not None
     except (ImportError, ValueError):
         found = False
+    local = Path(f"{source}.py")
+    if not found and local.is_file():  # `mynets:make` next to mynets.py: the console script's path lacks "."
+        return ModelSpec("python", f"{local.resolve()}:{factory}")
     if not found:
         raise UsageError(
             f"unknown model source {source!r} in {name!r}; use timm:NAME, torchvision:NAME, FILE.py:FACTORY or "
@@ -185,7 +248,7 @@ def _construct(spec: ModelSpec) -> nn.Module:
     if spec.source == "torchvision":
         import torchvision
 
-        return torchvision.models.get_model(spec.name, weights=None)
+        return torchvision.models.get_model(split_tag(spec.name)[0], weights=None)
     if spec.source == "python":
         factory = _import_factory(spec)
         try:
@@ -229,12 +292,13 @@ def default_input_size(spec: ModelSpec | None, model: nn.Module | None = None) -
     if spec is not None and spec.source == "torchvision":
         import torchvision
 
+        arch, tag = split_tag(spec.name)
         try:
-            weights = torchvision.models.get_model_weights(spec.name)
+            weights = torchvision.models.get_model_weights(arch)
         except ValueError:
             weights = None
         if weights is not None and len(weights):
-            transforms = next(iter(weights)).transforms
+            transforms = (weights[tag] if tag in weights.__members__ else next(iter(weights))).transforms
             crop = getattr(transforms, "keywords", {}).get("crop_size")
             if crop:
                 return (3, int(crop), int(crop))
@@ -263,6 +327,8 @@ def parse_input_size(value: int | str | tuple[int, ...] | list[int] | None) -> t
         parts = [3, *parts]
     if len(parts) != 3 or any(p <= 0 for p in parts):
         raise UsageError(f"invalid input size {value!r}: expected N, HxW or C,H,W with positive integers")
+    if any(p > MAX_SIDE for p in parts):
+        raise UsageError(f"invalid input size {value!r}: each of C, H, W must be at most {MAX_SIDE}")
     return tuple(parts)  # type: ignore[return-value]
 
 
@@ -276,6 +342,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: empty file")
+    check_readable(path, WeightsError)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -292,15 +359,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 warnings.simplefilter("ignore")
                 data = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            detail = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-            detail_line = detail[0] if detail else ""
-            if "Unsupported global" in detail_line:  # a pickle that would import and call code
-                target = detail_line.split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip()
+            target = re.search(r"GLOBAL\s+([\w.]+)", str(e))  # torch names what the pickle would import and call
+            if target:
                 raise WeightsError(
-                    f"{path}: refused, loading it would call {target}; only tensors are read "
+                    f"{path}: refused, loading it would call {target.group(1)}; only tensors are read "
                     "(torch.load weights_only=True). Convert it with code you trust, or use .safetensors"
                 ) from None
-            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({detail_line[:120]})") from None
+            detail = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+            detail_line = detail[0] if detail else ""
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({describe(detail_line, 120)})") from None
         except Exception as e:  # truncated zip, random bytes, ...
             raise WeightsError(
                 f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({_first_line(e)})"
@@ -308,9 +375,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _unwrap_state_dict(data, path)
 
 
+def check_readable(path: Path, error: type[SEInjectError]) -> None:
+    """Raise `error` saying "permission denied" (not "no such file" or "corrupt") for a file we may not read."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise error(f"{path}: permission denied") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+    return describe(e) or type(e).__name__
 
 
 def _unwrap_state_dict(data: Any, path: Path) -> dict[str, torch.Tensor]:

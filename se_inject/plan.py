@@ -155,6 +155,7 @@ class Settings:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     min_channels: int = 0
+    fill: bool = False  # add SE to the blocks without it in a model where other matching blocks have attention
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}

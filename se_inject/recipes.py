@@ -19,22 +19,24 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from .errors import RecipeFileError, UnknownRecipeError
+from .schema import attribute_name_problem
 
 GATES = ("sigmoid", "hard-sigmoid")
+SQUEEZE_FROM = ("output", "input")
+ROUNDINGS = ("divisible", "round", "floor")
 PATTERNS = ("residual", "concat", "inverted-residual", "conv-chain")  # see se_inject.patterns
 # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection; "depthwise" / "no-depthwise": the
 # block has (has not) a depthwise convolution, so one class can take SE at different places by its structure.
 REQUIREMENTS = ("pointwise", "depthwise", "no-depthwise")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 _CLASS_PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
-_ATTR_RE = re.compile(r"^[A-Za-z_]\w*$")
 _CHILD_PATH_RE = re.compile(r"^(\.|-?\w+(\.-?\w+)*)$")
 _CLASS_GLOB_RE = re.compile(r"^[\w.*?\[\]!]+$")
 
@@ -48,6 +50,17 @@ class SEDefaults:
     round_limit: float = 0.0  # timm make_divisible: bump up when rounding down loses more than (1 - round_limit)
     bias: bool = True
     gate: str = "sigmoid"
+    squeeze_from: str = "output"  # the width r divides: "output" (the map SE scales) or "input" (the block's input)
+    rounding: str = "divisible"  # "divisible" (C // r to a multiple of divisor), "round" (round(C / r)), "floor"
+    convention: str = ""  # what these settings reproduce, for the record (e.g. "timm EfficientNet")
+
+
+@dataclass(frozen=True)
+class Convention:
+    """A model family's own SE settings, used instead of the recipe's defaults in models of these classes."""
+
+    models: tuple[str, ...]  # full class paths of the whole model (its root module)
+    defaults: SEDefaults
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,13 @@ class BlockRule:
     slot: str | None = None
     name: str = "se"
     require: tuple[str, ...] = ()
+    when: tuple[tuple[str, Any], ...] = ()  # (attribute, value): the block's attribute must equal the value
+
+    def applies_to(self, block: Any) -> bool:
+        return all(getattr(block, attr, _MISSING) == value for attr, value in self.when)
+
+
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -93,18 +113,21 @@ class Recipe:
     defaults: SEDefaults = field(default_factory=SEDefaults)
     reference: str = ""
     source: str = ""
+    conventions: tuple[Convention, ...] = ()
     patterns: tuple[PatternRule, ...] = ()
 
     @property
     def classes(self) -> tuple[str, ...]:
         return tuple(c for rule in self.blocks for c in rule.classes)
 
-    def rule_for(self, class_path: str) -> BlockRule | None:
-        return next((rule for rule in self.blocks if class_path in rule.classes), None)
+    def rule_for(self, class_path: str, block: Any = None) -> BlockRule | None:
+        """The rule naming this class whose `when` conditions the block meets (checked only when given)."""
+        return next((rule for rule in self.blocks if class_path in rule.classes
+                     and (block is None or rule.applies_to(block))), None)
 
-    def rules_for(self, class_path: str) -> tuple[BlockRule, ...]:
-        """Every rule naming the class, in file order (they differ in their block requirements)."""
-        return tuple(rule for rule in self.blocks if class_path in rule.classes)
+    def defaults_for(self, model_class: str) -> SEDefaults:
+        """The SE settings in a model of this class: its family's convention, else the recipe's defaults."""
+        return next((c.defaults for c in self.conventions if model_class in c.models), self.defaults)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +135,7 @@ class Recipe:
             "description": self.description,
             "reference": self.reference,
             "defaults": vars(self.defaults).copy(),
+            "conventions": [{"models": list(c.models), **vars(c.defaults)} for c in self.conventions],
             "classes": list(self.classes),
             "patterns": [
                 {"pattern": p.pattern, "classes": list(p.classes), "within": list(p.within),
@@ -140,40 +164,48 @@ def _check_keys(path: str, where: str, table: dict[str, Any], allowed: set[str],
         raise RecipeFileError(path, f"missing field {where}{missing[0]!r}")
 
 
-def _parse_defaults(path: str, table: Any) -> SEDefaults:
-    _expect(path, "defaults", table, dict, "a table")
-    _check_keys(path, "defaults.", table, set(vars(SEDefaults())), set())
+def _parse_defaults(
+    path: str, table: Any, where: str = "defaults", base: SEDefaults | None = None, extra: frozenset[str] = frozenset()
+) -> SEDefaults:
+    base = base or SEDefaults()
+    _expect(path, where, table, dict, "a table")
+    _check_keys(path, f"{where}.", table, set(vars(SEDefaults())) | extra, set(extra))
     values: dict[str, Any] = {}
     for key in ("reduction", "divisor"):
         if key in table:
-            value = _expect(path, f"defaults.{key}", table[key], int, "a positive integer")
+            value = _expect(path, f"{where}.{key}", table[key], int, "a positive integer")
             if value < 1:
-                raise RecipeFileError(path, f"field 'defaults.{key}': expected a positive integer, got {value}")
+                raise RecipeFileError(path, f"field '{where}.{key}': expected a positive integer, got {value}")
             values[key] = value
     if "round_limit" in table:
-        value = _expect(path, "defaults.round_limit", table["round_limit"], (int, float), "a number in [0, 1]")
+        value = _expect(path, f"{where}.round_limit", table["round_limit"], (int, float), "a number in [0, 1]")
         if not 0 <= value <= 1:
-            raise RecipeFileError(path, f"field 'defaults.round_limit': expected a number in [0, 1], got {value}")
+            raise RecipeFileError(path, f"field '{where}.round_limit': expected a number in [0, 1], got {value}")
         values["round_limit"] = float(value)
     if "bias" in table:
-        values["bias"] = _expect(path, "defaults.bias", table["bias"], bool, "true or false")
-    if "gate" in table:
-        gate = _expect(path, "defaults.gate", table["gate"], str, f"one of {', '.join(GATES)}")
-        if gate not in GATES:
-            raise RecipeFileError(path, f"field 'defaults.gate': expected one of {', '.join(GATES)}, got {gate!r}")
-        values["gate"] = gate
-    return SEDefaults(**values)
+        values["bias"] = _expect(path, f"{where}.bias", table["bias"], bool, "true or false")
+    for key, allowed in (("gate", GATES), ("squeeze_from", SQUEEZE_FROM), ("rounding", ROUNDINGS)):
+        if key in table:
+            value = _expect(path, f"{where}.{key}", table[key], str, f"one of {', '.join(allowed)}")
+            if value not in allowed:
+                expected = ", ".join(allowed)
+                raise RecipeFileError(path, f"field '{where}.{key}': expected one of {expected}, got {value!r}")
+            values[key] = value
+    if "convention" in table:
+        values["convention"] = _expect(path, f"{where}.convention", table["convention"], str, "a string")
+    return replace(base, **values)
 
 
 def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     where = f"blocks[{index}]"
     _expect(path, where, table, dict, "a table ([[blocks]])")
-    _check_keys(path, f"{where}.", table, {"classes", "after", "before", "slot", "name", "require"}, {"classes"})
+    _check_keys(path, f"{where}.", table, {"classes", "after", "before", "slot", "name", "require", "when"},
+                {"classes"})
     classes = _expect(path, f"{where}.classes", table["classes"], list, "a list of full class paths")
     if not classes:
         raise RecipeFileError(path, f"field '{where}.classes': expected at least one class path")
     for c in classes:
-        if not isinstance(c, str) or not _CLASS_PATH_RE.match(c):
+        if not isinstance(c, str) or not _CLASS_PATH_RE.fullmatch(c):
             raise RecipeFileError(
                 path, f"field '{where}.classes': expected full class paths like 'package.module.Class', got {c!r}"
             )
@@ -184,16 +216,16 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     default_anchor = table.get("slot") if isinstance(table.get("slot"), str) else "?"
     anchor = _expect(path, f"{where}.{position}", table.get(position, default_anchor), str,
                      "a child path such as 'bn3' or 'conv.-2'")
-    if not _CHILD_PATH_RE.match(anchor) or (position == "before" and anchor == "."):
+    if not _CHILD_PATH_RE.fullmatch(anchor) or (position == "before" and anchor == "."):
         raise RecipeFileError(
             path, f"field '{where}.{position}': expected a child path such as 'bn3' or 'conv.-2', got {anchor!r}"
         )
     slot = table.get("slot")
-    if slot is not None and not (isinstance(slot, str) and _ATTR_RE.match(slot)):
-        raise RecipeFileError(path, f"field '{where}.slot': expected an attribute name, got {slot!r}")
+    if slot is not None and attribute_name_problem(slot):
+        raise RecipeFileError(path, f"field '{where}.slot': {attribute_name_problem(slot)}")
     name = table.get("name", slot or "se")
-    if not (isinstance(name, str) and _ATTR_RE.match(name)):
-        raise RecipeFileError(path, f"field '{where}.name': expected an attribute name, got {name!r}")
+    if attribute_name_problem(name):
+        raise RecipeFileError(path, f"field '{where}.name': {attribute_name_problem(name)}")
     if slot is not None and name != slot:
         raise RecipeFileError(path, f"field '{where}.name': must equal 'slot' ({slot!r}) when a slot is filled")
     require = _expect(path, f"{where}.require", table.get("require", []), list, "a list of requirement names")
@@ -202,7 +234,11 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
             raise RecipeFileError(
                 path, f"field '{where}.require': expected names from {', '.join(REQUIREMENTS)}, got {req!r}"
             )
-    return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require))
+    when = _expect(path, f"{where}.when", table.get("when", {}), dict, "a table of attribute = value")
+    for attr, value in when.items():
+        if attribute_name_problem(attr) or not isinstance(value, (bool, int, float, str)):
+            raise RecipeFileError(path, f"field '{where}.when': expected attribute = plain value, got {attr!r}")
+    return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require), tuple(sorted(when.items())))
 
 
 def _globs(path: str, where: str, value: Any) -> tuple[str, ...]:
@@ -223,8 +259,8 @@ def _parse_pattern(path: str, index: int, table: Any) -> PatternRule:
     if pattern not in PATTERNS:
         raise RecipeFileError(path, f"field '{where}.pattern': expected one of {', '.join(PATTERNS)}, got {pattern!r}")
     name = table.get("name", "se")
-    if not (isinstance(name, str) and _ATTR_RE.match(name)):
-        raise RecipeFileError(path, f"field '{where}.name': expected an attribute name, got {name!r}")
+    if attribute_name_problem(name):
+        raise RecipeFileError(path, f"field '{where}.name': {attribute_name_problem(name)}")
     classes = _globs(path, f"{where}.classes", table.get("classes", ["*"]))
     if not classes:
         raise RecipeFileError(path, f"field '{where}.classes': expected at least one class path or glob")
@@ -235,10 +271,10 @@ def _parse_pattern(path: str, index: int, table: Any) -> PatternRule:
 
 def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     """Validate a parsed recipe table; errors name the file, the field and what was expected."""
-    allowed = {"name", "description", "reference", "defaults", "blocks", "patterns"}
+    allowed = {"name", "description", "reference", "defaults", "blocks", "conventions", "patterns"}
     _check_keys(source, "", data, allowed, {"name"})
     name = _expect(source, "name", data["name"], str, "a recipe name")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise RecipeFileError(source, f"field 'name': expected lowercase letters, digits and '-', got {name!r}")
     description = _expect(source, "description", data.get("description", ""), str, "a string")
     reference = _expect(source, "reference", data.get("reference", ""), str, "a string")
@@ -251,13 +287,21 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     seen: dict[tuple[str, tuple[str, ...]], int] = {}
     for i, rule in enumerate(rules):
         for c in rule.classes:
-            if (c, rule.require) in seen:  # one class may have several rules told apart by their requirements
-                raise RecipeFileError(
-                    source, f"field 'blocks[{i}].classes': {c!r} is already in blocks[{seen[c, rule.require]}]"
-                )
-            seen[c, rule.require] = i
+            if c in seen and (rules[seen[c]].when, rules[seen[c]].require) == (rule.when, rule.require):
+                raise RecipeFileError(source, f"field 'blocks[{i}].classes': {c!r} is already in blocks[{seen[c]}]")
+            seen[c] = i
     defaults = _parse_defaults(source, data.get("defaults", {}))
-    return Recipe(name, description, rules, defaults, reference, source, pattern_rules)
+    conventions = []
+    tables = _expect(source, "conventions", data.get("conventions", []), list, "an array of tables ([[conventions]])")
+    for i, table in enumerate(tables):
+        where = f"conventions[{i}]"
+        _expect(source, where, table, dict, "a table ([[conventions]])")
+        models = _expect(source, f"{where}.models", table.get("models"), list, "a list of full model class paths")
+        if not models or not all(isinstance(m, str) and _CLASS_PATH_RE.match(m) for m in models):
+            raise RecipeFileError(source, f"field '{where}.models': expected full class paths of models")
+        settings = _parse_defaults(source, table, where, defaults, frozenset({"models"}))
+        conventions.append(Convention(tuple(models), settings))
+    return Recipe(name, description, rules, defaults, reference, source, tuple(conventions), pattern_rules)
 
 
 def load_recipe_file(path: str | Path) -> Recipe:
@@ -267,12 +311,16 @@ def load_recipe_file(path: str | Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeFileError(str(path), "no such file") from None
+    except PermissionError:
+        raise RecipeFileError(str(path), "permission denied") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeFileError(str(path), f"cannot read: {e}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeFileError(str(path), f"invalid TOML: {e}") from None
+    except RecursionError:
+        raise RecipeFileError(str(path), "invalid TOML: nested too deeply") from None
     return parse_recipe(data, str(path))
 
 

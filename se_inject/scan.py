@@ -1,8 +1,10 @@
 """Survey: run the planning pipeline on the meta device over many model names and classify each.
 
-Every model ends in one of four states: "covered" (SE at every eligible block), "already-se" (every matching block
-already has channel attention), "no-match" (no block a recipe can take, with the reason), or "error" (a crash or a
-timeout: a bug to fix). Nothing is allocated, so the full timm + torchvision list runs in minutes.
+Every model ends in one of five states: "covered" (SE at every eligible block), "partial-se" (some matching blocks
+already have channel attention, others lack it by the model's design; planned with ``fill`` to count what filling
+would add), "already-se" (every matching block already has channel attention), "no-match" (no block a recipe can
+take, with the reason), or "error" (a crash or a timeout: a bug to fix). Nothing is allocated, so the full timm +
+torchvision list runs in minutes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from .errors import NoSitesError, SEInjectError, UsageError
 
-STATUSES = ("covered", "already-se", "no-match", "error")
+STATUSES = ("covered", "partial-se", "already-se", "no-match", "error")
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
         previous = signal.signal(signal.SIGALRM, _alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        _, report = inject(name, device="meta", seed=0, **options)
+        _, report = inject(name, device="meta", seed=0, **{"fill": True, **options})
         data = report.to_dict()
         existing = sum(s.already_attention for s in report.skipped)
         # Independent counts: numel over the inserted modules, and the flop counter's own per-module figures.
@@ -91,7 +93,7 @@ def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
                            f"MACs {data['macs']['delta']} vs {se_macs}", seconds=time.perf_counter() - start)
         return ScanRow(
             model=name,
-            status="covered",
+            status="partial-se" if existing else "covered",
             recipes=report.plan.recipes,
             sites=len(report.plan.sites),
             existing=existing,

@@ -58,6 +58,8 @@ def squeeze_through(
     if bn_training or running_mean is None or running_var is None or not torch.compiler.is_compiling():
         return None
     n, c_h, height, width = h.shape
+    if not isinstance(n, int):  # a symbolic batch (dynamic export): the size test below would constrain it
+        return None
     c = weight.shape[0]
     if n * height * width * (c - c_h) <= 2 * c * c_h:
         return None

@@ -32,6 +32,7 @@ from .errors import SurgeryError
 from .find import class_path
 from .models import seeded
 from .plan import Plan, Site
+from .schema import attribute_name_problem
 from .squeeze_excite import squeeze_through
 
 
@@ -50,6 +51,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mod
             raise SurgeryError(f"plan site {site.path!r}: the model has no such module") from None
         if class_path(block) != site.block:
             raise SurgeryError(f"plan site {site.path!r}: expected a {site.block}, found a {class_path(block)}")
+        check_site_name(block, site)  # before any name reaches generated code
     real = [site for site in plan.sites if not _is_meta(model.get_submodule(site.path))]
     modules: dict[str, nn.Module] = {}
     with seeded(plan.seed) if real else nullcontext():
@@ -65,6 +67,22 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mod
     for site in plan.sites:
         insert(model.get_submodule(site.path), site, modules[site.path])
     return model
+
+
+def check_site_name(block: nn.Module, site: Site) -> None:
+    """The new module's attribute name becomes Python source in the rewritten forward: only a plain identifier
+    that the block does not already have (``forward``, ``training``, a child) passes; a slot must be an attribute."""
+    problem = attribute_name_problem(site.name)
+    if problem is None and site.slot is None and hasattr(block, site.name):
+        problem = f"the block already has an attribute {site.name!r}"
+    elif problem is None and site.slot is not None and site.slot not in block._modules and site.slot not in vars(block):
+        problem = f"the block has no slot {site.slot!r}"
+    if problem:
+        raise SurgeryError(f"plan site {site.path!r}: invalid module name: {problem}")
+    for arg in site.fixed_args:  # parameter names end up in the traced forward's source too
+        problem = attribute_name_problem(arg)
+        if problem:
+            raise SurgeryError(f"plan site {site.path!r}: invalid fixed argument name: {problem}")
 
 
 def insert(block: nn.Module, site: Site, module: nn.Module) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from .attention import create_attention, identity_gain, init_attention
 from .errors import SEInjectError
-from .find import Skip, class_path, is_meta
+from .find import Skip, class_path
 from .plan import Plan, Site
 
 FIXED_TYPES = (bool, int, float, str, type(None))  # argument values tracing specialises on (and a plan may hold)
@@ -78,6 +78,9 @@ class Call:
             name: value for name, value in bound.arguments.items()
             if params[name].kind in plain and isinstance(value, FIXED_TYPES)
         }
+
+    def first_tensor(self) -> TensorArg | None:
+        return next((leaf for leaf in _leaves((self.args, self.kwargs)) if isinstance(leaf, TensorArg)), None)
 
     def signature(self) -> str:
         """A hashable description: tensors by rank and dtype, other values as they are."""
@@ -207,23 +210,46 @@ def materialize(block: nn.Module) -> nn.Module:
 
 
 def _real_copy(block: nn.Module) -> nn.Module:
-    if is_meta(block) or any(t.is_meta for t in itertools.chain(block.parameters(), block.buffers())):
+    """A real-valued float32 CPU block to check: the block itself where it already is one (run as it is; training
+    mode's buffer updates are undone, see `_run_modes`), else a materialised or converted copy."""
+    tensors = list(itertools.chain(block.parameters(), block.buffers()))
+    if any(t.is_meta for t in tensors):
         return materialize(block)
+    if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
+        return block
     return copy.deepcopy(block).to(device="cpu", dtype=torch.float32)
+
+
+def _rewritable(block: nn.Module) -> nn.Module:
+    """A copy of `block` that the surgery may change (class, children) sharing its children and tensors."""
+    clone = copy.copy(block)
+    for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+        if name in vars(block):
+            vars(clone)[name] = copy.copy(vars(block)[name])
+    return clone
 
 
 def check_site(block: nn.Module, site: Site, call: Call) -> str | None:
     """Why the site's rewrite of `block` is not exactly the original block with a pass-through module, or None when
-    it is. `block` is not modified: the check runs on one copy, first as it is, then rewritten."""
-    from .surgery import insert
-
+    it is. `block` is left as it was: it runs as it is, then a shallow copy of it is rewritten."""
     kind = call.opaque()
     if kind is not None:
         return f"cannot verify the rewrite: the block is called with a {kind} argument"
+    modes = [(m, m.training) for m in block.modules()]
     try:
         work = _real_copy(block)
     except Exception as e:  # any failure refuses the site
         return f"cannot verify the rewrite ({type(e).__name__}: {_first_line(e)})"
+    try:
+        return _compare(work, site, call)
+    finally:
+        for m, training in modes:  # a block of the caller's model, run as it is: leave its modes as they were
+            m.training = training
+
+
+def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
+    from .surgery import insert
+
     inputs, original = None, None
     for shrink in dict.fromkeys((call.shrink_factor(), 1)):  # small maps first; the recorded size if they fail
         inputs = call.build(2, torch.Generator().manual_seed(0), shrink)
@@ -237,6 +263,7 @@ def check_site(block: nn.Module, site: Site, call: Call) -> str | None:
     try:
         module = create_attention(replace(site.attention, gain=identity_gain(site.attention.gate)))
         init_attention(module, "identity")
+        work = _rewritable(work)
         insert(work, site, module)
     except SEInjectError as e:
         return str(e).removeprefix(f"{site.path}: ")
@@ -269,14 +296,16 @@ def _run_modes(block: nn.Module, inputs: Any) -> list[tuple[Any, Any, dict[str, 
         buffers = {k: v.clone() for k, v in block.named_buffers()}
         args, kwargs = _clone(inputs)
         block.train(training)
-        with torch.random.fork_rng(devices=[]), torch.set_grad_enabled(training):
-            torch.manual_seed(0)
-            out = block(*args, **kwargs)
-        results.append((out, (args, kwargs), {k: v.clone() for k, v in block.named_buffers() if k in buffers}))
-        with torch.no_grad():
-            for k, v in block.named_buffers():
-                if k in buffers:
-                    v.copy_(buffers[k])
+        try:
+            with torch.random.fork_rng(devices=[]), torch.set_grad_enabled(training):
+                torch.manual_seed(0)
+                out = block(*args, **kwargs)
+            results.append((out, (args, kwargs), {k: v.clone() for k, v in block.named_buffers() if k in buffers}))
+        finally:
+            with torch.no_grad():
+                for k, v in block.named_buffers():
+                    if k in buffers:
+                        v.copy_(buffers[k])
     return results
 
 
@@ -306,6 +335,15 @@ def verify_plan(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple[P
     """Check every site of `plan` against `model` (meta or real; not modified), once per distinct block
     configuration, site settings and call signature. Returns the plan without the refused sites, and those sites
     as skips with the reason."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the checks run on tiny maps: threads only add synchronisation (10x on a busy CPU)
+    try:
+        return _verify_sites(model, plan, calls)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple[Plan, tuple[Skip, ...]]:
     verdicts: dict[str, str | None] = {}
     kept: list[Site] = []
     refused: list[Skip] = []

@@ -30,3 +30,16 @@ def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model
+
+
+@pytest.fixture(scope="session")
+def injected_test_resnet():
+    """timm's test_resnet with SE (seed 0, planned at 64x64, non-trivial norm statistics), built once per test
+    session: ``(model, report)``. Tests must not modify it (copy it first)."""
+    import timm
+
+    import se_inject
+
+    base = randomize_norm_stats(timm.create_model("test_resnet")).eval()
+    model, report = se_inject.inject(base, seed=0, input_size=64, inplace=True)
+    return model.eval(), report

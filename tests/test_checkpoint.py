@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import se_inject
 from se_inject import CheckpointError, OutputExistsError
-from se_inject.checkpoint import PLAN_KEY, read_plan
+from se_inject.checkpoint import PLAN_KEY, WEIGHTS_HASH_KEY, read_plan
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def saved(tmp_path_factory):
 
 def test_folder_holds_weights_with_plan_and_report(saved):
     model, report, directory = saved
-    assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "report.json"]
+    assert sorted(p.name for p in directory.iterdir()) == [".se-inject.json", "model.safetensors", "report.json"]
     with safe_open(str(directory / "model.safetensors"), "pt") as f:
         meta = f.metadata()
         assert set(f.keys()) == set(model.state_dict())
@@ -69,7 +69,8 @@ def test_refuses_to_overwrite_without_force(saved, tmp_path):
     assert (directory / "model.safetensors").read_bytes() == before
     se_inject.save(model, report.plan, directory, force=True)
     assert (directory / "notes.txt").read_text() == "mine"  # --force replaces our files only
-    assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "notes.txt"]  # no temporaries left
+    assert sorted(p.name for p in directory.iterdir()) == [".se-inject.json", "model.safetensors", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporaries left
 
 
 def test_failed_write_leaves_nothing(saved, tmp_path, monkeypatch):
@@ -109,7 +110,7 @@ def test_load_errors_say_which(saved, tmp_path, damage):
         save_file(state, str(file), metadata={**meta, PLAN_KEY: meta[PLAN_KEY].replace('"paper"', '"identity"')})
     elif damage == "wrong-weights":
         state.pop(next(k for k in state if k.endswith("se.fc1.weight")))
-        save_file(state, str(file), metadata=meta)
+        save_file(state, str(file), metadata={k: v for k, v in meta.items() if k != WEIGHTS_HASH_KEY})
     with pytest.raises(CheckpointError, match=expected):
         se_inject.load(target)
 

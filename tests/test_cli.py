@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from se_inject.cli import app
@@ -125,3 +126,186 @@ def test_fast_paths_do_not_import_torch(args):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# --- issue 14: answers at once, nothing ignored silently, conventions ------------------------------------------------
+
+
+@pytest.fixture
+def no_real_builds(monkeypatch):
+    """Planning on the meta device is allowed; building a model with real weights fails the test."""
+    import se_inject.api
+
+    real = se_inject.api.build_model
+
+    def guarded(spec, *, device="cpu", seed=None):
+        if str(device) != "meta":
+            raise AssertionError("a model was built before the check")
+        return real(spec, device=device, seed=seed)
+
+    monkeypatch.setattr(se_inject.api, "build_model", guarded)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "text"),
+    [
+        (["-o", "{existing}"], 1, "already exists"),
+        (["-o", "{existing}/report.json"], 1, "not a directory"),
+        (["--export", "tflite"], 2, "unknown export format"),
+        (["--export", "onnx", "--dry-run"], 2, "--dry-run"),
+        (["--dry-run", "--export", "tflite"], 2, "unknown export format"),
+        (["--images", "{existing}", "--dry-run"], 2, "--images"),
+        (["--opset", "18"], 2, "--export onnx"),
+        (["--export", "onnx", "--opset", "7"], 2, "opset"),
+        (["--static-batch", "2"], 2, "--export"),
+        (["--weights", "{existing}/none.pth"], 1, "no such file"),
+    ],
+)
+def test_fails_before_any_model_is_built(tmp_path, monkeypatch, args, code, text):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "report.json").write_text("{}")
+    monkeypatch.setattr("se_inject.api.resolve_model", lambda name: pytest.fail("resolved a model name"))
+    result = run("resnet50", *(a.format(existing=existing) for a in args))
+    assert result.exit_code == code, result.stderr
+    assert text in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (existing / "report.json").read_text() == "{}"
+
+
+def test_default_output_checked_before_the_real_build(tmp_path, monkeypatch, no_real_builds):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "test_resnet-se16").mkdir()
+    (tmp_path / "test_resnet-se16" / "model.safetensors").write_bytes(b"previous")
+    result = run("timm:test_resnet", "-r", "16")
+    assert result.exit_code == 1 and "already exists" in result.stderr
+    assert (tmp_path / "test_resnet-se16" / "model.safetensors").read_bytes() == b"previous"
+
+
+def test_default_folders_of_timm_and_torchvision_differ():
+    import se_inject
+
+    _, timm_report = se_inject.inject("timm:resnet18", device="meta", seed=0)
+    _, tv_report = se_inject.inject("torchvision:resnet18", device="meta", seed=0)
+    assert timm_report.default_output == "resnet18-se16"
+    assert tv_report.default_output == "torchvision-resnet18-se16"
+
+
+def test_ignored_options_become_notes(tmp_path):
+    result = run("timm:test_resnet", "--dry-run", "-o", str(tmp_path / "x"), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert any("--output/--force unused" in n for n in json.loads(result.stdout)["notes"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_images_skip_undecodable_files_with_a_note(tmp_path):
+    from torchvision.io import write_png
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        write_png(torch.randint(0, 255, (3, 40, 50), dtype=torch.uint8), str(images / f"{i}.png"))
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    result = run("timm:test_resnet", "--images", str(images), "--input-size", "64", "--seed", "0",
+                 "-o", str(tmp_path / "o"), "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["drift"]["inputs"].startswith("2 images from") and "skipped 1" in data["drift"]["inputs"]
+    assert "broken.jpg" in data["drift"]["inputs"]
+    assert any("random weights" in n for n in data["notes"])  # --images without --weights/--pretrained
+    for p in images.glob("*.png"):
+        p.unlink()
+    none = run("timm:test_resnet", "--images", str(images), "--input-size", "64", "-o", str(tmp_path / "p"))
+    assert none.exit_code == 1 and "none of the 1 files decodes" in none.stderr
+
+
+def test_seed_in_the_summary(tmp_path):
+    drawn = run("timm:test_resnet", "--dry-run")
+    assert drawn.exit_code == 0, drawn.stderr
+    seed = json.loads(run("timm:test_resnet", "--dry-run", "--json").stdout)["seed"]  # a fresh draw each time
+    assert isinstance(seed, int)
+    assert "(drawn: --seed " in drawn.stdout and " repeats this run)" in drawn.stdout
+    fixed = run("timm:test_resnet", "--dry-run", "--seed", "7")
+    assert "seed 7\n" in fixed.stdout and "drawn" not in fixed.stdout
+
+
+def test_piped_output_does_not_wrap_the_copy_paste_line(tmp_path):
+    out = tmp_path / ("a-long-folder-name-" * 4) / "resnet18-se16"
+    result = runner.invoke(app, ["timm:resnet18", "--input-size", "64", "--seed", "0", "-o", str(out)],
+                           env={"COLUMNS": "40"})
+    assert result.exit_code == 0, result.stderr
+    line = next(li for li in result.stdout.splitlines() if li.startswith("plain timm loads it"))
+    assert f'timm.create_model("local-dir:{out}", pretrained=True) is seresnet18' in line
+
+
+def test_help_conventions():
+    short = run("-h")
+    assert short.exit_code == 0 and short.stdout == run("--help").stdout
+    assert "--install-completion" in short.stdout  # typer's shell completion
+    text = run("inject", "-h").stdout
+    for values in ("[se|eca|cbam|ese]", "[sigmoid|hard-sigmoid]", "[paper|identity]", "[torchscript|exported|onnx]"):
+        assert values in text
+    assert "<list[str]>" not in text and "<int>" not in text  # readable option types
+    assert "[torchscript|exported|onnx]" in run("export", "-h").stdout
+
+
+def test_help_choices_are_the_librarys():
+    from se_inject import cli
+    from se_inject.attention import INITS
+    from se_inject.checkpoint import OUTPUT_FILES
+    from se_inject.export import FORMATS
+    from se_inject.preflight import OUTPUT_FILES as CHECKED_OUTPUT_FILES
+    from se_inject.recipes import GATES
+    from se_inject.variants import VARIANTS
+
+    assert tuple(VARIANTS) == cli.ATTENTION_CHOICES
+    assert cli.GATE_CHOICES == GATES and cli.INIT_CHOICES == INITS
+    assert tuple(FORMATS) == cli.FORMAT_CHOICES
+    assert CHECKED_OUTPUT_FILES == OUTPUT_FILES  # the preflight check refuses what the writer would
+
+
+def test_factory_next_to_its_file(tmp_path, monkeypatch):
+    from se_inject.models import resolve_model
+
+    (tmp_path / "mynets_issue14.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 8, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    spec = resolve_model("mynets_issue14:make")
+    assert spec.source == "python" and spec.name == f"{tmp_path / 'mynets_issue14.py'}:make"
+
+
+def test_scan_says_how_to_see_every_model(capsys):
+    from types import SimpleNamespace
+
+    from se_inject.cli import _render_scan
+
+    _render_scan([SimpleNamespace(model=f"m{i}", status="no-match") for i in range(60)], None)
+    out = capsys.readouterr().out
+    assert "60 models: the table shows up to 50" in out and "--output FILE.csv" in out
+
+
+def test_compare_table_says_which_statistic_and_warns_when_noisy(capsys):
+    from se_inject.bench import Timing
+    from se_inject.cli import _render_compare
+    from se_inject.compare import CompareRow
+
+    quiet = Timing(1, 10.0, 10.5, 0.05, 0.04, 0.06, 15, "cpu", 2)
+    noisy = Timing(8, 408.0, 408.2, -0.427, -0.6, 0.3, 15, "cpu", 2)  # the paired median disagrees with (b)
+    assert not quiet.noisy and noisy.noisy and noisy.ratio_of_medians == pytest.approx(0.2 / 408)
+    row = CompareRow("se", 16, 1, 1, 1, 10, 10, latency=(quiet, noisy))
+    _render_compare("m", [row])
+    out, err = capsys.readouterr()
+    assert "b8 SE/base (b)" in out and "b8 paired (c) [IQR]" in out and "+0.0%" in out and "-42.7%" in out
+    assert "median latency of each model" in out
+    assert "too noisy to conclude for se b8" in err and "se b1" not in err
+
+
+def test_closed_pipe_exits_141_and_python_dash_m(tmp_path):
+    """`se-inject ... | head -1`: the reader goes away; the writer stops quietly with 141, as Unix tools do."""
+    proc = subprocess.Popen([sys.executable, "-m", "se_inject", "timm:test_resnet", "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()  # before anything is written
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err
+    assert err == b""

@@ -169,19 +169,20 @@ def test_sigkill_during_save_keeps_the_previous_output(tmp_path):
     assert subprocess.run([sys.executable, "-m", "se_inject.cli", *base, "--seed", "0"],
                           capture_output=True).returncode == 0
     previous = {f: _digest(out / f) for f in ("model.safetensors", "report.json")}
-    _kill_while_writing([*base, "--seed", "1", "--force"], out, ".model.tmp-*")
+    _kill_while_writing([*base, "--seed", "1", "--force"], tmp_path, ".se-inject-*/model.safetensors")
     assert {f: _digest(out / f) for f in previous} == previous  # the complete previous output
     se_inject.load(out)
     # the killed run's temporary is cleared by the next run, which completes
     assert subprocess.run([sys.executable, "-m", "se_inject.cli", *base, "--seed", "1", "--force"],
                           capture_output=True).returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".se-inject.json", "model.safetensors", "report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
     assert _digest(out / "model.safetensors") != previous["model.safetensors"]
 
 
 def test_sigkill_during_first_save_leaves_no_output(tmp_path):
     out = tmp_path / "o"
-    _kill_while_writing(["timm:wide_resnet50_2", "-o", str(out), "--seed", "0"], tmp_path, ".o.tmp-*")
+    _kill_while_writing(["timm:wide_resnet50_2", "-o", str(out), "--seed", "0"], tmp_path, ".se-inject-*")
     assert not out.exists()  # nothing that looks like a checkpoint
     assert subprocess.run([sys.executable, "-m", "se_inject.cli", "timm:test_resnet", "-o", str(out)],
                           capture_output=True).returncode == 0

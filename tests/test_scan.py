@@ -26,10 +26,11 @@ def test_scan_classifies_each_model():
     rows = scan(["timm:test_resnet", "timm:seresnet18", "timm:test_vit", "torchvision:mobilenet_v3_small"])
     status = {r.model: r.status for r in rows}
     assert status == {"timm:test_resnet": "covered", "timm:seresnet18": "already-se", "timm:test_vit": "no-match",
-                      "torchvision:mobilenet_v3_small": "covered"}
+                      "torchvision:mobilenet_v3_small": "partial-se"}
     partial = rows[3]
-    assert partial.sites == 2 and partial.existing == 9  # the blocks that have SE keep it
-    assert summarize(rows) == {"models": 4, "covered": 2, "already-se": 1, "no-match": 1, "error": 0}
+    assert partial.sites == 2 and partial.existing == 9  # what --fill would add; the blocks that have SE keep it
+    assert summarize(rows) == {"models": 4, "covered": 1, "partial-se": 1, "already-se": 1, "no-match": 1,
+                               "error": 0}
     assert rows[2].category == "transformer"  # a no-match says what kind of network it is
 
 
@@ -61,7 +62,8 @@ def test_scan_cli_json():
     result = runner.invoke(app, ["scan", "timm:test_resnet", "timm:test_vit", "--json", "--workers", "1"])
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["summary"] == {"models": 2, "covered": 1, "already-se": 0, "no-match": 1, "error": 0}
+    assert data["summary"] == {"models": 2, "covered": 1, "partial-se": 0, "already-se": 0, "no-match": 1,
+                               "error": 0}
 
 
 def test_scan_cli_rejects_bad_output_name(tmp_path):

@@ -189,7 +189,9 @@ def test_user_model_and_recipe_file_through_save_and_load(toy, tmp_path):
     assert [(s.path, s.recipe, s.channels, s.squeeze_channels) for s in report.plan.sites] == [
         ("blocks.0", "toy-residual", 32, 8), ("blocks.1", "toy-residual", 32, 8)]
     se_inject.save(model, report.plan, tmp_path / "out")
-    loaded = se_inject.load(tmp_path / "out")
+    with pytest.raises(se_inject.CheckpointError, match="trust_code=True"):  # code named by a folder never runs
+        se_inject.load(tmp_path / "out")
+    loaded = se_inject.load(tmp_path / "out", trust_code=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))

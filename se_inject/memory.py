@@ -1,0 +1,57 @@
+"""Will one forward pass fit? An estimate from a meta-device forward, made before anything allocates real memory."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from torch import nn
+
+from .errors import SEInjectError, UsageError
+
+CHEAP_ELEMENTS = 3 * 1024 * 1024  # inputs up to 3x1024x1024 are never checked: no model of ours needs the RAM
+
+
+def forward_bytes(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Rough peak memory of one eval-mode forward at batch 1: the weights, the input, and three times the largest
+    activation (a block's input, its output and one temporary alive at once), measured on a meta copy."""
+    import torch
+
+    from .find import as_meta, run_meta
+
+    probe = as_meta(model)
+    largest = [0]
+
+    def hook(_module: nn.Module, _args: object, out: object) -> None:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                largest[0] = max(largest[0], t.numel() * t.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in probe.modules()]
+    try:
+        run_meta(probe, input_size)
+    finally:
+        for h in handles:
+            h.remove()
+    weights = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    return weights + 4 * math.prod(input_size) + 3 * largest[0]
+
+
+def machine_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_forward_memory(
+    model: nn.Module, input_size: tuple[int, int, int], *, error: type[SEInjectError] = UsageError
+) -> None:
+    """Raise `error` when one forward pass at `input_size` needs more memory than this machine has."""
+    if math.prod(input_size) <= CHEAP_ELEMENTS:
+        return
+    need, have = forward_bytes(model, input_size), machine_memory()
+    if have is not None and need > have:
+        size = "x".join(map(str, input_size))
+        raise error(f"input size {size}: one forward pass needs about {need / 2**30:.0f} GiB, more than this "
+                    f"machine's {have / 2**30:.0f} GiB; choose a smaller --input-size")

@@ -1,0 +1,53 @@
+"""Checks that need no model: run before torch is even imported, so a wrong command fails in well under a second.
+
+Torch-free on purpose (the CLI calls these first); the names here are the ones the writers use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import OutputExistsError, UsageError
+
+EXPORT_FORMATS = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}
+OUTPUT_FILES = ("model.safetensors", "report.json", "config.json", "model.pt", "model.pt2", "model.onnx")
+MIN_OPSET = 18  # the oldest opset torch's dynamo-based ONNX exporter writes directly
+
+
+def check_export_options(formats: tuple[str, ...] | list[str], *, batch: int | None = None,
+                         opset: int | None = None) -> None:
+    """Raise UsageError for an unknown format, or a static batch or opset that is invalid or applies to nothing."""
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise UsageError(f"unknown export format {unknown[0]!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    if batch is not None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise UsageError(f"invalid static batch {batch!r}: expected an integer >= 1")
+        if not formats:
+            raise UsageError("--static-batch applies to exports only: add --export FORMAT")
+    if opset is not None:
+        if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+            raise UsageError(f"invalid opset {opset!r}: expected an integer >= {MIN_OPSET}")
+        if "onnx" not in formats:
+            raise UsageError("--opset applies to ONNX exports only: add --export onnx")
+
+
+def check_output_folder(directory: str | Path, *, force: bool) -> None:
+    """Raise OutputExistsError if `directory` is a file, or holds se-inject outputs and `force` is off (the same
+    rule the writer applies, checked before any work)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OutputExistsError(f"{directory} exists and is not a directory")
+    if not force:
+        owned = [name for name in OUTPUT_FILES if (directory / name).exists()]
+        if owned:
+            raise OutputExistsError(f"{directory / owned[0]} already exists; pass --force to overwrite it")
+
+
+def check_output_file(path: str | Path, *, force: bool) -> None:
+    """Raise OutputExistsError if the file exists (and `force` is off) or is a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a directory; name a file")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")

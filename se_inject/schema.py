@@ -1,0 +1,210 @@
+"""Strict validation of what a file says: the plan stored in a checkpoint, and names that reach generated code.
+
+A saved folder is data from anyone. Before anything is built from its plan, every field is checked here: its type,
+its range, registry names (attention kinds, gates, inits), and every string that becomes Python source (the
+attribute name of an inserted module) is a plain identifier. Violations raise `PlanSchemaError`, which names the
+field. This module imports no torch: recipe files are checked with the same rules.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import re
+from typing import Any
+
+from .errors import CheckpointError
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range (non-negative part)
+MAX_SIDE = 16384  # largest input height/width/channels se-inject accepts (4x a 4K image side)
+MAX_CHANNELS = 1 << 20
+MAX_SITES = 100_000
+MAX_NAME_LENGTH = 200
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # ASCII only; matched with fullmatch (no "$" newline loophole)
+_MODULE_PATH = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
+_CHILD_PATH = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
+_CLASS_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+_RECIPE_NAME = re.compile(r"[a-z][a-z0-9-]*")
+_REGISTRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # timm/torchvision names; no "hf-hub:", "/", ".."
+MODEL_SOURCES = ("timm", "torchvision", "python")
+
+
+class PlanSchemaError(CheckpointError):
+    """A plan field with a wrong type, range or value. `field` is its path, e.g. ``sites[3].name``."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"plan field {field!r}: {message}")
+
+
+def attribute_name_problem(name: Any) -> str | None:
+    """Why `name` cannot be the attribute name of an inserted module (None when it can): a plain ASCII Python
+    identifier, not a keyword, not a dunder, at most 200 characters."""
+    if not isinstance(name, str):
+        return f"expected a string, got {type(name).__name__}"
+    if not _IDENTIFIER.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+        return f"expected a plain Python identifier (ASCII letters, digits, '_'), got {name!r}"
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name):
+        return f"{name!r} is a Python keyword"
+    if name.startswith("__") and name.endswith("__"):
+        return f"{name!r} is a dunder name"
+    return None
+
+
+def _fail(field: str, message: str) -> PlanSchemaError:
+    return PlanSchemaError(field, message)
+
+
+def _keys(
+    field: str, data: Any, required: set[str], optional: frozenset[str] | set[str] = frozenset()
+) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise _fail(field or "plan", f"expected an object, got {type(data).__name__}")
+    prefix = f"{field}." if field else ""
+    unknown = sorted(set(data) - required - optional, key=str)
+    if unknown:
+        raise _fail(f"{prefix}{unknown[0]}", "unknown field")
+    missing = sorted(required - set(data))
+    if missing:
+        raise _fail(f"{prefix}{missing[0]}", "missing")
+    return data
+
+
+def _int(field: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(field, f"expected an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise _fail(field, f"expected an integer in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _str(field: str, value: Any, pattern: re.Pattern[str] | None = None, what: str = "", empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise _fail(field, f"expected a string, got {type(value).__name__}")
+    if empty and value == "":
+        return value
+    if len(value) > 1000 or (pattern is not None and not pattern.fullmatch(value)):
+        raise _fail(field, f"expected {what}, got {value[:80]!r}")
+    return value
+
+
+def _choice(field: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise _fail(field, f"expected one of {', '.join(choices)}, got {value!r}"[:300])
+    return value
+
+
+def _attention(field: str, data: Any) -> Any:
+    from .attention import AttentionSpec, list_attention
+    from .recipes import GATES
+    from .variants import VARIANTS
+
+    names = {"kind", "channels", "rd_channels", "kernel_size", "bias", "gate", "gain"}
+    _keys(field, data, names)
+    kind = _choice(f"{field}.kind", data["kind"], list_attention())
+    channels = _int(f"{field}.channels", data["channels"], 1, MAX_CHANNELS)
+    rd_channels = _int(f"{field}.rd_channels", data["rd_channels"], 1 if VARIANTS[kind].uses_reduction else 0,
+                       MAX_CHANNELS)
+    kernel_size = _int(f"{field}.kernel_size", data["kernel_size"], 1 if kind in ("eca", "cbam") else 0, 255)
+    if kind in ("eca", "cbam") and kernel_size % 2 == 0:
+        raise _fail(f"{field}.kernel_size", f"expected an odd kernel size, got {kernel_size}")
+    if not isinstance(data["bias"], bool):
+        raise _fail(f"{field}.bias", f"expected true or false, got {data['bias']!r}")
+    gate = _choice(f"{field}.gate", data["gate"], GATES)
+    gain = data["gain"]
+    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain) or not 0 < gain <= 1e6:
+        raise _fail(f"{field}.gain", f"expected a finite number in (0, 1e6], got {gain!r}")
+    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, float(gain))
+
+
+def _site(field: str, data: Any) -> Any:
+    from .plan import Site
+
+    _keys(field, data, {"path", "recipe", "block", "anchor", "position", "slot", "name", "attention"},
+          {"fixed_args"})
+    path = _str(f"{field}.path", data["path"], _MODULE_PATH, "a dotted module path", empty=True)
+    recipe = _str(f"{field}.recipe", data["recipe"], _RECIPE_NAME, "a recipe name (lowercase letters, digits, '-')")
+    block = _str(f"{field}.block", data["block"], _CLASS_PATH, "a full class path like 'package.module.Class'")
+    anchor = _str(f"{field}.anchor", data["anchor"], _CHILD_PATH, "a child path", empty=True)
+    position = _choice(f"{field}.position", data["position"], ("after", "before"))
+    slot = data["slot"]
+    if slot is not None:
+        problem = attribute_name_problem(slot)
+        if problem:
+            raise _fail(f"{field}.slot", problem)
+    name = data["name"]
+    problem = attribute_name_problem(name)
+    if problem:
+        raise _fail(f"{field}.name", problem)
+    if slot is not None and name != slot:
+        raise _fail(f"{field}.name", f"must equal the slot {slot!r}")
+    attention = _attention(f"{field}.attention", data["attention"])
+    fixed = _fixed_args(f"{field}.fixed_args", data.get("fixed_args", {}))
+    return Site(path, recipe, block, anchor, position, slot, name, attention, fixed)
+
+
+def _fixed_args(field: str, data: Any) -> dict[str, Any]:
+    """The block's non-tensor forward arguments: parameter names become names in the traced forward's source, so
+    they are identifiers; values are plain literals (finite numbers, short strings, booleans, None)."""
+    if not isinstance(data, dict) or len(data) > 64:
+        raise _fail(field, "expected an object of at most 64 parameter names")
+    for name, value in data.items():
+        problem = attribute_name_problem(name)
+        if problem:
+            raise _fail(f"{field}.{name[:40]}", problem)
+        plain = value is None or isinstance(value, (bool, str)) or (
+            isinstance(value, int) and abs(value) < 2**63) or (isinstance(value, float) and math.isfinite(value))
+        if not plain or (isinstance(value, str) and len(value) > 200):
+            raise _fail(f"{field}.{name}", f"expected None, a boolean, a finite number or a short string, got "
+                        f"{str(value)[:40]!r}")
+    return dict(data)
+
+
+def _model(field: str, data: Any) -> Any:
+    from .models import ModelSpec
+
+    if data is None:
+        return None
+    _keys(field, data, {"source", "name"})
+    source = _choice(f"{field}.source", data["source"], MODEL_SOURCES)
+    if source == "python":  # FILE.py:factory or module:factory; never imported on load without trust_code
+        name = _str(f"{field}.name", data["name"])
+        if not name or "\x00" in name:
+            raise _fail(f"{field}.name", f"expected FILE.py:FACTORY or MODULE:FACTORY, got {name[:80]!r}")
+    else:
+        name = _str(f"{field}.name", data["name"], _REGISTRY_NAME,
+                    f"a {source} registry name (hub, URL and local-dir names are refused: loading is offline)")
+    return ModelSpec(source, name)
+
+
+def plan_from_data(data: Any) -> Any:
+    """A `Plan` from parsed plan JSON, after checking every field; raises `PlanSchemaError` naming the field."""
+    from .attention import INITS
+    from .plan import PLAN_FORMAT, Plan
+
+    _keys("", data, {"format", "model", "input_size", "init", "seed", "sites"}, {"settings"})
+    if data["format"] != PLAN_FORMAT:
+        raise _fail("format", f"unsupported plan format {data['format']!r} (expected {PLAN_FORMAT!r})"[:300])
+    model = _model("model", data["model"])
+    size = data["input_size"]
+    if not isinstance(size, list) or len(size) != 3:
+        raise _fail("input_size", "expected [channels, height, width]")
+    input_size = tuple(_int(f"input_size[{i}]", v, 1, MAX_SIDE) for i, v in enumerate(size))
+    init = _choice("init", data["init"], INITS)
+    seed = _int("seed", data["seed"], 0, MAX_SEED)
+    settings = data.get("settings", {})
+    if not isinstance(settings, dict):
+        raise _fail("settings", f"expected an object, got {type(settings).__name__}")
+    sites_data = data["sites"]
+    if not isinstance(sites_data, list) or not 1 <= len(sites_data) <= MAX_SITES:
+        raise _fail("sites", f"expected a list of 1 to {MAX_SITES} sites")
+    sites = tuple(_site(f"sites[{i}]", s) for i, s in enumerate(sites_data))
+    seen: dict[str, int] = {}
+    for i, site in enumerate(sites):
+        if site.module_path in seen:
+            first = seen[site.module_path]
+            raise _fail(f"sites[{i}].name", f"{site.module_path!r} is already inserted by sites[{first}]")
+        seen[site.module_path] = i
+    return Plan(model=model, sites=sites, input_size=input_size, init=init, seed=seed,  # type: ignore[arg-type]
+                settings=settings)

@@ -1,0 +1,72 @@
+"""Models whose designers put channel attention in some blocks only (partial SE): refused unless filled."""
+
+from __future__ import annotations
+
+import pytest
+import torchvision
+from typer.testing import CliRunner
+
+import se_inject
+from se_inject import NoSitesError
+from se_inject.cli import app
+from se_inject.scan import scan_one
+
+
+def _mobilenet_v3_small_blocks() -> tuple[list[str], list[str]]:
+    """Independent count: the InvertedResidual blocks with and without torchvision's SqueezeExcitation."""
+    model = torchvision.models.mobilenet_v3_small()
+    block = torchvision.models.mobilenetv3.InvertedResidual
+    blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, block)]
+    has = [p for p, m in blocks if any(isinstance(c, torchvision.ops.SqueezeExcitation) for c in m.modules())]
+    return has, [p for p, _ in blocks if p not in has]
+
+
+def test_partial_se_is_refused_by_default_naming_both_counts():
+    has, lacks = _mobilenet_v3_small_blocks()
+    assert has and lacks
+    with pytest.raises(NoSitesError) as info:
+        se_inject.inject("torchvision:mobilenet_v3_small", device="meta", seed=0)
+    assert info.value.reason == "partial-attention" and info.value.exit_code == 1
+    message = str(info.value)
+    assert f"{len(has)} matching blocks already have channel attention" in message
+    assert f"{len(lacks)} lack it" in message
+    assert "\n" not in message
+
+
+def test_fill_adds_se_only_where_it_is_missing():
+    has, lacks = _mobilenet_v3_small_blocks()
+    _, report = se_inject.inject("torchvision:mobilenet_v3_small", device="meta", seed=0, fill=True)
+    data = report.to_dict()
+    assert data["already_attention"] == has
+    # every block without SE gets one, except where the recipe finds no 1x1 projection (none in this model)
+    assert [s["path"] for s in data["sites"]] == lacks
+
+
+def test_cli_fill(tmp_path):
+    runner = CliRunner()
+    refused = runner.invoke(app, ["torchvision:mobilenet_v3_small", "--dry-run"], env={"COLUMNS": "200"})
+    assert refused.exit_code == 1
+    assert "partial SE" in refused.output and "--fill" in refused.output
+    filled = runner.invoke(app, ["torchvision:mobilenet_v3_small", "--dry-run", "--fill"], env={"COLUMNS": "200"})
+    assert filled.exit_code == 0, filled.output
+    has, _ = _mobilenet_v3_small_blocks()
+    assert f"{len(has)} blocks already had channel attention" in filled.output
+
+
+def test_legacy_senet_is_already_se():
+    with pytest.raises(NoSitesError) as info:
+        se_inject.inject("timm:legacy_seresnet18", device="meta", seed=0)
+    assert info.value.reason == "already-attention"
+    assert "SEModule" in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "status"), [
+    ("torchvision:mobilenet_v3_small", "partial-se"),
+    ("timm:legacy_seresnet18", "already-se"),
+    ("torchvision:resnet18", "covered"),
+])
+def test_scan_categories(name, status):
+    row = scan_one(name)
+    assert row.status == status, row
+    if status == "partial-se":
+        assert row.existing and row.sites and row.params_delta
