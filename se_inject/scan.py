@@ -134,7 +134,8 @@ def summarize_categories(rows: list[ScanRow]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for row in rows:
         if row.status == "no-match":
-            counts[row.category or "unknown"] = counts.get(row.category or "unknown", 0) + 1
+            kind = getattr(row, "category", "") or "unknown"
+            counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
 
 
