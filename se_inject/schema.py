@@ -24,6 +24,7 @@ MAX_NAME_LENGTH = 200
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # ASCII only; matched with fullmatch (no "$" newline loophole)
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
 _CHILD_PATH = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
+_ANCHOR = re.compile(r"%[A-Za-z_]\w*|[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")  # a child, or a graph node (patterns)
 _CLASS_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
 _RECIPE_NAME = re.compile(r"[a-z][a-z0-9-]*")
 _REGISTRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # timm/torchvision names; no "hf-hub:", "/", ".."
@@ -120,13 +121,14 @@ def _attention(field: str, data: Any) -> Any:
 
 def _site(field: str, data: Any) -> Any:
     from .plan import Site
+    from .recipes import PATTERNS
 
     _keys(field, data, {"path", "recipe", "block", "anchor", "position", "slot", "name", "attention"},
-          {"fixed_args"})
+          {"fixed_args", "pattern"})
     path = _str(f"{field}.path", data["path"], _MODULE_PATH, "a dotted module path", empty=True)
     recipe = _str(f"{field}.recipe", data["recipe"], _RECIPE_NAME, "a recipe name (lowercase letters, digits, '-')")
     block = _str(f"{field}.block", data["block"], _CLASS_PATH, "a full class path like 'package.module.Class'")
-    anchor = _str(f"{field}.anchor", data["anchor"], _CHILD_PATH, "a child path", empty=True)
+    anchor = _str(f"{field}.anchor", data["anchor"], _ANCHOR, "a child path or a graph node ('%name')", empty=True)
     position = _choice(f"{field}.position", data["position"], ("after", "before"))
     slot = data["slot"]
     if slot is not None:
@@ -141,7 +143,8 @@ def _site(field: str, data: Any) -> Any:
         raise _fail(f"{field}.name", f"must equal the slot {slot!r}")
     attention = _attention(f"{field}.attention", data["attention"])
     fixed = _fixed_args(f"{field}.fixed_args", data.get("fixed_args", {}))
-    return Site(path, recipe, block, anchor, position, slot, name, attention, fixed)
+    pattern = _choice(f"{field}.pattern", data.get("pattern", ""), ("", *PATTERNS))
+    return Site(path, recipe, block, anchor, position, slot, name, attention, pattern=pattern, fixed_args=fixed)
 
 
 def _fixed_args(field: str, data: Any) -> dict[str, Any]:
