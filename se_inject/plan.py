@@ -26,10 +26,10 @@ class Site:
         slot: Attribute the block's forward already calls at that place, filled instead of rewriting the forward.
         name: Attribute name of the new module in the block.
         attention: The module to build.
-        pattern: The structural pattern that matched the block ("residual", "conv-chain", ...; see
-            `se_inject.patterns`), or "" when a class rule named it.
         fixed_args: The block's non-tensor forward arguments as its parent passes them (``shortcut=None``, flags),
             by parameter name: tracing specialises on them. Empty for blocks called with tensors only.
+        pattern: The structural pattern that matched the block ("residual", "conv-chain", ...; see
+            `se_inject.patterns`), or "" when a class rule named it.
     """
 
     path: str
@@ -40,8 +40,8 @@ class Site:
     slot: str | None
     name: str
     attention: AttentionSpec
-    pattern: str = ""
     fixed_args: dict[str, Any] = field(default_factory=dict, hash=False)
+    pattern: str = ""
 
     @property
     def channels(self) -> int:
