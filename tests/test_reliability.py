@@ -97,7 +97,7 @@ def test_no_eligible_blocks_writes_nothing(tmp_path, monkeypatch):
 @pytest.mark.parametrize(("args", "text"), [
     (["--attention", "gc"], "se, eca, cbam, ese"),
     (["--gate", "tanh"], "sigmoid, hard-sigmoid"),
-    (["--recipe", "densenet"], "inception, inverted-residual, resnet-residual"),
+    (["--recipe", "densenet"], "inception, inverted-residual, mobilenet-v1, resnet-residual"),
     (["--reduction", "x"], "reduction"),
     (["--input-size", "224x0"], "input size"),
     (["--min-channels", "-1"], "min-channels"),
