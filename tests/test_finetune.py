@@ -39,11 +39,7 @@ def _model(source: str, name: str) -> nn.Module:
 @pytest.mark.parametrize(("source", "name", "size"), CASES)
 def test_identity_init_preserves_the_function(source, name, size):
     model = _model(source, name)
-<<<<<<< HEAD
-    injected, _report = se_inject.inject(model, init="identity", seed=0, fill=True)
-=======
     injected, _report = se_inject.inject(model, init="identity", seed=0, fill=True)  # test_efficientnet: partial
->>>>>>> issue-12
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         expected, got = model(x), injected.eval()(x)
