@@ -141,8 +141,8 @@ def _print_json(data: Any) -> None:
 
 def _console(*, stderr: bool = False) -> Any:
     """A rich console for data (stdout) or messages (stderr). On a terminal rich wraps at word boundaries to its
-    width; piped, no line is wrapped or cut (a copy-paste line stays one line) and tables take $COLUMNS if set. A closed pipe raises
-    BrokenPipeError, which `error_funnel` turns into exit 141 (rich's own handler would exit 1)."""
+    width; piped, no line is wrapped or cut (a copy-paste line stays one line) and tables take $COLUMNS if set. A
+    closed pipe raises BrokenPipeError, which `error_funnel` turns into exit 141 (rich's own handler would exit 1)."""
     from rich.console import Console
 
     class PipeAwareConsole(Console):

@@ -97,7 +97,7 @@ def test_no_eligible_blocks_writes_nothing(tmp_path, monkeypatch):
 @pytest.mark.parametrize(("args", "text"), [
     (["--attention", "gc"], "se, eca, cbam, ese"),
     (["--gate", "tanh"], "sigmoid, hard-sigmoid"),
-    (["--recipe", "densenet"], "inverted-residual, metaformer, mobilenet-v1, residual-cnn, resnet-residual"),
+    (["--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'; choose from"),
     (["--reduction", "x"], "reduction"),
     (["--input-size", "224x0"], "input size"),
     (["--min-channels", "-1"], "min-channels"),

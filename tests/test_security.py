@@ -617,7 +617,7 @@ def test_seeded_report_is_byte_identical_across_thread_counts(tmp_path):
     try:
         for n in (2, 1):  # what OMP_NUM_THREADS=2 / =1 set
             torch.set_num_threads(n)
-            _, report = se_inject.inject("timm:test_efficientnet", seed=3, weights=weights)
+            _, report = se_inject.inject("timm:test_efficientnet", seed=3, weights=weights, fill=True)
             reports.append(json.dumps(report.to_dict(), indent=2))
     finally:
         torch.set_num_threads(threads)
