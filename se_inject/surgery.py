@@ -20,8 +20,9 @@ import copy
 import itertools
 import linecache
 import operator
+import typing
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx
@@ -176,6 +177,23 @@ class _BlockTracer(torch.fx.Tracer):
         return module_qualified_name not in self.open_paths
 
 
+_FX_ASSERT_IS_NONE = getattr(torch.fx._symbolic_trace, "_assert_is_none", None)
+
+
+def assert_is_none(value: Optional[Any], msg: str) -> None:  # noqa: UP045  (TorchScript reads the annotation)
+    """torch.fx's guard for an argument specialised to None; fx annotates it ``object``, which TorchScript cannot
+    compile."""
+    if value is not None:
+        raise AssertionError(msg)
+
+
+def _type_hints(fn: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve: the parameter stays unannotated
+        return {}
+
+
 def _trace_modes(
     block: nn.Module, open_paths: set[str], fixed: dict[str, Any] | None = None
 ) -> tuple[torch.fx.Graph, bool]:
@@ -189,9 +207,13 @@ def _trace_modes(
             block.train(training)
             graph = _BlockTracer(open_paths).trace(block, concrete_args=dict(fixed) if fixed else None)
             renamed = {f"{name}_1": name for name in fixed or ()}
+            hints = _type_hints(type(block).forward) if fixed else {}
             for node in graph.nodes:  # torch.fx names a specialised parameter `name_1`; callers may pass `name=`
                 if node.op == "placeholder" and node.target in renamed:
                     node.target = renamed[node.target]
+                    node.type = hints.get(node.target)  # fx drops a specialised parameter's annotation
+                elif node.op == "call_function" and node.target is _FX_ASSERT_IS_NONE:
+                    node.target = assert_is_none  # the same guard, in a form TorchScript compiles
             graphs.append(graph)
     finally:
         for m, training in zip(block.modules(), modes, strict=True):

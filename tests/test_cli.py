@@ -285,7 +285,8 @@ def test_scan_says_how_to_see_every_model(capsys):
     assert "60 models: the table shows up to 50" in out and "--output FILE.csv" in out
 
 
-def test_compare_table_says_which_statistic_and_warns_when_noisy(capsys):
+def test_compare_table_says_which_statistic_and_warns_when_noisy(capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)  # piped without $COLUMNS: tables are never cut
     from se_inject.bench import Timing
     from se_inject.cli import _render_compare
     from se_inject.compare import CompareRow

@@ -163,6 +163,7 @@ def _kill_while_writing(args: list[str], watch: Path, pattern: str) -> None:
         process.wait()
 
 
+@pytest.mark.slow  # real kills at random moments; tests/test_security.py kills deterministically at every step
 def test_sigkill_during_save_keeps_the_previous_output(tmp_path):
     out = tmp_path / "o"
     base = ["timm:wide_resnet50_2", "-o", str(out)]
@@ -180,6 +181,7 @@ def test_sigkill_during_save_keeps_the_previous_output(tmp_path):
     assert _digest(out / "model.safetensors") != previous["model.safetensors"]
 
 
+@pytest.mark.slow  # real kills at random moments; tests/test_security.py kills deterministically at every step
 def test_sigkill_during_first_save_leaves_no_output(tmp_path):
     out = tmp_path / "o"
     _kill_while_writing(["timm:wide_resnet50_2", "-o", str(out), "--seed", "0"], tmp_path, ".se-inject-*")

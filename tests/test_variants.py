@@ -87,17 +87,34 @@ def test_ese_defaults_to_hard_sigmoid_and_gate_overrides():
     assert isinstance(injected.layer1[0].se.gate, torch.nn.Hardsigmoid)
 
 
-@pytest.mark.parametrize("kind", list(VARIANTS))
-@pytest.mark.parametrize(("source", "name"), [("timm", "test_resnet"), ("torchvision", "mobilenet_v2"),
-                                               ("torchvision", "googlenet")])
-def test_every_variant_with_every_recipe(kind, source, name):
+MODELS_BY_RECIPE = [("timm", "test_resnet"), ("torchvision", "mobilenet_v2"), ("torchvision", "googlenet")]
+EXPORT_CASES = [  # one recipe in the default suite; the scripting and export of the bigger two take ~20 s: slow
+    pytest.param(source, name, marks=[pytest.mark.slow] if name != "test_resnet" else [])
+    for source, name in MODELS_BY_RECIPE
+]
+
+
+def _variant_model(kind: str, source: str, name: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
     model = timm.create_model(name) if source == "timm" else torchvision.models.get_model(name)
     model = randomize_norm_stats(model).eval()
-    x = torch.randn(1, 3, 64, 64)
     injected, _ = se_inject.inject(model, attention=kind, init="identity", seed=0)
+    return model, injected.eval(), torch.randn(1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("kind", list(VARIANTS))
+@pytest.mark.parametrize(("source", "name"), MODELS_BY_RECIPE)
+def test_every_variant_with_every_recipe(kind, source, name):
+    model, injected, x = _variant_model(kind, source, name)
     with torch.no_grad():
         expected = model(x)
-        assert torch.allclose(injected.eval()(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        assert torch.allclose(injected(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", list(VARIANTS))
+@pytest.mark.parametrize(("source", "name"), EXPORT_CASES)
+def test_every_variant_exports_with_every_recipe(kind, source, name):
+    _, injected, x = _variant_model(kind, source, name)
+    with torch.no_grad():
         scripted = torch.jit.script(injected)
         out = scripted(x)
         out = out if isinstance(out, torch.Tensor) else out.logits  # scripted GoogLeNet returns its namedtuple
