@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import se_inject
 from se_inject.bench import interleaved, overhead
-from se_inject.squeeze_excite import SqueezeExcite
+from se_inject.layers.squeeze_excite import SqueezeExcite
 
 warnings.filterwarnings("ignore")
 

@@ -35,10 +35,10 @@ _LAZY = {
     "Plan": "plan",
     "Site": "plan",
     "Settings": "plan",
-    "AttentionSpec": "attention",
-    "create_attention": "attention",
-    "list_attention": "attention",
-    "SqueezeExcite": "squeeze_excite",
+    "AttentionSpec": "layers.attention",
+    "create_attention": "layers.attention",
+    "list_attention": "layers.attention",
+    "SqueezeExcite": "layers.squeeze_excite",
     "build_model": "models",
     "resolve_model": "models",
     "ModelSpec": "models",
@@ -50,15 +50,15 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .api import Report, inject, make_plan
-    from .attention import AttentionSpec, create_attention, list_attention
     from .checkpoint import load, read_plan, save
     from .find import find_sites
     from .finetune import new_parameters
+    from .layers.attention import AttentionSpec, create_attention, list_attention
+    from .layers.squeeze_excite import SqueezeExcite
     from .measure import count
     from .models import ModelSpec, build_model, resolve_model
     from .plan import Plan, Settings, Site
     from .recipes import get_recipe, list_recipes, load_recipe_file
-    from .squeeze_excite import SqueezeExcite
     from .surgery import apply_plan
 
 

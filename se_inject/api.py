@@ -12,12 +12,13 @@ from typing import Any
 
 from torch import nn
 
-from .attention import INITS, attention_spec, list_attention
 from .drift import Drift, compare, image_batch, random_batch
 from .drift import outputs as drift_outputs
 from .errors import NoSitesError, SurgeryError, UsageError
-from .find import Findings, Match, Skip, find_sites, is_meta, meta_copy
+from .find import Findings, Match, Skip, find_sites
+from .layers.attention import INITS, attention_spec, list_attention
 from .measure import Counts, count, count_params
+from .meta import is_meta, meta_copy
 from .models import (
     ModelSpec,
     build_model,

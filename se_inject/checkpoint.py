@@ -269,7 +269,7 @@ def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], file: Path) 
 
 def _check_channels(model: nn.Module, plan: Plan, file: Path) -> None:
     """Each site's channel count must be what its block really feeds the module (one forward on a meta copy)."""
-    from .find import as_meta, run_meta
+    from .meta import as_meta, run_meta
 
     probe = as_meta(model)
     handles = []

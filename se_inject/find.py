@@ -5,8 +5,6 @@ Nothing here changes the model: shapes come from one forward pass of a meta-devi
 
 from __future__ import annotations
 
-import copy
-import itertools
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,69 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import attention_classes
-from .errors import SEInjectError, UsageError
+from .errors import UsageError
+from .layers.attention import class_path, find_attention
+from .meta import as_meta, output_shapes, run_meta
 from .recipes import BlockRule, PatternRule, Recipe
-
-# Channel-attention modules already in timm/torchvision models: a block holding one "already has SE".
-KNOWN_ATTENTION = frozenset(
-    {
-        "timm.layers.squeeze_excite.SEModule",
-        "timm.layers.squeeze_excite.EffectiveSEModule",
-        "timm.layers.squeeze_excite.SqueezeExciteCl",
-        "timm.layers.eca.EcaModule",
-        "timm.layers.eca.CecaModule",
-        "timm.layers.cbam.CbamModule",
-        "timm.layers.cbam.LightCbamModule",
-        "timm.layers.gather_excite.GatherExcite",
-        "timm.layers.global_context.GlobalContext",
-        "timm.layers.coord_attn.CoordAttn",
-        "timm.layers.coord_attn.SimpleCoordAttn",
-        "timm.models._efficientnet_blocks.SqueezeExcite",
-        "timm.models.senet.SEModule",
-        "timm.models.hgnet.EseModule",
-        "torchvision.ops.misc.SqueezeExcitation",
-    }
-)
-
-
-def class_path(module: nn.Module | type) -> str:
-    """Full class path; for a block se-inject rewrote, the path of its original class."""
-    cls = module if isinstance(module, type) else type(module)
-    cls = getattr(cls, "__se_inject_base__", cls)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def is_attention(module: nn.Module) -> bool:
-    return isinstance(module, attention_classes()) or class_path(module) in KNOWN_ATTENTION
-
-
-def find_attention(module: nn.Module) -> str | None:
-    """Path (relative to `module`) of the first channel-attention module inside it, if any."""
-    for name, sub in module.named_modules():
-        if is_attention(sub):
-            return name or "."
-    return None
-
-
-def is_meta(model: nn.Module) -> bool:
-    """Whether every parameter and buffer of `model` is on the meta device."""
-    return all(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose parameters and buffers live on the meta device; no tensor data is copied."""
-    memo: dict[int, Any] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        if id(t) not in memo:
-            meta = torch.empty_like(t, device="meta")
-            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
-
-
-def as_meta(model: nn.Module) -> nn.Module:
-    """`model` itself when it is already on the meta device (nothing to protect), else a meta copy."""
-    return model if is_meta(model) else meta_copy(model)
 
 
 def resolve_child(block: nn.Module, path: str) -> str | None:
@@ -173,17 +112,6 @@ class Findings:
     counts: Any = None  # the model's Counts, when find_sites(count_base=True)
 
 
-def output_shapes(output: Any) -> tuple[tuple[int, ...], ...]:
-    """Shapes of every tensor in a forward's output (tensors, tuples, lists, dicts), in order."""
-    if isinstance(output, torch.Tensor):
-        return (tuple(output.shape),)
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return tuple(shape for item in output for shape in output_shapes(item))
-    return ()
-
-
 def _shipped(recipe: Recipe) -> bool:
     return recipe.source.startswith("se_inject/recipes/")
 
@@ -262,28 +190,6 @@ def _structural(model: nn.Module, rules: list[tuple[Recipe, PatternRule]], taken
                 yield path, module, recipe, BlockRule((cp,), place.anchor or ".", place.position, None,
                                                       rule.name), rule.pattern
                 break
-
-
-def run_meta(model: nn.Module, input_size: tuple[int, int, int]) -> Any:
-    """Forward a meta-device `model` in eval mode at batch 1 (training flags restored); returns the output.
-    Failures raise SEInjectError."""
-    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.get_default_dtype())
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        x = torch.empty((1, *input_size), device="meta", dtype=dtype)
-        with torch.no_grad():
-            return model.eval()(x)
-    except SEInjectError:
-        raise
-    except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise SEInjectError(
-            f"the model does not run on the meta device at input size {'x'.join(map(str, input_size))}: "
-            f"{type(e).__name__}: {msg[0] if msg else ''}"
-        ) from e
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def find_sites(

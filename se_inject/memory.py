@@ -17,7 +17,7 @@ def forward_bytes(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     activation (a block's input, its output and one temporary alive at once), measured on a meta copy."""
     import torch
 
-    from .find import as_meta, run_meta
+    from .meta import as_meta, run_meta
 
     probe = as_meta(model)
     largest = [0]

@@ -97,7 +97,7 @@ def _choice(field: str, value: Any, choices: tuple[str, ...] | list[str]) -> str
 
 
 def _attention(field: str, data: Any) -> Any:
-    from .attention import AttentionSpec, list_attention
+    from .layers.attention import AttentionSpec, list_attention
     from .recipes import GATES
     from .variants import VARIANTS
 
@@ -183,7 +183,7 @@ def _model(field: str, data: Any) -> Any:
 
 def plan_from_data(data: Any) -> Any:
     """A `Plan` from parsed plan JSON, after checking every field; raises `PlanSchemaError` naming the field."""
-    from .attention import INITS
+    from .layers.attention import INITS
     from .plan import PLAN_FORMAT, Plan
 
     _keys("", data, {"format", "model", "input_size", "init", "seed", "sites"}, {"settings"})

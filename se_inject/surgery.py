@@ -28,13 +28,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from .attention import create_attention, init_attention
 from .errors import SurgeryError
-from .find import class_path
+from .layers.attention import class_path, create_attention, init_attention
+from .layers.squeeze_excite import squeeze_through
 from .models import seeded
 from .plan import Plan, Site
 from .schema import attribute_name_problem
-from .squeeze_excite import squeeze_through
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:

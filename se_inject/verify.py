@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import create_attention, identity_gain, init_attention
 from .errors import SEInjectError
-from .find import Skip, class_path
+from .find import Skip
+from .layers.attention import class_path, create_attention, identity_gain, init_attention
 from .plan import Plan, Site
 
 FIXED_TYPES = (bool, int, float, str, type(None))  # argument values tracing specialises on (and a plan may hold)

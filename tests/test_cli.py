@@ -250,9 +250,9 @@ def test_help_conventions():
 
 def test_help_choices_are_the_librarys():
     from se_inject import cli
-    from se_inject.attention import INITS
     from se_inject.checkpoint import OUTPUT_FILES
     from se_inject.export import FORMATS
+    from se_inject.layers.attention import INITS
     from se_inject.preflight import OUTPUT_FILES as CHECKED_OUTPUT_FILES
     from se_inject.recipes import GATES
     from se_inject.variants import VARIANTS

@@ -11,8 +11,8 @@ from torch import nn
 
 import se_inject
 from se_inject import NoSitesError
-from se_inject.find import class_path, is_attention
-from se_inject.squeeze_excite import SqueezeExcite
+from se_inject.layers.attention import class_path, is_attention
+from se_inject.layers.squeeze_excite import SqueezeExcite
 
 
 def _real(source: str, name: str) -> nn.Module:

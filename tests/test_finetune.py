@@ -18,7 +18,7 @@ from torch import nn
 import se_inject
 from se_inject.api import save_injected
 from se_inject.export import export
-from se_inject.squeeze_excite import SqueezeExcite
+from se_inject.layers.squeeze_excite import SqueezeExcite
 
 CASES = [  # one small model per recipe and library
     ("timm", "test_resnet", 64),

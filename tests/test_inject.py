@@ -12,8 +12,8 @@ from conftest import randomize_norm_stats, state_snapshot
 import se_inject
 from se_inject import NoSitesError
 from se_inject.find import find_sites
+from se_inject.layers.squeeze_excite import SqueezeExcite
 from se_inject.recipes import resolve_recipes
-from se_inject.squeeze_excite import SqueezeExcite
 
 
 def _meta(name: str, source: str = "timm"):

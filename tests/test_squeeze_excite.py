@@ -7,8 +7,8 @@ import torch
 from timm.layers import SEModule
 from torch import nn
 
-from se_inject.attention import AttentionSpec, create_attention, identity_gain, squeeze_channels
-from se_inject.squeeze_excite import SqueezeExcite
+from se_inject.layers.attention import AttentionSpec, create_attention, identity_gain, squeeze_channels
+from se_inject.layers.squeeze_excite import SqueezeExcite
 
 
 class SELayer(nn.Module):

@@ -15,8 +15,8 @@ import se_inject
 from se_inject import NoSitesError
 from se_inject.cli import app
 from se_inject.compare import compare_variants
-from se_inject.eca import eca_kernel_size
 from se_inject.export import timm_architecture
+from se_inject.layers.eca import eca_kernel_size
 from se_inject.variants import VARIANTS
 
 runner = CliRunner()

@@ -17,7 +17,7 @@ import se_inject
 import se_inject.surgery
 import se_inject.verify
 from se_inject import NoSitesError
-from se_inject.find import class_path
+from se_inject.layers.attention import class_path
 
 
 class DlaBlock(nn.Module):

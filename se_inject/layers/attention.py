@@ -13,11 +13,11 @@ import torch
 from timm.layers import make_divisible
 from torch import nn
 
+from ..errors import UsageError
+from ..variants import VARIANTS
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention, eca_kernel_size
-from .errors import UsageError
 from .squeeze_excite import EffectiveSqueezeExcite, SqueezeExcite
-from .variants import VARIANTS
 
 INITS = ("paper", "identity")
 
@@ -164,3 +164,44 @@ def init_attention(module: nn.Module, init: str) -> None:
         module.init_identity()
     elif init != "paper":
         raise UsageError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
+
+
+# Channel-attention modules already in timm/torchvision models: a block holding one "already has SE".
+KNOWN_ATTENTION = frozenset(
+    {
+        "timm.layers.squeeze_excite.SEModule",
+        "timm.layers.squeeze_excite.EffectiveSEModule",
+        "timm.layers.squeeze_excite.SqueezeExciteCl",
+        "timm.layers.eca.EcaModule",
+        "timm.layers.eca.CecaModule",
+        "timm.layers.cbam.CbamModule",
+        "timm.layers.cbam.LightCbamModule",
+        "timm.layers.gather_excite.GatherExcite",
+        "timm.layers.global_context.GlobalContext",
+        "timm.layers.coord_attn.CoordAttn",
+        "timm.layers.coord_attn.SimpleCoordAttn",
+        "timm.models._efficientnet_blocks.SqueezeExcite",
+        "timm.models.senet.SEModule",
+        "timm.models.hgnet.EseModule",
+        "torchvision.ops.misc.SqueezeExcitation",
+    }
+)
+
+
+def class_path(module: nn.Module | type) -> str:
+    """Full class path; for a block se-inject rewrote, the path of its original class."""
+    cls = module if isinstance(module, type) else type(module)
+    cls = getattr(cls, "__se_inject_base__", cls)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_attention(module: nn.Module) -> bool:
+    return isinstance(module, attention_classes()) or class_path(module) in KNOWN_ATTENTION
+
+
+def find_attention(module: nn.Module) -> str | None:
+    """Path (relative to `module`) of the first channel-attention module inside it, if any."""
+    for name, sub in module.named_modules():
+        if is_attention(sub):
+            return name or "."
+    return None
