@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SEInjectError
+from .errors import SEInjectError, describe
 
 
 def is_meta(model: nn.Module) -> bool:
@@ -59,10 +59,9 @@ def run_meta(model: nn.Module, input_size: tuple[int, int, int]) -> Any:
     except SEInjectError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()
         raise SEInjectError(
             f"the model does not run on the meta device at input size {'x'.join(map(str, input_size))}: "
-            f"{type(e).__name__}: {msg[0] if msg else ''}"
+            f"{type(e).__name__}: {describe(e)}"
         ) from e
     finally:
         for m, training in modes:

@@ -28,7 +28,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, describe
 from .layers.attention import class_path, create_attention, init_attention
 from .layers.squeeze_excite import squeeze_through
 from .models import seeded
@@ -227,10 +227,8 @@ def _trace(block: nn.Module, anchor: str, path: str, fixed: dict[str, Any]) -> t
     try:
         graph, consistent = _trace_modes(block, open_paths, fixed)
     except Exception as e:
-        msg = str(e).strip().splitlines()
         raise SurgeryError(
-            f"{path}: cannot trace {class_path(block)}.forward with torch.fx "
-            f"({type(e).__name__}: {msg[0] if msg else ''})"
+            f"{path}: cannot trace {class_path(block)}.forward with torch.fx ({type(e).__name__}: {describe(e)})"
         ) from e
     if not consistent:
         raise SurgeryError(f"{path}: {class_path(block)}.forward branches on self.training; cannot rewrite it")
