@@ -481,12 +481,20 @@ def print_recipes(*, as_json: bool) -> None:
         for rule in r.blocks:
             place = f"{rule.position} {rule.anchor}" + (f" (fills `{rule.slot}`)" if rule.slot else "")
             when = "".join(f", where {attr} = {value!r}" for attr, value in rule.when)
+            when += "".join(f", {_REQUIREMENT_TEXT.get(req, 'requires ' + req)}" for req in rule.require)
             for c in rule.classes:
                 typer.echo(f"  {c}: {place}{when}")
         for p in r.patterns:
             scope = " ".join([*p.classes, *(f"within {w}" for w in p.within),
                               *(f"not within {w}" for w in p.not_within)])
             typer.echo(f"  pattern {p.pattern}: {scope}")
+
+
+_REQUIREMENT_TEXT = {
+    "pointwise": "when it is a 1x1 projection",
+    "depthwise": "in blocks with a depthwise conv",
+    "no-depthwise": "in blocks without a depthwise conv",
+}
 
 
 @app.command("export")

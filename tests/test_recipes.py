@@ -110,3 +110,17 @@ def test_wheel_ships_the_recipes(tmp_path):
     ).stdout.splitlines()
     assert listed[0].startswith(str(target))
     assert listed[1] == str(list_recipes())
+
+
+def test_recipes_listing_tells_rules_of_one_class_apart():
+    """Two byobnet rules name BottleneckBlock; the listing says which blocks each one takes."""
+    from typer.testing import CliRunner
+
+    from se_inject.cli import app
+
+    result = CliRunner().invoke(app, ["recipes"])
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.stdout.splitlines() if "byobnet.BottleneckBlock" in line]
+    assert len(lines) == 2 and len(set(lines)) == 2
+    assert any(line.endswith("in blocks with a depthwise conv") for line in lines)
+    assert any(line.endswith("in blocks without a depthwise conv") for line in lines)
