@@ -329,13 +329,10 @@ def torchvision_preprocessing(name: str, *, pretrained: bool) -> dict[str, Any]:
     """A timm ``pretrained_cfg`` for a torchvision classification model: its weights' own preset (resize, crop,
     interpolation, mean/std; the tag's weights, else the library's default weights), and with `pretrained`, where
     the weights come from."""
-    import torchvision
-
-    from .models import split_tag
+    from .models import split_tag, torchvision_weights_enum
 
     arch, tag = split_tag(name)
-    enum = torchvision.models.get_model_weights(arch)
-    weights = enum[tag or "DEFAULT"]
+    weights = torchvision_weights_enum(arch)[tag or "DEFAULT"]
     preset = weights.transforms()
     crop, resize = preset.crop_size[0], preset.resize_size[0]
     cfg: dict[str, Any] = {

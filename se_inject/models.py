@@ -85,15 +85,21 @@ def timm_tags(arch: str) -> tuple[str, ...]:
     return tuple(split_tag(n)[1] for n in timm.list_pretrained(f"{arch}.*"))
 
 
-def torchvision_tags(arch: str) -> tuple[str, ...]:
-    """The weights enum members of a torchvision model, ``DEFAULT`` (an alias) last."""
+def torchvision_weights_enum(arch: str) -> Any:
+    """The weights enum of a torchvision model (``ResNet50_Weights``), or None when it has no weights."""
     import torchvision
 
     try:
         weights = torchvision.models.get_model_weights(arch)
     except ValueError:
-        return ()
-    members = [m for m in weights.__members__ if m != "DEFAULT"]
+        return None
+    return weights if len(weights) else None
+
+
+def torchvision_tags(arch: str) -> tuple[str, ...]:
+    """The weights enum members of a torchvision model, ``DEFAULT`` (an alias) last."""
+    weights = torchvision_weights_enum(arch)
+    members = [m for m in weights.__members__ if m != "DEFAULT"] if weights is not None else []
     return (*members, "DEFAULT") if members else ()
 
 
@@ -105,9 +111,7 @@ def _tagged(source: str, arch: str, tag: str) -> ModelSpec | None:
     if tag not in torchvision_tags(arch):
         return None
     if tag == "DEFAULT":
-        import torchvision
-
-        tag = torchvision.models.get_model_weights(arch).DEFAULT.name
+        tag = torchvision_weights_enum(arch).DEFAULT.name
     return ModelSpec("torchvision", f"{arch}.{tag}")
 
 
@@ -290,14 +294,9 @@ def default_input_size(spec: ModelSpec | None, model: nn.Module | None = None) -
     """(C, H, W) the model is evaluated at: torchvision's weights transforms, a timm-style ``pretrained_cfg``, else
     224."""
     if spec is not None and spec.source == "torchvision":
-        import torchvision
-
         arch, tag = split_tag(spec.name)
-        try:
-            weights = torchvision.models.get_model_weights(arch)
-        except ValueError:
-            weights = None
-        if weights is not None and len(weights):
+        weights = torchvision_weights_enum(arch)
+        if weights is not None:
             transforms = (weights[tag] if tag in weights.__members__ else next(iter(weights))).transforms
             crop = getattr(transforms, "keywords", {}).get("crop_size")
             if crop:

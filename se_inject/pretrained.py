@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import WeightsError, describe
-from .models import ModelSpec, split_tag
+from .models import ModelSpec, split_tag, torchvision_weights_enum
 
 HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub loader tries, in its order
 
@@ -116,14 +116,9 @@ def _locate_timm(spec: ModelSpec) -> PretrainedWeights:
 
 
 def _locate_torchvision(spec: ModelSpec) -> PretrainedWeights:
-    import torchvision
-
     arch, tag = split_tag(spec.name)
-    try:
-        enum = torchvision.models.get_model_weights(arch)
-    except ValueError:
-        enum = None
-    if enum is None or not len(enum):
+    enum = torchvision_weights_enum(arch)
+    if enum is None:
         raise WeightsError(f"torchvision has no pretrained weights for {arch}")
     weights = enum[tag or "DEFAULT"]
     cached = _torch_hub_checkpoints() / os.path.basename(urlparse(weights.url).path)
