@@ -125,10 +125,12 @@ def _rule_for(recipe: Recipe, cp: str, module: nn.Module) -> BlockRule | None:
 
 
 def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[Candidate]:
-    """Each module a recipe names, with its recipe. Where several recipes name a block: the same place with the same
-    settings is one site; a recipe file of the user's takes the block from a shipped recipe; any other overlap is a
-    conflict (UsageError naming both). Then blocks matched by structural patterns where no class rule matched the
-    block, one of its ancestors or one of its descendants (class rules are exact and take precedence)."""
+    """Each module a recipe names, with its recipe; then blocks matched by structural patterns where no class rule
+    matched the block, one of its ancestors or one of its descendants (class rules are exact and take precedence).
+
+    Where several recipes name a block, a recipe file of the user's takes it from a shipped recipe; recipes putting
+    SE at the same place are one site if their settings agree, and a conflict (UsageError naming both) if not;
+    recipes putting SE at different places are each applied (see `_places`)."""
     taken: list[str] = []
     for path, module in model.named_modules():
         cp = class_path(module)
@@ -137,22 +139,53 @@ def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[Candidate]:
             continue
         if any(not _shipped(recipe) for recipe, _ in found):
             found = [(recipe, rule) for recipe, rule in found if not _shipped(recipe)]
-        first, rule = found[0]
-        for other, other_rule in found[1:]:
-            if _place(other_rule) != _place(rule) or other.defaults != first.defaults:
-                raise UsageError(
-                    f"recipes {first.name!r} ({first.source}) and {other.name!r} ({other.source}) both take "
-                    f"{path or 'the model'} ({cp}) with different places or settings; keep one (--recipe NAME)"
-                )
+        places: dict[tuple[object, ...], tuple[Recipe, BlockRule]] = {}
+        for recipe, rule in found:
+            key = (resolve_child(module, rule.anchor) if not rule.anchor.startswith("%") else rule.anchor,
+                   rule.position, rule.slot)
+            if key not in places:
+                places[key] = (recipe, rule)
+            elif (places[key][1].name, places[key][0].defaults) != (rule.name, recipe.defaults):
+                _conflict(places[key][0], recipe, path, cp, "the same place with different settings")
         taken.append(path)
-        yield path, module, first, rule, ""
+        yield from _places(path, module, list(places.values()))
     pattern_rules = [(recipe, rule) for recipe in recipes for rule in recipe.patterns]
     if pattern_rules:
         yield from _structural(model, pattern_rules, taken)
 
 
-def _place(rule: BlockRule) -> tuple[object, ...]:
-    return (rule.anchor, rule.position, rule.slot, rule.name, rule.require)
+def _conflict(first: Recipe, other: Recipe, path: str, cp: str, how: str) -> None:
+    raise UsageError(f"recipes {first.name!r} ({first.source}) and {other.name!r} ({other.source}) both take "
+                     f"{path or 'the model'} ({cp}) at {how}; keep one (--recipe NAME)")
+
+
+def _places(path: str, block: nn.Module, found: list[tuple[Recipe, BlockRule]]) -> Iterator[Candidate]:
+    """One block's candidates. Several places in one block (e.g. one recipe file per child of a VGG `features`
+    Sequential): each SE goes into its anchor child's own forward, on the child's output ("after") or input
+    ("before"): the same tensor as at the anchor in the block, and the places cannot collide on a module name. At
+    most one place, the block's own output, a slot or a graph node, stays with the block."""
+    if len(found) == 1 or find_attention(block) is not None:  # attention already: find_sites records the skip
+        recipe, rule = found[0]
+        yield path, block, recipe, rule, ""
+        return
+    children: dict[str, Recipe] = {}
+    own: tuple[Recipe, BlockRule] | None = None
+    for recipe, rule in found:
+        anchor = resolve_child(block, rule.anchor) if not rule.anchor.startswith("%") else None
+        if rule.slot is not None or not anchor:  # no child to move into (or none by that name: reported as such)
+            if own is not None:
+                _conflict(own[0], recipe, path, class_path(block), "places that cannot be combined in one block")
+            own = recipe, rule
+            continue
+        if anchor in children:
+            _conflict(children[anchor], recipe, path, class_path(block), f"both sides of its child {anchor!r}")
+        children[anchor] = recipe
+        child = block.get_submodule(anchor)
+        require = tuple(r for r in rule.require if r == "pointwise")  # the block-level requirements were met
+        yield (f"{path}.{anchor}" if path else anchor, child, recipe,
+               BlockRule((class_path(child),), ".", rule.position, None, rule.name, require), "")
+    if own is not None:
+        yield path, block, *own, ""
 
 
 def _inside(path: str, prefixes: Iterable[str]) -> bool:

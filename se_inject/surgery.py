@@ -17,9 +17,11 @@ computes: a residual addition right after it is done in the same pass as its sca
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import linecache
 import operator
+import types
 import typing
 from contextlib import nullcontext
 from typing import Any, Optional
@@ -237,7 +239,14 @@ def _trace(block: nn.Module, anchor: str, path: str, fixed: dict[str, Any]) -> t
 
 def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
     """Swap `block`'s class for a subclass whose forward also calls `module` (added as child ``site.name``)."""
-    graph = _trace(block, site.anchor, site.path, site.fixed_args)
+    try:
+        graph = _trace(block, site.anchor, site.path, site.fixed_args)
+    except SurgeryError:
+        if site.anchor or site.fixed_args or not _wrappable(type(block)):
+            raise
+        block.add_module(site.name, module)  # SE on the output (input) of a forward fx cannot trace (BatchNorm2d)
+        block.__class__ = _wrapped_class(type(block), site.name, site.position)
+        return
     if site.anchor.startswith("%"):  # a graph node of a structural match (see se_inject.patterns.Place)
         calls = [n for n in graph.nodes if n.name == site.anchor[1:]]
         if len(calls) != 1:
@@ -252,7 +261,13 @@ def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
         anchor = next(n for n in graph.nodes if n.op == "output")
         if not isinstance(anchor.args[0], torch.fx.Node):
             raise SurgeryError(f"{site.path}: the block returns a {type(anchor.args[0]).__name__}, not one tensor")
-    if site.position == "after" and site.anchor:
+    if site.position == "before" and not site.anchor:  # on the block's input (its first argument)
+        source = next(n for n in graph.nodes if n.op == "placeholder")
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last):
+            call = graph.call_module(site.name, (source,))
+        source.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+    elif site.position == "after" and site.anchor:
         with graph.inserting_after(anchor):
             call = graph.call_module(site.name, (anchor,))
         anchor.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
@@ -363,4 +378,38 @@ def _rewritten_class(cls: type, graph: torch.fx.Graph) -> type:
             (cls,),
             {"forward": namespace["forward"], "__se_inject_base__": base, "__module__": __name__},
         )
+    return _classes[key]
+
+
+def _wrappable(cls: type) -> bool:
+    """Whether `cls.forward` takes plain parameters only (a wrapper's forward can then repeat its signature)."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and all(p.kind is p.POSITIONAL_OR_KEYWORD and p.name.isidentifier() for p in params)
+
+
+def _wrapped_class(cls: type, name: str, position: str) -> type:
+    """A subclass of `cls` whose forward calls the module `name` on the output (`position` "after") or the first
+    input ("before") of the class's own forward, kept as method ``se_inject_forward`` so TorchScript compiles it."""
+    key = (cls, f"wrap {name} {position}")
+    if key not in _classes:
+        base = getattr(cls, "__se_inject_base__", cls)
+        params = list(inspect.signature(cls.forward).parameters)[1:]
+        args = ", ".join(params)
+        call = (f"self.{name}(self.se_inject_forward({args}))" if position == "after"
+                else f"self.se_inject_forward(self.{name}({params[0]}){''.join(f', {p}' for p in params[1:])})")
+        src = f"def forward(self, {args}):\n    return {call}\n"
+        filename = f"<se-inject {base.__qualname__} #{next(_counter)}>"
+        linecache.cache[filename] = (len(src), None, src.splitlines(keepends=True), filename)
+        namespace: dict[str, Any] = {}
+        exec(compile(src, filename, "exec"), namespace)
+        forward, inner = namespace["forward"], cls.forward
+        forward.__annotations__ = dict(inner.__annotations__)
+        renamed = types.FunctionType(inner.__code__, inner.__globals__, "se_inject_forward", inner.__defaults__,
+                                     inner.__closure__)  # TorchScript compiles a method under its function's name
+        renamed.__annotations__, renamed.__qualname__ = inner.__annotations__, inner.__qualname__
+        _classes[key] = type(base.__name__, (cls,), {"forward": forward, "se_inject_forward": renamed,
+                                                     "__se_inject_base__": base, "__module__": __name__})
     return _classes[key]

@@ -82,13 +82,60 @@ def test_the_same_place_twice_is_one_site(tmp_path):
 
 
 def test_conflicting_recipes_are_a_usage_error_naming_both(tmp_path):
-    files = [_recipe_file(tmp_path, "one", BASIC, "bn2"), _recipe_file(tmp_path, "two", BASIC, "bn1")]
-    with pytest.raises(UsageError, match=r"'one'.*'two'"):
+    files = [_recipe_file(tmp_path, "one", BASIC, "bn2"), _recipe_file(tmp_path, "two", BASIC, "bn2", reduction=4)]
+    with pytest.raises(UsageError, match=r"'one'.*'two'.*same place with different settings"):
         se_inject.inject("torchvision:resnet18", device="meta", seed=0, recipe_files=files)
     options = [a for f in files for a in ("--recipe-file", str(f))]
     result = runner.invoke(app, ["torchvision:resnet18", "--dry-run", *options])
     assert result.exit_code == 2
     assert "one" in result.stderr and "two" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_recipes_at_different_places_of_one_block_are_each_applied(tmp_path):
+    files = [_recipe_file(tmp_path, "one", BASIC, "bn2"), _recipe_file(tmp_path, "two", BASIC, "bn1")]
+    model = torchvision.models.resnet18().eval()
+    injected, report = se_inject.inject(model, seed=0, recipe_files=files, input_size=32, init="identity")
+    blocks = [p for p, m in model.named_modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+    assert {(s.path, s.recipe) for s in report.plan.sites} == {
+        *((f"{b}.bn2", "one") for b in blocks), *((f"{b}.bn1", "two") for b in blocks)}
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(injected.eval()(x), model(x), rtol=0, atol=0)  # identity SE: the same model
+    keys = set(injected.state_dict())
+    assert set(model.state_dict()) <= keys and f"{blocks[0]}.bn1.se.fc1.weight" in keys
+    torch.nn.init.normal_(injected.get_submodule(f"{blocks[0]}.bn1.se.fc2.weight".rsplit(".", 1)[0]).weight)
+    # BatchNorm2d's forward cannot be traced by fx: the SE wraps it, and TorchScript still compiles the model
+    scripted = torch.jit.script(injected)
+    torch.testing.assert_close(scripted(x), injected(x))
+    assert not torch.equal(injected(x), model(x))
+
+
+def test_one_recipe_file_per_child_of_a_sequential_gives_one_se_each(tmp_path):
+    """The issue's example: 13 recipe files, each naming one ReLU of VGG-16's `features`: 13 SE, the same as the
+    shipped conv-chain recipe; a `before` place takes the input of the child."""
+    features = torchvision.models.vgg16_bn().features
+    relus = [i for i, layer in enumerate(features) if isinstance(layer, torch.nn.ReLU)]
+    files = [_recipe_file(tmp_path, f"relu{k}", "torchvision.models.vgg.VGG", f"features.{i}")
+             for k, i in enumerate(relus)]
+    _, report = se_inject.inject("torchvision:vgg16_bn", device="meta", seed=0, recipe_files=files,
+                                 recipe=[f"relu{k}" for k in range(len(relus))])
+    _, shipped = se_inject.inject("torchvision:vgg16_bn", device="meta", seed=0, recipe="vgg")
+    assert len(relus) == 13 and [s.recipe for s in report.plan.sites] == [f"relu{k}" for k in range(13)]
+    assert [(s.path, s.channels, s.squeeze_channels) for s in report.plan.sites] == [
+        (s.path, s.channels, s.squeeze_channels) for s in shipped.plan.sites]
+    before = tmp_path / "before.toml"
+    before.write_text('name = "before"\n[[blocks]]\nclasses = ["torchvision.models.vgg.VGG"]\nbefore = "features.3"\n')
+    _, report = se_inject.inject("torchvision:vgg16_bn", device="meta", seed=0, recipe_files=[before, *files[:2]],
+                                 recipe=["before", "relu0", "relu1"])
+    assert [(s.path, s.position) for s in report.plan.sites] == [
+        ("features.2", "after"), ("features.3", "before"), ("features.5", "after")]
+
+
+def test_two_recipes_around_one_child_conflict(tmp_path):
+    after = _recipe_file(tmp_path, "after", BASIC, "bn1")
+    before = tmp_path / "before.toml"
+    before.write_text(f'name = "before"\n[[blocks]]\nclasses = ["{BASIC}"]\nbefore = "bn1"\n')
+    with pytest.raises(UsageError, match=r"'after'.*'before'.*both sides of its child 'bn1'"):
+        se_inject.inject("torchvision:resnet18", device="meta", seed=0, recipe_files=[after, before])
 
 
 def test_a_recipe_file_takes_its_blocks_from_the_shipped_recipe(tmp_path):
