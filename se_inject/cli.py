@@ -482,6 +482,7 @@ def print_recipes(*, as_json: bool) -> None:
             place = f"{rule.position} {rule.anchor}" + (f" (fills `{rule.slot}`)" if rule.slot else "")
             when = "".join(f", where {attr} = {value!r}" for attr, value in rule.when)
             when += "".join(f", {_REQUIREMENT_TEXT.get(req, 'requires ' + req)}" for req in rule.require)
+            when += "".join([*(f", within {g}" for g in rule.within), *(f", not within {g}" for g in rule.not_within)])
             for c in rule.classes:
                 typer.echo(f"  {c}: {place}{when}")
         for p in r.patterns:

@@ -119,9 +119,9 @@ def _shipped(recipe: Recipe) -> bool:
 Candidate = tuple[str, nn.Module, Recipe, BlockRule, str]  # path, block, recipe, rule, pattern ("" for classes)
 
 
-def _rule_for(recipe: Recipe, cp: str, module: nn.Module) -> BlockRule | None:
+def _rule_for(recipe: Recipe, cp: str, module: nn.Module, ancestors: tuple[str, ...]) -> BlockRule | None:
     return next((rule for rule in recipe.blocks if cp in rule.classes and rule.applies_to(module)
-                 and _block_requirements_met(module, rule.require)), None)
+                 and rule.in_scope(ancestors) and _block_requirements_met(module, rule.require)), None)
 
 
 def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[Candidate]:
@@ -132,9 +132,11 @@ def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[Candidate]:
     SE at the same place are one site if their settings agree, and a conflict (UsageError naming both) if not;
     recipes putting SE at different places are each applied (see `_places`)."""
     taken: list[str] = []
+    classes = {path: class_path(m) for path, m in model.named_modules()}
     for path, module in model.named_modules():
-        cp = class_path(module)
-        found = [(recipe, rule) for recipe in recipes if (rule := _rule_for(recipe, cp, module)) is not None]
+        cp = classes[path]
+        ancestors = _ancestors(path, classes)
+        found = [(recipe, rule) for recipe in recipes if (rule := _rule_for(recipe, cp, module, ancestors)) is not None]
         if not found:
             continue
         if any(not _shipped(recipe) for recipe, _ in found):
@@ -151,7 +153,15 @@ def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[Candidate]:
         yield from _places(path, module, list(places.values()))
     pattern_rules = [(recipe, rule) for recipe in recipes for rule in recipe.patterns]
     if pattern_rules:
-        yield from _structural(model, pattern_rules, taken)
+        yield from _structural(model, pattern_rules, taken, classes)
+
+
+def _ancestors(path: str, classes: dict[str, str]) -> tuple[str, ...]:
+    """Class paths of the module's ancestors, the model first."""
+    if not path:
+        return ()
+    parts = path.split(".")
+    return tuple(classes[".".join(parts[:i])] for i in range(len(parts)))
 
 
 def _conflict(first: Recipe, other: Recipe, path: str, cp: str, how: str) -> None:
@@ -192,18 +202,18 @@ def _inside(path: str, prefixes: Iterable[str]) -> bool:
     return any(path == p or path.startswith(f"{p}.") or not p for p in prefixes)
 
 
-def _structural(model: nn.Module, rules: list[tuple[Recipe, PatternRule]], taken: list[str]) -> Iterator[Candidate]:
+def _structural(
+    model: nn.Module, rules: list[tuple[Recipe, PatternRule]], taken: list[str], classes: dict[str, str]
+) -> Iterator[Candidate]:
     from .patterns import conv_chain, match_block
 
     above = {".".join(p.split(".")[:i]) for p in taken for i in range(len(p.split(".")))}  # ancestors of taken
-    classes = {path: class_path(m) for path, m in model.named_modules()}
     matched: list[str] = []
     for path, module in model.named_modules():
         if not path or path in above or _inside(path, taken) or _inside(path, matched):
             continue
         cp = classes[path]
-        parts = path.split(".")
-        ancestors = tuple(classes[".".join(parts[:i])] for i in range(len(parts)))
+        ancestors = _ancestors(path, classes)
         for recipe, rule in rules:
             if not rule.accepts(cp, ancestors):
                 continue

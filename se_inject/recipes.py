@@ -6,7 +6,9 @@ A recipe never runs code. It names block classes by full class path and, for eac
 - ``before = "conv.-2"``: SE takes the input of that child (path parts may be negative indexes into a Sequential);
 - ``slot = "se"`` (optional): the block's own forward already calls ``self.se`` at that place (timm's attention slot),
   so the slot is filled instead of rewriting the forward. ``after``/``before`` then only tells where to measure the
-  feature map; without them the slot must hold a module (e.g. ``nn.Identity``), whose input is measured.
+  feature map; without them the slot must hold a module (e.g. ``nn.Identity``), whose input is measured;
+- ``when``, ``require``, ``within``/``not_within`` (optional) narrow a rule to blocks with these attribute values,
+  this structure, or (fnmatch globs over class paths) under a model or ancestor of these classes.
 
 A ``[[patterns]]`` table names a structure instead of classes (see `se_inject.patterns`): ``pattern = "residual"``
 matches every block whose graph has that shape, optionally narrowed to classes or to models by fnmatch globs over
@@ -74,9 +76,16 @@ class BlockRule:
     name: str = "se"
     require: tuple[str, ...] = ()
     when: tuple[tuple[str, Any], ...] = ()  # (attribute, value): the block's attribute must equal the value
+    within: tuple[str, ...] = ()  # fnmatch globs: a class among the block's ancestors (the model included) must match
+    not_within: tuple[str, ...] = ()  # ... and none may
 
     def applies_to(self, block: Any) -> bool:
         return all(getattr(block, attr, _MISSING) == value for attr, value in self.when)
+
+    def in_scope(self, ancestors: tuple[str, ...]) -> bool:
+        """Whether a block under ancestors of these classes (outermost first) is in this rule's scope."""
+        return (not self.within or any(fnmatchcase(a, g) for a in ancestors for g in self.within)) and not any(
+            fnmatchcase(a, g) for a in ancestors for g in self.not_within)
 
 
 _MISSING = object()
@@ -137,6 +146,12 @@ class Recipe:
             "defaults": vars(self.defaults).copy(),
             "conventions": [{"models": list(c.models), **vars(c.defaults)} for c in self.conventions],
             "classes": list(self.classes),
+            "blocks": [
+                {"classes": list(b.classes), "anchor": b.anchor, "position": b.position, "slot": b.slot, "name": b.name,
+                 "require": list(b.require), "when": dict(b.when), "within": list(b.within),
+                 "not_within": list(b.not_within)}
+                for b in self.blocks
+            ],
             "patterns": [
                 {"pattern": p.pattern, "classes": list(p.classes), "within": list(p.within),
                  "not_within": list(p.not_within)}
@@ -199,8 +214,8 @@ def _parse_defaults(
 def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     where = f"blocks[{index}]"
     _expect(path, where, table, dict, "a table ([[blocks]])")
-    _check_keys(path, f"{where}.", table, {"classes", "after", "before", "slot", "name", "require", "when"},
-                {"classes"})
+    _check_keys(path, f"{where}.", table,
+                {"classes", "after", "before", "slot", "name", "require", "when", "within", "not_within"}, {"classes"})
     classes = _expect(path, f"{where}.classes", table["classes"], list, "a list of full class paths")
     if not classes:
         raise RecipeFileError(path, f"field '{where}.classes': expected at least one class path")
@@ -238,7 +253,10 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     for attr, value in when.items():
         if attribute_name_problem(attr) or not isinstance(value, (bool, int, float, str)):
             raise RecipeFileError(path, f"field '{where}.when': expected attribute = plain value, got {attr!r}")
-    return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require), tuple(sorted(when.items())))
+    within = _globs(path, f"{where}.within", table.get("within", []))
+    not_within = _globs(path, f"{where}.not_within", table.get("not_within", []))
+    return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require), tuple(sorted(when.items())),
+                     within, not_within)
 
 
 def _globs(path: str, where: str, value: Any) -> tuple[str, ...]:
@@ -269,6 +287,10 @@ def _parse_pattern(path: str, index: int, table: Any) -> PatternRule:
     return PatternRule(pattern, classes, within, not_within, name)
 
 
+def _scope(rule: BlockRule) -> tuple[object, ...]:
+    return rule.when, rule.require, rule.within, rule.not_within
+
+
 def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     """Validate a parsed recipe table; errors name the file, the field and what was expected."""
     allowed = {"name", "description", "reference", "defaults", "blocks", "conventions", "patterns"}
@@ -287,7 +309,7 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     seen: dict[tuple[str, tuple[str, ...]], int] = {}
     for i, rule in enumerate(rules):
         for c in rule.classes:
-            if c in seen and (rules[seen[c]].when, rules[seen[c]].require) == (rule.when, rule.require):
+            if c in seen and _scope(rules[seen[c]]) == _scope(rule):
                 raise RecipeFileError(source, f"field 'blocks[{i}].classes': {c!r} is already in blocks[{seen[c]}]")
             seen[c] = i
     defaults = _parse_defaults(source, data.get("defaults", {}))

@@ -155,3 +155,14 @@ def test_report_table_at_80_columns_keeps_every_cell():
     rows = [line.split() for line in lines if line.startswith("features.") and "x" in line]
     assert [row[:4] for row in rows] == [["features.1", "1", "16", "8"], ["features.2-3", "2", "64-72", "16-24"],
                                          ["features.7-10", "4", "184-240", "48-64"]]
+
+
+@pytest.mark.parametrize(("scope", "sites"), [("", 8), ('within = ["torchvision.models.resnet.*"]', 8),
+                                              ('within = ["timm.*"]', 0),
+                                              ('not_within = ["torchvision.models.resnet.ResNet"]', 0)])
+def test_a_class_rule_narrowed_to_models(tmp_path, scope, sites):
+    path = tmp_path / "scoped.toml"
+    path.write_text(f'name = "scoped"\n[[blocks]]\nclasses = ["{BASIC}"]\nafter = "bn2"\n{scope}\n')
+    recipes = resolve_recipes("scoped", (path,))
+    findings = find_sites(torchvision.models.resnet18().to("meta"), recipes, (3, 32, 32))
+    assert len(findings.matches) == sites

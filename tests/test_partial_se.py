@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import timm
+import torch
 import torchvision
 from typer.testing import CliRunner
 
@@ -40,6 +42,22 @@ def test_fill_adds_se_only_where_it_is_missing():
     assert data["already_attention"] == has
     # every block without SE gets one, except where the recipe finds no 1x1 projection (none in this model)
     assert [s["path"] for s in data["sites"]] == lacks
+
+
+def test_fill_follows_lcnets_own_place_and_width():
+    """LCNet's own SE sits after the depthwise conv (timm's `se` slot), squeezing the block's channels / 4 to a
+    multiple of 8; the blocks LCNet leaves without SE get the same (not SE-MobileNet's place on the block output)."""
+    from timm.layers import make_divisible
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+
+    model = timm.create_model("lcnet_050")
+    blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, DepthwiseSeparableConv)]
+    lacks = [(p, m.conv_dw.out_channels) for p, m in blocks if isinstance(m.se, torch.nn.Identity)]
+    own = [m.se.conv_reduce for _, m in blocks if not isinstance(m.se, torch.nn.Identity)]
+    assert lacks and own and all(c.out_channels == make_divisible(c.in_channels / 4, 8) for c in own)
+    _, report = se_inject.inject("lcnet_050", device="meta", seed=0, fill=True)
+    assert [(s.path, s.slot, s.channels, s.squeeze_channels) for s in report.plan.sites] == [
+        (p, "se", c, make_divisible(c / 4, 8)) for p, c in lacks]
 
 
 def test_cli_fill(tmp_path):

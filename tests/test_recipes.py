@@ -67,6 +67,8 @@ def test_valid_file_loads(tmp_path):
         (VALID.replace('after = "bn"', "after = 1"), "blocks[0].after"),
         (VALID.replace('after = "bn"', 'after = "bn"\nslot = "se"\nname = "attn"'), "blocks[0].name"),
         (VALID.replace('after = "bn"', 'after = "bn"\nrequire = ["magic"]'), "blocks[0].require"),
+        (VALID.replace('after = "bn"', 'after = "bn"\nwithin = "mypkg.Net"'), "blocks[0].within"),
+        (VALID.replace('after = "bn"', 'after = "bn"\nnot_within = ["a b"]'), "blocks[0].not_within"),
         ("name = 'toy'\nblocks = []\n", "'blocks'"),
         ("description = 'no name'\n", "missing field"),
     ],
