@@ -14,12 +14,12 @@ fails is refused with the reason.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import itertools
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -174,14 +174,30 @@ def record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
 
 
 def block_config(block: nn.Module) -> tuple[Any, ...]:
-    """What a block's computation depends on besides its weights: every submodule's path, class and settings."""
+    """What a block's computation depends on besides its weights: every submodule's path, class and settings.
+
+    The block's own settings count exactly; its descendants' float settings (a drop-path rate, a norm's eps) only
+    by kind (zero, one, positive, negative, nan): the rewrite calls children as they are, so their exact values
+    cannot decide whether it is equivalent, only whether a child may hand back its input (a rate of 0). Blocks of
+    one stage with stochastic-depth rates rising block by block are then checked once, not once each."""
     return tuple(
-        (path, class_path(m), m.extra_repr(), tuple(
-            (k, v) for k, v in sorted(vars(m).items())
+        (path, class_path(m), _coarse_floats(m.extra_repr()) if path else m.extra_repr(), tuple(
+            (k, _float_kind(v) if path and isinstance(v, float) else v) for k, v in sorted(vars(m).items())
             if not k.startswith("_") and k != "training" and isinstance(v, FIXED_TYPES)
         ))
         for path, m in block.named_modules()
     )
+
+
+_FLOAT = re.compile(r"(?<![\w.])-?(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d+)?|(?<![\w.])-?\d+[eE][-+]?\d+")
+
+
+def _float_kind(value: float) -> str:
+    return "nan" if math.isnan(value) else "0" if value == 0 else "1" if value == 1 else "+" if value > 0 else "-"
+
+
+def _coarse_floats(text: str) -> str:
+    return _FLOAT.sub(lambda m: _float_kind(float(m.group())), text)
 
 
 def materialize(block: nn.Module) -> nn.Module:
@@ -190,18 +206,22 @@ def materialize(block: nn.Module) -> nn.Module:
     real = copy.deepcopy(block).to_empty(device="cpu").float()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        done: set[int] = set()  # parameters a module's own reset initialised (filling them first would be wasted)
+        for m in real.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset) and not list(m.children()) and not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                try:
+                    reset()
+                except Exception:  # a custom reset that needs more: its parameters get the uniform values
+                    continue
+                done.update(id(t) for t in m.parameters(recurse=False))
         for t in itertools.chain(real.parameters(), real.buffers()):
+            if id(t) in done:
+                continue
             if t.is_floating_point():
                 t.uniform_(0.5, 1.0)
             else:
                 t.zero_()
-        for m in real.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                continue
-            reset = getattr(m, "reset_parameters", None)
-            if callable(reset) and not list(m.children()):
-                with contextlib.suppress(Exception):  # a custom reset that needs more: keep the uniform values
-                    reset()
         for m in real.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.normal_(0, 0.1)

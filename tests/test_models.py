@@ -54,6 +54,21 @@ def test_parse_input_size_rejects(value):
         parse_input_size(value)
 
 
+@pytest.mark.parametrize("name", ["timm:test_vit", "timm:test_resnet", "torchvision:mobilenet_v2"])
+def test_meta_build_skips_the_init_but_not_the_structure(name):
+    """The meta build returns the weight init's in-place ops at once: names, shapes, dtypes and the parameter/buffer
+    split are those of a real build."""
+    spec = resolve_model(name)
+    meta, real = build_model(spec, device="meta"), build_model(spec)
+    def layout(model):
+        return [(k, tuple(v.shape), v.dtype, isinstance(v, torch.nn.Parameter), getattr(v, "requires_grad", False))
+                for k, v in [*model.named_parameters(), *model.named_buffers()]]
+    assert layout(meta) == layout(real) and all(t.is_meta for t in meta.state_dict().values())
+    with torch.device("meta"):  # outside the build, in-place ops on meta tensors behave as torch's
+        t = torch.empty(2, 3)
+    assert t.unsqueeze_(0).shape == (1, 2, 3)
+
+
 def test_meta_build_allocates_nothing():
     model = build_model(ModelSpec("timm", "resnet50"), device="meta")
     assert all(p.is_meta for p in model.parameters())

@@ -164,6 +164,21 @@ def test_one_check_per_block_configuration(monkeypatch):
     assert checks == ["layer1.0", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
 
 
+@pytest.mark.parametrize(("rates", "checks"), [((0.1, 0.2, 0.3), 1), ((0.0, 0.2, 0.3), 2)])
+def test_stochastic_depth_rates_do_not_multiply_checks(monkeypatch, rates, checks):
+    """Blocks differing only in a child's float setting (timm's rising drop-path rates) are checked once; a rate of
+    0 (the child may hand back its input) is another configuration."""
+    import timm
+
+    calls = []
+    check = se_inject.verify.check_site
+    monkeypatch.setattr(se_inject.verify, "check_site", lambda *a: calls.append(a[1].path) or check(*a))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), *(
+        timm.models.resnet.BasicBlock(32, 32, drop_path=timm.layers.DropPath(r) if r else None) for r in rates))
+    _, report = se_inject.inject(model, seed=0, input_size=16)
+    assert len(report.plan.sites) == 3 and len(calls) == checks
+
+
 def test_verification_leaves_the_users_model_alone():
     model = randomize_norm_stats(se_inject.models.build_model(se_inject.models.resolve_model("timm:test_resnet")))
     state = {k: v.clone() for k, v in model.state_dict().items()}
