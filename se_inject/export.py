@@ -240,7 +240,7 @@ def timm_architecture(plan: Plan) -> str | None:
     """
     import timm
 
-    from .models import build_model
+    from .models import ModelSpec, build_model
     from .surgery import apply_plan
 
     if plan.model is None or not plan.sites:
@@ -251,8 +251,7 @@ def timm_architecture(plan: Plan) -> str | None:
     candidate = f"{kinds.pop()}{plan.model.name.split('.', 1)[0]}"
     if not timm.is_model(candidate):
         return None
-    with torch.device("meta"):
-        reference = timm.create_model(candidate)
+    reference = build_model(ModelSpec("timm", candidate), device="meta")
     ours = apply_plan(build_model(plan.model, device="meta"), plan, inplace=True)  # cheaper than copying `model`
     shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     if {k: tuple(v.shape) for k, v in reference.state_dict().items()} != shapes:
