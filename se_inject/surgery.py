@@ -23,6 +23,7 @@ import linecache
 import operator
 import types
 import typing
+from collections.abc import Iterable
 from contextlib import nullcontext
 from typing import Any, Optional
 
@@ -109,12 +110,7 @@ def _slot_rewrite(block: nn.Module, slot: str, fixed: dict[str, Any]) -> tuple[b
     and the fused class for the block, if fusing changes anything. Traced once per block class, configuration
     (its scalar attributes and its children's types and settings) and fixed arguments: the forward's graph depends
     only on these."""
-    config = tuple(
-        (name, type(value).__name__, value.extra_repr()) if isinstance(value, nn.Module) else (name, value)
-        for name, value in sorted({**vars(block), **block._modules}.items())
-        if not name.startswith("_") and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
-    )
-    key = (type(block), slot, config, tuple(sorted(fixed.items())))
+    key = (graph_key(block), slot, tuple(sorted(fixed.items())))
     if key not in _slot_rewrites:
         try:
             graph, consistent = _trace_modes(block, set(), fixed)
@@ -126,6 +122,21 @@ def _slot_rewrite(block: nn.Module, slot: str, fixed: dict[str, Any]) -> tuple[b
             fused = consistent and len(calls) == 1 and _fuse(graph, block, slot)
             _slot_rewrites[key] = (inplace, _rewritten_class(type(block), graph) if fused else None)
     return _slot_rewrites[key]
+
+
+def graph_key(block: nn.Module, open_paths: Iterable[str] = ()) -> tuple[Any, ...]:
+    """What the block's traced graph depends on (children opaque): its class, its own scalar attributes, its
+    children's classes and settings, and the same for each container traced through (`open_paths`)."""
+
+    def own(module: nn.Module) -> tuple[Any, ...]:
+        return tuple(
+            (name, class_path(value), value.extra_repr()) if isinstance(value, nn.Module) else (name, value)
+            for name, value in sorted({**vars(module), **module._modules}.items())
+            if not name.startswith("_") and name != "training"  # traced in both modes (`_trace_modes`)
+            and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
+        )
+
+    return type(block), own(block), *((path, own(block.get_submodule(path))) for path in sorted(open_paths))
 
 
 def _only_reader(call: torch.fx.Node, block: nn.Module) -> bool:
@@ -223,9 +234,14 @@ def _trace_modes(
     return graphs[0], train_code == eval_code
 
 
-def _trace(block: nn.Module, anchor: str, path: str, fixed: dict[str, Any]) -> torch.fx.Graph:
+def _open_paths(anchor: str) -> set[str]:
+    """The containers on the way to a nested anchor (``"conv.1"`` -> ``{"conv"}``): traced through, not opaque."""
     parts = anchor.split(".") if anchor and not anchor.startswith("%") else []
-    open_paths = {".".join(parts[:i]) for i in range(1, len(parts))}
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def _trace(block: nn.Module, anchor: str, path: str, fixed: dict[str, Any]) -> torch.fx.Graph:
+    open_paths = _open_paths(anchor)
     try:
         graph, consistent = _trace_modes(block, open_paths, fixed)
     except Exception as e:
@@ -238,7 +254,17 @@ def _trace(block: nn.Module, anchor: str, path: str, fixed: dict[str, Any]) -> t
 
 
 def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
-    """Swap `block`'s class for a subclass whose forward also calls `module` (added as child ``site.name``)."""
+    """Swap `block`'s class for a subclass whose forward also calls `module` (added as child ``site.name``).
+
+    The rewritten class is computed once per block configuration (`graph_key`), site place and module kind: blocks
+    alike (a stage's repeated blocks) take the class of the first without being traced again."""
+    key = (graph_key(block, _open_paths(site.anchor)), site.anchor, site.position, site.name,
+           tuple(sorted(site.fixed_args.items())), type(module), getattr(module, "fusable", False))
+    if key in _rewrites:
+        cls, module.scale_inplace = _rewrites[key]
+        block.add_module(site.name, module)
+        block.__class__ = cls
+        return
     try:
         graph = _trace(block, site.anchor, site.path, site.fixed_args)
     except SurgeryError:
@@ -280,7 +306,12 @@ def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
     module.scale_inplace = _only_reader(call, block)
     _fuse(graph, block, site.name)
     graph.lint()
-    block.__class__ = _rewritten_class(type(block), graph)
+    cls = _rewritten_class(type(block), graph)
+    _rewrites[key] = cls, module.scale_inplace
+    block.__class__ = cls
+
+
+_rewrites: dict[tuple[Any, ...], tuple[type, bool]] = {}
 
 
 # --- fusing the block around the attention module -----------------------------------------------------------------

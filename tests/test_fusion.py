@@ -138,3 +138,25 @@ def test_only_plain_1x1_conv_and_norm_chains_pass_a_squeeze():
     sources = {name: "".join(linecache.getlines(c.co_filename)) for name, c in code.items()}
     assert "squeeze_through" not in sources["layer1.0"] and "residual = " in sources["layer1.0"]
     assert "squeeze_through" in sources["layer1.1"]
+
+
+def test_blocks_alike_are_traced_once(tmp_path, monkeypatch):
+    """The rewritten class is reused for blocks of the same configuration; a block configured differently (here a
+    downsampling one) is traced for itself."""
+    import torchvision
+
+    import se_inject.surgery
+
+    traced = []
+    trace = se_inject.surgery._trace
+    monkeypatch.setattr(se_inject.surgery, "_rewrites", {})
+    monkeypatch.setattr(se_inject.surgery, "_trace", lambda block, *a: traced.append(block) or trace(block, *a))
+    recipe = tmp_path / "basic.toml"
+    recipe.write_text('name = "basic"\n[[blocks]]\nclasses = ["torchvision.models.resnet.BasicBlock"]\nafter = "bn2"\n')
+    down = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, stride=2), torch.nn.BatchNorm2d(32))
+    blocks = [torchvision.models.resnet.BasicBlock(16, 16) for _ in range(3)]
+    stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+    model = torch.nn.Sequential(stem, *blocks, torchvision.models.resnet.BasicBlock(16, 32, 2, down)).eval()
+    injected, report = se_inject.inject(model, recipe_files=[recipe], recipe="basic", input_size=16, seed=0)
+    assert len(report.plan.sites) == 4 and len(traced) == 2
+    assert len({type(injected[i]) for i in range(1, 5)}) == 2 and type(injected[1]) is type(injected[3])

@@ -125,6 +125,7 @@ def test_a_rewrite_that_drops_the_shortcut_is_refused(tmp_path, monkeypatch):
     # The old tracing, which ignored the arguments the parent passes: the shortcut branch is frozen the wrong way.
     monkeypatch.setattr(se_inject.surgery, "_trace_modes", lambda block, paths, fixed=None: trace(block, paths))
     monkeypatch.setattr(se_inject.surgery, "_slot_rewrites", {})
+    monkeypatch.setattr(se_inject.surgery, "_rewrites", {})
     model = randomize_norm_stats(Net([("dla", {"shortcut": "tensor"}), ("dla", {})]))
     injected, report = _inject(model, _recipe(tmp_path, {DlaBlock: "bn2"}))
     assert [s.path for s in report.plan.sites] == ["blocks.0"]
