@@ -211,7 +211,19 @@ def _trace_modes(
 ) -> tuple[torch.fx.Graph, bool]:
     """The block's graph, and whether it is the same in training and eval mode (the forward does not branch on
     ``self.training``). Arguments in `fixed` are specialised on (torch.fx ``concrete_args``: the graph asserts their
-    value) and keep their names. Raises what tracing raises."""
+    value) and keep their names, except integers where the trace does not need them: sizes such as XCiT's
+    ``forward(x, H, W)`` stay arguments, so the model keeps running at any input size. Raises what tracing raises."""
+    fixed = fixed or {}
+    sizes = {name for name, value in fixed.items() if type(value) is int}
+    if sizes:
+        try:
+            return _trace_both(block, open_paths, {k: v for k, v in fixed.items() if k not in sizes})
+        except Exception:  # the forward branches on them (or needs them concrete): specialise on them too
+            pass
+    return _trace_both(block, open_paths, fixed)
+
+
+def _trace_both(block: nn.Module, open_paths: set[str], fixed: dict[str, Any]) -> tuple[torch.fx.Graph, bool]:
     modes = [m.training for m in block.modules()]
     try:
         graphs = []
@@ -219,11 +231,13 @@ def _trace_modes(
             block.train(training)
             graph = _BlockTracer(open_paths).trace(block, concrete_args=dict(fixed) if fixed else None)
             renamed = {f"{name}_1": name for name in fixed or ()}
-            hints = _type_hints(type(block).forward) if fixed else {}
+            hints = _type_hints(type(block).forward)
             for node in graph.nodes:  # torch.fx names a specialised parameter `name_1`; callers may pass `name=`
                 if node.op == "placeholder" and node.target in renamed:
                     node.target = renamed[node.target]
                     node.type = hints.get(node.target)  # fx drops a specialised parameter's annotation
+                elif node.op == "placeholder" and isinstance(node.type, str):  # a postponed annotation ("int")
+                    node.type = hints.get(str(node.target).lstrip("*"))
                 elif node.op == "call_function" and node.target is _FX_ASSERT_IS_NONE:
                     node.target = assert_is_none  # the same guard, in a form TorchScript compiles
             graphs.append(graph)

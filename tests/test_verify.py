@@ -155,6 +155,60 @@ def test_block_returning_a_tuple(tmp_path):
         _inject(model, _recipe(tmp_path, {TupleBlock: "."}))
 
 
+class TokenBlock(nn.Module):
+    """XCiT's LPI: tokens in, ``forward(x, H, W)`` reshapes them to a map with the sizes its parent passes."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x, H: int, W: int):
+        B, N, C = x.shape
+        out = self.bn(self.conv(x.permute(0, 2, 1).reshape(B, C, H, W)))
+        return out.reshape(B, C, N).permute(0, 2, 1)
+
+
+class BranchOnSize(TokenBlock):
+    def forward(self, x, H: int, W: int):
+        if H > 1:  # a branch on the size: tracing must specialise on it
+            x = x * 2
+        return super().forward(x, H, W)
+
+
+class TokenNet(nn.Module):
+    def __init__(self, block: type, channels: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 4, stride=4)
+        self.blocks = nn.ModuleList(block(channels) for _ in range(2))
+
+    def forward(self, x):
+        x = self.stem(x)
+        H, W = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = x + block(x, H, W)
+        return x.mean(1)
+
+
+def test_size_arguments_stay_arguments_unless_the_forward_branches_on_them(tmp_path):
+    model = TokenNet(TokenBlock).eval()
+    injected, report = _inject(model, _recipe(tmp_path, {TokenBlock: "bn"}))
+    assert len(report.plan.sites) == 2 and report.plan.sites[0].fixed_args == {"H": 4, "W": 4}
+    for size in ((16, 16), (32, 48)):  # runs at any input size, as the base model does
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(injected(x), model(x), rtol=0, atol=0)
+    scripted = torch.jit.script(injected)
+    torch.testing.assert_close(scripted(torch.randn(1, 3, 24, 40)).shape, torch.Size([1, 8]))
+    branching = TokenNet(BranchOnSize).eval()
+    injected, report = _inject(branching, _recipe(tmp_path, {BranchOnSize: "bn"}))
+    assert len(report.plan.sites) == 2
+    _assert_identity(branching, injected)
+    with pytest.raises(Exception, match="specialized"):  # another size fails loudly, never takes another branch
+        injected(torch.randn(1, 3, 32, 32))
+
+
 def test_one_check_per_block_configuration(monkeypatch):
     checks = []
     check = se_inject.verify.check_site
