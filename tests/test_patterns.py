@@ -12,6 +12,7 @@ from torch import nn
 
 import se_inject
 from se_inject import RecipeFileError, load_recipe_file
+from se_inject.models import build_model, resolve_model
 from se_inject.patterns import conv_chain, match_block, trace_block
 from se_inject.surgery import apply_plan
 
@@ -306,6 +307,22 @@ def test_architecture_category_of_models_without_sites():
     assert architecture_category(patchify) == "MLP"
     assert architecture_category(nn.Sequential(patchify, nn.MultiheadAttention(16, 2))) == "transformer"
     assert architecture_category(nn.Sequential(cnn, nn.MultiheadAttention(16, 2))) == "hybrid"
+
+    class ConvPosEnc(nn.Module):  # DaViT's: a depthwise conv added to the tokens, not a convolutional block
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+
+    class PoolingAttention(nn.Module):  # MViTv2's: convolutions pool queries and keys
+        def __init__(self):
+            super().__init__()
+            self.pool_q = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
+
+    encodings = nn.Sequential(patchify, *[nn.Sequential(ConvPosEnc(), PoolingAttention()) for _ in range(6)])
+    assert architecture_category(encodings) == "transformer"
+    assert architecture_category(nn.Sequential(encodings, cnn)) == "hybrid"
+    for name in ["timm:davit_tiny", "timm:mvitv2_tiny", "timm:convit_tiny", "timm:coat_lite_tiny"]:
+        assert architecture_category(build_model(resolve_model(name), device="meta")) == "transformer", name
 
 
 def test_structural_sites_save_and_load(tmp_path):
