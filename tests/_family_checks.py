@@ -11,12 +11,16 @@ from torch import nn
 import se_inject
 
 
-def assert_identity_reproduces(name: str, size: int, *, fill: bool = False) -> tuple[nn.Module, object]:
-    """Inject identity-initialised SE into a real (CPU, random-weight) timm model: every base key keeps its tensor
-    and the outputs are exactly the base model's. Returns ``(injected, report)``."""
-    model = randomize_norm_stats(timm.create_model(name)).eval()
+def assert_identity_reproduces(
+    name: str, size: int, *, fill: bool = False, attention: str = "se", **model_kwargs: object
+) -> tuple[nn.Module, object]:
+    """Inject identity-initialised SE into a real (CPU, random-weight) timm model (`model_kwargs` narrow its config,
+    e.g. fewer channels): every base key keeps its tensor and the outputs are exactly the base model's. Returns
+    ``(injected, report)``."""
+    model = randomize_norm_stats(timm.create_model(name, **model_kwargs)).eval()
     before = state_snapshot(model)
-    injected, report = se_inject.inject(model, seed=0, init="identity", input_size=size, fill=fill)
+    injected, report = se_inject.inject(model, seed=0, init="identity", input_size=size, fill=fill,
+                                       attention=attention)
     after = injected.state_dict()
     assert report.plan.sites
     assert all(k in after and torch.equal(after[k], v) for k, v in before.items())
@@ -28,9 +32,9 @@ def assert_identity_reproduces(name: str, size: int, *, fill: bool = False) -> t
     return injected, report
 
 
-def assert_scripts_and_exports(name: str, size: int, *, fill: bool = False) -> None:
+def assert_scripts_and_exports(name: str, size: int, *, fill: bool = False, **model_kwargs: object) -> None:
     """The injected model scripts (where the base model scripts) and exports, computing what eager mode does."""
-    model = timm.create_model(name).eval()
+    model = timm.create_model(name, **model_kwargs).eval()
     injected, _ = se_inject.inject(model, seed=0, input_size=size, fill=fill)
     x = torch.randn(1, 3, size, size)
     try:
