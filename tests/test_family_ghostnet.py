@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import timm
+import torch
 from _family_checks import assert_identity_reproduces, assert_scripts_and_exports
 from timm.models import ghostnet, repghost
 from torch import nn
@@ -64,3 +65,15 @@ def test_identity_init_reproduces_the_base_model(name):
 @pytest.mark.parametrize("name", ["ghostnet_050", "ghostnetv3_050", "repghostnet_050"])
 def test_script_and_export(name):
     assert_scripts_and_exports(name, 64, fill=True)
+
+
+@pytest.mark.slow
+def test_filled_none_slots_save_and_load(tmp_path):
+    """GhostNet v1's empty slot is None (not nn.Identity): the saved plan replays onto a fresh model exactly."""
+    model = timm.create_model("ghostnet_050").eval()
+    injected, report = se_inject.inject(model, seed=0, input_size=64, fill=True)
+    se_inject.save(injected, report.plan, tmp_path / "out", report=report.to_dict())
+    back = se_inject.load(tmp_path / "out", model=timm.create_model("ghostnet_050"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), injected.eval()(x))
