@@ -211,6 +211,7 @@ def make_plan(
                 f"no block to put SE in: all {already} matching blocks already have channel attention "
                 f"(e.g. {first.path or 'the model'}: {detail})",
                 "already-attention",
+                already,
             )
         tried = ", ".join(findings.recipes)
         if findings.skipped:
@@ -228,6 +229,7 @@ def make_plan(
             f"partial SE: {len(already)} matching blocks already have channel attention (e.g. {already[0].path}: "
             f"{detail}), {lacking} lack it, as the model's design has it; --fill (fill=True) adds SE to those",
             "partial-attention",
+            len(already),
         )
     if not kept:
         removed = ", ".join(m.path for m in findings.matches[:6]) + (", ..." if len(findings.matches) > 6 else "")

@@ -46,12 +46,14 @@ class NoSitesError(SEInjectError):
     `reason` is "no-match" (no block a recipe names), "already-attention" (every matching block has channel
     attention already), "partial-attention" (some have it, some lack it; ``fill`` adds SE to those), "ineligible"
     (matching blocks have no place for SE), "filtered" (the filters removed all) or "unverified" (every rewrite
-    failed its equivalence check, see `verify`).
+    failed its equivalence check, see `verify`). `existing`: how many matching blocks already have channel
+    attention.
     """
 
-    def __init__(self, message: str, reason: str = "no-match"):
+    def __init__(self, message: str, reason: str = "no-match", existing: int = 0):
         super().__init__(message)
         self.reason = reason
+        self.existing = existing
 
 
 class SurgeryError(SEInjectError):

@@ -105,7 +105,8 @@ def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
     except NoSitesError as e:
         status = "already-se" if e.reason == "already-attention" else "no-match"
         category = _category(name) if status == "no-match" else ""
-        return ScanRow(name, status, reason=str(e), seconds=time.perf_counter() - start, category=category)
+        return ScanRow(name, status, reason=str(e), seconds=time.perf_counter() - start, category=category,
+                       existing=e.existing)
     except _Timeout:
         return ScanRow(name, "error", reason=f"timed out after {timeout:g}s", seconds=time.perf_counter() - start)
     except SEInjectError as e:

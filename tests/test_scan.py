@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import timm
 from typer.testing import CliRunner
 
 from se_inject.cli import app
@@ -29,6 +30,8 @@ def test_scan_classifies_each_model():
                       "torchvision:mobilenet_v3_small": "partial-se"}
     partial = rows[3]
     assert partial.sites == 2 and partial.existing == 9  # what --fill would add; the blocks that have SE keep it
+    seresnet18 = timm.create_model("seresnet18")
+    assert rows[1].existing == sum(isinstance(m, timm.models.resnet.BasicBlock) for m in seresnet18.modules())
     assert summarize(rows) == {"models": 4, "covered": 1, "partial-se": 1, "already-se": 1, "no-match": 1,
                                "error": 0}
     assert rows[2].category == "transformer"  # a no-match says what kind of network it is
