@@ -196,11 +196,23 @@ def _branch_end(block: nn.Module, node: torch.fx.Node) -> torch.fx.Node | None:
             return node  # torchvision CNBlock: Sequential(..., Linear, Permute([0, 3, 1, 2]))
         return None
     if node.op == "call_method" and node.target == "permute" and tuple(node.args[1:]) == (0, 3, 1, 2):
-        source = node.args[0]
+        source = _skip_layer_scale(node.args[0])
         inner = _module(block, source) if isinstance(source, torch.fx.Node) else None
         if inner is not None and isinstance(_last_layer(inner), nn.Linear):
-            return node  # timm ConvNeXtBlock: mlp (channels-last) then permute back to NCHW
+            # timm ConvNeXtBlock: mlp (channels-last) then permute back to NCHW. Where the layer scale is applied
+            # channels-last, before the permute (EdgeNeXt's ConvBlock), the first NCHW map is after it: SE goes there.
+            return node
     return None
+
+
+def _skip_layer_scale(node: Any) -> Any:
+    """The tensor operand of ``gamma * x`` / ``x * gamma`` (a constant per-channel scale), else `node` itself."""
+    if isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") and len(node.args) == 2 \
+            and node.target in (*_MULS, "mul", "mul_"):
+        tensors = [a for a in node.args if not _is_constant(a)]
+        if len(tensors) == 1:
+            return tensors[0]
+    return node
 
 
 def _mlp_back_to_nchw(seq: nn.Sequential) -> bool:

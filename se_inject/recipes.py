@@ -7,8 +7,9 @@ A recipe never runs code. It names block classes by full class path and, for eac
 - ``slot = "se"`` (optional): the block's own forward already calls ``self.se`` at that place (timm's attention slot),
   so the slot is filled instead of rewriting the forward. ``after``/``before`` then only tells where to measure the
   feature map; without them the slot must hold a module (e.g. ``nn.Identity``), whose input is measured;
-- ``when``, ``require``, ``within``/``not_within`` (optional) narrow a rule to blocks with these attribute values,
-  this structure, or (fnmatch globs over class paths) under a model or ancestor of these classes.
+- ``when``, ``require``, ``within``/``not_within`` (optional) narrow a rule to blocks with these attribute values
+  (a child module or None by its class name: ``mixer = "Identity"``, ``token_mixer = "None"``), this structure,
+  or (fnmatch globs over class paths) under a model or ancestor of these classes.
 
 A ``[[patterns]]`` table names a structure instead of classes (see `se_inject.patterns`): ``pattern = "residual"``
 matches every block whose graph has that shape, optionally narrowed to classes or to models by fnmatch globs over
@@ -75,12 +76,12 @@ class BlockRule:
     slot: str | None = None
     name: str = "se"
     require: tuple[str, ...] = ()
-    when: tuple[tuple[str, Any], ...] = ()  # (attribute, value): the block's attribute must equal the value
+    when: tuple[tuple[str, Any], ...] = ()  # (attribute, value): the block's attribute equals (child: is named) it
     within: tuple[str, ...] = ()  # fnmatch globs: a class among the block's ancestors (the model included) must match
     not_within: tuple[str, ...] = ()  # ... and none may
 
     def applies_to(self, block: Any) -> bool:
-        return all(getattr(block, attr, _MISSING) == value for attr, value in self.when)
+        return all(_attribute_matches(getattr(block, attr, _MISSING), value) for attr, value in self.when)
 
     def in_scope(self, ancestors: tuple[str, ...]) -> bool:
         """Whether a block under ancestors of these classes (outermost first) is in this rule's scope."""
@@ -89,6 +90,17 @@ class BlockRule:
 
 
 _MISSING = object()
+_PLAIN = (bool, int, float, str)
+
+
+def _attribute_matches(actual: Any, value: Any) -> bool:
+    """A plain attribute equals `value`; a child module (or None) matches a string naming its class, "None" for
+    None: ``when = { mixer = "Identity" }`` picks the blocks built without a token mixer."""
+    if actual == value:
+        return True
+    if actual is _MISSING or isinstance(actual, _PLAIN) or not isinstance(value, str):
+        return False
+    return value == ("None" if actual is None else type(actual).__name__)
 
 
 @dataclass(frozen=True)
