@@ -93,9 +93,11 @@ class Call:
                 return leaf.kind
         return None
 
-    def build(self, batch: int, generator: torch.Generator, shrink: int = 1) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def build(
+        self, batch: int, generator: torch.Generator, shrink: int = 1, grow: int = 1
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Random inputs shaped like the recorded ones, with a batch dimension of 1 widened to `batch` and the
-        spatial dimensions of NCHW tensors divided by `shrink`."""
+        spatial dimensions of NCHW tensors divided by `shrink` (multiplied by `grow`)."""
         made: dict[int, torch.Tensor] = {}
 
         def make(value: Any) -> Any:
@@ -105,7 +107,7 @@ class Call:
                     if shape and shape[0] == 1:
                         shape[0] = batch
                     if len(shape) == 4:
-                        shape[2:] = [d // shrink for d in shape[2:]]
+                        shape[2:] = [d // shrink * grow for d in shape[2:]]
                     if value.dtype.is_floating_point:
                         made[value.alias] = torch.randn(shape, generator=generator, dtype=torch.float32)
                     else:
@@ -283,7 +285,7 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
     try:
         module = create_attention(replace(site.attention, gain=identity_gain(site.attention.gate)))
         init_attention(module, "identity")
-        work = _rewritable(work)
+        original_block, work = work, _rewritable(work)
         insert(work, site, module)
     except SEInjectError as e:
         return str(e).removeprefix(f"{site.path}: ")
@@ -304,6 +306,37 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
         for key, value in expected[2].items():
             if not torch.equal(got[2][key], value):
                 return f"the rewritten block updates {key} differently in {mode} mode"
+    return None if shrink > 1 else _layout_problem(original_block, work, module, call)
+
+
+def _layout_problem(original: nn.Module, work: nn.Module, module: nn.Module, call: Call) -> str | None:
+    """Whether the module takes an NCHW map: on inputs twice the recorded size, its input's dimension 1 (the
+    channels it was built for) must stay and dimensions 2 and 3 must double. A channels-last map (N, H, W, C), e.g.
+    a Linear layer's output, passes the check above where the inputs are not shrunk (on shrunk ones the module fails
+    outright); None also where the original block does not run at the other size (it cannot tell)."""
+    if not any(isinstance(leaf, TensorArg) and len(leaf.shape) == 4 for leaf in _leaves((call.args, call.kwargs))):
+        return None  # no map to grow (tokens and sizes in, as XCiT's LPI)
+    shapes: list[tuple[int, ...]] = []
+    try:
+        with torch.no_grad():
+            args, kwargs = call.build(2, torch.Generator().manual_seed(0), grow=2)
+            original.eval()(*_clone(args), **_clone(kwargs))
+    except Exception:
+        return None
+    handle = module.register_forward_pre_hook(lambda _m, a: shapes.append(tuple(a[0].shape)))
+    try:
+        with torch.no_grad():
+            for grow in (1, 2):
+                args, kwargs = call.build(2, torch.Generator().manual_seed(0), grow=grow)
+                work.eval()(*args, **kwargs)
+    except Exception as e:
+        return f"the map it would take is not NCHW: the module fails on inputs twice the size ({type(e).__name__})"
+    finally:
+        handle.remove()
+    if len(shapes) == 2 and len(shapes[0]) == 4:
+        small, large = shapes
+        if large[1] != small[1] or tuple(large[2:]) != tuple(2 * d for d in small[2:]):
+            return f"the map it would take is not NCHW: {small}, then {large} on inputs twice the size"
     return None
 
 

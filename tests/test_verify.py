@@ -271,3 +271,19 @@ def test_identity_init_reproduces_the_base_model_or_refuses(tmp_path):
     run()
     assert set(outcomes) <= {"injected", "refused: unverified", "refused: ineligible"}, outcomes
     assert outcomes["injected"] >= sum(outcomes.values()) // 2, outcomes
+
+
+def test_a_channels_last_map_is_refused_at_every_size(tmp_path):
+    """A recipe anchored on a Linear layer's output in a ConvNeXt block takes a channels-last (N, H, W, C) map. On
+    shrunk inputs the SE fails outright; where the map is not shrunk (7x7 in the last stage) the check on inputs
+    twice the size catches it: no stage keeps such a site."""
+    recipe = tmp_path / "cl.toml"
+    recipe.write_text('name = "cl"\n[[blocks]]\nclasses = ["timm.models.convnext.ConvNeXtBlock"]\nafter = "mlp"\n')
+    with pytest.raises(NoSitesError, match="failed its verification") as info:
+        se_inject.inject("timm:test_convnext", device="meta", seed=0, recipe="cl", recipe_files=[recipe])
+    assert info.value.reason == "unverified"
+    ok = tmp_path / "ok.toml"  # the same blocks' NCHW map (after the permute back) is taken at every stage
+    ok.write_text('name = "ok"\n[[patterns]]\npattern = "residual"\nclasses = ["timm.models.convnext.ConvNeXtBlock"]\n')
+    model, report = se_inject.inject("timm:test_convnext", device="meta", seed=0, recipe="ok", recipe_files=[ok])
+    blocks = [p for p, m in model.named_modules() if type(m).__name__ == "ConvNeXtBlock"]
+    assert [s.path for s in report.plan.sites] == blocks and not report.skipped
