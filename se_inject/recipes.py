@@ -7,6 +7,9 @@ A recipe never runs code. It names block classes by full class path and, for eac
 - ``slot = "se"`` (optional): the block's own forward already calls ``self.se`` at that place (timm's attention slot),
   so the slot is filled instead of rewriting the forward. ``after``/``before`` then only tells where to measure the
   feature map; without them the slot must hold a module (e.g. ``nn.Identity``), whose input is measured;
+- ``slot_gain = 2.0`` (optional, with ``slot``): the block multiplies the slot's output by this constant (NFNet's
+  ``attn_gain * attn_last(x)``; narrow the rule with ``when`` to blocks that have it). The SE keeps the family's
+  scaling, and identity initialisation divides the gate's identity gain by it (see `attention_spec`);
 - ``when``, ``require``, ``within``/``not_within`` (optional) narrow a rule to blocks with these attribute values,
   this structure, or (fnmatch globs over class paths) under a model or ancestor of these classes.
 
@@ -78,6 +81,7 @@ class BlockRule:
     when: tuple[tuple[str, Any], ...] = ()  # (attribute, value): the block's attribute must equal the value
     within: tuple[str, ...] = ()  # fnmatch globs: a class among the block's ancestors (the model included) must match
     not_within: tuple[str, ...] = ()  # ... and none may
+    slot_gain: float = 1.0  # the constant the block's forward multiplies the slot's output by
 
     def applies_to(self, block: Any) -> bool:
         return all(getattr(block, attr, _MISSING) == value for attr, value in self.when)
@@ -149,7 +153,7 @@ class Recipe:
             "blocks": [
                 {"classes": list(b.classes), "anchor": b.anchor, "position": b.position, "slot": b.slot, "name": b.name,
                  "require": list(b.require), "when": dict(b.when), "within": list(b.within),
-                 "not_within": list(b.not_within)}
+                 "not_within": list(b.not_within), "slot_gain": b.slot_gain}
                 for b in self.blocks
             ],
             "patterns": [
@@ -215,7 +219,8 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     where = f"blocks[{index}]"
     _expect(path, where, table, dict, "a table ([[blocks]])")
     _check_keys(path, f"{where}.", table,
-                {"classes", "after", "before", "slot", "name", "require", "when", "within", "not_within"}, {"classes"})
+                {"classes", "after", "before", "slot", "slot_gain", "name", "require", "when", "within", "not_within"},
+                {"classes"})
     classes = _expect(path, f"{where}.classes", table["classes"], list, "a list of full class paths")
     if not classes:
         raise RecipeFileError(path, f"field '{where}.classes': expected at least one class path")
@@ -243,6 +248,11 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
         raise RecipeFileError(path, f"field '{where}.name': {attribute_name_problem(name)}")
     if slot is not None and name != slot:
         raise RecipeFileError(path, f"field '{where}.name': must equal 'slot' ({slot!r}) when a slot is filled")
+    slot_gain = _expect(path, f"{where}.slot_gain", table.get("slot_gain", 1.0), (int, float), "a positive number")
+    if not 0 < slot_gain <= 1e6:  # also refuses nan
+        raise RecipeFileError(path, f"field '{where}.slot_gain': expected a positive number, got {slot_gain!r}")
+    if slot is None and "slot_gain" in table:
+        raise RecipeFileError(path, f"field '{where}.slot_gain': only a filled 'slot' has a gain")
     require = _expect(path, f"{where}.require", table.get("require", []), list, "a list of requirement names")
     for req in require:
         if req not in REQUIREMENTS:
@@ -256,7 +266,7 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     within = _globs(path, f"{where}.within", table.get("within", []))
     not_within = _globs(path, f"{where}.not_within", table.get("not_within", []))
     return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require), tuple(sorted(when.items())),
-                     within, not_within)
+                     within, not_within, float(slot_gain))
 
 
 def _globs(path: str, where: str, value: Any) -> tuple[str, ...]:
