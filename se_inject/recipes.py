@@ -10,8 +10,7 @@ A recipe never runs code. It names block classes by full class path and, for eac
 - ``slot_gain = 2.0`` (optional, with ``slot``): the block multiplies the slot's output by this constant (NFNet's
   ``attn_gain * attn_last(x)``; narrow the rule with ``when`` to blocks that have it). The SE keeps the family's
   scaling, and identity initialisation divides the gate's identity gain by it (see `attention_spec`);
-- ``when``, ``require``, ``within``/``not_within`` (optional) narrow a rule to blocks with these attribute values
-  (a list stands for a tuple: ``when = { kernel_size = [3, 3] }``),
+- ``when``, ``require``, ``within``/``not_within`` (optional) narrow a rule to blocks with these attribute values,
   this structure, or (fnmatch globs over class paths) under a model or ancestor of these classes.
 
 A ``[[patterns]]`` table names a structure instead of classes (see `se_inject.patterns`): ``pattern = "residual"``
@@ -79,8 +78,7 @@ class BlockRule:
     slot: str | None = None
     name: str = "se"
     require: tuple[str, ...] = ()
-    when: tuple[tuple[str, Any], ...] = ()  # (attribute, value): the block's attribute must equal the value (a tuple
-    # value: a tuple attribute)
+    when: tuple[tuple[str, Any], ...] = ()  # (attribute, value): the block's attribute must equal the value
     within: tuple[str, ...] = ()  # fnmatch globs: a class among the block's ancestors (the model included) must match
     not_within: tuple[str, ...] = ()  # ... and none may
     slot_gain: float = 1.0  # the constant the block's forward multiplies the slot's output by
@@ -261,12 +259,10 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
             raise RecipeFileError(
                 path, f"field '{where}.require': expected names from {', '.join(REQUIREMENTS)}, got {req!r}"
             )
-    when = dict(_expect(path, f"{where}.when", table.get("when", {}), dict, "a table of attribute = value"))
+    when = _expect(path, f"{where}.when", table.get("when", {}), dict, "a table of attribute = value")
     for attr, value in when.items():
-        plain = value if isinstance(value, list) else [value]  # a list is a tuple attribute: kernel_size = [3, 3]
-        if attribute_name_problem(attr) or not all(isinstance(v, (bool, int, float, str)) for v in plain):
+        if attribute_name_problem(attr) or not isinstance(value, (bool, int, float, str)):
             raise RecipeFileError(path, f"field '{where}.when': expected attribute = plain value, got {attr!r}")
-        when[attr] = tuple(value) if isinstance(value, list) else value
     within = _globs(path, f"{where}.within", table.get("within", []))
     not_within = _globs(path, f"{where}.not_within", table.get("not_within", []))
     return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require), tuple(sorted(when.items())),
