@@ -68,14 +68,12 @@ def test_a_dense_layer_still_takes_a_tensor_or_a_list():
         assert torch.equal(layer(x), layer([x[:, :3], x[:, 3:]]))
 
 
-def test_when_takes_a_list_for_a_tuple_attribute(tmp_path):
+def test_in_child_needs_a_child(tmp_path):
     path = tmp_path / "r.toml"
-    path.write_text('name = "x"\n[[blocks]]\nclasses = ["a.B"]\nafter = "."\nwhen = { kernel_size = [3, 3] }\n')
-    rule = load_recipe_file(path).blocks[0]
-    assert rule.applies_to(nn.Conv2d(4, 4, 3)) and not rule.applies_to(nn.Conv2d(4, 4, 1))
-    path.write_text('name = "x"\n[[blocks]]\nclasses = ["a.B"]\nafter = "."\nwhen = { kernel_size = [[3]] }\n')
-    with pytest.raises(RecipeFileError, match=r"blocks\[0\]\.when"):
-        load_recipe_file(path)
+    for place in ('after = "."', 'slot = "se"'):
+        path.write_text(f'name = "x"\n[[blocks]]\nclasses = ["a.B"]\n{place}\nin_child = true\n')
+        with pytest.raises(RecipeFileError, match=r"blocks\[0\]\.in_child"):
+            load_recipe_file(path)
 
 
 @pytest.mark.slow
