@@ -12,6 +12,7 @@ from timm.models.nfnet import NormFreeBlock
 import se_inject
 from se_inject import NoSitesError, RecipeFileError, load_recipe_file
 from se_inject.scan import scan_one
+from se_inject.schema import PlanSchemaError, plan_from_data
 
 
 def _meta(name: str, **kwargs):
@@ -90,6 +91,17 @@ def test_saved_nfnet_loads_with_its_slot_gain(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0, True, "2"])
+def test_a_plans_host_gain_is_validated(bad):
+    _, report = se_inject.inject(_meta("test_nfnet", attn_layer=""), seed=0, input_size=32)
+    data = report.plan.to_dict()
+    assert data["sites"][0]["attention"]["host_gain"] == 2.0
+    assert plan_from_data(data).sites[0].attention.module_gain == 1.0  # round trip
+    data["sites"][0]["attention"]["host_gain"] = bad
+    with pytest.raises(PlanSchemaError, match=r"sites\[0\]\.attention\.host_gain"):
+        plan_from_data(data)
 
 
 @pytest.mark.parametrize("name", ["test_nfnet", "nf_regnet_b0", "nf_ecaresnet26", "nf_seresnet26", "dm_nfnet_f0"])
