@@ -154,3 +154,17 @@ def test_nfnet_with_se_scripts_and_exports():
         expected = injected.eval()(x)
         torch.testing.assert_close(torch.jit.script(injected)(x), expected)
         torch.testing.assert_close(torch.export.export(injected, (x,)).module()(x), expected)
+
+
+@pytest.mark.slow
+def test_plain_timm_loads_the_folder_as_nf_seresnet(tmp_path):
+    """nf_resnet26 + SE is exactly nf_seresnet26: the saved folder says so (config.json) and loads in plain timm."""
+    from se_inject.api import save_injected
+
+    model, report = se_inject.inject("nf_resnet26", seed=0, init="identity", input_size=32)
+    final = save_injected(model, report, tmp_path / "out")
+    assert final.timm_architecture == "nf_seresnet26"
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
