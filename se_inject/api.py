@@ -176,6 +176,7 @@ def _site(match: Match, settings: Settings) -> Site:
         gate=settings.gate,
         recipe_gate=defaults.gate,
         init=settings.init,
+        host_gain=match.rule.slot_gain,
     )
     return Site(
         path=match.path,

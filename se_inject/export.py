@@ -234,7 +234,8 @@ _WRITERS = {  # format: (name in messages, write the file (returns the ONNX opse
 def timm_architecture(plan: Plan) -> str | None:
     """The timm model name whose architecture the injected model is exactly, if any.
 
-    Candidates are ``<attention><base name>`` (``resnet50`` -> ``seresnet50``); a candidate counts when its
+    Candidates are ``<attention><base name>`` (``resnet50`` -> ``seresnet50``) and, for a family prefix,
+    ``<prefix>_<attention><rest>`` (``nf_resnet26`` -> ``nf_seresnet26``); a candidate counts when its
     state_dict has the same keys and shapes and, given the same random weights and norm statistics, it computes the
     same outputs (checked on fresh CPU builds, independent of any model's own, possibly degenerate, weights).
     """
@@ -246,10 +247,13 @@ def timm_architecture(plan: Plan) -> str | None:
     if plan.model is None or not plan.sites:
         return None
     kinds = {s.attention.kind for s in plan.sites}
-    if len(kinds) != 1 or any(s.attention.gain != 1.0 for s in plan.sites):
+    if len(kinds) != 1 or any(s.attention.module_gain != 1.0 for s in plan.sites):  # timm's modules have no gain
         return None
-    candidate = f"{kinds.pop()}{plan.model.name.split('.', 1)[0]}"
-    if not timm.is_model(candidate):
+    kind, base = kinds.pop(), plan.model.name.split(".", 1)[0]
+    prefix, _, rest = base.partition("_")
+    names = [f"{kind}{base}", *([f"{prefix}_{kind}{rest}"] if rest else [])]
+    candidate = next((name for name in names if timm.is_model(name)), None)
+    if candidate is None:
         return None
     reference = build_model(ModelSpec("timm", candidate), device="meta")
     ours = apply_plan(build_model(plan.model, device="meta"), plan, inplace=True)  # cheaper than copying `model`

@@ -171,10 +171,10 @@ def _conflict(first: Recipe, other: Recipe, path: str, cp: str, how: str) -> Non
 
 def _places(path: str, block: nn.Module, found: list[tuple[Recipe, BlockRule]]) -> Iterator[Candidate]:
     """One block's candidates. Several places in one block (e.g. one recipe file per child of a VGG `features`
-    Sequential): each SE goes into its anchor child's own forward, on the child's output ("after") or input
-    ("before"): the same tensor as at the anchor in the block, and the places cannot collide on a module name. At
-    most one place, the block's own output, a slot or a graph node, stays with the block."""
-    if len(found) == 1 or find_attention(block) is not None:  # attention already: find_sites records the skip
+    Sequential), or a rule with `in_child`: each SE goes into its anchor child's own forward, on the child's output
+    ("after") or input ("before"): the same tensor as at the anchor in the block, and the places cannot collide on a
+    module name. At most one place, the block's own output, a slot or a graph node, stays with the block."""
+    if (len(found) == 1 and not found[0][1].in_child) or find_attention(block) is not None:  # attention: a skip
         recipe, rule = found[0]
         yield path, block, recipe, rule, ""
         return

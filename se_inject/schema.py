@@ -102,7 +102,7 @@ def _attention(field: str, data: Any) -> Any:
     from .variants import VARIANTS
 
     names = {"kind", "channels", "rd_channels", "kernel_size", "bias", "gate", "gain"}
-    _keys(field, data, names)
+    _keys(field, data, names, {"host_gain"})
     kind = _choice(f"{field}.kind", data["kind"], list_attention())
     channels = _int(f"{field}.channels", data["channels"], 1, MAX_CHANNELS)
     rd_channels = _int(f"{field}.rd_channels", data["rd_channels"], 1 if VARIANTS[kind].uses_reduction else 0,
@@ -113,10 +113,11 @@ def _attention(field: str, data: Any) -> Any:
     if not isinstance(data["bias"], bool):
         raise _fail(f"{field}.bias", f"expected true or false, got {data['bias']!r}")
     gate = _choice(f"{field}.gate", data["gate"], GATES)
-    gain = data["gain"]
-    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain) or not 0 < gain <= 1e6:
-        raise _fail(f"{field}.gain", f"expected a finite number in (0, 1e6], got {gain!r}")
-    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, float(gain))
+    gains = [data["gain"], data.get("host_gain", 1.0)]
+    for name, g in zip(("gain", "host_gain"), gains, strict=True):
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 < g <= 1e6:
+            raise _fail(f"{field}.{name}", f"expected a finite number in (0, 1e6], got {g!r}")
+    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, *map(float, gains))
 
 
 def _site(field: str, data: Any) -> Any:

@@ -33,7 +33,9 @@ class AttentionSpec:
         kernel_size: ECA's 1-D kernel, CBAM's spatial kernel; 0 where the variant has none.
         bias: Bias in the FC layers.
         gate: Gating nonlinearity name.
-        gain: Constant gate multiplier (2 under identity initialisation).
+        gain: Constant gate multiplier at the site (2 under identity initialisation).
+        host_gain: Constant the host block itself multiplies the module's output by (NFNet's ``attn_gain``, an
+            attention slot's own gain); the module's gain is ``gain / host_gain``, so the site scales by ``gain``.
     """
 
     kind: str
@@ -43,9 +45,18 @@ class AttentionSpec:
     bias: bool = True
     gate: str = "sigmoid"
     gain: float = 1.0
+    host_gain: float = 1.0
+
+    @property
+    def module_gain(self) -> float:
+        """The gain of the module itself: the site's `gain` less what the host block multiplies by."""
+        return self.gain / self.host_gain
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.host_gain == 1.0:  # plans of blocks that scale nothing stay as they were
+            del data["host_gain"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AttentionSpec:
@@ -76,23 +87,23 @@ def register_attention(kind: str, cls: type[nn.Module]) -> Callable[[Builder], B
 
 @register_attention("se", SqueezeExcite)
 def _build_se(spec: AttentionSpec, **dd: Any) -> nn.Module:
-    return SqueezeExcite(spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate, gain=spec.gain, **dd)
+    return SqueezeExcite(spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate, gain=spec.module_gain, **dd)
 
 
 @register_attention("eca", EfficientChannelAttention)
 def _build_eca(spec: AttentionSpec, **dd: Any) -> nn.Module:
-    return EfficientChannelAttention(spec.channels, spec.kernel_size, gate=spec.gate, gain=spec.gain, **dd)
+    return EfficientChannelAttention(spec.channels, spec.kernel_size, gate=spec.gate, gain=spec.module_gain, **dd)
 
 
 @register_attention("cbam", ConvBlockAttention)
 def _build_cbam(spec: AttentionSpec, **dd: Any) -> nn.Module:
     return ConvBlockAttention(spec.channels, spec.rd_channels, kernel_size=spec.kernel_size, bias=spec.bias,
-                              gate=spec.gate, gain=spec.gain, **dd)
+                              gate=spec.gate, gain=spec.module_gain, **dd)
 
 
 @register_attention("ese", EffectiveSqueezeExcite)
 def _build_ese(spec: AttentionSpec, **dd: Any) -> nn.Module:
-    return EffectiveSqueezeExcite(spec.channels, bias=spec.bias, gate=spec.gate, gain=spec.gain, **dd)
+    return EffectiveSqueezeExcite(spec.channels, bias=spec.bias, gate=spec.gate, gain=spec.module_gain, **dd)
 
 
 def list_attention() -> list[str]:
@@ -101,10 +112,15 @@ def list_attention() -> list[str]:
 
 def attention_spec(
     kind: str, channels: int, *, reduction: int, divisor: int, round_limit: float, bias: bool, gate: str | None,
-    recipe_gate: str, init: str, squeeze_base: int | None = None, rounding: str = "divisible",
+    recipe_gate: str, init: str, squeeze_base: int | None = None, rounding: str = "divisible", host_gain: float = 1.0,
 ) -> AttentionSpec:
     """The module for one site. The gate is the user's, else the variant's own (ESE: hard-sigmoid), else the
-    recipe's. The squeeze width divides `squeeze_base` (default: `channels`) by r, rounded as `rounding` says."""
+    recipe's. The squeeze width divides `squeeze_base` (default: `channels`) by r, rounded as `rounding` says.
+
+    `host_gain` is the constant the block multiplies the module's output by (an attention slot with a gain, as
+    NFNet's ``attn_gain * attn_last(x)``): "paper" init keeps the family's scaling (the module's own gain is 1, so
+    the block computes exactly what the family's own SE models compute), "identity" divides the gate's identity gain
+    by it (NFNet: 2 / 2, a plain module whose gate starts at 0.5)."""
     variant = VARIANTS[kind]
     gate = gate or variant.gate or recipe_gate
     return AttentionSpec(
@@ -115,7 +131,8 @@ def attention_spec(
         kernel_size={"eca": eca_kernel_size(channels), "cbam": 7}.get(kind, 0),
         bias=bias,
         gate=gate,
-        gain=identity_gain(gate) if init == "identity" else 1.0,
+        gain=identity_gain(gate) if init == "identity" else host_gain,
+        host_gain=host_gain,
     )
 
 
