@@ -480,6 +480,8 @@ def print_recipes(*, as_json: bool) -> None:
             typer.echo(f"  in {', '.join(c.models)}: {c.defaults.convention}")
         for rule in r.blocks:
             place = f"{rule.position} {rule.anchor}" + (f" (fills `{rule.slot}`)" if rule.slot else "")
+            place += f" (in {rule.anchor}'s own forward)" if rule.in_child else ""
+            place += f", times the block's gain {rule.slot_gain:g}" if rule.slot_gain != 1.0 else ""
             when = "".join(f", where {attr} = {value!r}" for attr, value in rule.when)
             when += "".join(f", {_REQUIREMENT_TEXT.get(req, 'requires ' + req)}" for req in rule.require)
             when += "".join([*(f", within {g}" for g in rule.within), *(f", not within {g}" for g in rule.not_within)])
