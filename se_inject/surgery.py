@@ -126,7 +126,8 @@ def _slot_rewrite(block: nn.Module, slot: str, fixed: dict[str, Any]) -> tuple[b
 
 def graph_key(block: nn.Module, open_paths: Iterable[str] = ()) -> tuple[Any, ...]:
     """What the block's traced graph depends on (children opaque): its class, its own scalar attributes, its
-    children's classes and settings, and the same for each container traced through (`open_paths`)."""
+    children's classes and settings, the paths and classes of all its submodules (a forward looping over a
+    ModuleList calls each), and the same for each container traced through (`open_paths`)."""
 
     def own(module: nn.Module) -> tuple[Any, ...]:
         return tuple(
@@ -136,7 +137,8 @@ def graph_key(block: nn.Module, open_paths: Iterable[str] = ()) -> tuple[Any, ..
             and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
         )
 
-    return type(block), own(block), *((path, own(block.get_submodule(path))) for path in sorted(open_paths))
+    tree = tuple((path, class_path(m)) for path, m in block.named_modules())  # how many a loop over a list calls
+    return type(block), own(block), tree, *((path, own(block.get_submodule(path))) for path in sorted(open_paths))
 
 
 def _only_reader(call: torch.fx.Node, block: nn.Module) -> bool:

@@ -160,3 +160,31 @@ def test_blocks_alike_are_traced_once(tmp_path, monkeypatch):
     injected, report = se_inject.inject(model, recipe_files=[recipe], recipe="basic", input_size=16, seed=0)
     assert len(report.plan.sites) == 4 and len(traced) == 2
     assert len({type(injected[i]) for i in range(1, 5)}) == 2 and type(injected[1]) is type(injected[3])
+
+
+class LoopBlock(torch.nn.Module):
+    """HGNetV2-style: the forward loops over a ModuleList whose length differs between blocks of one class."""
+
+    def __init__(self, channels: int, layers: int):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Conv2d(channels, channels, 3, padding=1) for _ in range(layers))
+        self.aggregation = torch.nn.Conv2d(channels * (layers + 1), channels, 1)
+
+    def forward(self, x):
+        outputs = [x]
+        for layer in self.layers:
+            outputs.append(layer(outputs[-1]))
+        return self.aggregation(torch.cat(outputs, 1)) + x
+
+
+def test_blocks_of_one_class_with_different_loops_get_their_own_rewrite(tmp_path):
+    recipe = tmp_path / "loop.toml"
+    recipe.write_text(f'name = "loop"\n[[blocks]]\nclasses = ["{LoopBlock.__module__}.LoopBlock"]\n'
+                      'after = "aggregation"\n')
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), LoopBlock(8, 2), LoopBlock(8, 3)).eval()
+    injected, report = se_inject.inject(model, recipe="loop", recipe_files=[recipe], input_size=16, seed=0,
+                                        init="identity")
+    assert [s.path for s in report.plan.sites] == ["1", "2"] and not report.skipped
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(injected(x), model(x), rtol=0, atol=0)
