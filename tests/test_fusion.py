@@ -168,7 +168,7 @@ class LoopBlock(torch.nn.Module):
     def __init__(self, channels: int, layers: int):
         super().__init__()
         self.layers = torch.nn.ModuleList(torch.nn.Conv2d(channels, channels, 3, padding=1) for _ in range(layers))
-        self.aggregation = torch.nn.Conv2d(channels * (layers + 1), channels, 1)
+        self.aggregation = torch.nn.Sequential(torch.nn.Conv2d(channels * (layers + 1), channels, 1))
 
     def forward(self, x):
         outputs = [x]
