@@ -358,10 +358,22 @@ def match_block(block: nn.Module, pattern: str) -> Place | None:
 
 
 def node_output_shape(block: nn.Module, node_name: str, args: tuple[Any, ...]) -> tuple[int, ...] | None:
-    """Shape of the value of graph node `node_name` when `block` runs on these (meta) inputs."""
+    """Shape of the value of graph node `node_name` when `block` runs on these (meta) inputs; computed once per
+    traced graph (blocks alike share one, see `trace_block`), node, input shapes and layer settings."""
     graph = trace_block(block)
     if graph is None:
         return None
+    key = (id(graph), node_name, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else repr(a) for a in args),
+           tuple((path, type(m), m.extra_repr()) for path, m in block.named_modules()))  # every layer's settings
+    if key not in _node_shapes:
+        _node_shapes[key] = _run_to_node(block, graph, node_name, args)
+    return _node_shapes[key]
+
+
+_node_shapes: dict[tuple[Any, ...], tuple[int, ...] | None] = {}
+
+
+def _run_to_node(block: nn.Module, graph: torch.fx.Graph, node_name: str, args: tuple[Any, ...]) -> Any:
     module = torch.fx.GraphModule(block, graph)
     seen: dict[str, Any] = {}
 
