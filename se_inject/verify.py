@@ -311,9 +311,9 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
 
 def _layout_problem(original: nn.Module, work: nn.Module, module: nn.Module, call: Call) -> str | None:
     """Whether the module takes an NCHW map: on inputs twice the recorded size, its input's dimension 1 (the
-    channels it was built for) must stay and dimensions 2 and 3 must double. A channels-last map (N, H, W, C), e.g.
-    a Linear layer's output, passes the check above where the inputs are not shrunk (on shrunk ones the module fails
-    outright); None also where the original block does not run at the other size (it cannot tell)."""
+    channels it was built for) must stay and dimensions 2 and 3 must grow (strided layers round). A channels-last
+    map (N, H, W, C), e.g. a Linear layer's output, passes the check above where the inputs are not shrunk (on
+    shrunk ones the module fails outright); None also where the original block does not run at the other size."""
     if not any(isinstance(leaf, TensorArg) and len(leaf.shape) == 4 for leaf in _leaves((call.args, call.kwargs))):
         return None  # no map to grow (tokens and sizes in, as XCiT's LPI)
     shapes: list[tuple[int, ...]] = []
@@ -335,7 +335,7 @@ def _layout_problem(original: nn.Module, work: nn.Module, module: nn.Module, cal
         handle.remove()
     if len(shapes) == 2 and len(shapes[0]) == 4:
         small, large = shapes
-        if large[1] != small[1] or tuple(large[2:]) != tuple(2 * d for d in small[2:]):
+        if large[1] != small[1] or not all(big > d for big, d in zip(large[2:], small[2:], strict=True)):
             return f"the map it would take is not NCHW: {small}, then {large} on inputs twice the size"
     return None
 
