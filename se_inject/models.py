@@ -253,11 +253,13 @@ class _SkipMetaInit(torch.overrides.TorchFunctionMode):
                            "swapaxes_", "squeeze_", "unsqueeze_", "requires_grad_", "detach_", "share_memory_"})
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if (name.endswith("_") and not name.startswith("_") and name not in self._METADATA and args
-                and isinstance(args[0], torch.Tensor) and args[0].is_meta):
-            return args[0]
-        return func(*args, **(kwargs or {}))
+        if name.endswith("_") and not name.startswith("_") and name not in self._METADATA:
+            target = args[0] if args else kwargs.get("tensor")  # torch.nn.init's functions take `tensor=`
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
 
 
 def _construct(spec: ModelSpec) -> nn.Module:
