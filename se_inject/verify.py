@@ -291,10 +291,14 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
         return str(e).removeprefix(f"{site.path}: ")
     except Exception as e:
         return f"cannot rewrite the block ({type(e).__name__}: {_first_line(e)})"
+    taken: list[tuple[int, ...]] = []  # the shapes of the maps the module takes
+    handle = module.register_forward_pre_hook(lambda _m, a: taken.append(tuple(a[0].shape)))
     try:
         rewritten = _run_modes(work, inputs)
     except Exception as e:
         return f"the rewritten block fails where the original runs ({type(e).__name__}: {_first_line(e)})"
+    finally:
+        handle.remove()
     for mode, (expected, got) in zip(("eval", "training"), zip(original, rewritten, strict=True), strict=True):
         for what, index in (("output", 0), ("inputs after the call", 1)):
             try:
@@ -306,37 +310,38 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
         for key, value in expected[2].items():
             if not torch.equal(got[2][key], value):
                 return f"the rewritten block updates {key} differently in {mode} mode"
-    return None if shrink > 1 else _layout_problem(original_block, work, module, call)
+    return None if shrink > 1 or not taken else _layout_problem(original_block, work, module, call, taken[0])
 
 
-def _layout_problem(original: nn.Module, work: nn.Module, module: nn.Module, call: Call) -> str | None:
-    """Whether the module takes an NCHW map: on inputs twice the recorded size, its input's dimension 1 (the
-    channels it was built for) must stay and dimensions 2 and 3 must grow (strided layers round). A channels-last
-    map (N, H, W, C), e.g. a Linear layer's output, passes the check above where the inputs are not shrunk (on
-    shrunk ones the module fails outright); None also where the original block does not run at the other size."""
-    if not any(isinstance(leaf, TensorArg) and len(leaf.shape) == 4 for leaf in _leaves((call.args, call.kwargs))):
+def _layout_problem(
+    original: nn.Module, work: nn.Module, module: nn.Module, call: Call, small: tuple[int, ...]
+) -> str | None:
+    """Whether the module takes an NCHW map: on inputs twice the size, its input's dimension 1 (the channels it was
+    built for) must stay and dimensions 2 and 3 must grow (strided layers round) from `small`, the map it took on
+    the checked inputs. A channels-last map (N, H, W, C), e.g. a Linear layer's output, passes the check above where
+    the inputs are not shrunk (on shrunk ones the module fails outright). None also where the block does not run at
+    the other size, with or without the module (it cannot tell)."""
+    if len(small) != 4 or not any(
+        isinstance(leaf, TensorArg) and len(leaf.shape) == 4 for leaf in _leaves((call.args, call.kwargs))
+    ):
         return None  # no map to grow (tokens and sizes in, as XCiT's LPI)
-    shapes: list[tuple[int, ...]] = []
+    large: list[tuple[int, ...]] = []
+    handle = module.register_forward_pre_hook(lambda _m, a: large.append(tuple(a[0].shape)))
+    args, kwargs = call.build(2, torch.Generator().manual_seed(0), grow=2)
     try:
         with torch.no_grad():
-            args, kwargs = call.build(2, torch.Generator().manual_seed(0), grow=2)
-            original.eval()(*_clone(args), **_clone(kwargs))
-    except Exception:
-        return None
-    handle = module.register_forward_pre_hook(lambda _m, a: shapes.append(tuple(a[0].shape)))
-    try:
-        with torch.no_grad():
-            for grow in (1, 2):
-                args, kwargs = call.build(2, torch.Generator().manual_seed(0), grow=grow)
-                work.eval()(*args, **kwargs)
+            work.eval()(*_clone(args), **_clone(kwargs))
     except Exception as e:
+        try:
+            with torch.no_grad():
+                original.eval()(*args, **kwargs)
+        except Exception:
+            return None
         return f"the map it would take is not NCHW: the module fails on inputs twice the size ({type(e).__name__})"
     finally:
         handle.remove()
-    if len(shapes) == 2 and len(shapes[0]) == 4:
-        small, large = shapes
-        if large[1] != small[1] or not all(big > d for big, d in zip(large[2:], small[2:], strict=True)):
-            return f"the map it would take is not NCHW: {small}, then {large} on inputs twice the size"
+    if large and (large[0][1] != small[1] or not all(b > d for b, d in zip(large[0][2:], small[2:], strict=True))):
+        return f"the map it would take is not NCHW: {small}, then {large[0]} on inputs twice the size"
     return None
 
 
