@@ -32,7 +32,7 @@ import torch.fx
 from torch import nn
 
 from .errors import SurgeryError, describe
-from .layers.attention import class_path, create_attention, init_attention
+from .layers.attention import class_path, create_attention, init_attention, is_attention
 from .layers.squeeze_excite import squeeze_through
 from .models import seeded
 from .plan import Plan, Site
@@ -130,8 +130,9 @@ def graph_key(block: nn.Module, open_paths: Iterable[str] = ()) -> tuple[Any, ..
     ModuleList calls each), and the same for each container traced through (`open_paths`)."""
 
     def own(module: nn.Module) -> tuple[Any, ...]:
-        return tuple(
-            (name, class_path(value), value.extra_repr()) if isinstance(value, nn.Module) else (name, value)
+        return tuple(  # an attention module's settings (its gain: 1, or the identity check's) do not change it
+            (name, class_path(value), "" if is_attention(value) else value.extra_repr())
+            if isinstance(value, nn.Module) else (name, value)
             for name, value in sorted({**vars(module), **module._modules}.items())
             if not name.startswith("_") and name != "training"  # traced in both modes (`_trace_modes`)
             and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
