@@ -81,4 +81,7 @@ def test_scan_every_model_has_no_errors():
     rows = scan(model_names(["*"]), workers=2)
     errors = [f"{r.model}: {r.reason}" for r in rows if r.status == "error"]
     assert not errors, "\n".join(errors)
-    assert summarize(rows)["covered"] >= 500  # 270 before pattern recipes
+    counts = summarize(rows)
+    assert counts["covered"] + counts["partial-se"] >= 650  # 270 before pattern recipes
+    # "no match" only for networks without a convolutional block
+    assert {r.category for r in rows if r.status == "no-match"} <= {"transformer", "MLP"}
