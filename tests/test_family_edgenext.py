@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conv_hybrid_checks import assert_identity_reproduces_base, assert_scripts_and_exports, real_model
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.models.edgenext import ConvBlock, SplitTransposeBlock
 
 import se_inject
@@ -24,7 +24,7 @@ def test_every_conv_block_takes_se_at_the_end_of_its_branch():
 
 def test_identity_init_reproduces_the_base_model_and_se_takes_the_branch_in_nchw():
     model = real_model("edgenext_xx_small")
-    injected, report = assert_identity_reproduces_base(model, 64)
+    injected, report = assert_identity_reproduces(model, 64)
     block, base = injected.get_submodule(report.plan.sites[0].path), model.get_submodule(report.plan.sites[0].path)
     seen = {}
     hook = block.se.register_forward_hook(lambda _m, args, _out: seen.update(x=args[0]))

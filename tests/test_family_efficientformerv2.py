@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conv_hybrid_checks import assert_identity_reproduces_base, assert_scripts_and_exports, real_model
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.models.efficientformer_v2 import EfficientFormerV2Block
 from torch import nn
 
@@ -45,7 +45,7 @@ def test_when_names_a_child_module_or_none_by_class():
 
 def test_identity_init_reproduces_the_base_model_and_se_takes_the_depthwise_output():
     model = real_model("efficientformerv2_s0", img_size=64)  # the attention biases are sized for this input
-    injected, report = assert_identity_reproduces_base(model, 64)
+    injected, report = assert_identity_reproduces(model, 64)
     block = injected.get_submodule(report.plan.sites[0].path)
     seen = {}
     hooks = [block.se.register_forward_hook(lambda _m, args, _out: seen.update(se=args[0])),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from _family_checks import assert_identity_reproduces, assert_scripts_and_exports
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.models import ghostnet, repghost
 from torch import nn
 
@@ -55,7 +55,7 @@ def test_partial_se_refused_by_default_and_filled_with_ghostnets_own_se(name):
 
 @pytest.mark.parametrize("name", ["ghostnet_050", "repghostnet_050"])
 def test_identity_init_reproduces_the_base_model(name):
-    injected, report = assert_identity_reproduces(name, 64, fill=True)
+    injected, report = assert_identity_reproduces(real_model(name), 64, fill=True)
     # the filled slots sit where the designers' own SE sits: the blocks' `se` attribute
     assert all(isinstance(injected.get_submodule(s.path).se, nn.Module) for s in report.plan.sites)
     assert not any(b.se is None or isinstance(b.se, nn.Identity) for b in injected.modules() if isinstance(b, BLOCKS))
@@ -64,7 +64,7 @@ def test_identity_init_reproduces_the_base_model(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ghostnet_050", "ghostnetv3_050", "repghostnet_050"])
 def test_script_and_export(name):
-    assert_scripts_and_exports(name, 64, fill=True)
+    assert_scripts_and_exports(real_model(name), 64, fill=True)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hybrid_checks import assert_identity_keeps_model, assert_scripts_and_exports, real, se_input
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model, se_input
 from timm.models.cpubone import CPUBoneBlock, FusedMBConv, MBConv
 
 import se_inject
@@ -36,8 +36,8 @@ def test_one_se_per_mbconv_before_its_projection(name):
 
 
 def test_identity_init_keeps_outputs_keys_and_takes_the_expanded_map():
-    model = real(SMALLEST)
-    injected, _ = assert_identity_keeps_model(model, 64)
+    model = real_model(SMALLEST)
+    injected, _ = assert_identity_reproduces(model, 64)
     block, base = injected.stages[1][0].main, model.stages[1][0].main
     x = torch.randn(2, base.spatial_conv.conv.in_channels, 8, 8)
     with torch.no_grad():
@@ -47,4 +47,4 @@ def test_identity_init_keeps_outputs_keys_and_takes_the_expanded_map():
 
 @pytest.mark.slow
 def test_cpubone_script_and_export():
-    assert_scripts_and_exports(real(SMALLEST), 64)
+    assert_scripts_and_exports(real_model(SMALLEST), 64)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hybrid_checks import assert_identity_keeps_model, assert_scripts_and_exports, real, se_input
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model, se_input
 from timm.layers import make_divisible
 from timm.models.csatv2 import Block, TransformerBlock
 
@@ -31,8 +31,8 @@ def test_one_se_per_conv_block_on_its_output_channels():
 
 
 def test_identity_init_keeps_outputs_keys_and_takes_the_gated_branch():
-    model = real(SMALLEST, depths=(1, 1, 3, 3))  # the family's blocks, fewer of them: fast on a CPU
-    injected, _ = assert_identity_keeps_model(model, 64)
+    model = real_model(SMALLEST, depths=(1, 1, 3, 3))  # the family's blocks, fewer of them: fast on a CPU
+    injected, _ = assert_identity_reproduces(model, 64)
     path = next(p for p, m in model.named_modules() if isinstance(m, Block))
     block, base = injected.get_submodule(path), model.get_submodule(path)
     x = torch.randn(2, base.dwconv.in_channels, 8, 8)
@@ -45,5 +45,5 @@ def test_identity_init_keeps_outputs_keys_and_takes_the_gated_branch():
 
 @pytest.mark.slow
 def test_smallest_csatv2_identity_script_and_export():
-    assert_identity_keeps_model(real(SMALLEST), 64)
-    assert_scripts_and_exports(real(SMALLEST), 64)
+    assert_identity_reproduces(real_model(SMALLEST), 64)
+    assert_scripts_and_exports(real_model(SMALLEST), 64)

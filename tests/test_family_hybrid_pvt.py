@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hybrid_checks import assert_identity_keeps_model, assert_scripts_and_exports, real, se_input
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model, se_input
 from timm.layers import make_divisible
 from timm.models.pvt_v2 import Block, MlpWithDepthwiseConv
 
@@ -32,8 +32,8 @@ def test_one_se_per_ffn_on_its_depthwise_channels(name):
 
 
 def test_identity_init_keeps_outputs_keys_and_takes_the_depthwise_map():
-    model = real(SMALLEST, depths=(1, 1, 1, 1))  # the family's blocks, fewer of them: fast on a CPU
-    injected, _ = assert_identity_keeps_model(model, 32)
+    model = real_model(SMALLEST, depths=(1, 1, 1, 1))  # the family's blocks, fewer of them: fast on a CPU
+    injected, _ = assert_identity_reproduces(model, 32)
     ffn, base = injected.stages[0].blocks[0].mlp, model.stages[0].blocks[0].mlp
     tokens = torch.randn(2, 64, base.fc1.in_features)  # stage 0 at 32x32 input: an 8x8 grid
     with torch.no_grad():
@@ -47,5 +47,5 @@ def test_identity_init_keeps_outputs_keys_and_takes_the_depthwise_map():
 
 @pytest.mark.slow
 def test_smallest_pvt_identity_script_and_export():
-    assert_identity_keeps_model(real(SMALLEST), 64)
-    assert_scripts_and_exports(real(SMALLEST), 64)
+    assert_identity_reproduces(real_model(SMALLEST), 64)
+    assert_scripts_and_exports(real_model(SMALLEST), 64)

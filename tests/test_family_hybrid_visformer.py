@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hybrid_checks import assert_identity_keeps_model, assert_scripts_and_exports, real, se_input
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model, se_input
 from timm.layers import make_divisible
 from timm.models.visformer import Block
 from torch import nn
@@ -36,8 +36,8 @@ def test_one_se_per_convolutional_block_on_its_output_channels():
 
 
 def test_identity_init_keeps_outputs_keys_and_takes_the_branch_output():
-    model = real(SMALLEST, img_size=64)  # Visformer's position embeddings fix the input size
-    injected, _ = assert_identity_keeps_model(model, 64)
+    model = real_model(SMALLEST, img_size=64)  # Visformer's position embeddings fix the input size
+    injected, _ = assert_identity_reproduces(model, 64)
     block, base = injected.stage1[0], model.stage1[0]
     x = torch.randn(2, base.mlp.conv1.in_channels, 8, 8)
     with torch.no_grad():
@@ -47,5 +47,5 @@ def test_identity_init_keeps_outputs_keys_and_takes_the_branch_output():
 
 @pytest.mark.slow
 def test_visformer_script_and_export():
-    assert_identity_keeps_model(real(SMALLEST), 224)
-    assert_scripts_and_exports(real(SMALLEST, img_size=64), 64)
+    assert_identity_reproduces(real_model(SMALLEST), 224)
+    assert_scripts_and_exports(real_model(SMALLEST, img_size=64), 64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hybrid_checks import assert_identity_keeps_model, assert_scripts_and_exports, real, se_input
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model, se_input
 from timm.layers import make_divisible
 from timm.models.xcit import LPI, XCABlock
 from torch import nn
@@ -34,12 +34,12 @@ def test_one_se_per_lpi_on_its_depthwise_channels():
 
 
 def _small_xcit() -> nn.Module:
-    return real(SMALLEST, depth=2, cls_attn_layers=1)  # the family's blocks, fewer of them: fast on a CPU
+    return real_model(SMALLEST, depth=2, cls_attn_layers=1)  # the family's blocks, fewer of them: fast on a CPU
 
 
 def test_identity_init_keeps_outputs_keys_and_takes_the_lpi_map():
     model = _small_xcit()
-    injected, _ = assert_identity_keeps_model(model, 32)
+    injected, _ = assert_identity_reproduces(model, 32)
     lpi, base = injected.blocks[0].local_mp, model.blocks[0].local_mp
     tokens = torch.randn(2, 4, lpi.conv1.in_channels)  # the plan's 2x2 grid at 32x32 input, patch 16
     with torch.no_grad():
@@ -50,5 +50,5 @@ def test_identity_init_keeps_outputs_keys_and_takes_the_lpi_map():
 
 @pytest.mark.slow
 def test_smallest_xcit_identity_script_and_export():
-    assert_identity_keeps_model(real(SMALLEST), 64)
-    assert_scripts_and_exports(real(SMALLEST), 64)
+    assert_identity_reproduces(real_model(SMALLEST), 64)
+    assert_scripts_and_exports(real_model(SMALLEST), 64)

@@ -4,7 +4,7 @@ recipes/iformer.toml)."""
 from __future__ import annotations
 
 import pytest
-from conv_hybrid_checks import assert_identity_reproduces_base, assert_scripts_and_exports, real_model
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.models.iformer import FFN, ConvBlock, ConvNorm, RepCPE, SHMABlock
 
 import se_inject
@@ -23,7 +23,7 @@ def test_every_conv_block_takes_se_at_the_end_of_its_branch():
 
 
 def test_identity_init_reproduces_the_base_model():
-    assert_identity_reproduces_base(real_model("iformer_t"), 32)
+    assert_identity_reproduces(real_model("iformer_t"), 32)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import timm
-from _family_checks import assert_identity_reproduces, assert_scripts_and_exports
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.models.lcnetv2 import RepDepthwiseSeparable
 from torch import nn
 
@@ -33,9 +33,9 @@ def test_partial_se_refused_by_default_and_filled_with_lcnetv2s_own_se():
 
 
 def test_identity_init_reproduces_the_base_model():
-    assert_identity_reproduces("lcnetv2_small", 64, fill=True, scale=0.5, depths=(1, 1, 2, 1))
+    assert_identity_reproduces(real_model("lcnetv2_small", scale=0.5, depths=(1, 1, 2, 1)), 64, fill=True)
 
 
 @pytest.mark.slow
 def test_script_and_export():
-    assert_scripts_and_exports("lcnetv2_small", 64, fill=True, scale=0.5, depths=(1, 1, 2, 1))
+    assert_scripts_and_exports(real_model("lcnetv2_small", scale=0.5, depths=(1, 1, 2, 1)), 64, fill=True)

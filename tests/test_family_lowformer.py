@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from conv_hybrid_checks import assert_identity_reproduces_base, assert_scripts_and_exports, real_model
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.models.lowformer import FusedMBConv, MBConv
 
 import se_inject
@@ -31,7 +31,7 @@ def test_every_mbconv_takes_se_before_its_projection():
 
 
 def test_identity_init_reproduces_the_base_model():
-    assert_identity_reproduces_base(real_model("lowformer_b0"), 32)
+    assert_identity_reproduces(real_model("lowformer_b0"), 32)
 
 
 @pytest.mark.slow

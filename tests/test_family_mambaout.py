@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conv_hybrid_checks import assert_identity_reproduces_base, assert_scripts_and_exports, real_model
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.models.mambaout import GatedConvBlock
 
 import se_inject
@@ -33,7 +33,7 @@ def test_conv_ratio_sets_the_se_width():
 
 def test_identity_init_reproduces_the_base_model_and_se_scales_the_conv_output():
     model = real_model("test_mambaout")
-    injected, report = assert_identity_reproduces_base(model, 32)
+    injected, report = assert_identity_reproduces(model, 32)
     site = report.plan.sites[0]
     block, base = injected.get_submodule(site.path), model.get_submodule(site.path)
     seen = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import timm
-from _family_checks import assert_identity_reproduces, assert_scripts_and_exports
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.layers import EffectiveSEModule, make_divisible
 from timm.models.rdnet import Block, BlockESE, DenseBlock
 from torch import nn
@@ -41,9 +41,9 @@ def test_partial_se_refused_by_default_and_filled_before_layer_scale():
 
 def test_identity_init_reproduces_the_base_model():
     for attention in ("se", "ese"):
-        assert_identity_reproduces("rdnet_tiny", 64, fill=True, attention=attention, **SMALL)
+        assert_identity_reproduces(real_model("rdnet_tiny", **SMALL), 64, fill=True, attention=attention)
 
 
 @pytest.mark.slow
 def test_script_and_export():
-    assert_scripts_and_exports("rdnet_tiny", 64, fill=True, **SMALL)
+    assert_scripts_and_exports(real_model("rdnet_tiny", **SMALL), 64, fill=True)

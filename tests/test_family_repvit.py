@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import timm
-from _family_checks import assert_identity_reproduces, assert_scripts_and_exports
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.layers import SEModule
 from timm.models.repvit import RepViTBlock
 from torch import nn
@@ -43,9 +43,9 @@ def test_partial_se_refused_by_default_and_filled_with_repvits_own_se():
 
 
 def test_identity_init_reproduces_the_base_model():
-    assert_identity_reproduces("repvit_m0_9", 64, fill=True, **SMALL)
+    assert_identity_reproduces(real_model("repvit_m0_9", **SMALL), 64, fill=True)
 
 
 @pytest.mark.slow
 def test_script_and_export():
-    assert_scripts_and_exports("repvit_m0_9", 64, fill=True, **SMALL)
+    assert_scripts_and_exports(real_model("repvit_m0_9", **SMALL), 64, fill=True)

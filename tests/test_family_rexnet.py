@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import timm
-from _family_checks import assert_identity_reproduces, assert_scripts_and_exports
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.layers import make_divisible
 from timm.models.rexnet import LinearBottleneck
 
@@ -40,10 +40,10 @@ def test_partial_se_refused_by_default_and_filled_with_rexnets_own_se(name, ch_d
 
 
 def test_identity_init_reproduces_the_base_model():
-    injected, report = assert_identity_reproduces("rexnet_100", 64, fill=True, width_mult=0.5)
+    injected, report = assert_identity_reproduces(real_model("rexnet_100", width_mult=0.5), 64, fill=True)
     assert all(injected.get_submodule(s.path).se is not None for s in report.plan.sites)
 
 
 @pytest.mark.slow
 def test_script_and_export():
-    assert_scripts_and_exports("rexnet_100", 64, fill=True)
+    assert_scripts_and_exports(real_model("rexnet_100"), 64, fill=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conv_hybrid_checks import assert_identity_reproduces_base, assert_scripts_and_exports, real_model
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.layers import SEModule
 from timm.models.shvit import FFN, SHSA, BasicBlock, PatchMerging, Residual
 from torch import nn
@@ -39,7 +39,7 @@ def test_attention_free_blocks_take_se_and_downsamples_keep_their_own():
 
 
 def test_identity_init_reproduces_the_base_model_and_se_takes_the_ffn_output():
-    injected, report = assert_identity_reproduces_base(real_model("shvit_s1"), 64, fill=True)
+    injected, report = assert_identity_reproduces(real_model("shvit_s1"), 64, fill=True)
     block = injected.get_submodule(report.plan.sites[0].path)
     seen = {}
     hooks = [block.se.register_forward_hook(lambda _m, args, _out: seen.update(se=args[0])),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conv_hybrid_checks import assert_identity_reproduces_base, assert_scripts_and_exports, real_model
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.models.swiftformer import Block, ConvEncoder
 
 import se_inject
@@ -22,7 +22,7 @@ def test_every_conv_encoder_takes_se_at_the_end_of_its_branch():
 
 
 def test_identity_init_reproduces_the_base_model_and_se_precedes_the_layer_scale():
-    injected, report = assert_identity_reproduces_base(real_model("swiftformer_xs"), 64)
+    injected, report = assert_identity_reproduces(real_model("swiftformer_xs"), 64)
     block = injected.get_submodule(report.plan.sites[0].path)
     seen = {}
     hooks = [block.se.register_forward_hook(lambda _m, _args, out: seen.update(se=out)),

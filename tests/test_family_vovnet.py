@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import timm
-from _family_checks import assert_identity_reproduces, assert_scripts_and_exports
+from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
 from timm.models.vovnet import OsaBlock
 
 import se_inject
@@ -67,10 +67,10 @@ def test_vovnet39a_with_ese_in_each_stages_last_block_has_ese_vovnet39b_keys():
 @pytest.mark.parametrize(("name", "fill", "attention"), [
     ("vovnet39a", False, "se"), ("ese_vovnet39b", True, "se"), ("eca_vovnet39b", True, "eca")])
 def test_identity_init_reproduces_the_base_model(name, fill, attention):
-    assert_identity_reproduces(name, 64, fill=fill, attention=attention, **SMALL)
+    assert_identity_reproduces(real_model(name, **SMALL), 64, fill=fill, attention=attention)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["vovnet39a", "ese_vovnet39b"])
 def test_script_and_export(name):
-    assert_scripts_and_exports(name, 64, fill=True, **SMALL)
+    assert_scripts_and_exports(real_model(name, **SMALL), 64, fill=True)

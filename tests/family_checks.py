@@ -1,0 +1,69 @@
+"""Checks shared by the family tests (tests/test_family_*.py), run on real CPU models: with identity-initialised SE
+a model keeps every weight and computes exactly what it computed; TorchScript and torch.export keep working where
+they worked before."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from conftest import randomize_norm_stats, state_snapshot
+from torch import nn
+
+import se_inject
+from se_inject.layers.attention import is_attention
+
+
+def real_model(name: str, **kwargs: Any) -> nn.Module:
+    """A timm model on the CPU with random weights and non-trivial norm statistics, in eval mode (`kwargs` narrow
+    its configuration, e.g. fewer blocks)."""
+    return randomize_norm_stats(timm.create_model(name, **kwargs)).eval()
+
+
+def assert_identity_reproduces(model: nn.Module, size: int, **inject: Any) -> tuple[nn.Module, se_inject.Report]:
+    """Inject identity-initialised SE: no site refused (blocks that already have attention aside), every base key
+    kept with its tensor, only the SE modules' keys added, outputs exactly the base model's. Returns
+    ``(injected, report)``."""
+    before = state_snapshot(model)
+    injected, report = se_inject.inject(model, seed=0, init="identity", input_size=size, **inject)
+    assert report.plan.sites
+    assert not [s for s in report.skipped if not s.already_attention], report.skipped
+    after = injected.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key  # nothing renamed, moved or renumbered
+    assert set(after) - set(before) == {f"{s.module_path}.{k}" for s in report.plan.sites
+                                        for k in injected.get_submodule(s.module_path).state_dict()}
+    assert all(is_attention(injected.get_submodule(s.module_path)) for s in report.plan.sites)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(injected.eval()(x), model(x))
+    return injected, report
+
+
+def assert_scripts_and_exports(model: nn.Module, size: int, **inject: Any) -> None:
+    """The model with SE scripts (where the base model scripts) and exports, computing what eager mode does."""
+    try:
+        torch.jit.script(model)
+        scripts = True
+    except Exception:  # the base model does not script: nothing to keep
+        scripts = False
+    injected, _ = se_inject.inject(model.eval(), seed=0, input_size=size, **inject)
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = injected.eval()(x)
+        if scripts:
+            torch.testing.assert_close(torch.jit.script(injected)(x), expected)
+        torch.testing.assert_close(torch.export.export(injected, (x,)).module()(x), expected)
+
+
+def se_input(block: nn.Module, name: str, *args: Any) -> torch.Tensor:
+    """What the SE module `name` of `block` receives when the block runs on `args`."""
+    seen = {}
+    hook = block.get_submodule(name).register_forward_hook(lambda _m, inputs, _out: seen.update(x=inputs[0]))
+    try:
+        with torch.no_grad():
+            block(*args)
+    finally:
+        hook.remove()
+    return seen["x"]
