@@ -21,10 +21,12 @@ def real_model(name: str, **kwargs: Any) -> nn.Module:
     return randomize_norm_stats(timm.create_model(name, **kwargs)).eval()
 
 
-def assert_identity_reproduces(model: nn.Module, size: int, **inject: Any) -> tuple[nn.Module, se_inject.Report]:
+def assert_identity_reproduces(
+    model: nn.Module, size: int, *, train: bool = False, **inject: Any
+) -> tuple[nn.Module, se_inject.Report]:
     """Inject identity-initialised SE: no site refused (blocks that already have attention aside), every base key
-    kept with its tensor, only the SE modules' keys added, outputs exactly the base model's. Returns
-    ``(injected, report)``."""
+    kept with its tensor, only the SE modules' keys added, outputs exactly the base model's (in eval mode, and with
+    `train` in training mode too). Returns ``(injected, report)`` in eval mode."""
     before = state_snapshot(model)
     injected, report = se_inject.inject(model, seed=0, init="identity", input_size=size, **inject)
     assert report.plan.sites
@@ -38,6 +40,9 @@ def assert_identity_reproduces(model: nn.Module, size: int, **inject: Any) -> tu
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.equal(injected.eval()(x), model(x))
+        if train:
+            assert torch.equal(injected.train()(x), model.train()(x))
+            injected.eval(), model.eval()
     return injected, report
 
 

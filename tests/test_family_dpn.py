@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import randomize_norm_stats, state_snapshot
+from conftest import randomize_norm_stats
+from family_checks import assert_identity_reproduces
 from timm.models.dpn import DPN, DualPathBlock
 from torch import nn
 
@@ -36,16 +37,8 @@ def test_one_se_per_dual_path_block_at_the_end_of_its_branch(name, b):
 def test_identity_init_reproduces_a_real_dpn(b):
     base = randomize_norm_stats(DPN(k_sec=(1, 2, 1, 1), inc_sec=(8, 8, 8, 8), k_r=32, groups=4, small=True,
                                     num_init_features=16, b=b, num_classes=10)).eval()
-    before = state_snapshot(base)
-    injected, report = se_inject.inject(base, seed=0, init="identity", input_size=32)
-    assert len(report.plan.sites) == 5 and not report.skipped
-    after = injected.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(injected(x), base(x))
-        injected.train(), base.train()
-        assert torch.equal(injected(x), base(x))
+    _, report = assert_identity_reproduces(base, 32, train=True)
+    assert len(report.plan.sites) == 5
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_norm_stats, state_snapshot
+from conftest import randomize_norm_stats
+from family_checks import assert_identity_reproduces
 from timm.models.selecsls import SelecSls, SelecSlsBlock
 from torch import nn
 
@@ -32,16 +33,8 @@ def test_one_se_per_block_on_its_aggregation_output():
 
 def test_identity_init_reproduces_a_real_selecsls():
     base = _tiny()
-    before = state_snapshot(base)
-    injected, report = se_inject.inject(base, seed=0, init="identity", input_size=32)
-    assert len(report.plan.sites) == 4 and not report.skipped
-    after = injected.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(injected(x), base(x))
-        injected.train(), base.train()
-        assert torch.equal(injected(x), base(x))
+    _, report = assert_identity_reproduces(base, 32, train=True)
+    assert len(report.plan.sites) == 4
 
 
 @pytest.mark.slow

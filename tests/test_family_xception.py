@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_norm_stats, state_snapshot
+from conftest import randomize_norm_stats
+from family_checks import assert_identity_reproduces
 from timm.models.xception import Block
 from timm.models.xception_aligned import PreXceptionModule, XceptionAligned, XceptionModule
 from torch import nn
@@ -59,16 +60,8 @@ def _tiny_legacy() -> nn.Module:
                          ids=["legacy", "aligned", "aligned-preact"])
 def test_identity_init_reproduces_a_real_xception(make):
     base = randomize_norm_stats(make()).eval()
-    before = state_snapshot(base)
-    injected, report = se_inject.inject(base, seed=0, init="identity", input_size=32)
-    assert len(report.plan.sites) == 3 and not report.skipped
-    after = injected.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(injected(x), base(x))
-        injected.train(), base.train()
-        assert torch.equal(injected(x), base(x))
+    _, report = assert_identity_reproduces(base, 32, train=True)
+    assert len(report.plan.sites) == 3
 
 
 @pytest.mark.slow
