@@ -8,13 +8,15 @@ Heavy imports (torch, timm, torchvision) happen inside command bodies, so ``--he
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -745,13 +747,38 @@ def run_listing(argv: tuple[str, ...]) -> None:
 
 
 def main() -> None:
+    code: Any = 0
     try:
         printable_streams()
         run_listing(tuple(sys.argv[1:]))  # before typer builds its command tree
         app()
     except BrokenPipeError:  # a closed pipe outside the commands' error funnel (help, usage errors): exit as they do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
+        code = 141
+    except SystemExit as e:
+        code = e.code
+    exit_now(code)
+
+
+def exit_now(code: Any) -> NoReturn:
+    """End the process as `sys.exit(code)` would, without the interpreter's teardown of every imported module: once
+    torch and timm are imported that teardown takes about a second, longer than the work of many commands. Threads
+    are waited for, exit handlers run and the streams are flushed first, as at a normal exit."""
+    if isinstance(code, str):  # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        code = 1
+    code = 0 if code is None else code if isinstance(code, int) else 1
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:  # the reader is gone: the shell's code for SIGPIPE, as the commands exit
+            code = 141
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 _FAST = {

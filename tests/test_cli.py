@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -310,3 +312,27 @@ def test_closed_pipe_exits_141_and_python_dash_m(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141, err
     assert err == b""
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["--version"], 0), (["--bogus-option"], 2), (["recipes"], 0)])
+def test_the_process_exits_fast_but_completely(argv, code):
+    """`main` skips the interpreter's module teardown (a second once torch is imported) but keeps what a normal exit
+    does: exit handlers run, output is flushed, the status is the command's."""
+    script = ("import atexit, sys\nfrom se_inject.cli import main\n"
+              "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
+              f"sys.argv = ['se-inject', *{argv!r}]\nmain()\nprint('not reached')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == code, result.stderr
+    assert "handler ran" in result.stderr and "not reached" not in result.stdout
+    if argv == ["recipes"]:
+        assert result.stdout.rstrip().endswith(load_recipe_listing_tail())
+
+
+def load_recipe_listing_tail() -> str:
+    """The last line of the recipe listing, printed in process: the fast exit lost nothing of the output."""
+    from se_inject.cli import print_recipes
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        print_recipes(as_json=False)
+    return buffer.getvalue().rstrip().splitlines()[-1]
