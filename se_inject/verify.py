@@ -30,6 +30,7 @@ from torch import nn
 from .errors import SEInjectError
 from .find import Skip
 from .layers.attention import class_path, create_attention, identity_gain, init_attention
+from .meta import meta_copy
 from .plan import Plan, Site
 
 FIXED_TYPES = (bool, int, float, str, type(None))  # argument values tracing specialises on (and a plan may hold)
@@ -94,10 +95,11 @@ class Call:
         return None
 
     def build(
-        self, batch: int, generator: torch.Generator, shrink: int = 1, grow: int = 1
+        self, batch: int, generator: torch.Generator | None, shrink: int = 1, grow: int = 1
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Random inputs shaped like the recorded ones, with a batch dimension of 1 widened to `batch` and the
-        spatial dimensions of NCHW tensors divided by `shrink` (multiplied by `grow`)."""
+        spatial dimensions of NCHW tensors divided by `shrink` (multiplied by `grow`); without a generator, empty
+        tensors on the meta device (shapes only)."""
         made: dict[int, torch.Tensor] = {}
 
         def make(value: Any) -> Any:
@@ -108,7 +110,9 @@ class Call:
                         shape[0] = batch
                     if len(shape) == 4:
                         shape[2:] = [d // shrink * grow for d in shape[2:]]
-                    if value.dtype.is_floating_point:
+                    if generator is None:
+                        made[value.alias] = torch.empty(shape, dtype=value.dtype, device="meta")
+                    elif value.dtype.is_floating_point:
                         made[value.alias] = torch.randn(shape, generator=generator, dtype=torch.float32)
                     else:
                         made[value.alias] = torch.zeros(shape, dtype=value.dtype)
@@ -310,31 +314,33 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
         for key, value in expected[2].items():
             if not torch.equal(got[2][key], value):
                 return f"the rewritten block updates {key} differently in {mode} mode"
-    return None if shrink > 1 or not taken else _layout_problem(original_block, work, module, call, taken[0])
+    return None if shrink > 1 or not taken else _layout_problem(original_block, work, site.name, call, taken[0])
 
 
 def _layout_problem(
-    original: nn.Module, work: nn.Module, module: nn.Module, call: Call, small: tuple[int, ...]
+    original: nn.Module, work: nn.Module, name: str, call: Call, small: tuple[int, ...]
 ) -> str | None:
-    """Whether the module takes an NCHW map: on inputs twice the size, its input's dimension 1 (the channels it was
-    built for) must stay and dimensions 2 and 3 must grow (strided layers round) from `small`, the map it took on
-    the checked inputs. A channels-last map (N, H, W, C), e.g. a Linear layer's output, passes the check above where
-    the inputs are not shrunk (on shrunk ones the module fails outright). None also where the block does not run at
-    the other size, with or without the module (it cannot tell)."""
+    """Whether the module `name` of the rewritten block `work` takes an NCHW map: on inputs twice the size, its
+    input's dimension 1 (the channels it was built for) must stay and dimensions 2 and 3 must grow (strided layers
+    round) from `small`, the map it took on the checked inputs. A channels-last map (N, H, W, C), e.g. a Linear
+    layer's output, passes the check above where the inputs are not shrunk (on shrunk ones the module fails
+    outright). Shapes are all it needs: it runs on meta copies. None also where the block does not run at the other
+    size, with or without the module (it cannot tell)."""
     if len(small) != 4 or not any(
         isinstance(leaf, TensorArg) and len(leaf.shape) == 4 for leaf in _leaves((call.args, call.kwargs))
     ):
         return None  # no map to grow (tokens and sizes in, as XCiT's LPI)
+    work = meta_copy(work).eval()
     large: list[tuple[int, ...]] = []
-    handle = module.register_forward_pre_hook(lambda _m, a: large.append(tuple(a[0].shape)))
-    args, kwargs = call.build(2, torch.Generator().manual_seed(0), grow=2)
+    handle = work.get_submodule(name).register_forward_pre_hook(lambda _m, a: large.append(tuple(a[0].shape)))
+    args, kwargs = call.build(1, None, grow=2)
     try:
         with torch.no_grad():
-            work.eval()(*_clone(args), **_clone(kwargs))
+            work(*args, **kwargs)
     except Exception as e:
         try:
             with torch.no_grad():
-                original.eval()(*args, **kwargs)
+                meta_copy(original).eval()(*args, **kwargs)
         except Exception:
             return None
         return f"the map it would take is not NCHW: the module fails on inputs twice the size ({type(e).__name__})"
