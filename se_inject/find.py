@@ -120,8 +120,8 @@ Candidate = tuple[str, nn.Module, Recipe, BlockRule, str]  # path, block, recipe
 
 
 def _rule_for(recipe: Recipe, cp: str, module: nn.Module, ancestors: tuple[str, ...]) -> BlockRule | None:
-    return next((rule for rule in recipe.blocks if cp in rule.classes and rule.applies_to(module)
-                 and rule.in_scope(ancestors) and _block_requirements_met(module, rule.require)), None)
+    return next((rule for rule in recipe.rules_for(cp, module, ancestors)
+                 if _block_requirements_met(module, rule.require)), None)
 
 
 def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[Candidate]:

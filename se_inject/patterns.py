@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .layers.attention import class_path, is_attention
 from .recipes import PATTERNS
 
 __all__ = ["PATTERNS", "Place", "conv_chain", "match_block", "node_output_shape", "trace_block"]
@@ -64,39 +65,37 @@ class _OpaqueTracer(torch.fx.Tracer):
         return True
 
 
-def config_key(block: nn.Module) -> tuple[Any, ...]:
-    """The block's class and configuration (scalar attributes, children's types and settings): a block's traced
-    graph depends only on these."""
-    config = tuple(
-        (name, type(value).__name__, value.extra_repr(), tuple(value._modules))  # child names: a container's length
-        if isinstance(value, nn.Module) else (name, value)
-        for name, value in sorted({**vars(block), **block._modules}.items())
-        if not name.startswith("_") and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
-    )
-    return (type(block), config)
+def graph_key(block: nn.Module, open_paths: Iterable[str] = ()) -> tuple[Any, ...]:
+    """What the block's traced graph depends on (children opaque): its class, its own scalar attributes, its
+    children's classes and settings, the paths and classes of all its submodules (a forward looping over a
+    ModuleList calls each), and the same for each container traced through (`open_paths`)."""
+
+    def own(module: nn.Module) -> tuple[Any, ...]:
+        return tuple(  # an attention module's settings (its gain: 1, or the identity check's) do not change it
+            (name, class_path(value), "" if is_attention(value) else value.extra_repr())
+            if isinstance(value, nn.Module) else (name, value)
+            for name, value in sorted({**vars(module), **module._modules}.items())
+            if not name.startswith("_") and name != "training"  # traced in both modes (`_trace_modes`)
+            and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
+        )
+
+    tree = tuple((path, class_path(m)) for path, m in block.named_modules())  # how many a loop over a list calls
+    return type(block), own(block), tree, *((path, own(block.get_submodule(path))) for path in sorted(open_paths))
 
 
 _traces: dict[tuple[Any, ...], torch.fx.Graph | None] = {}
 
 
 def trace_block(block: nn.Module) -> torch.fx.Graph | None:
-    """The block's forward traced with every child opaque, or None when torch.fx cannot trace it. Cached per class
-    and configuration, so a model with 50 identical blocks is traced once."""
-    key = config_key(block)
-    if key in _traces and not _fits(_traces[key], block):
-        key = (*key, id(block))  # a configuration the key does not tell apart: trace this block on its own
+    """The block's forward traced with every child opaque, or None when torch.fx cannot trace it. Cached per
+    configuration (`graph_key`) and mode, so a model with 50 identical blocks is traced once."""
+    key = (graph_key(block), block.training)
     if key not in _traces:
         try:
             _traces[key] = _OpaqueTracer().trace(block)
         except Exception:  # data-dependent control flow, unsupported arguments, ...: no structural match
             _traces[key] = None
     return _traces[key]
-
-
-def _fits(graph: torch.fx.Graph | None, block: nn.Module) -> bool:
-    """Whether every child a cached graph calls exists in `block`."""
-    names = dict(block.named_modules())
-    return graph is None or all(str(n.target) in names for n in graph.nodes if n.op == "call_module")
 
 
 # --- what the nodes are ---------------------------------------------------------------------------------------------

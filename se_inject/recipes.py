@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from functools import cache
@@ -93,8 +94,15 @@ class BlockRule:
 
     def in_scope(self, ancestors: tuple[str, ...]) -> bool:
         """Whether a block under ancestors of these classes (outermost first) is in this rule's scope."""
-        return (not self.within or any(fnmatchcase(a, g) for a in ancestors for g in self.within)) and not any(
-            fnmatchcase(a, g) for a in ancestors for g in self.not_within)
+        return _in_scope(self.within, self.not_within, ancestors, ancestors)
+
+
+def _in_scope(within: tuple[str, ...], not_within: tuple[str, ...], ancestors: tuple[str, ...],
+              excluded: tuple[str, ...]) -> bool:
+    """Some class of `ancestors` matches a glob of `within` (when given), and none of `excluded` one of
+    `not_within`."""
+    return (not within or any(fnmatchcase(a, g) for a in ancestors for g in within)) and not any(
+        fnmatchcase(a, g) for a in excluded for g in not_within)
 
 
 _MISSING = object()
@@ -127,11 +135,8 @@ class PatternRule:
 
     def accepts(self, class_path: str, ancestors: tuple[str, ...]) -> bool:
         """Whether a block of class `class_path` under ancestors of these classes is in this rule's scope."""
-        return (
-            any(fnmatchcase(class_path, g) for g in self.classes)
-            and (not self.within or any(fnmatchcase(a, g) for a in ancestors for g in self.within))
-            and not any(fnmatchcase(a, g) for a in (*ancestors, class_path) for g in self.not_within)
-        )
+        return any(fnmatchcase(class_path, g) for g in self.classes) and _in_scope(
+            self.within, self.not_within, ancestors, (*ancestors, class_path))
 
 
 @dataclass(frozen=True)
@@ -149,10 +154,19 @@ class Recipe:
     def classes(self) -> tuple[str, ...]:
         return tuple(c for rule in self.blocks for c in rule.classes)
 
-    def rule_for(self, class_path: str, block: Any = None) -> BlockRule | None:
-        """The rule naming this class whose `when` conditions the block meets (checked only when given)."""
-        return next((rule for rule in self.blocks if class_path in rule.classes
-                     and (block is None or rule.applies_to(block))), None)
+    def rules_for(
+        self, class_path: str, block: Any = None, ancestors: tuple[str, ...] | None = None
+    ) -> Iterator[BlockRule]:
+        """The rules naming this class whose `when` conditions the block meets and whose scope its ancestors are in
+        (each checked only when given), in file order."""
+        return (rule for rule in self.blocks if class_path in rule.classes
+                and (block is None or rule.applies_to(block)) and (ancestors is None or rule.in_scope(ancestors)))
+
+    def rule_for(
+        self, class_path: str, block: Any = None, ancestors: tuple[str, ...] | None = None
+    ) -> BlockRule | None:
+        """The first of `rules_for`."""
+        return next(self.rules_for(class_path, block, ancestors), None)
 
     def defaults_for(self, model_class: str) -> SEDefaults:
         """The SE settings in a model of this class: its family's convention, else the recipe's defaults."""

@@ -23,7 +23,6 @@ import linecache
 import operator
 import types
 import typing
-from collections.abc import Iterable
 from contextlib import nullcontext
 from typing import Any, Optional
 
@@ -32,9 +31,10 @@ import torch.fx
 from torch import nn
 
 from .errors import SurgeryError, describe
-from .layers.attention import class_path, create_attention, init_attention, is_attention
+from .layers.attention import class_path, create_attention, init_attention
 from .layers.squeeze_excite import squeeze_through
 from .models import seeded
+from .patterns import graph_key
 from .plan import Plan, Site
 from .schema import attribute_name_problem
 
@@ -124,24 +124,6 @@ def _slot_rewrite(block: nn.Module, slot: str, fixed: dict[str, Any]) -> tuple[b
     return _slot_rewrites[key]
 
 
-def graph_key(block: nn.Module, open_paths: Iterable[str] = ()) -> tuple[Any, ...]:
-    """What the block's traced graph depends on (children opaque): its class, its own scalar attributes, its
-    children's classes and settings, the paths and classes of all its submodules (a forward looping over a
-    ModuleList calls each), and the same for each container traced through (`open_paths`)."""
-
-    def own(module: nn.Module) -> tuple[Any, ...]:
-        return tuple(  # an attention module's settings (its gain: 1, or the identity check's) do not change it
-            (name, class_path(value), "" if is_attention(value) else value.extra_repr())
-            if isinstance(value, nn.Module) else (name, value)
-            for name, value in sorted({**vars(module), **module._modules}.items())
-            if not name.startswith("_") and name != "training"  # traced in both modes (`_trace_modes`)
-            and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
-        )
-
-    tree = tuple((path, class_path(m)) for path, m in block.named_modules())  # how many a loop over a list calls
-    return type(block), own(block), tree, *((path, own(block.get_submodule(path))) for path in sorted(open_paths))
-
-
 def _only_reader(call: torch.fx.Node, block: nn.Module) -> bool:
     """Whether `call` is the only reader of its input tensor, so it may scale it in place (autograd off).
 
@@ -228,13 +210,13 @@ def _trace_modes(
 
 def _trace_both(block: nn.Module, open_paths: set[str], fixed: dict[str, Any]) -> tuple[torch.fx.Graph, bool]:
     modes = [m.training for m in block.modules()]
+    renamed = {f"{name}_1": name for name in fixed}
+    hints = _type_hints(type(block).forward)
     try:
         graphs = []
         for training in (True, False):
             block.train(training)
             graph = _BlockTracer(open_paths).trace(block, concrete_args=dict(fixed) if fixed else None)
-            renamed = {f"{name}_1": name for name in fixed or ()}
-            hints = _type_hints(type(block).forward)
             for node in graph.nodes:  # torch.fx names a specialised parameter `name_1`; callers may pass `name=`
                 if node.op == "placeholder" and node.target in renamed:
                     node.target = renamed[node.target]
@@ -441,6 +423,9 @@ def _wrappable(cls: type) -> bool:
 def _wrapped_class(cls: type, name: str, position: str) -> type:
     """A subclass of `cls` whose forward calls the module `name` on the output (`position` "after") or the first
     input ("before") of the class's own forward, kept as method ``se_inject_forward`` so TorchScript compiles it."""
+    problem = attribute_name_problem(name)  # it becomes source code below
+    if problem:
+        raise SurgeryError(f"invalid module name: {problem}")
     key = (cls, f"wrap {name} {position}")
     if key not in _classes:
         base = getattr(cls, "__se_inject_base__", cls)
