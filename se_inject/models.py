@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from .errors import SEInjectError, UnknownModelError, UsageError, WeightsError, describe
+from .schema import MAX_SIDE
 
 SOURCES = ("timm", "torchvision")  # named model libraries; "python" specs are factories of the user's
 DEFAULT_INPUT_SIZE = (3, 224, 224)
-MAX_SIDE = 16384  # the plan schema's bound too (schema.MAX_SIDE)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -132,12 +133,7 @@ def _category(name: str) -> str:
 
 def summarize_categories(rows: list[ScanRow]) -> dict[str, int]:
     """The "no-match" rows by architecture category."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        if row.status == "no-match":
-            kind = getattr(row, "category", "") or "unknown"
-            counts[kind] = counts.get(kind, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(row.category or "unknown" for row in rows if row.status == "no-match").items()))
 
 
 def _worker_init() -> None:

@@ -72,3 +72,12 @@ def se_input(block: nn.Module, name: str, *args: Any) -> torch.Tensor:
     finally:
         hook.remove()
     return seen["x"]
+
+
+def assert_sites_shaped_like(model: nn.Module, report: se_inject.Report, own: Any) -> None:
+    """Each inserted module has the state_dict shapes of `own(channels)`, the family's own attention module at the
+    site's width (e.g. ``lambda c: timm.layers.SEModule(c, rd_ratio=0.25, device="meta")``)."""
+    for site in report.plan.sites:
+        added = model.get_submodule(site.module_path)
+        expected = {k: v.shape for k, v in own(site.channels).state_dict().items()}
+        assert {k: v.shape for k, v in added.state_dict().items()} == expected, site.path

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_checks import assert_identity_reproduces, assert_scripts_and_exports, real_model
+from family_checks import (
+    assert_identity_reproduces,
+    assert_scripts_and_exports,
+    assert_sites_shaped_like,
+    real_model,
+)
 from timm.layers import SEModule
 from timm.models.efficientvim import EfficientViMBlock, PatchMerging
 
@@ -23,10 +28,8 @@ def test_blocks_take_se_on_the_ffn_and_downsamples_keep_their_own():
     assert all((s.anchor, s.position) == ("ffn", "after") for s in report.plan.sites)
     merging = [p for p, m in model.named_modules() if isinstance(m, PatchMerging)]
     assert [s.path for s in report.skipped if s.already_attention] == merging and merging
-    for site in report.plan.sites:  # the family's own SE width: timm SEModule(C, rd_ratio=0.25), as in PatchMerging
-        own = SEModule(site.channels, rd_ratio=0.25, device="meta")
-        added = model.get_submodule(site.module_path)
-        assert {k: v.shape for k, v in added.state_dict().items()} == {k: v.shape for k, v in own.state_dict().items()}
+    # the family's own SE width: timm SEModule(C, rd_ratio=0.25), as in PatchMerging
+    assert_sites_shaped_like(model, report, lambda c: SEModule(c, rd_ratio=0.25, device="meta"))
 
 
 def test_identity_init_reproduces_the_base_model_and_se_takes_the_ffn_output():
