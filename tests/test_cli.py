@@ -278,11 +278,10 @@ def test_factory_next_to_its_file(tmp_path, monkeypatch):
 
 
 def test_scan_says_how_to_see_every_model(capsys):
-    from types import SimpleNamespace
-
     from se_inject.cli import _render_scan
+    from se_inject.scan import ScanRow
 
-    _render_scan([SimpleNamespace(model=f"m{i}", status="no-match") for i in range(60)], None)
+    _render_scan([ScanRow(model=f"m{i}", status="no-match") for i in range(60)], None)
     out = capsys.readouterr().out
     assert "60 models: the table shows up to 50" in out and "--output FILE.csv" in out
 
