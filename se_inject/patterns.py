@@ -67,7 +67,7 @@ class _OpaqueTracer(torch.fx.Tracer):
 
 def graph_key(block: nn.Module, open_paths: Iterable[str] = ()) -> tuple[Any, ...]:
     """What the block's traced graph depends on (children opaque): its class, its own scalar attributes, its
-    children's classes and settings, the paths and classes of all its submodules (a forward looping over a
+    children's classes and settings, the paths and classes of what its containers hold (a forward looping over a
     ModuleList calls each), and the same for each container traced through (`open_paths`)."""
 
     def own(module: nn.Module) -> tuple[Any, ...]:
@@ -79,8 +79,23 @@ def graph_key(block: nn.Module, open_paths: Iterable[str] = ()) -> tuple[Any, ..
             and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
         )
 
-    tree = tuple((path, class_path(m)) for path, m in block.named_modules())  # how many a loop over a list calls
-    return type(block), own(block), tree, *((path, own(block.get_submodule(path))) for path in sorted(open_paths))
+    return type(block), own(block), _containers(block), *(
+        (path, own(block.get_submodule(path))) for path in sorted(open_paths))
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _containers(module: nn.Module, prefix: str = "") -> tuple[tuple[str, str], ...]:
+    """Paths and classes of the children reached through containers (a forward looping over a ModuleList calls
+    each, so their number shapes the graph); children that are called whole stay opaque and are not walked."""
+    found: list[tuple[str, str]] = []
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        found.append((path, class_path(child)))
+        if isinstance(child, _CONTAINERS):
+            found.extend(_containers(child, f"{path}."))
+    return tuple(found)
 
 
 _traces: dict[tuple[Any, ...], torch.fx.Graph | None] = {}
