@@ -391,7 +391,10 @@ def inject(
     if not plan.sites:
         reasons = "; ".join(sorted({f"{s.path or 'the model'}: {s.reason}" for s in refused})[:3])
         raise NoSitesError(f"no block to put SE in: every rewrite failed its verification ({reasons})", "unverified")
-    apply_plan(planning, plan, inplace=True)
+    planning, plan, unrun = _apply_checked(planning, plan, size, spec, base)
+    refused += unrun
+    if base is not None and is_meta(base) and base is not planning and str(device) == "meta":
+        base = planning
     after = count(planning, size)
     if after.output_shapes != before.output_shapes:
         raise SurgeryError(f"surgery changed the output shapes: {before.output_shapes} -> {after.output_shapes}")
@@ -418,6 +421,29 @@ def inject(
         pretrained=located.weights if located else None,
     )
     return injected, report
+
+
+def _apply_checked(
+    planning: nn.Module, plan: Plan, size: tuple[int, ...], spec: ModelSpec | None, base: nn.Module | None
+) -> tuple[nn.Module, Plan, tuple[Skip, ...]]:
+    """Apply `plan` to the meta model `planning` and prove that every inserted module runs exactly once per call of
+    its block, on every forward path (`se_inject.calls`); sites that do not are refused and the plan is applied
+    again to a fresh meta model without them."""
+    from .calls import check_calls
+
+    fresh = (lambda: build_model(spec, device="meta")) if spec is not None else (lambda: meta_copy(base))
+    refused: list[Skip] = []
+    while True:
+        apply_plan(planning, plan, inplace=True)
+        problems = check_calls(planning, plan, size)
+        if not problems:
+            return planning, plan, tuple(refused)
+        refused += [Skip(s.path, s.block, s.recipe, problems[s.path]) for s in plan.sites if s.path in problems]
+        plan = replace(plan, sites=tuple(s for s in plan.sites if s.path not in problems))
+        if not plan.sites:
+            reasons = "; ".join(f"{p}: {r}" for p, r in list(problems.items())[:3])
+            raise NoSitesError(f"no block to put SE in: no inserted module runs as planned ({reasons})", "unverified")
+        planning = fresh()
 
 
 def _in_model_order(model: nn.Module, skipped: tuple[Skip, ...]) -> tuple[Skip, ...]:

@@ -17,19 +17,18 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
-import json
 import math
-import re
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import SEInjectError
+from .errors import SEInjectError, describe
 from .find import Skip
-from .layers.attention import class_path, create_attention, identity_gain, init_attention
+from .keys import config_key, freeze
+from .layers.attention import create_attention, identity_gain, init_attention
 from .meta import meta_copy
 from .plan import Plan, Site
 
@@ -179,31 +178,12 @@ def record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
 # --- the check -----------------------------------------------------------------------------------------------------
 
 
-def block_config(block: nn.Module) -> tuple[Any, ...]:
-    """What a block's computation depends on besides its weights: every submodule's path, class and settings.
-
-    The block's own settings count exactly; its descendants' float settings (a drop-path rate, a norm's eps) only
-    by kind (zero, one, positive, negative, nan): the rewrite calls children as they are, so their exact values
-    cannot decide whether it is equivalent, only whether a child may hand back its input (a rate of 0). Blocks of
-    one stage with stochastic-depth rates rising block by block are then checked once, not once each."""
-    return tuple(
-        (path, class_path(m), _coarse_floats(m.extra_repr()) if path else m.extra_repr(), tuple(
-            (k, _float_kind(v) if path and isinstance(v, float) else v) for k, v in sorted(vars(m).items())
-            if not k.startswith("_") and k != "training" and isinstance(v, FIXED_TYPES)
-        ))
-        for path, m in block.named_modules()
-    )
-
-
-_FLOAT = re.compile(r"(?<![\w.])-?(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d+)?|(?<![\w.])-?\d+[eE][-+]?\d+")
-
-
 def _float_kind(value: float) -> str:
+    """A descendant's float setting by kind only (zero, one, positive, negative, nan): children are called as they
+    are by both the original and the rewritten forward, so their exact values cannot decide whether the rewrite is
+    equivalent, only whether a child may hand back its input (a rate of 0). Blocks of one stage with
+    stochastic-depth rates rising block by block are then checked once, not once each."""
     return "nan" if math.isnan(value) else "0" if value == 0 else "1" if value == 1 else "+" if value > 0 else "-"
-
-
-def _coarse_floats(text: str) -> str:
-    return _FLOAT.sub(lambda m: _float_kind(float(m.group())), text)
 
 
 def materialize(block: nn.Module) -> nn.Module:
@@ -265,7 +245,7 @@ def check_site(block: nn.Module, site: Site, call: Call) -> str | None:
     try:
         work = _real_copy(block)
     except Exception as e:  # any failure refuses the site
-        return f"cannot verify the rewrite ({type(e).__name__}: {_first_line(e)})"
+        return f"cannot verify the rewrite ({type(e).__name__}: {describe(e)})"
     try:
         return _compare(work, site, call)
     finally:
@@ -294,13 +274,13 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
     except SEInjectError as e:
         return str(e).removeprefix(f"{site.path}: ")
     except Exception as e:
-        return f"cannot rewrite the block ({type(e).__name__}: {_first_line(e)})"
+        return f"cannot rewrite the block ({type(e).__name__}: {describe(e)})"
     taken: list[tuple[int, ...]] = []  # the shapes of the maps the module takes
     handle = module.register_forward_pre_hook(lambda _m, a: taken.append(tuple(a[0].shape)))
     try:
         rewritten = _run_modes(work, inputs)
     except Exception as e:
-        return f"the rewritten block fails where the original runs ({type(e).__name__}: {_first_line(e)})"
+        return f"the rewritten block fails where the original runs ({type(e).__name__}: {describe(e)})"
     finally:
         handle.remove()
     for mode, (expected, got) in zip(("eval", "training"), zip(original, rewritten, strict=True), strict=True):
@@ -310,7 +290,7 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
                     continue
                 torch.testing.assert_close(got[index], expected[index], equal_nan=True)
             except (AssertionError, TypeError, ValueError) as e:
-                return f"the rewritten block's {what} differs from the original's in {mode} mode ({_first_line(e)})"
+                return f"the rewritten block's {what} differs from the original's in {mode} mode ({describe(e)})"
         for key, value in expected[2].items():
             if not torch.equal(got[2][key], value):
                 return f"the rewritten block updates {key} differently in {mode} mode"
@@ -390,11 +370,6 @@ def _clone(inputs: Any) -> Any:
     return _map(inputs, _clone)
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else ""
-
-
 def verify_plan(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple[Plan, tuple[Skip, ...]]:
     """Check every site of `plan` against `model` (meta or real; not modified), once per distinct block
     configuration, site settings and call signature. Returns the plan without the refused sites, and those sites
@@ -408,7 +383,10 @@ def verify_plan(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple[P
 
 
 def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple[Plan, tuple[Skip, ...]]:
-    verdicts: dict[str, str | None] = {}
+    """One check per verdict key: the rewritten class (the exact code that ships: generated classes are one per
+    code), the block's own state exactly and its descendants' with floats by kind (`config_key`), the site and the
+    call. A block whose state cannot be keyed exactly is checked on its own."""
+    verdicts: dict[Hashable, str | None] = {}
     kept: list[Site] = []
     refused: list[Skip] = []
     for site in plan.sites:
@@ -417,14 +395,27 @@ def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple
             refused.append(Skip(site.path, site.block, site.recipe, "cannot verify the rewrite: no recorded call"))
             continue
         block = model.get_submodule(site.path)
-        key = json.dumps([site.block, repr(block_config(block)), site.anchor, site.position, site.slot, site.name,
-                          site.attention.to_dict(), sorted(site.fixed_args.items()), call.signature()],
-                         default=repr)
-        if key not in verdicts:
-            verdicts[key] = check_site(block, site, call)
-        reason = verdicts[key]
+        config = config_key(block, _float_kind)
+        key = None if config is None else (
+            _rewritten_type(block, site), config, site.anchor, site.position, site.slot, site.name,
+            freeze(site.attention.to_dict()), freeze(site.fixed_args), call.signature())
+        reason = verdicts[key] if key in verdicts else check_site(block, site, call)
+        if key is not None:
+            verdicts[key] = reason
         if reason is None:
             kept.append(site)
         else:
             refused.append(Skip(site.path, site.block, site.recipe, reason))
     return replace(plan, sites=tuple(kept)), tuple(refused)
+
+
+def _rewritten_type(block: nn.Module, site: Site) -> Any:
+    """The class the site's rewrite gives `block` (on a shallow copy with a meta module), or the failure's text."""
+    from .surgery import insert
+
+    try:
+        probe = _rewritable(block)
+        insert(probe, site, create_attention(site.attention, device="meta"))
+    except Exception as e:
+        return f"{type(e).__name__}: {describe(e)}"
+    return type(probe)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torchvision
+from family_checks import scales_in_place
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -126,6 +127,6 @@ def test_seeded_runs_are_byte_identical(tmp_path):
 def test_loaded_model_keeps_the_in_place_decisions(saved):
     model, report, directory = saved
     loaded = se_inject.load(directory)
-    flags = [loaded.get_submodule(s.module_path).scale_inplace for s in report.plan.sites]
-    assert flags == [model.get_submodule(s.module_path).scale_inplace for s in report.plan.sites]
+    flags = [scales_in_place(loaded, s) for s in report.plan.sites]
+    assert flags == [scales_in_place(model, s) for s in report.plan.sites]
     assert all(flags)

@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 import se_inject
-from se_inject.layers.squeeze_excite import squeeze_through
+from se_inject.fusion import squeeze_through
 
 
 def _randomise_norms(model: nn.Module) -> nn.Module:
