@@ -36,8 +36,9 @@ def scale(x: torch.Tensor, s: torch.Tensor, inplace: bool, residual: Optional[to
     """``x * s``, or ``residual + x * s`` in one pass. Written into `x` where the graph allows it (`inplace`) and
     autograd is off, in eager mode only (under torch.compile the out-of-place form fuses better; a traced or
     symbolic input keeps the plain form). A single channels_last map is not written in place (measured slower)."""
-    if not torch.jit.is_scripting() and isinstance(x, torch.fx.Proxy):
-        inplace = False
+    if not torch.jit.is_scripting():  # TorchScript compiles nothing under this condition
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing: no Python decision on the tensor's state
+            inplace = False
     inplace = inplace and not torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
     if inplace and x.shape[0] == 1 and not x.is_contiguous():
         inplace = False
