@@ -12,14 +12,12 @@ from typing import Any
 
 from torch import nn
 
-from .drift import Drift, compare, image_batch, random_batch
-from .drift import outputs as drift_outputs
-from .errors import NoSitesError, SurgeryError, UsageError
-from .find import Findings, Match, Skip, find_sites
-from .layers.attention import INITS, attention_spec, list_attention
-from .measure import Counts, count, count_params
-from .meta import is_meta, meta_copy
-from .models import (
+from .engine.drift import Drift, compare, image_batch, random_batch
+from .engine.drift import outputs as drift_outputs
+from .engine.find import Findings, Match, Skip, find_sites
+from .engine.measure import Counts, count, count_params
+from .engine.meta import is_meta, meta_copy
+from .engine.models import (
     ModelSpec,
     build_model,
     check_state_dict,
@@ -30,12 +28,14 @@ from .models import (
     resolve_model,
     seeded,
 )
-from .plan import Plan, Settings, Site
-from .recipes import GATES, resolve_recipes
-from .schema import MAX_SEED
-from .surgery import apply_plan
-from .variants import VARIANTS
-from .verify import verify_plan
+from .engine.plan import Plan, Settings, Site
+from .engine.recipes import GATES, resolve_recipes
+from .engine.schema import MAX_SEED
+from .engine.surgery import apply_plan
+from .engine.verify import verify_plan
+from .errors import NoSitesError, SurgeryError, UsageError
+from .layers.attention import INITS, attention_spec, list_attention
+from .names import VARIANTS
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ def inject(
     if isinstance(model, str):
         spec: ModelSpec | None = resolve_model(model)
         if pretrained:
-            from .pretrained import locate_pretrained
+            from .io.pretrained import locate_pretrained
 
             located = locate_pretrained(spec)  # fails here, before any build, when the weights cannot be had
             spec = located.spec
@@ -360,7 +360,7 @@ def inject(
         size = default_input_size(spec, planning)
 
     if str(device) != "meta":  # the saved model will run at this size: refuse one no machine here can hold
-        from .memory import check_forward_memory
+        from .engine.memory import check_forward_memory
 
         check_forward_memory(planning, size)
     findings = find_sites(planning, recipes, size, count_base=True)  # one forward: shapes and base counts
@@ -376,7 +376,7 @@ def inject(
         if str(device) == "meta":
             base = planning
         elif located is not None:
-            from .pretrained import build_pretrained
+            from .io.pretrained import build_pretrained
 
             with seeded(seed):  # parts the checkpoint does not cover (none in practice) stay reproducible
                 base = build_pretrained(located, device=device)
@@ -429,7 +429,7 @@ def _apply_checked(
     """Apply `plan` to the meta model `planning` and prove that every inserted module runs exactly once per call of
     its block, on every forward path (`se_inject.calls`); sites that do not are refused and the plan is applied
     again to a fresh meta model without them."""
-    from .calls import check_calls
+    from .engine.coverage import check_calls
 
     fresh = (lambda: build_model(spec, device="meta")) if spec is not None else (lambda: meta_copy(base))
     refused: list[Skip] = []
@@ -464,8 +464,8 @@ def save_injected(
     """The save step: checkpoint and report, ``config.json`` where the result is exactly a timm architecture (so
     plain timm loads the folder), and the requested exports (batch axis dynamic unless `export_batch` fixes it;
     `opset` for ONNX), all written atomically. Returns the final report."""
-    from .checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
-    from .export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
+    from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
+    from .io.export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
 
     validate_export_options(exports, batch=export_batch, opset=opset)
     directory = Path(directory)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import se_inject
 from se_inject import CheckpointError, OutputExistsError
-from se_inject.checkpoint import PLAN_KEY, WEIGHTS_HASH_KEY, read_plan
+from se_inject.io.checkpoint import PLAN_KEY, WEIGHTS_HASH_KEY, read_plan
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_refuses_to_overwrite_without_force(saved, tmp_path):
 
 def test_failed_write_leaves_nothing(saved, tmp_path, monkeypatch):
     model, report, _ = saved
-    import se_inject.checkpoint as checkpoint
+    import se_inject.io.checkpoint as checkpoint
 
     def fail(*_, **__):
         raise OSError(28, "No space left on device")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from se_inject.cli import app
+from se_inject.cli.app import app
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
@@ -122,7 +122,7 @@ def test_version_and_help():
 def test_fast_paths_do_not_import_torch(args):
     code = (
         "import sys\n"
-        "from se_inject.cli import app\n"
+        "from se_inject.cli.app import app\n"
         f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
@@ -252,12 +252,12 @@ def test_help_conventions():
 
 def test_help_choices_are_the_librarys():
     from se_inject import cli
-    from se_inject.checkpoint import OUTPUT_FILES
-    from se_inject.export import FORMATS
+    from se_inject.engine.recipes import GATES
+    from se_inject.io.checkpoint import OUTPUT_FILES
+    from se_inject.io.export import FORMATS
     from se_inject.layers.attention import INITS
+    from se_inject.names import VARIANTS
     from se_inject.preflight import OUTPUT_FILES as CHECKED_OUTPUT_FILES
-    from se_inject.recipes import GATES
-    from se_inject.variants import VARIANTS
 
     assert tuple(VARIANTS) == cli.ATTENTION_CHOICES
     assert cli.GATE_CHOICES == GATES and cli.INIT_CHOICES == INITS
@@ -266,7 +266,7 @@ def test_help_choices_are_the_librarys():
 
 
 def test_factory_next_to_its_file(tmp_path, monkeypatch):
-    from se_inject.models import resolve_model
+    from se_inject.engine.models import resolve_model
 
     (tmp_path / "mynets_issue14.py").write_text(
         "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 8, 3))\n"
@@ -278,8 +278,8 @@ def test_factory_next_to_its_file(tmp_path, monkeypatch):
 
 
 def test_scan_says_how_to_see_every_model(capsys):
-    from se_inject.cli import _render_scan
-    from se_inject.scan import ScanRow
+    from se_inject.cli.app import _render_scan
+    from se_inject.tools.scan import ScanRow
 
     _render_scan([ScanRow(model=f"m{i}", status="no-match") for i in range(60)], None)
     out = capsys.readouterr().out
@@ -288,9 +288,9 @@ def test_scan_says_how_to_see_every_model(capsys):
 
 def test_compare_table_says_which_statistic_and_warns_when_noisy(capsys, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)  # piped without $COLUMNS: tables are never cut
-    from se_inject.bench import Timing
-    from se_inject.cli import _render_compare
-    from se_inject.compare import CompareRow
+    from se_inject.cli.app import _render_compare
+    from se_inject.tools.bench import Timing
+    from se_inject.tools.compare import CompareRow
 
     quiet = Timing(1, 10.0, 10.5, 0.05, 0.04, 0.06, 15, "cpu", 2)
     noisy = Timing(8, 408.0, 408.2, -0.427, -0.6, 0.3, 15, "cpu", 2)  # the paired median disagrees with (b)
@@ -317,7 +317,7 @@ def test_closed_pipe_exits_141_and_python_dash_m(tmp_path):
 def test_the_process_exits_fast_but_completely(argv, code):
     """`main` skips the interpreter's module teardown (a second once torch is imported) but keeps what a normal exit
     does: exit handlers run, output is flushed, the status is the command's."""
-    script = ("import atexit, sys\nfrom se_inject.cli import main\n"
+    script = ("import atexit, sys\nfrom se_inject.cli.app import main\n"
               "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
               f"sys.argv = ['se-inject', *{argv!r}]\nmain()\nprint('not reached')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -329,7 +329,7 @@ def test_the_process_exits_fast_but_completely(argv, code):
 
 def load_recipe_listing_tail() -> str:
     """The last line of the recipe listing, printed in process: the fast exit lost nothing of the output."""
-    from se_inject.cli import print_recipes
+    from se_inject.cli.app import print_recipes
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):

@@ -14,9 +14,9 @@ from torch import nn
 
 import se_inject
 from se_inject import CheckpointError
-from se_inject.calls import check_calls
-from se_inject.keys import BoundedCache, freeze, module_key
-from se_inject.surgery import apply_plan
+from se_inject.engine.coverage import check_calls
+from se_inject.engine.keys import BoundedCache, freeze, module_key
+from se_inject.engine.surgery import apply_plan
 
 
 class Order(enum.Enum):
@@ -120,7 +120,7 @@ def test_bounded_cache_evicts_the_least_recently_used():
 
 
 def test_generated_classes_are_bounded():
-    import se_inject.surgery as surgery
+    import se_inject.engine.surgery as surgery
 
     assert surgery._classes.maxsize <= 1024 and surgery._rewrites.maxsize <= 4096
 

@@ -11,9 +11,9 @@ from conftest import randomize_norm_stats, state_snapshot
 
 import se_inject
 from se_inject import NoSitesError
-from se_inject.find import find_sites
+from se_inject.engine.find import find_sites
+from se_inject.engine.recipes import resolve_recipes
 from se_inject.layers.squeeze_excite import SqueezeExcite
-from se_inject.recipes import resolve_recipes
 
 
 def _meta(name: str, source: str = "timm"):

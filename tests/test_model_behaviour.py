@@ -13,7 +13,6 @@ import sys
 import pytest
 import timm
 import torch
-import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import se_inject

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import se_inject
 from se_inject import UnknownModelError, UsageError, WeightsError
-from se_inject.models import ModelSpec, build_model, default_input_size, parse_input_size, resolve_model
+from se_inject.engine.models import ModelSpec, build_model, default_input_size, parse_input_size, resolve_model
 
 
 def test_bare_names_prefer_timm_and_prefixes_force_the_source():

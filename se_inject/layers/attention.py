@@ -14,7 +14,7 @@ from timm.layers import make_divisible
 from torch import nn
 
 from ..errors import UsageError
-from ..variants import VARIANTS
+from ..names import VARIANTS
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention, eca_kernel_size
 from .squeeze_excite import EffectiveSqueezeExcite, SqueezeExcite

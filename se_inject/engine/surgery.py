@@ -31,10 +31,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import SurgeryError, describe
+from ..errors import SurgeryError, describe
+from ..layers.attention import class_path, create_attention, init_attention
 from .fusion import fuse, fused_class
 from .keys import BoundedCache, freeze, module_key
-from .layers.attention import class_path, create_attention, init_attention
 from .models import seeded
 from .plan import Plan, Site
 from .schema import attribute_name_problem

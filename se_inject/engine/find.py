@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
-from .layers.attention import class_path, find_attention
+from ..errors import UsageError
+from ..layers.attention import class_path, find_attention
 from .meta import as_meta, output_shapes, run_meta
 from .recipes import BlockRule, PatternRule, Recipe
 

@@ -13,7 +13,7 @@ import math
 import re
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range (non-negative part)
 MAX_SIDE = 16384  # largest input height/width/channels se-inject accepts (4x a 4K image side)
@@ -97,9 +97,9 @@ def _choice(field: str, value: Any, choices: tuple[str, ...] | list[str]) -> str
 
 
 def _attention(field: str, data: Any) -> Any:
-    from .layers.attention import AttentionSpec, list_attention
+    from ..layers.attention import AttentionSpec, list_attention
+    from ..names import VARIANTS
     from .recipes import GATES
-    from .variants import VARIANTS
 
     names = {"kind", "channels", "rd_channels", "kernel_size", "bias", "gate", "gain"}
     _keys(field, data, names, {"host_gain"})
@@ -184,7 +184,7 @@ def _model(field: str, data: Any) -> Any:
 
 def plan_from_data(data: Any) -> Any:
     """A `Plan` from parsed plan JSON, after checking every field; raises `PlanSchemaError` naming the field."""
-    from .layers.attention import INITS
+    from ..layers.attention import INITS
     from .plan import PLAN_FORMAT, Plan
 
     _keys("", data, {"format", "model", "input_size", "init", "seed", "sites"}, {"settings"})

@@ -26,8 +26,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.squeeze_excite import ChannelGate
 from .keys import BoundedCache
-from .layers.squeeze_excite import ChannelGate
 
 __all__ = ["FusedGate", "fusable", "fuse", "fused_class", "only_reader", "scale", "squeeze_through"]
 
@@ -36,7 +36,7 @@ def scale(x: torch.Tensor, s: torch.Tensor, inplace: bool, residual: Optional[to
     """``x * s``, or ``residual + x * s`` in one pass. Written into `x` where the graph allows it (`inplace`) and
     autograd is off, in eager mode only (under torch.compile the out-of-place form fuses better; a traced or
     symbolic input keeps the plain form). A single channels_last map is not written in place (measured slower)."""
-    if not torch.jit.is_scripting():  # TorchScript compiles nothing under this condition
+    if not torch.jit.is_scripting():  # noqa: SIM102  (TorchScript skips this block only when the test stands alone)
         if isinstance(x, torch.fx.Proxy):  # symbolic tracing: no Python decision on the tensor's state
             inplace = False
     inplace = inplace and not torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing())

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, SEInjectError, WeightsError
-from .models import (
+from ..engine.models import (
     ModelSpec,
     _timm_has,
     build_model,
@@ -26,8 +25,9 @@ from .models import (
     load_state,
     torchvision_names,
 )
-from .plan import Plan
-from .surgery import apply_plan
+from ..engine.plan import Plan
+from ..engine.surgery import apply_plan
+from ..errors import CheckpointError, SEInjectError, WeightsError
 
 MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
@@ -40,7 +40,7 @@ def library_versions() -> dict[str, str]:
     import timm
     import torchvision
 
-    from . import __version__
+    from .. import __version__
 
     return {"se_inject": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "torchvision": torchvision.__version__}
@@ -183,7 +183,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def read_plan(path: str | Path) -> Plan:
     """The plan stored in a saved checkpoint, verified against its checksum and validated field by field."""
-    from .schema import plan_from_data
+    from ..engine.schema import plan_from_data
 
     file = _model_file(path)
     metadata = read_metadata(file)
@@ -270,7 +270,7 @@ def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], file: Path) 
 def _check_calls(model: nn.Module, plan: Plan, file: Path) -> None:
     """Every inserted module must run exactly once per call of its block, on the planned map, on every forward path
     (`se_inject.calls`): a plan whose module would be dead code, or sit on another map, is refused."""
-    from .calls import check_calls, describe_problems
+    from ..engine.coverage import check_calls, describe_problems
 
     problems = check_calls(model, plan)
     if problems:

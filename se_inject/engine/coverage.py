@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import describe
+from ..errors import describe
 from .meta import as_meta
 from .plan import Plan, Site
 

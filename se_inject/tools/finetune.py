@@ -16,7 +16,7 @@ def new_parameters(model: nn.Module) -> list[nn.Parameter]:
         for p in model.parameters():
             p.requires_grad_(id(p) in new)
     """
-    from .layers.attention import attention_classes
+    from ..layers.attention import attention_classes
 
     classes = attention_classes()
     found: dict[int, nn.Parameter] = {}

@@ -7,7 +7,7 @@ import os
 
 from torch import nn
 
-from .errors import SEInjectError, UsageError
+from ..errors import SEInjectError, UsageError
 
 CHEAP_ELEMENTS = 3 * 1024 * 1024  # inputs up to 3x1024x1024 are never checked: no model of ours needs the RAM
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .layers.attention import AttentionSpec
+from ..layers.attention import AttentionSpec
 from .models import ModelSpec
 from .recipes import PATTERNS
 

@@ -35,7 +35,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeFileError, UnknownRecipeError
+from ..errors import RecipeFileError, UnknownRecipeError
 from .schema import attribute_name_problem
 
 GATES = ("sigmoid", "hard-sigmoid")
@@ -392,9 +392,9 @@ def load_recipe_file(path: str | Path) -> Recipe:
 
 def _shipped_dir() -> Path:
     """The top-level ``recipes/`` folder: installed as ``se_inject/recipe_files``, or read from a source checkout."""
-    here = Path(__file__).resolve().parent
-    installed = here / "recipe_files"
-    return installed if installed.is_dir() else here.parent / "recipes"
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "recipe_files"
+    return installed if installed.is_dir() else package.parent / "recipes"
 
 
 @cache

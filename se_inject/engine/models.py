@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SEInjectError, UnknownModelError, UsageError, WeightsError, describe
+from ..errors import SEInjectError, UnknownModelError, UsageError, WeightsError, describe
 from .schema import MAX_SIDE
 
 SOURCES = ("timm", "torchvision")  # named model libraries; "python" specs are factories of the user's

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SEInjectError, describe
+from ..errors import SEInjectError, describe
+from ..layers.attention import create_attention, identity_gain, init_attention
 from .find import Skip
 from .keys import config_key, freeze
-from .layers.attention import create_attention, identity_gain, init_attention
 from .meta import meta_copy
 from .plan import Plan, Site
 
