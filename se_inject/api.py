@@ -12,10 +12,12 @@ from typing import Any
 
 from torch import nn
 
+from .engine.coverage import check_calls
 from .engine.drift import Drift, compare, image_batch, random_batch
 from .engine.drift import outputs as drift_outputs
-from .engine.find import Findings, Match, Skip, find_sites
+from .engine.find import Findings, Match, find_sites
 from .engine.measure import Counts, count, count_params
+from .engine.memory import check_forward_memory
 from .engine.meta import is_meta, meta_copy
 from .engine.models import (
     ModelSpec,
@@ -28,14 +30,16 @@ from .engine.models import (
     resolve_model,
     seeded,
 )
-from .engine.plan import Plan, Settings, Site
-from .engine.recipes import GATES, resolve_recipes
-from .engine.schema import MAX_SEED
+from .engine.plan import Plan, Settings, Site, Skip
+from .engine.recipes import resolve_recipes
 from .engine.surgery import apply_plan
 from .engine.verify import verify_plan
 from .errors import NoSitesError, SurgeryError, UsageError
-from .layers.attention import INITS, attention_spec, list_attention
-from .names import VARIANTS
+from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
+from .io.export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
+from .io.pretrained import build_pretrained, locate_pretrained
+from .layers.attention import attention_spec, list_attention
+from .names import GATES, INITS, MAX_SEED, VARIANTS
 
 
 @dataclass(frozen=True)
@@ -340,7 +344,6 @@ def inject(
     if isinstance(model, str):
         spec: ModelSpec | None = resolve_model(model)
         if pretrained:
-            from .io.pretrained import locate_pretrained
 
             located = locate_pretrained(spec)  # fails here, before any build, when the weights cannot be had
             spec = located.spec
@@ -360,7 +363,6 @@ def inject(
         size = default_input_size(spec, planning)
 
     if str(device) != "meta":  # the saved model will run at this size: refuse one no machine here can hold
-        from .engine.memory import check_forward_memory
 
         check_forward_memory(planning, size)
     findings = find_sites(planning, recipes, size, count_base=True)  # one forward: shapes and base counts
@@ -376,7 +378,6 @@ def inject(
         if str(device) == "meta":
             base = planning
         elif located is not None:
-            from .io.pretrained import build_pretrained
 
             with seeded(seed):  # parts the checkpoint does not cover (none in practice) stay reproducible
                 base = build_pretrained(located, device=device)
@@ -429,7 +430,6 @@ def _apply_checked(
     """Apply `plan` to the meta model `planning` and prove that every inserted module runs exactly once per call of
     its block, on every forward path (`se_inject.calls`); sites that do not are refused and the plan is applied
     again to a fresh meta model without them."""
-    from .engine.coverage import check_calls
 
     fresh = (lambda: build_model(spec, device="meta")) if spec is not None else (lambda: meta_copy(base))
     refused: list[Skip] = []
@@ -464,8 +464,6 @@ def save_injected(
     """The save step: checkpoint and report, ``config.json`` where the result is exactly a timm architecture (so
     plain timm loads the folder), and the requested exports (batch axis dynamic unless `export_batch` fixes it;
     `opset` for ONNX), all written atomically. Returns the final report."""
-    from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
-    from .io.export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
 
     validate_export_options(exports, batch=export_batch, opset=opset)
     directory = Path(directory)

@@ -23,16 +23,16 @@ from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import SEInjectError, UsageError, WeightsError, describe
-from ..names import VARIANTS
+from ..names import GATES, INITS, MODEL_SOURCES, VARIANTS
 from ..preflight import EXPORT_FORMATS, check_export_options, check_output_file, check_output_folder
 
 DEFAULT_COMMAND = "inject"
 # Allowed values, shown in --help (the library validates them; tests check these lists against its own).
 ATTENTION_CHOICES = tuple(VARIANTS)
-GATE_CHOICES = ("sigmoid", "hard-sigmoid")
-INIT_CHOICES = ("paper", "identity")
+GATE_CHOICES = GATES
+INIT_CHOICES = INITS
 FORMAT_CHOICES = tuple(EXPORT_FORMATS)
-SOURCE_CHOICES = ("timm", "torchvision")
+SOURCE_CHOICES = MODEL_SOURCES[:2]  # registries (code needs a FILE.py:factory name)
 
 
 def _choices(values: tuple[str, ...]) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import SEInjectError, UnknownModelError, UsageError, WeightsError, describe
-from .schema import MAX_SIDE
+from ..names import MAX_SIDE
 
 SOURCES = ("timm", "torchvision")  # named model libraries; "python" specs are factories of the user's
 DEFAULT_INPUT_SIZE = (3, 224, 224)

@@ -37,8 +37,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..names import PATTERNS
 from .keys import BoundedCache, module_key
-from .recipes import PATTERNS
 
 __all__ = ["PATTERNS", "Place", "conv_chain", "match_block", "node_output_shape", "trace_block"]
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..layers.attention import AttentionSpec
+from ..names import PATTERNS
 from .models import ModelSpec
-from .recipes import PATTERNS
 
 PLAN_FORMAT = "se-inject.plan/1"
 
@@ -83,6 +83,17 @@ class Site:
         if data.get("pattern", "") not in ("", *PATTERNS):
             raise ValueError(f"site {data.get('path')!r}: unknown pattern {data.get('pattern')!r}")
         return cls(**{**data, "attention": AttentionSpec.from_dict(data["attention"]), "fixed_args": dict(fixed)})
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A block a recipe matched but that gets no SE, and why."""
+
+    path: str
+    block: str
+    recipe: str
+    reason: str
+    already_attention: bool = False
 
 
 @dataclass(frozen=True)

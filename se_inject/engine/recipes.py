@@ -36,12 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeFileError, UnknownRecipeError
-from .schema import attribute_name_problem
+from ..names import GATES, PATTERNS, ROUNDINGS, SQUEEZE_FROM, attribute_name_problem
 
-GATES = ("sigmoid", "hard-sigmoid")
-SQUEEZE_FROM = ("output", "input")
-ROUNDINGS = ("divisible", "round", "floor")
-PATTERNS = ("residual", "concat", "inverted-residual", "conv-chain")  # see se_inject.patterns
 # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection; "depthwise" / "no-depthwise": the
 # block has (has not) a depthwise convolution, so one class can take SE at different places by its structure.
 REQUIREMENTS = ("pointwise", "depthwise", "no-depthwise")

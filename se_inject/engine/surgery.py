@@ -33,11 +33,11 @@ from torch import nn
 
 from ..errors import SurgeryError, describe
 from ..layers.attention import class_path, create_attention, init_attention
+from ..names import attribute_name_problem
 from .fusion import fuse, fused_class
 from .keys import BoundedCache, freeze, module_key
 from .models import seeded
 from .plan import Plan, Site
-from .schema import attribute_name_problem
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import __version__
+from ..engine.coverage import check_calls, describe_problems
 from ..engine.models import (
     ModelSpec,
     _timm_has,
@@ -26,8 +28,10 @@ from ..engine.models import (
     torchvision_names,
 )
 from ..engine.plan import Plan
+from ..engine.schema import plan_from_data
 from ..engine.surgery import apply_plan
 from ..errors import CheckpointError, SEInjectError, WeightsError
+from .atomic import write_folder
 
 MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
@@ -40,7 +44,6 @@ def library_versions() -> dict[str, str]:
     import timm
     import torchvision
 
-    from .. import __version__
 
     return {"se_inject": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "torchvision": torchvision.__version__}
@@ -136,7 +139,6 @@ def write_atomically(
     directory: str | Path, files: dict[str, Callable[[Path], None]], *, force: bool = False, outputs: bool = False
 ) -> Path:
     """Write `files` (name -> writer) into `directory`, all or nothing; see `atomic.write_folder`."""
-    from .atomic import write_folder
 
     return write_folder(directory, files, force=force, outputs=outputs)
 
@@ -183,7 +185,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def read_plan(path: str | Path) -> Plan:
     """The plan stored in a saved checkpoint, verified against its checksum and validated field by field."""
-    from ..engine.schema import plan_from_data
 
     file = _model_file(path)
     metadata = read_metadata(file)
@@ -270,7 +271,6 @@ def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], file: Path) 
 def _check_calls(model: nn.Module, plan: Plan, file: Path) -> None:
     """Every inserted module must run exactly once per call of its block, on the planned map, on every forward path
     (`se_inject.calls`): a plan whose module would be dead code, or sit on another map, is refused."""
-    from ..engine.coverage import check_calls, describe_problems
 
     problems = check_calls(model, plan)
     if problems:

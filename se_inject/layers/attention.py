@@ -14,12 +14,10 @@ from timm.layers import make_divisible
 from torch import nn
 
 from ..errors import UsageError
-from ..names import VARIANTS
+from ..names import INITS, VARIANTS
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention, eca_kernel_size
-from .squeeze_excite import EffectiveSqueezeExcite, SqueezeExcite
-
-INITS = ("paper", "identity")
+from .squeeze_excite import GATE_LAYERS, EffectiveSqueezeExcite, SqueezeExcite
 
 
 @dataclass(frozen=True)
@@ -160,7 +158,6 @@ def squeeze_channels(
 
 def identity_gain(gate: str) -> float:
     """The gain that turns gate(0) into exactly 1."""
-    from .squeeze_excite import GATE_LAYERS
 
     return 1.0 / float(GATE_LAYERS[gate]()(torch.zeros(())))
 
