@@ -43,10 +43,6 @@ class ModelSpec:
     def to_dict(self) -> dict[str, str]:
         return {"source": self.source, "name": self.name}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(str(data["source"]), str(data["name"]))
-
 
 @cache
 def torchvision_names() -> tuple[str, ...]:

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..layers.attention import AttentionSpec
-from ..names import PATTERNS
 from .models import ModelSpec
 
 PLAN_FORMAT = "se-inject.plan/1"
@@ -73,17 +72,6 @@ class Site:
             data["fixed_args"] = dict(self.fixed_args)
         return data
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Site:
-        fixed = data.get("fixed_args", {})
-        if not isinstance(fixed, dict) or not all(
-            isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in fixed.items()
-        ):
-            raise ValueError(f"site {data.get('path')!r}: fixed_args must map names to plain values")
-        if data.get("pattern", "") not in ("", *PATTERNS):
-            raise ValueError(f"site {data.get('path')!r}: unknown pattern {data.get('pattern')!r}")
-        return cls(**{**data, "attention": AttentionSpec.from_dict(data["attention"]), "fixed_args": dict(fixed)})
-
 
 @dataclass(frozen=True)
 class Skip:
@@ -134,23 +122,6 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        if data.get("format") != PLAN_FORMAT:
-            raise ValueError(f"unsupported plan format {data.get('format')!r} (expected {PLAN_FORMAT!r})")
-        return cls(
-            model=ModelSpec.from_dict(data["model"]) if data.get("model") else None,
-            sites=tuple(Site.from_dict(s) for s in data["sites"]),
-            input_size=tuple(int(v) for v in data["input_size"]),  # type: ignore[arg-type]
-            init=str(data["init"]),
-            seed=int(data["seed"]),
-            settings=dict(data.get("settings", {})),
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> Plan:
-        return cls.from_dict(json.loads(text))
 
 
 @dataclass(frozen=True)

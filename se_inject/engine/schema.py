@@ -8,6 +8,7 @@ field. Recipe files are checked with the same name rule (`se_inject.names.attrib
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -195,3 +196,12 @@ def plan_from_data(data: Any) -> Plan:
         seen[site.module_path] = i
     return Plan(model=model, sites=sites, input_size=input_size, init=init, seed=seed,  # type: ignore[arg-type]
                 settings=settings)
+
+
+def plan_from_json(text: str) -> Plan:
+    """A `Plan` from its JSON text (`Plan.to_json`), validated as `plan_from_data` does."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise PlanSchemaError("", f"invalid JSON ({type(e).__name__})") from None
+    return plan_from_data(data)

@@ -6,7 +6,7 @@ The spec is what the plan stores for every site, so ``se_inject.load`` rebuilds 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -55,14 +55,6 @@ class AttentionSpec:
         if self.host_gain == 1.0:  # plans of blocks that scale nothing stay as they were
             del data["host_gain"]
         return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AttentionSpec:
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown attention fields {sorted(unknown)}")
-        return cls(**data)
 
 
 Builder = Callable[..., nn.Module]
