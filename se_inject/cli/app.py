@@ -257,26 +257,21 @@ def inject_command(
         notes = inject_preflight(dry_run=dry_run, output=output, force=force, formats=formats, weights=weights,
                                  images=images, pretrained=pretrained, static_batch=static_batch, opset=opset)
         from ..api import inject, save_injected
+        from ..engine.plan import Settings
 
         def before_build(plan: Any, default_output: str) -> None:
             if not dry_run:
                 check_output_folder(output or Path(default_output), force=force)  # before the costly build
                 status(f"building {model} ({'pretrained' if pretrained else 'random'} weights) and inserting SE")
 
+        settings = Settings(attention=attention, reduction=reduction, divisor=divisor, bias=bias, gate=gate, init=init,
+                            include=tuple(include or ()), exclude=tuple(exclude or ()), min_channels=min_channels,
+                            fill=fill)
         injected, report = inject(
             model,
+            settings,
             recipe=recipe or "auto",
             recipe_files=tuple(recipe_file or ()),
-            attention=attention,
-            gate=gate,
-            include=tuple(include or ()),
-            exclude=tuple(exclude or ()),
-            min_channels=min_channels,
-            fill=fill,
-            reduction=reduction,
-            divisor=divisor,
-            bias=bias,
-            init=init,
             input_size=input_size,
             weights=weights,
             images=images,
