@@ -41,11 +41,17 @@ def check_calls(model: nn.Module, plan: Plan, input_size: tuple[int, ...] | None
 
 def check_other_paths(model: nn.Module, plan: Plan, size: tuple[int, ...], watch: CallWatch) -> dict[str, str]:
     """`check_calls` for the forward paths besides ``forward`` (a meta `model`; `watch` watched its forward).
-    ``forward_features`` is not run again where the forward called it (timm's models do): that run was checked."""
+
+    A path runs again only where it can differ from ``forward`` for an inserted module: ``forward_features`` where
+    the forward did not call it (timm's models do, and that run was checked), ``forward_intermediates`` where a
+    block hosting a module has a forward-like method of its own beside ``forward`` (timm's ``forward_with_tap``).
+    Everywhere else a path reaches a host block through its ``__call__`` or its ``forward``, which is the rewritten
+    one, so the modules run there as they ran in ``forward``."""
+    alternates = _alternate_forwards(model, plan)
     problems: dict[str, str] = {}
     for name in FORWARD_PATHS:
         method = getattr(model, name, None)
-        if not callable(method) or name in watch.called_paths:
+        if not callable(method) or name in watch.called_paths or (name == "forward_intermediates" and not alternates):
             continue
         with CallWatch(model, plan, watch_paths=False) as other:
             ran = _run(model, lambda method=method: method(_input(model, size)))
@@ -54,6 +60,21 @@ def check_other_paths(model: nn.Module, plan: Plan, size: tuple[int, ...], watch
         for path, problem in other.problems().items():
             problems.setdefault(path, f"{problem} in {name}")
     return problems
+
+
+def _alternate_forwards(model: nn.Module, plan: Plan) -> set[str]:
+    """Methods named ``forward_*`` that the classes of the blocks hosting inserted modules define (not nn.Module)."""
+    found: set[str] = set()
+    for site in plan.sites:
+        try:
+            host = model.get_submodule(_host_path(site))
+        except AttributeError:
+            continue
+        for cls in type(host).__mro__:
+            if cls is nn.Module or cls is object:
+                break
+            found.update(n for n, v in vars(cls).items() if n.startswith("forward_") and callable(v))
+    return found
 
 
 def _input(model: nn.Module, size: tuple[int, ...]) -> torch.Tensor:

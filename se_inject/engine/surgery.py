@@ -95,8 +95,9 @@ def insert(block: nn.Module, site: Site, module: nn.Module) -> None:
         current = getattr(block, site.slot, None)
         if current is not None and not isinstance(current, nn.Identity):
             raise SurgeryError(f"{site.path}: slot {site.slot!r} already holds a {type(current).__name__}")
+        block_key = module_key(block, modes=False)  # before the fill: the module is an opaque call, keyed by class
         setattr(block, site.slot, module)
-        cls, fused = _slot_rewrite(block, site.slot, site.fixed_args)
+        cls, fused = _slot_rewrite(block, site.slot, site.fixed_args, block_key, type(module))
         if fused:
             module.__class__ = fused_class(type(module))
         if cls is not None:
@@ -108,13 +109,14 @@ def insert(block: nn.Module, site: Site, module: nn.Module) -> None:
 _slot_rewrites: BoundedCache[Hashable, tuple[type | None, bool]] = BoundedCache(1024)
 
 
-def _slot_rewrite(block: nn.Module, slot: str, fixed: dict[str, Any]) -> tuple[type | None, bool]:
+def _slot_rewrite(
+    block: nn.Module, slot: str, fixed: dict[str, Any], block_key: Hashable | None, kind: type
+) -> tuple[type | None, bool]:
     """For a filled slot: the block's class with its graph fused around the slot's module (`fusion.fuse`), or None
     where fusing changes nothing (or the forward does not trace), and whether the module takes its fused class.
-    Cached by the block's exact state (`module_key`, the filled slot included; traced in both modes) and fixed
-    arguments."""
-    block_key = module_key(block, modes=False)
-    key = None if block_key is None else (block_key, slot, freeze(fixed))
+    Cached by the block's exact state before the fill (`block_key`, traced in both modes), the module's class and
+    the fixed arguments: the graph calls the module opaquely, and fusing depends on its class alone."""
+    key = None if block_key is None else (block_key, slot, kind, freeze(fixed))
     cached = _slot_rewrites.get(key) if key is not None else None
     if cached is None:
         try:

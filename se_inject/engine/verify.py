@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import SEInjectError, describe
-from ..layers.attention import create_attention, identity_gain, init_attention
+from ..layers.attention import AttentionSpec, create_attention, identity_gain, init_attention
 from .keys import config_key, freeze
 from .meta import meta_copy
 from .plan import Plan, Site, Skip
@@ -243,6 +243,7 @@ def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple
     code), the block's own state exactly and its descendants' with floats by kind (`config_key`), the site and the
     call. A block whose state cannot be keyed exactly is checked on its own."""
     verdicts: dict[Hashable, str | None] = {}
+    probes: dict[AttentionSpec, nn.Module] = {}  # one meta module per spec for the class probes
     kept: list[Site] = []
     refused: list[Skip] = []
     for site in plan.sites:
@@ -253,7 +254,7 @@ def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple
         block = model.get_submodule(site.path)
         config = config_key(block, _float_kind)
         key = None if config is None else (
-            _rewritten_type(block, site), config, site.anchor, site.position, site.slot, site.name,
+            _rewritten_type(block, site, probes), config, site.anchor, site.position, site.slot, site.name,
             freeze(site.attention.to_dict()), freeze(site.fixed_args), call.signature())
         reason = verdicts[key] if key in verdicts else check_site(block, site, call)
         if key is not None:
@@ -265,12 +266,13 @@ def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple
     return replace(plan, sites=tuple(kept)), tuple(refused)
 
 
-def _rewritten_type(block: nn.Module, site: Site) -> Any:
+def _rewritten_type(block: nn.Module, site: Site, modules: dict[AttentionSpec, nn.Module]) -> Any:
     """The class the site's rewrite gives `block` (on a shallow copy with a meta module), or the failure's text."""
-
     try:
         probe = _rewritable(block)
-        insert(probe, site, create_attention(site.attention, device="meta"))
+        if site.attention not in modules:
+            modules[site.attention] = create_attention(site.attention, device="meta")
+        insert(probe, site, modules[site.attention])
     except Exception as e:
         return f"{type(e).__name__}: {describe(e)}"
     return type(probe)
