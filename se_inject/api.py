@@ -32,7 +32,7 @@ from .models import (
 )
 from .plan import Plan, Settings, Site
 from .recipes import GATES, resolve_recipes
-from .schema import MAX_SEED
+from .schema import MAX_DIVISOR, MAX_SEED
 from .surgery import apply_plan
 from .variants import VARIANTS
 from .verify import verify_plan
@@ -150,7 +150,8 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> int | None:
 def validate_settings(settings: Settings) -> Settings:
     """Raise UsageError (exit 2) for option values that cannot work."""
     _positive_int("reduction", settings.reduction)
-    _positive_int("divisor", settings.divisor)
+    if (_positive_int("divisor", settings.divisor) or 0) > MAX_DIVISOR:
+        raise UsageError(f"invalid divisor {settings.divisor}: expected an integer in [1, {MAX_DIVISOR}]")
     _positive_int("min-channels", settings.min_channels, minimum=0)
     if settings.attention not in list_attention():
         raise UsageError(f"unknown attention {settings.attention!r}; choose from {', '.join(list_attention())}")

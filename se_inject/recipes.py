@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeFileError, UnknownRecipeError
-from .schema import attribute_name_problem
+from .schema import MAX_DIVISOR, attribute_name_problem
 
 GATES = ("sigmoid", "hard-sigmoid")
 SQUEEZE_FROM = ("output", "input")
@@ -224,8 +224,9 @@ def _parse_defaults(
     for key in ("reduction", "divisor"):
         if key in table:
             value = _expect(path, f"{where}.{key}", table[key], int, "a positive integer")
-            if value < 1:
-                raise RecipeFileError(path, f"field '{where}.{key}': expected a positive integer, got {value}")
+            if value < 1 or (key == "divisor" and value > MAX_DIVISOR):
+                bound = f" at most {MAX_DIVISOR}" if key == "divisor" else ""
+                raise RecipeFileError(path, f"field '{where}.{key}': expected a positive integer{bound}, got {value}")
             values[key] = value
     if "round_limit" in table:
         value = _expect(path, f"{where}.round_limit", table["round_limit"], (int, float), "a number in [0, 1]")
