@@ -365,7 +365,12 @@ def inject(
 
         check_forward_memory(planning, size)
     findings = find_sites(planning, recipes, size, count_base=True)  # one forward: shapes and base counts
-    plan, plan_notes = make_plan(findings, settings, model=spec, seed=seed)
+    try:
+        plan, plan_notes = make_plan(findings, settings, model=spec, seed=seed)
+    except NoSitesError as e:
+        if e.reason != "no-match":
+            raise
+        raise NoSitesError(_no_match_message(planning, findings), e.reason, e.existing) from None
     notes += plan_notes
     before = findings.counts
     first = next(m for m in findings.matches if m.path == plan.sites[0].path)
@@ -426,6 +431,20 @@ def _in_model_order(model: nn.Module, skipped: tuple[Skip, ...]) -> tuple[Skip, 
     return tuple(sorted(skipped, key=lambda s: order.get(s.path, -1)))
 
 
+def _no_match_message(model: nn.Module, findings: Findings) -> str:
+    """Why no recipe matched, as `scan` says it: a transformer or MLP has no convolutional block for SE."""
+    from .patterns import architecture_category
+
+    category = architecture_category(model)
+    found = ", ".join(c.rsplit(".", 1)[-1] for c in findings.block_classes[:8]) or "none"
+    if category in ("transformer", "MLP"):
+        return (f"no matching blocks: this is a {category} with no convolutional block (its only convolutions are a "
+                f"stem, patch embedding, positional encoding or attention pooling), and SE recalibrates the channels "
+                f"of a convolutional block's feature map; {len(findings.recipes)} recipes tried. Its blocks: {found}")
+    return (f"no matching blocks ({category}): none of the {len(findings.recipes)} recipes names its blocks ({found}); "
+            "write a recipe for them (see `se-inject recipes` and the README's recipe format) and pass --recipe-file")
+
+
 def save_injected(
     model: nn.Module,
     report: Report,
@@ -461,5 +480,12 @@ def save_injected(
         path.write_text(json.dumps(final[0].to_dict(), indent=2) + "\n", encoding="utf-8")
 
     files[REPORT_FILE] = write_report
+    from .atomic import foreign_entries
+
+    foreign = foreign_entries(directory)
+    if foreign:  # our naming, not ours: left alone, and said
+        names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        report = replace(report, notes=(*report.notes, f"left alone: {len(foreign)} entries named like se-inject's "
+                                        f"temporaries that se-inject did not make ({names})"))
     write_atomically(directory, files, force=force, outputs=True)
     return final[0]
