@@ -99,7 +99,7 @@ def torch_pair_problem(e: BaseException) -> EnvironmentProblem | None:
     except PackageNotFoundError:
         return None
     base = torch_version.split("+", 1)[0]
-    major, minor = (base.split(".") + ["0"])[:2]
+    major, minor = [*base.split("."), "0"][:2]
     matching = f"0.{int(minor) + 15}.*" if major == "2" and minor.isdigit() else "the release built for it"
     return EnvironmentProblem(
         f"torch {torch_version} and torchvision {vision_version} do not work together ({describe(e, 80)}); install "

@@ -90,7 +90,7 @@ def test_good_weights_load(weight_files):
 
 def test_no_eligible_blocks_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    one_line_error(run("timm:test_vit"), 1, "no matching blocks", "transformer with no convolutional block", "Attention")
+    one_line_error(run("timm:test_vit"), 1, "no matching blocks", "with no convolutional block", "Attention")
     assert list(tmp_path.iterdir()) == []
 
 
