@@ -212,7 +212,7 @@ def foreign_entries(directory: str | Path) -> list[str]:
     directory = Path(directory)
     found = []
     marker = directory / _MARKER
-    if _lstat(marker) is not None and not _is_our_marker_file(marker, directory.name):
+    if _lstat(marker) is not None and not _is_our_marker_file(marker):
         found.append(str(marker))
     for place, target in ((directory, None), (directory.parent, directory.name)):
         with contextlib.suppress(OSError):
@@ -225,9 +225,11 @@ def foreign_entries(directory: str | Path) -> list[str]:
     return found
 
 
-def _is_our_marker_file(path: Path, target: str) -> bool:
+def _is_our_marker_file(path: Path) -> bool:
+    """Whether `path` is a marker se-inject wrote (a small regular file holding its JSON; the folder it names may
+    have been renamed since)."""
     marker = _read_json(path, 4096)
-    return isinstance(marker, dict) and marker.get("target") == target
+    return isinstance(marker, dict) and isinstance(marker.get("target"), str)
 
 
 def remove_leftovers(directory: Path) -> None:
@@ -235,7 +237,7 @@ def remove_leftovers(directory: Path) -> None:
     (recognised by their shape, their marker and a free lock, never by a name alone). A previous folder that a run
     swapped out and was killed before moving the user's subfolders back gives them back first."""
     marker = directory / _MARKER
-    if _is_our_marker_file(marker, directory.name):  # a run killed just before its swap
+    if _is_our_marker_file(marker):  # a run killed just before its swap
         with contextlib.suppress(OSError):
             marker.unlink()
     for place, target in ((directory, None), (directory.parent, directory.name)):
@@ -380,10 +382,11 @@ def check_names(directory: Path, names: dict[str, Writer] | list[str] | tuple[st
     existing = [name for name in names if _lstat(directory / name) is not None]
     theirs = [name for name in existing if name not in owned] if recorded else []
     if theirs:
-        raise OutputExistsError(f"{directory / theirs[0]} exists and is not a file se-inject wrote (or it was changed "
-                                "since); se-inject never replaces it: move it away, or choose another output")
+        raise OutputExistsError(f"{directory / theirs[0]} already exists and is not a file se-inject wrote (or it was "
+                                "changed since): se-inject never replaces it, even with --force; move it away or "
+                                "choose another output")
     marker = directory / _MARKER
-    if (outputs and _lstat(marker) is not None and not _is_our_marker_file(marker, directory.name)):
+    if outputs and _lstat(marker) is not None and not _is_our_marker_file(marker):
         raise OutputExistsError(f"{marker} is in the way of se-inject's staging marker and is not se-inject's; "
                                 "move it away")
     conflicts = sorted(set(existing) | (owned if outputs else set()), key=lambda n: (n not in names, n))
