@@ -255,12 +255,13 @@ def remove_leftovers(directory: Path) -> None:
 
 
 def _give_back(previous: Path, directory: Path) -> None:
-    """Entries of a swapped-out folder that are not se-inject's and are missing from `directory` are moved back."""
+    """Entries of a swapped-out folder that are not se-inject's recorded files and are missing from `directory` (the
+    user's subfolders, entries added meanwhile) are moved back: renamed, so they keep their inode and owner."""
     if not directory.is_dir():
         return
     recorded = set(read_record(previous))
     for entry in previous.iterdir():
-        if entry.name in recorded or entry.name in (RECORD_FILE, _MARKER) or _TEMPORARY.fullmatch(entry.name):
+        if entry.name in recorded or entry.name in (RECORD_FILE, _MARKER):
             continue
         if _lstat(directory / entry.name) is None:
             with contextlib.suppress(OSError):
@@ -412,6 +413,7 @@ def _swap_in(directory: Path, files: dict[str, Writer], owned: set[str], *, reco
     parent.mkdir(parents=True, exist_ok=True)
     staging = parent / f"{_PREFIX}{secrets.token_hex(16)}"
     staging.mkdir(mode=0o700)
+    swapped = False
     try:
         with _held(staging):
             _create(staging / _MARKER, json.dumps({"target": directory.name, "role": "staging"}) + "\n")
@@ -443,7 +445,8 @@ def _swap_in(directory: Path, files: dict[str, Writer], owned: set[str], *, reco
                 # folder that the next run recognises, gives the user's subfolders back from, and removes.
                 _create(directory / _MARKER, json.dumps({"target": directory.name, "role": "previous"}) + "\n")
                 if linked and not _contains_cwd(directory) and exchange(staging, directory):
-                    _keep_user_entries(staging, directory, owned)  # `staging` now holds the previous folder
+                    swapped = True  # `staging` now holds the previous folder
+                    _give_back(staging, directory)
                 else:  # no atomic swap here (another OS or filesystem, the working directory): file by file
                     for name in [*files, *([RECORD_FILE] if record else [])]:
                         os.replace(staging / name, directory / name)
@@ -455,6 +458,8 @@ def _swap_in(directory: Path, files: dict[str, Writer], owned: set[str], *, reco
             _fsync_dir(parent)
     finally:
         if _lstat(staging) is not None:  # the unfinished new folder, or the previous one after the swap
+            if swapped:
+                _give_back(staging, directory)  # nothing of the user's goes with it, whatever failed
             _remove_staging(staging)
 
 
@@ -470,16 +475,6 @@ def _remove_staging(staging: Path) -> None:
                 with contextlib.suppress(OSError):
                     os.unlink(entry)
     shutil.rmtree(staging, ignore_errors=True)
-
-
-def _keep_user_entries(previous: Path, directory: Path, owned: set[str]) -> None:
-    """The user's subfolders, and entries the user added while the new folder was staged, are moved over (renamed:
-    same inode and owner), never deleted."""
-    for entry in previous.iterdir():
-        if entry.name in owned or entry.name in (RECORD_FILE, _MARKER):
-            continue
-        if _lstat(directory / entry.name) is None:
-            os.rename(entry, directory / entry.name)
 
 
 def _replace_files(directory: Path, files: dict[str, Writer]) -> None:

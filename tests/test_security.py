@@ -472,7 +472,10 @@ def test_killed_between_any_two_steps_leaves_one_complete_run(tmp_path, monkeypa
         (out / "notes.txt").write_text("mine")
         (out / "data").mkdir()
         (out / "data" / "x.txt").write_text("mine too")
-        inodes = {p: os.lstat(out / p).st_ino for p in ("notes.txt", "data", "data/x.txt")}
+        lookalike = f".se-inject-{'a' * 32}"  # the user's folder, named like a temporary: theirs all the same
+        (out / lookalike).mkdir()
+        (out / lookalike / "precious").write_text("mine")
+        inodes = {p: os.lstat(out / p).st_ino for p in ("notes.txt", "data", "data/x.txt", f"{lookalike}/precious")}
         _write_killed_at(out, new, step)
         state = _state(out)
         assert state in (old, new), f"killed after step {step} ({name}): a mixed folder"
@@ -483,8 +486,8 @@ def test_killed_between_any_two_steps_leaves_one_complete_run(tmp_path, monkeypa
         assert _state(out) == new and (out / "notes.txt").read_text() == "mine"
         assert (out / "data" / "x.txt").read_text() == "mine too", f"killed after step {step} ({name})"
         assert {p: os.lstat(out / p).st_ino for p in inodes} == inodes  # the user's entries are the same ones
-        assert sorted(p.name for p in out.iterdir()) == [".se-inject.json", "config.json", "data",
-                                                         "model.safetensors", "notes.txt", "report.json"]
+        assert sorted(p.name for p in out.iterdir()) == [".se-inject-" + "a" * 32, ".se-inject.json", "config.json",
+                                                         "data", "model.safetensors", "notes.txt", "report.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers next to the folders
 
 
