@@ -30,16 +30,18 @@ from .engine.models import (
     resolve_model,
     seeded,
 )
+from .engine.patterns import architecture_category
 from .engine.plan import Plan, Settings, Site, Skip
 from .engine.recipes import resolve_recipes
 from .engine.surgery import apply_plan
 from .engine.verify import verify_plan
 from .errors import NoSitesError, SurgeryError, UsageError
+from .io.atomic import foreign_entries
 from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
 from .io.export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
 from .io.pretrained import build_pretrained, locate_pretrained
 from .layers.attention import attention_spec, list_attention
-from .names import GATES, INITS, MAX_SEED, VARIANTS
+from .names import GATES, INITS, MAX_DIVISOR, MAX_SEED, VARIANTS
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> int | None:
 def validate_settings(settings: Settings) -> Settings:
     """Raise UsageError (exit 2) for option values that cannot work."""
     _positive_int("reduction", settings.reduction)
-    _positive_int("divisor", settings.divisor)
+    if (_positive_int("divisor", settings.divisor) or 0) > MAX_DIVISOR:
+        raise UsageError(f"invalid divisor {settings.divisor}: expected an integer in [1, {MAX_DIVISOR}]")
     _positive_int("min-channels", settings.min_channels, minimum=0)
     if settings.attention not in list_attention():
         raise UsageError(f"unknown attention {settings.attention!r}; choose from {', '.join(list_attention())}")
@@ -316,7 +319,12 @@ def inject(
     if str(device) != "meta":  # the saved model will run at this size: refuse one no machine here can hold
         check_forward_memory(source.planning, size)
     findings = find_sites(source.planning, recipes, size, count_base=True)  # one forward: shapes and base counts
-    plan, notes = make_plan(findings, settings, model=source.spec, seed=seed)
+    try:
+        plan, notes = make_plan(findings, settings, model=source.spec, seed=seed)
+    except NoSitesError as e:
+        if e.reason != "no-match":
+            raise
+        raise NoSitesError(_no_match_message(source.planning, findings), e.reason, e.existing) from None
     first = next(m for m in findings.matches if m.path == plan.sites[0].path)
     reduction = settings.reduction or first.recipe.defaults.reduction
     if before_build is not None:
@@ -466,6 +474,18 @@ def _apply_checked(
         planning = fresh()
 
 
+def _no_match_message(model: nn.Module, findings: Findings) -> str:
+    """Why no recipe matched, as `scan` says it: a transformer or MLP has no convolutional block for SE."""
+    category = architecture_category(model)
+    found = ", ".join(c.rsplit(".", 1)[-1] for c in findings.block_classes[:8]) or "none"
+    if category in ("transformer", "MLP"):
+        return (f"no matching blocks: this is a {category} with no convolutional block (its only convolutions are a "
+                f"stem, patch embedding, positional encoding or attention pooling), and SE recalibrates the channels "
+                f"of a convolutional block's feature map; {len(findings.recipes)} recipes tried. Its blocks: {found}")
+    return (f"no matching blocks ({category}): none of the {len(findings.recipes)} recipes names its blocks ({found}); "
+            "write a recipe for them (see `se-inject recipes` and the README's recipe format) and pass --recipe-file")
+
+
 def _in_model_order(model: nn.Module, skipped: tuple[Skip, ...]) -> tuple[Skip, ...]:
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
     return tuple(sorted(skipped, key=lambda s: order.get(s.path, -1)))
@@ -504,5 +524,10 @@ def save_injected(
         path.write_text(json.dumps(final[0].to_dict(), indent=2) + "\n", encoding="utf-8")
 
     files[REPORT_FILE] = write_report
+    foreign = foreign_entries(directory)
+    if foreign:  # our naming, not ours: left alone, and said
+        names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        report = replace(report, notes=(*report.notes, f"left alone: {len(foreign)} entries named like se-inject's "
+                                        f"temporaries that se-inject did not make ({names})"))
     write_atomically(directory, files, force=force, outputs=True)
     return final[0]

@@ -76,6 +76,38 @@ class ExportError(SEInjectError):
     """An export format is unavailable or its round-trip check failed."""
 
 
+class EnvironmentProblem(SEInjectError):
+    """The installed libraries do not work together (a torch and a torchvision built for different versions)."""
+
+
+def torch_pair_problem(e: BaseException) -> EnvironmentProblem | None:
+    """An `EnvironmentProblem` naming both versions and what to install when `e` is torchvision failing to import
+    (its C++ operators were built for another torch: "operator torchvision::nms does not exist"), else None."""
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    in_import = any(f.co_name == "<module>" and "torchvision" in f.co_filename.replace("\\", "/").split("/")
+                    for f in frames)
+    if not (re.search(r"torchvision::\w+ does not exist", str(e)) or in_import):
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version, vision_version = version("torch"), version("torchvision")
+    except PackageNotFoundError:
+        return None
+    base = torch_version.split("+", 1)[0]
+    major, minor = [*base.split("."), "0"][:2]
+    matching = f"0.{int(minor) + 15}.*" if major == "2" and minor.isdigit() else "the release built for it"
+    return EnvironmentProblem(
+        f"torch {torch_version} and torchvision {vision_version} do not work together ({describe(e, 80)}); install "
+        f"a matching pair from one index, e.g. pip install --force-reinstall 'torch=={base}' "
+        f"'torchvision=={matching}' --index-url https://download.pytorch.org/whl/cpu (without --index-url for CUDA)"
+    )
+
+
 _BUILD_NOISE = re.compile(
     r"\s*\(Triggered internally at [^)]*\)"  # torch's C++ warnings
     r"|\s*\[enforce fail at [^\]]*\]\s*\.?"  # caffe2's checks

@@ -23,7 +23,13 @@ MAX_SEED = 2**64 - 1  # torch.manual_seed's range (non-negative part)
 MAX_SIDE = 16384  # largest input height/width/channels se-inject accepts (4x a 4K image side)
 MAX_CHANNELS = 1 << 20
 MAX_SITES = 100_000
+# Sites on one block: each rewrites the block's forward again, so a block's cost grows with the square of its sites.
+# 64 replay in about a second; the shipped recipes put one or two on a block.
+MAX_SITES_PER_BLOCK = 64
+# The largest squeeze width beyond a site's own channels: a divisor rounds a narrow site's C/r up to it.
+MAX_DIVISOR = 1024
 MAX_NAME_LENGTH = 200
+RESERVED_PREFIX = "se_inject"  # se-inject's own attributes on rewritten blocks (the wrapped forward, the base class)
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # ASCII only; matched with fullmatch (no "$" newline loophole)
 
@@ -39,6 +45,8 @@ def attribute_name_problem(name: Any) -> str | None:
         return f"{name!r} is a Python keyword"
     if name.startswith("__") and name.endswith("__"):
         return f"{name!r} is a dunder name"
+    if name.startswith(RESERVED_PREFIX):
+        return f"{name!r}: names starting with {RESERVED_PREFIX!r} are se-inject's own"
     return None
 
 

@@ -25,10 +25,10 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject import CheckpointError, SurgeryError
-from se_inject.io import atomic
-from se_inject.cli.app import app
+from se_inject.cli.app.app import app
 from se_inject.engine.plan import Plan, Site
 from se_inject.engine.surgery import apply_plan
+from se_inject.io import atomic
 from se_inject.io.checkpoint import (
     _PLACEHOLDER,
     PLAN_HASH_KEY,
@@ -409,8 +409,28 @@ def _state(directory: Path) -> dict[str, bytes]:
     return {name: (directory / name).read_bytes() for name in ("model.safetensors", "config.json", "report.json")}
 
 
+# The steps of a write that change the file system; a fault is injected after any one of them.
+STEPS = (("atomic", "_create"), ("atomic", "_finish"), ("atomic", "_link"), ("atomic", "exchange"),
+         ("os", "rename"), ("os", "replace"), ("os", "unlink"))
+
+
+def _patch_steps(setattr_, after) -> None:
+    """Wrap each step so that `after(name)` runs once it returned (`setattr_`: monkeypatch.setattr, or setattr in a
+    forked child)."""
+    for owner, name in STEPS:
+        target = atomic if owner == "atomic" else os
+        real = getattr(target, name)
+
+        def step(*args, _real=real, _name=f"{owner}.{name}", **kwargs):
+            result = _real(*args, **kwargs)
+            after(_name)
+            return result
+
+        setattr_(target, name, step)
+
+
 def _write_killed_at(directory: Path, run: dict[str, bytes], step: int) -> None:
-    """Write `run` in a forked child that dies (os._exit, no cleanup) at the `step`-th fault point."""
+    """Write `run` in a forked child that dies (os._exit, no cleanup) right after its `step`-th step."""
     pid = os.fork()
     if pid == 0:  # the child: no test machinery, no cleanup, just dies
         calls = iter(range(10**6))
@@ -419,7 +439,7 @@ def _write_killed_at(directory: Path, run: dict[str, bytes], step: int) -> None:
             if next(calls) == step:
                 os._exit(9)
 
-        atomic.fault_point = die
+        _patch_steps(setattr, die)
         try:
             write_atomically(directory, _writers(run), force=True, outputs=True)
         finally:
@@ -428,40 +448,54 @@ def _write_killed_at(directory: Path, run: dict[str, bytes], step: int) -> None:
     assert os.waitstatus_to_exitcode(status) in (0, 9)
 
 
+def _steps(monkeypatch, write) -> list[str]:
+    steps: list[str] = []
+    with monkeypatch.context() as patch:
+        _patch_steps(patch.setattr, steps.append)
+        write()
+    return steps
+
+
 def test_killed_between_any_two_steps_leaves_one_complete_run(tmp_path, monkeypatch):
     from safetensors.torch import load as load_bytes
 
     old, new = _run(0), _run(1)
     out = tmp_path / "o"
     write_atomically(out, _writers(old), outputs=True)
-    steps: list[str] = []
-    monkeypatch.setattr(atomic, "fault_point", steps.append)
-    write_atomically(out, _writers(new), force=True, outputs=True)
-    monkeypatch.undo()
-    assert "swapped" in steps and len(steps) == 7, steps  # staging, 3 files, linked, staged, swapped
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
+    (out / "data" / "x.txt").write_text("mine too")
+    steps = _steps(monkeypatch, lambda: write_atomically(out, _writers(new), force=True, outputs=True))
+    assert "atomic.exchange" in steps and "os.rename" in steps, steps  # swapped, then the user's folder moved over
     for step, name in enumerate(steps):
         out = tmp_path / f"k{step}"
         write_atomically(out, _writers(old), outputs=True)
         (out / "notes.txt").write_text("mine")
+        (out / "data").mkdir()
+        (out / "data" / "x.txt").write_text("mine too")
+        lookalike = f".se-inject-{'a' * 32}"  # the user's folder, named like a temporary: theirs all the same
+        (out / lookalike).mkdir()
+        (out / lookalike / "precious").write_text("mine")
+        inodes = {p: os.lstat(out / p).st_ino for p in ("notes.txt", "data", "data/x.txt", f"{lookalike}/precious")}
         _write_killed_at(out, new, step)
         state = _state(out)
-        assert state in (old, new), f"killed after {name!r}: a mixed folder"
+        assert state in (old, new), f"killed after step {step} ({name}): a mixed folder"
         assert (out / "notes.txt").read_text() == "mine"
         model = timm.create_model(f"local-dir:{out}", pretrained=True)  # plain timm loads whichever run it holds
         assert torch.equal(model.state_dict()["fc.weight"], load_bytes(state["model.safetensors"])["fc.weight"])
         write_atomically(out, _writers(new), force=True, outputs=True)  # the next run completes and cleans up
         assert _state(out) == new and (out / "notes.txt").read_text() == "mine"
-        assert sorted(p.name for p in out.iterdir()) == [".se-inject.json", "config.json", "model.safetensors",
-                                                         "notes.txt", "report.json"]
+        assert (out / "data" / "x.txt").read_text() == "mine too", f"killed after step {step} ({name})"
+        assert {p: os.lstat(out / p).st_ino for p in inodes} == inodes  # the user's entries are the same ones
+        assert sorted(p.name for p in out.iterdir()) == [".se-inject-" + "a" * 32, ".se-inject.json", "config.json",
+                                                         "data", "model.safetensors", "notes.txt", "report.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers next to the folders
 
 
 def test_killed_first_write_leaves_no_folder_or_a_complete_one(tmp_path, monkeypatch):
     run = _run(0)
-    steps: list[str] = []
-    monkeypatch.setattr(atomic, "fault_point", steps.append)
-    write_atomically(tmp_path / "o", _writers(run), outputs=True)
-    monkeypatch.undo()
+    steps = _steps(monkeypatch, lambda: write_atomically(tmp_path / "o", _writers(run), outputs=True))
+    assert steps
     for step, name in enumerate(steps):
         out = tmp_path / f"k{step}"
         _write_killed_at(out, run, step)
@@ -579,7 +613,7 @@ def test_non_utf8_output_path_is_refused(tmp_path):
 def test_printing_under_an_ascii_terminal(tmp_path, monkeypatch):
     import io
 
-    from se_inject.cli.app import printable_streams, render_report
+    from se_inject.cli.app.app import printable_streams, render_report
 
     _, report = se_inject.inject("timm:test_resnet", seed=0, device="meta")
     stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")

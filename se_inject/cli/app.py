@@ -22,9 +22,9 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import SEInjectError, UsageError, WeightsError, describe
-from ..names import GATES, INITS, MODEL_SOURCES, VARIANTS
-from ..preflight import EXPORT_FORMATS, check_export_options, check_output_file, check_output_folder
+from ..errors import SEInjectError, UsageError, WeightsError, describe, torch_pair_problem
+from ..io.preflight import check_export_options, check_output_file, check_output_folder
+from ..names import EXPORT_FORMATS, GATES, INITS, MAX_DIVISOR, MODEL_SOURCES, VARIANTS
 
 DEFAULT_COMMAND = "inject"
 # Allowed values, shown in --help (the library validates them; tests check these lists against its own).
@@ -133,6 +133,10 @@ def error_funnel() -> Iterator[None]:
     except Exception as e:
         if os.environ.get("SE_INJECT_DEBUG"):
             raise
+        problem = torch_pair_problem(e)
+        if problem is not None:  # the environment, not se-inject
+            error(f"error: {problem}")
+            raise typer.Exit(problem.exit_code) from None
         error(f"internal error: {type(e).__name__}: {describe(e)} (SE_INJECT_DEBUG=1 shows the traceback)")
         raise typer.Exit(3) from None
 
@@ -254,6 +258,7 @@ def inject_command(
     """Insert SE blocks into MODEL, report params/MACs before and after, save the result."""
     with error_funnel(), _status(f"planning SE for {model}", enabled=_interactive(as_json)) as status:
         formats = tuple(dict.fromkeys(export_formats or ()))
+        check_choices(attention=[attention], gate=gate, init=init, reduction=reduction, divisor=divisor)
         notes = inject_preflight(dry_run=dry_run, output=output, force=force, formats=formats, weights=weights,
                                  images=images, pretrained=pretrained, static_batch=static_batch, opset=opset)
         from ..api import inject, save_injected
@@ -293,6 +298,20 @@ def inject_command(
             _print_json(report.to_dict())
         else:
             render_report(report, verbose=verbose, seed_drawn=seed is None)
+
+
+def check_choices(*, attention: list[str] | tuple[str, ...] = (), gate: str | None = None, init: str = "paper",
+                  reduction: int | None = None, divisor: int | None = None) -> None:
+    """Option values checked against the names and ranges se-inject knows, before torch is imported (exit 2)."""
+    for name, values, choices in (("attention", attention, ATTENTION_CHOICES), ("gate", [gate], GATE_CHOICES),
+                                  ("init", [init], INIT_CHOICES)):
+        for value in values:
+            if value is not None and value not in choices:
+                raise UsageError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
+    if reduction is not None and reduction < 1:
+        raise UsageError(f"invalid reduction {reduction!r}: expected an integer >= 1")
+    if divisor is not None and not 1 <= divisor <= MAX_DIVISOR:
+        raise UsageError(f"invalid divisor {divisor!r}: expected an integer in [1, {MAX_DIVISOR}]")
 
 
 def inject_preflight(*, dry_run: bool, output: Path | None, force: bool, formats: tuple[str, ...],
@@ -566,6 +585,7 @@ def compare_command(
 ) -> None:
     """Compare attention variants on one model: sites, params, MACs, elementwise ops (and latency with --bench)."""
     with error_funnel():
+        check_choices(attention=attention or (), reduction=reduction)
         import torch
 
         from ..names import VARIANTS

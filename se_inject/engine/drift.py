@@ -18,6 +18,36 @@ from ..errors import SEInjectError, describe
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_IMAGES = 64
 
+
+def max_image_pixels() -> int:
+    """The largest image decoded: Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89
+    million pixels, 256 MiB as RGB), read when called so a caller who changes it is followed."""
+    from PIL import Image
+
+    return int(Image.MAX_IMAGE_PIXELS or 0) or 89_478_485
+
+
+def _too_large(file: Path) -> str | None:
+    """Why `file` is not decoded, from its header alone (its pixel count), or None. A small file may declare an
+    image of gigabytes (a decompression bomb): its size is read before a byte of pixels is."""
+    import warnings
+
+    from PIL import Image
+
+    limit = max_image_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(file) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        return f"more than {limit:,} pixels"
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow cannot read its header: torchvision will not either
+        return describe(e, 120) or "not an image"
+    if width * height > limit:
+        return f"{width}x{height} pixels, more than {limit:,}"
+    return None
+
 @dataclass(frozen=True)
 class Drift:
     """Relative L2 change of the outputs (``||y' - y|| / ||y||``) and the fraction of inputs whose top-1 class
@@ -52,6 +82,7 @@ def image_batch(
     if not directory.is_dir():
         raise SEInjectError(f"--images {directory}: not a folder")
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_IMAGES]
+    # Files only: a FIFO or a device with an image's name would block or never end.
     if not files:
         raise SEInjectError(f"--images {directory}: no {', '.join(IMAGE_SUFFIXES)} files")
     from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -62,6 +93,10 @@ def image_batch(
     _, height, width = input_size
     images, undecodable = [], []
     for file in files:
+        problem = "not a regular file" if not file.is_file() else _too_large(file)
+        if problem:
+            undecodable.append((file.name, problem))
+            continue
         try:
             image = decode_image(str(file), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as e:
@@ -78,6 +113,9 @@ def image_batch(
     if undecodable:
         names = ", ".join(name for name, _ in undecodable[:3]) + (", ..." if len(undecodable) > 3 else "")
         described += f" (skipped {len(undecodable)} that do not decode: {names})"
+        large = [f"{name} ({why})" for name, why in undecodable if "pixels" in why]
+        if large:
+            described += f"; too large to decode: {', '.join(large[:3])}{', ...' if len(large) > 3 else ''}"
     return torch.stack(images), described
 
 

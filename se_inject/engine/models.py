@@ -64,6 +64,16 @@ def _timm_has(name: str) -> bool:
     return timm.is_model(name)
 
 
+def registered(spec: ModelSpec) -> bool:
+    """Whether a timm/torchvision spec names a model its library has, and its tag (if any) weights of that model."""
+    arch, tag = split_tag(spec.name)
+    if spec.source == "timm":
+        return _timm_has(arch) and (not tag or tag in timm_tags(arch))
+    if spec.source == "torchvision":
+        return arch in torchvision_names() and (not tag or tag in torchvision_tags(arch))
+    return False
+
+
 def _closest(name: str, names: tuple[str, ...]) -> list[str]:
     return difflib.get_close_matches(name.split(".", 1)[0], list(dict.fromkeys(names)), n=3, cutoff=0.6)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeFileError, UnknownRecipeError
-from ..names import GATES, PATTERNS, ROUNDINGS, SQUEEZE_FROM, attribute_name_problem
+from ..names import GATES, MAX_DIVISOR, PATTERNS, ROUNDINGS, SQUEEZE_FROM, attribute_name_problem
 
 # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection; "depthwise" / "no-depthwise": the
 # block has (has not) a depthwise convolution, so one class can take SE at different places by its structure.
@@ -220,8 +220,9 @@ def _parse_defaults(
     for key in ("reduction", "divisor"):
         if key in table:
             value = _expect(path, f"{where}.{key}", table[key], int, "a positive integer")
-            if value < 1:
-                raise RecipeFileError(path, f"field '{where}.{key}': expected a positive integer, got {value}")
+            if value < 1 or (key == "divisor" and value > MAX_DIVISOR):
+                bound = f" at most {MAX_DIVISOR}" if key == "divisor" else ""
+                raise RecipeFileError(path, f"field '{where}.{key}': expected a positive integer{bound}, got {value}")
             values[key] = value
     if "round_limit" in table:
         value = _expect(path, f"{where}.round_limit", table["round_limit"], (int, float), "a number in [0, 1]")

@@ -19,11 +19,14 @@ from ..names import (
     GATES,
     INITS,
     MAX_CHANNELS,
+    MAX_DIVISOR,
     MAX_SEED,
     MAX_SIDE,
     MAX_SITES,
+    MAX_SITES_PER_BLOCK,
     MODEL_SOURCES,
     PATTERNS,
+    POSITIONS,
     VARIANTS,
     attribute_name_problem,
 )
@@ -83,6 +86,14 @@ def _str(field: str, value: Any, pattern: re.Pattern[str] | None = None, what: s
     return value
 
 
+def _number(field: str, value: Any, lo: float, hi: float) -> float:
+    """A JSON number in (lo, hi]; integers are compared as integers (10**400 has no float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not math.isfinite(value)) or not lo < value <= hi:
+        raise _fail(field, f"expected a finite number in ({lo:g}, {hi:g}], got {str(value)[:40]}")
+    return float(value)
+
+
 def _choice(field: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise _fail(field, f"expected one of {', '.join(choices)}, got {value!r}"[:300])
@@ -94,19 +105,18 @@ def _attention(field: str, data: Any) -> AttentionSpec:
     _keys(field, data, names, {"host_gain"})
     kind = _choice(f"{field}.kind", data["kind"], list(VARIANTS))
     channels = _int(f"{field}.channels", data["channels"], 1, MAX_CHANNELS)
+    # A squeeze wider than its site exists only where a divisor rounded a narrow site up (at most MAX_DIVISOR).
     rd_channels = _int(f"{field}.rd_channels", data["rd_channels"], 1 if VARIANTS[kind].uses_reduction else 0,
-                       MAX_CHANNELS)
+                       max(channels, MAX_DIVISOR))
     kernel_size = _int(f"{field}.kernel_size", data["kernel_size"], 1 if kind in ("eca", "cbam") else 0, 255)
     if kind in ("eca", "cbam") and kernel_size % 2 == 0:
         raise _fail(f"{field}.kernel_size", f"expected an odd kernel size, got {kernel_size}")
     if not isinstance(data["bias"], bool):
         raise _fail(f"{field}.bias", f"expected true or false, got {data['bias']!r}")
     gate = _choice(f"{field}.gate", data["gate"], GATES)
-    gains = [data["gain"], data.get("host_gain", 1.0)]
-    for name, g in zip(("gain", "host_gain"), gains, strict=True):
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 < g <= 1e6:
-            raise _fail(f"{field}.{name}", f"expected a finite number in (0, 1e6], got {g!r}")
-    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, *map(float, gains))
+    gain = _number(f"{field}.gain", data["gain"], 0, 1e6)
+    host_gain = _number(f"{field}.host_gain", data.get("host_gain", 1.0), 0, 1e6)
+    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, gain, host_gain)
 
 
 def _site(field: str, data: Any) -> Any:
@@ -117,7 +127,9 @@ def _site(field: str, data: Any) -> Any:
     recipe = _str(f"{field}.recipe", data["recipe"], _RECIPE_NAME, "a recipe name (lowercase letters, digits, '-')")
     block = _str(f"{field}.block", data["block"], _CLASS_PATH, "a full class path like 'package.module.Class'")
     anchor = _str(f"{field}.anchor", data["anchor"], _ANCHOR, "a child path or a graph node ('%name')", empty=True)
-    position = _choice(f"{field}.position", data["position"], ("after", "before"))
+    position = _choice(f"{field}.position", data["position"], POSITIONS)
+    if anchor.startswith("%") and position != "after":  # a graph node is only ever a place to take the output of
+        raise _fail(f"{field}.position", f"a graph node anchor ({anchor[:40]!r}) takes only 'after'")
     slot = data["slot"]
     if slot is not None:
         problem = attribute_name_problem(slot)
@@ -188,6 +200,11 @@ def plan_from_data(data: Any) -> Plan:
     if not isinstance(sites_data, list) or not 1 <= len(sites_data) <= MAX_SITES:
         raise _fail("sites", f"expected a list of 1 to {MAX_SITES} sites")
     sites = tuple(_site(f"sites[{i}]", s) for i, s in enumerate(sites_data))
+    per_block: dict[str, int] = {}
+    for i, site in enumerate(sites):
+        per_block[site.path] = per_block.get(site.path, 0) + 1
+        if per_block[site.path] > MAX_SITES_PER_BLOCK:
+            raise _fail(f"sites[{i}].path", f"more than {MAX_SITES_PER_BLOCK} sites on block {site.path!r}")
     seen: dict[str, int] = {}
     for i, site in enumerate(sites):
         if site.module_path in seen:

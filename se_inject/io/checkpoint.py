@@ -18,14 +18,14 @@ from torch import nn
 
 from .. import __version__
 from ..engine.coverage import check_calls, describe_problems
+from ..engine.meta import as_meta
 from ..engine.models import (
     ModelSpec,
-    _timm_has,
     build_model,
     check_readable,
     check_state_dict,
     load_state,
-    torchvision_names,
+    registered,
 )
 from ..engine.plan import Plan
 from ..engine.schema import plan_from_data
@@ -246,15 +246,65 @@ def _check_model_spec(spec: ModelSpec, file: Path, metadata: dict[str, str], tru
                 "folder, trust_code=True / --trust-code"
             )
         return
-    known = _timm_has(spec.name) if spec.source == "timm" else spec.name in torchvision_names()
-    if not known:
-        try:
-            saved = json.loads(metadata.get("se_inject.versions", "{}")).get(spec.source, "another version")
-        except (ValueError, AttributeError):
-            saved = "another version"
+    if not registered(spec):
+        saved = _saved_version(metadata, spec.source)
         installed = library_versions()[spec.source]
         raise CheckpointError(f"{file}: plan field 'model.name': {spec.source} {installed} has no model "
                               f"{spec.name!r} (the folder was saved with {spec.source} {saved})")
+
+
+def _saved_version(metadata: dict[str, str], library: str) -> str:
+    """The library's version the folder records (untrusted text: any parse failure reads as unknown)."""
+    try:
+        saved = json.loads(metadata.get("se_inject.versions", "{}")).get(library)
+    except (ValueError, AttributeError, RecursionError):
+        saved = None
+    return saved[:40] if isinstance(saved, str) else "another version"
+
+
+def _check_anchors(model: nn.Module, plan: Plan, file: Path) -> None:
+    """Each site's anchor is a child module of its block (a graph node anchor is checked when the block is traced;
+    a missing block is reported by `apply_plan`, naming the site's path)."""
+    for i, site in enumerate(plan.sites):
+        if not site.anchor or site.anchor.startswith("%"):
+            continue
+        try:
+            block = model.get_submodule(site.path)
+        except AttributeError:
+            continue
+        try:
+            block.get_submodule(site.anchor)
+        except AttributeError:
+            raise CheckpointError(f"{file}: plan field 'sites[{i}].anchor': {site.path or 'the model'} has no child "
+                                  f"module {site.anchor[:80]!r}") from None
+
+
+def _header_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors as meta tensors (names, shapes, dtypes from its header): no data is read."""
+    from safetensors import SafetensorError, safe_open
+
+    codes = {code: dtype for dtype, code in _DTYPES.items()}
+    tensors = {}
+    try:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no iterator)
+                piece = f.get_slice(key)
+                dtype = codes.get(piece.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"{file}: tensor {key[:80]!r} has dtype {piece.get_dtype()[:20]!r}, which "
+                                          "se-inject does not write")
+                tensors[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{file}: cannot read the weights ({_reason(e)})") from None
+    return tensors
+
+
+def _check_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    try:
+        check_state_dict(model, state, f"{file}: the weights")
+    except WeightsError as e:
+        raise CheckpointError(f"{e} (they do not match the plan)") from None
+    _check_dtypes(model, state, file)
 
 
 def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
@@ -305,6 +355,23 @@ def load(
         _check_model_spec(plan.model, file, read_metadata(file), trust_code)
     if verify_weights:
         check_weights_digest(file)
+    # Everything the plan says is checked against the model on the meta device first (its anchors, its channels,
+    # every tensor's shape and dtype in the file): nothing is allocated for a plan that does not fit.
+
+    try:
+        if model is None:
+            assert plan.model is not None
+            probe = build_model(plan.model, device="meta")
+        else:
+            probe = as_meta(model)
+        _check_anchors(probe, plan, file)
+        probe = apply_plan(probe, plan, inplace=probe is not model)  # never changes the caller's model
+        _check_calls(probe, plan, file)
+    except CheckpointError:
+        raise
+    except SEInjectError as e:
+        raise CheckpointError(f"{file}: the plan does not fit the model: {e}") from None
+    _check_state(probe, _header_tensors(file), file)
     try:
         with safe_open(str(file), "pt") as f:
             # Cloned into torch's own (64-byte aligned) memory: kernels then take the same paths as for the saved
@@ -312,27 +379,18 @@ def load(
             state = {key: f.get_tensor(key).clone() for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{file}: cannot read the weights ({_reason(e)})") from None
+    _check_state(probe, state, file)
     try:
         if model is not None:
             rebuilt = apply_plan(model, plan)
-        else:
-            assert plan.model is not None
-            # Meta build: no init cost; weights are assigned from the file. Fall back to a real build when the model
-            # has state that is not in the file (non-persistent buffers), which only a real build computes.
-            rebuilt = apply_plan(build_model(plan.model, device="meta"), plan, inplace=True)
-        _check_calls(rebuilt, plan, file)
-        if model is None and set(dict(rebuilt.named_buffers())) - set(state):
+        elif set(dict(probe.named_buffers())) - set(state):
+            # The model has state that is not in the file (non-persistent buffers), which only a real build computes.
             assert plan.model is not None
             rebuilt = apply_plan(build_model(plan.model, seed=plan.seed), plan, inplace=True)
-    except CheckpointError:
-        raise
+        else:  # weights are assigned from the file into the meta build: no init cost
+            rebuilt = probe
     except SEInjectError as e:
         raise CheckpointError(f"{file}: the plan does not fit the model: {e}") from None
-    try:
-        check_state_dict(rebuilt, state, f"{file}: the weights")
-    except WeightsError as e:
-        raise CheckpointError(f"{e} (they do not match the plan)") from None
-    _check_dtypes(rebuilt, state, file)
     try:
         load_state(rebuilt, state)
     except (RuntimeError, ValueError, TypeError) as e:

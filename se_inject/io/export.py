@@ -24,8 +24,9 @@ from ..engine.models import ModelSpec, build_model, split_tag, torchvision_weigh
 from ..engine.plan import Plan
 from ..engine.surgery import apply_plan
 from ..errors import ExportError, describe
-from ..preflight import EXPORT_FORMATS, check_export_options, check_output_file
+from ..names import EXPORT_FORMATS
 from .checkpoint import write_atomically
+from .preflight import check_export_options, check_output_file
 
 FORMATS = EXPORT_FORMATS
 RELATIVE_TOLERANCE = 1e-4  # float32 kernels differ by ~1e-6 of the output's magnitude; a broken export by far more

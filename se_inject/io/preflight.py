@@ -5,10 +5,11 @@ Torch-free on purpose (the CLI calls these first); the names here are the ones t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .errors import OutputExistsError, UsageError
-from .names import EXPORT_FORMATS
+from ..errors import OutputExistsError, UsageError
+from ..names import EXPORT_FORMATS
 
 OUTPUT_FILES = ("model.safetensors", "report.json", "config.json", "model.pt", "model.pt2", "model.onnx")
 MIN_OPSET = 18  # the oldest opset torch's dynamo-based ONNX exporter writes directly
@@ -38,10 +39,14 @@ def check_output_folder(directory: str | Path, *, force: bool) -> None:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise OutputExistsError(f"{directory} exists and is not a directory")
+    from .atomic import check_names
+
+    # The files every run writes; the others (config.json, exports) are checked when the run knows it writes them.
+    check_names(directory, OUTPUT_FILES[:2], force=force, outputs=True)
     if not force:
-        owned = [name for name in OUTPUT_FILES if (directory / name).exists()]
-        if owned:
-            raise OutputExistsError(f"{directory / owned[0]} already exists; pass --force to overwrite it")
+        existing = [name for name in OUTPUT_FILES if os.path.lexists(directory / name)]
+        if existing:
+            raise OutputExistsError(f"{directory / existing[0]} already exists; pass --force to overwrite it")
 
 
 def check_output_file(path: str | Path, *, force: bool) -> None:
