@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from se_inject.cli.app.app import app
+from se_inject.cli.app import app
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
@@ -122,7 +122,7 @@ def test_version_and_help():
 def test_fast_paths_do_not_import_torch(args):
     code = (
         "import sys\n"
-        "from se_inject.cli.app.app import app\n"
+        "from se_inject.cli.app import app\n"
         f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
@@ -274,7 +274,7 @@ def test_factory_next_to_its_file(tmp_path, monkeypatch):
 
 
 def test_scan_says_how_to_see_every_model(capsys):
-    from se_inject.cli.app.app import _render_scan
+    from se_inject.cli.app import _render_scan
     from se_inject.tools.scan import ScanRow
 
     _render_scan([ScanRow(model=f"m{i}", status="no-match") for i in range(60)], None)
@@ -284,7 +284,7 @@ def test_scan_says_how_to_see_every_model(capsys):
 
 def test_compare_table_says_which_statistic_and_warns_when_noisy(capsys, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)  # piped without $COLUMNS: tables are never cut
-    from se_inject.cli.app.app import _render_compare
+    from se_inject.cli.app import _render_compare
     from se_inject.tools.bench import Timing
     from se_inject.tools.compare import CompareRow
 
@@ -313,7 +313,7 @@ def test_closed_pipe_exits_141_and_python_dash_m(tmp_path):
 def test_the_process_exits_fast_but_completely(argv, code):
     """`main` skips the interpreter's module teardown (a second once torch is imported) but keeps what a normal exit
     does: exit handlers run, output is flushed, the status is the command's."""
-    script = ("import atexit, sys\nfrom se_inject.cli.app.app import main\n"
+    script = ("import atexit, sys\nfrom se_inject.cli.app import main\n"
               "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
               f"sys.argv = ['se-inject', *{argv!r}]\nmain()\nprint('not reached')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -325,7 +325,7 @@ def test_the_process_exits_fast_but_completely(argv, code):
 
 def load_recipe_listing_tail() -> str:
     """The last line of the recipe listing, printed in process: the fast exit lost nothing of the output."""
-    from se_inject.cli.app.app import print_recipes
+    from se_inject.cli.app import print_recipes
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):

@@ -26,17 +26,17 @@ import timm
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from se_inject.io.atomic import RECORD_FILE, foreign_entries, write_folder
-from se_inject.io.checkpoint import PLAN_KEY
-from se_inject.engine.plan import Plan, Site
-from se_inject.engine.schema import MAX_SITES_PER_BLOCK
-from se_inject.engine.surgery import apply_plan
 from test_security import _run, _writers, contents, craft, one_line, payload, set_model
 from typer.testing import CliRunner
 
 import se_inject
 from se_inject import CheckpointError, OutputExistsError, SurgeryError
 from se_inject.cli.app import app
+from se_inject.engine.plan import Plan, Site
+from se_inject.engine.schema import MAX_SITES_PER_BLOCK
+from se_inject.engine.surgery import apply_plan
+from se_inject.io.atomic import RECORD_FILE, foreign_entries, write_folder
+from se_inject.io.checkpoint import PLAN_KEY
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent

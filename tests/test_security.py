@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject import CheckpointError, SurgeryError
-from se_inject.cli.app.app import app
+from se_inject.cli.app import app
 from se_inject.engine.plan import Plan, Site
 from se_inject.engine.surgery import apply_plan
 from se_inject.io import atomic
@@ -613,7 +613,7 @@ def test_non_utf8_output_path_is_refused(tmp_path):
 def test_printing_under_an_ascii_terminal(tmp_path, monkeypatch):
     import io
 
-    from se_inject.cli.app.app import printable_streams, render_report
+    from se_inject.cli.app import printable_streams, render_report
 
     _, report = se_inject.inject("timm:test_resnet", seed=0, device="meta")
     stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")

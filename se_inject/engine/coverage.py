@@ -23,23 +23,42 @@ from ..errors import describe
 from .meta import as_meta
 from .plan import Plan, Site
 
+
+class Problem(str):
+    """Why a site's module does not run as planned; `field` names the plan field it contradicts ("slot", "anchor",
+    "attention.channels")."""
+
+    field: str
+
+    def __new__(cls, text: str, field: str) -> Problem:
+        problem = super().__new__(cls, text)
+        problem.field = field
+        return problem
+
+
+class _WrongMap(Exception):
+    """Raised by a module's pre-hook on a map of other channels: its forward would fail on it anyway."""
+
+
 # Methods beside ``forward`` that run a timm model's trunk: each is checked where the model has it.
 FORWARD_PATHS = ("forward_features", "forward_intermediates")
 
 
-def check_calls(model: nn.Module, plan: Plan, input_size: tuple[int, ...] | None = None) -> dict[str, str]:
+def check_calls(model: nn.Module, plan: Plan, input_size: tuple[int, ...] | None = None) -> dict[str, Problem]:
     """Problems by site path (empty when every inserted module runs as the plan says). `model` is the applied
     model (a meta copy is used unless it is on the meta device already)."""
     probe = as_meta(model)
     size = tuple(input_size or plan.input_size)
     with CallWatch(probe, plan) as watch:
         ran = _run(probe, lambda: probe(_input(probe, size)))
-    if not ran:
-        return {site.path: "the model does not run on the meta device" for site in plan.sites}
-    return watch.problems() or check_other_paths(probe, plan, size, watch)
+    problems = watch.problems()
+    if not ran and not problems:
+        return {site.path: Problem("the model does not run on the meta device", "") for site in plan.sites}
+    return problems or check_other_paths(probe, plan, size, watch)
 
 
-def check_other_paths(model: nn.Module, plan: Plan, size: tuple[int, ...], watch: CallWatch) -> dict[str, str]:
+def check_other_paths(model: nn.Module, plan: Plan, size: tuple[int, ...], watch: CallWatch
+                      ) -> dict[str, Problem]:
     """`check_calls` for the forward paths besides ``forward`` (a meta `model`; `watch` watched its forward).
 
     A path runs again only where it can differ from ``forward`` for an inserted module: ``forward_features`` where
@@ -48,7 +67,7 @@ def check_other_paths(model: nn.Module, plan: Plan, size: tuple[int, ...], watch
     Everywhere else a path reaches a host block through its ``__call__`` or its ``forward``, which is the rewritten
     one, so the modules run there as they ran in ``forward``."""
     alternates = _alternate_forwards(model, plan)
-    problems: dict[str, str] = {}
+    problems: dict[str, Problem] = {}
     for name in FORWARD_PATHS:
         method = getattr(model, name, None)
         if not callable(method) or name in watch.called_paths or (name == "forward_intermediates" and not alternates):
@@ -58,7 +77,7 @@ def check_other_paths(model: nn.Module, plan: Plan, size: tuple[int, ...], watch
         if not ran:  # this path does not run here (its own arguments, a feature the model lacks)
             continue
         for path, problem in other.problems().items():
-            problems.setdefault(path, f"{problem} in {name}")
+            problems.setdefault(path, Problem(f"{problem} in {name}", problem.field))
     return problems
 
 
@@ -89,7 +108,7 @@ def _run(model: nn.Module, run: Callable[[], Any]) -> bool:
         with torch.no_grad():
             run()
         return True
-    except Exception:
+    except Exception:  # _WrongMap included: that problem is recorded
         return False
     finally:
         for m, training in modes:
@@ -111,7 +130,7 @@ class CallWatch:
         self.counts: Counter[str] = Counter()
         self.inputs: dict[str, list[Any]] = {}
         self.outputs: dict[str, list[Any]] = {}
-        self.missing: dict[str, str] = {}
+        self.missing: dict[str, Problem] = {}
         self.called_paths: set[str] = set()
         self._handles: list[Any] = []
         self._patched: list[str] = []
@@ -122,9 +141,9 @@ class CallWatch:
                 module = self.model.get_submodule(site.module_path)
                 host = self.model.get_submodule(_host_path(site))
             except AttributeError:
-                self.missing[site.path] = f"no inserted module at {site.module_path!r}"
+                self.missing[site.path] = Problem(f"no inserted module at {site.module_path!r}", "name")
                 continue
-            self._watch(module, f"module {site.path}", outputs=True)
+            self._watch(module, f"module {site.path}", outputs=True, channels=site.channels)
             self._watch(host, f"host {site.path}")
             for name, child in host.named_children():
                 if child is not module:
@@ -152,17 +171,20 @@ class CallWatch:
             return method(*args, **kwargs)
         return noted
 
-    def _watch(self, module: nn.Module, key: str, outputs: bool = False) -> None:
+    def _watch(self, module: nn.Module, key: str, outputs: bool = False, channels: int | None = None) -> None:
         def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
             self.counts[key] += 1
-            self.inputs.setdefault(key, []).append(args[0] if args else None)
+            x = args[0] if args else None
+            self.inputs.setdefault(key, []).append(x)
+            if channels is not None and not (isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == channels):
+                raise _WrongMap
 
         self._handles.append(module.register_forward_pre_hook(pre))
         if outputs:
             self._handles.append(module.register_forward_hook(
                 lambda _m, _a, out: self.outputs.setdefault(key, []).append(out)))
 
-    def problems(self) -> dict[str, str]:
+    def problems(self) -> dict[str, Problem]:
         found = dict(self.missing)
         for site in self.plan.sites:
             problem = found.get(site.path) or _problem(site, self.counts, self.inputs, self.outputs)
@@ -182,33 +204,34 @@ def _anchor(host: nn.Module, site: Site) -> nn.Module | None:
 
 
 def _problem(site: Site, counts: Counter[str], inputs: dict[str, list[Any]], outputs: dict[str, list[Any]]
-             ) -> str | None:
+             ) -> Problem | None:
     host_calls = counts[f"host {site.path}"]
     children = [n for k, n in counts.items() if k.startswith(f"child {site.path} ")]
     expected = host_calls or max(children, default=0)
     got = counts[f"module {site.path}"]
     where = site.module_path
-    if got != expected:
-        return (f"{where} runs {got} time(s) where its block runs {expected} time(s): the inserted module must run "
-                "exactly once per call of its block")
-    for x in inputs.get(f"module {site.path}", []):
+    for x in inputs.get(f"module {site.path}", []):  # first: a wrong map stops the run there
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != site.channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            return f"{where} is planned for {site.channels} channels but takes a {shape} map"
+            return Problem(f"{where} is planned for {site.channels} channels but takes a {shape} map",
+                           "attention.channels")
+    if got != expected:
+        return Problem(f"{where} runs {got} time(s) where its block runs {expected} time(s): the inserted module "
+                       "must run exactly once per call of its block", "slot" if site.slot else "anchor")
     anchor = f"anchor {site.path}"
     if counts[anchor] and site.position == "after":
         taken = inputs.get(f"module {site.path}", [])
         made = outputs.get(anchor, [])
         if not all(any(t is m for m in made) for t in taken):
-            return f"{where} does not take the output of {site.anchor!r}, where the plan puts it"
+            return Problem(f"{where} does not take the output of {site.anchor!r}, where the plan puts it", "anchor")
     elif counts[anchor] and site.position == "before":
         fed = inputs.get(anchor, [])
         made = outputs.get(f"module {site.path}", [])
         if not all(any(f is m for m in made) for f in fed):
-            return f"{site.anchor!r} does not take the output of {where}, where the plan puts it"
+            return Problem(f"{site.anchor!r} does not take the output of {where}, where the plan puts it", "anchor")
     return None
 
 
-def describe_problems(problems: dict[str, str], limit: int = 3) -> str:
+def describe_problems(problems: dict[str, Problem], limit: int = 3) -> str:
     """One line naming the first problems."""
     return "; ".join(f"{path or 'the model'}: {describe(text)}" for path, text in list(problems.items())[:limit])

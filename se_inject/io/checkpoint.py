@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..engine.coverage import check_calls, describe_problems
+from ..engine.coverage import check_calls
 from ..engine.meta import as_meta
 from ..engine.models import (
     ModelSpec,
@@ -320,11 +320,14 @@ def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], file: Path) 
 
 def _check_calls(model: nn.Module, plan: Plan, file: Path) -> None:
     """Every inserted module must run exactly once per call of its block, on the planned map, on every forward path
-    (`se_inject.calls`): a plan whose module would be dead code, or sit on another map, is refused."""
-
+    (`se_inject.engine.coverage`): a plan whose module would be dead code, or sit on another map, is refused, naming
+    the plan field it contradicts."""
     problems = check_calls(model, plan)
     if problems:
-        raise CheckpointError(f"{file}: the plan does not fit the model: {describe_problems(problems, 1)}")
+        path, problem = next(iter(problems.items()))
+        index = next(i for i, s in enumerate(plan.sites) if s.path == path)
+        field = f"plan field 'sites[{index}].{problem.field}': " if problem.field else ""
+        raise CheckpointError(f"{file}: the plan does not fit the model: {field}{problem}")
 
 
 def load(
