@@ -31,7 +31,7 @@ from .models import (
     seeded,
 )
 from .plan import Plan, Settings, Site
-from .recipes import GATES, resolve_recipes
+from .recipes import GATES, PLACEMENTS, resolve_recipes
 from .schema import MAX_SEED
 from .surgery import apply_plan
 from .variants import VARIANTS
@@ -86,6 +86,8 @@ class Report:
                 "module": s.module_path,
                 "recipe": s.recipe,
                 "pattern": s.pattern or None,
+                "placement": s.placement,
+                "source": s.source or ("paper" if s.placement == "paper" else ""),
                 "block": s.block,
                 "attention": s.attention.kind,
                 "channels": s.channels,
@@ -158,6 +160,8 @@ def validate_settings(settings: Settings) -> Settings:
         raise UsageError(f"unknown gate {settings.gate!r}; choose from {', '.join(GATES)}")
     if settings.init not in INITS:
         raise UsageError(f"unknown init {settings.init!r}; choose from {', '.join(INITS)}")
+    if settings.placement not in PLACEMENTS:
+        raise UsageError(f"unknown placement {settings.placement!r}; choose from {', '.join(PLACEMENTS)}")
     return settings
 
 
@@ -177,6 +181,8 @@ def _site(match: Match, settings: Settings) -> Site:
         recipe_gate=defaults.gate,
         init=settings.init,
         host_gain=match.rule.slot_gain,
+        act=defaults.act,
+        layout=defaults.layout,
     )
     return Site(
         path=match.path,
@@ -189,6 +195,8 @@ def _site(match: Match, settings: Settings) -> Site:
         attention=spec,
         pattern=match.pattern,
         fixed_args=dict(match.fixed_args),
+        placement=match.rule.placement,
+        source=match.rule.source,
     )
 
 
@@ -276,6 +284,7 @@ def inject(
     exclude: tuple[str, ...] | list[str] = (),
     min_channels: int = 0,
     fill: bool = False,
+    placement: str = "family",
     input_size: int | str | tuple[int, ...] | None = None,
     weights: str | Path | None = None,
     seed: int | None = None,
@@ -299,6 +308,8 @@ def inject(
         include, exclude: fnmatch globs over site paths; min_channels drops narrower sites.
         fill: In a model where some matching blocks already have channel attention (partial SE: MobileNetV3,
             EfficientNetV2, ...), add SE to the blocks without it; without `fill` such a model raises NoSitesError.
+        placement: "family" (default): where a family has its own SE design (timm's SE twin of the model, or the
+            family's paper), that design, exactly; "paper": the SE paper's place everywhere a recipe has one.
         input_size: (C, H, W), HxW or N used for shapes and counts; default from the model's config.
         weights: Local checkpoint loaded into the base model first (name only).
         seed: Seed of the random weights and of the SE init; random (and recorded in the plan) when None.
@@ -324,6 +335,7 @@ def inject(
             exclude=tuple(exclude),
             min_channels=min_channels,
             fill=fill,
+            placement=placement,
         )
     )
     size = parse_input_size(input_size)
@@ -331,7 +343,7 @@ def inject(
         seed = secrets.randbelow(2**31)
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise UsageError(f"invalid seed {seed!r}: expected an integer in [0, {MAX_SEED}] (torch's seed range)")
-    recipes = resolve_recipes(recipe, tuple(recipe_files))
+    recipes = [r.for_placement(settings.placement) for r in resolve_recipes(recipe, tuple(recipe_files))]
     if pretrained and weights is not None:
         raise UsageError("pretrained weights and a weights file exclude each other: pass one")
     notes: tuple[str, ...] = ()

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ DEFAULT_COMMAND = "inject"
 ATTENTION_CHOICES = tuple(VARIANTS)
 GATE_CHOICES = ("sigmoid", "hard-sigmoid")
 INIT_CHOICES = ("paper", "identity")
+PLACEMENT_CHOICES = ("family", "paper")
 FORMAT_CHOICES = tuple(EXPORT_FORMATS)
 SOURCE_CHOICES = ("timm", "torchvision")
 
@@ -214,6 +216,9 @@ def inject_command(
     min_channels: Annotated[int, typer.Option(metavar="N", help="Skip sites with fewer channels.")] = 0,
     fill: Annotated[bool, typer.Option("--fill", help="In a model where some matching blocks already have channel "
                                        "attention (partial SE), add SE to the blocks without it.")] = False,
+    placement: Annotated[str, typer.Option(metavar=_choices(PLACEMENT_CHOICES),
+                                           help="family: where a family has its own SE design (timm's SE twin, its "
+                                           "paper), that design exactly; paper: the SE paper's place.")] = "family",
     divisor: Annotated[int | None, typer.Option(metavar="N",
                                                 help="Round the squeeze width to a multiple of this (default 8; 1 "
                                                 "gives C // r).", show_default=False)] = None,
@@ -273,6 +278,7 @@ def inject_command(
             exclude=tuple(exclude or ()),
             min_channels=min_channels,
             fill=fill,
+            placement=placement,
             reduction=reduction,
             divisor=divisor,
             bias=bias,
@@ -407,6 +413,11 @@ def render_report(report: Any, *, verbose: bool = False, seed_drawn: bool = Fals
         f"{len(data['sites'])} SE blocks ({', '.join(sorted(recipes))}); "
         f"SE elementwise ops (pool, gate, scale): {_num(data['se_elementwise_ops'])}"
     )
+    family = Counter(row["source"] for row in data["sites"] if row["placement"] == "family")
+    if family:
+        paper = sum(row["placement"] == "paper" for row in data["sites"])
+        out.print("SE design: " + ", ".join(f"{n} family ({source or 'its own'})" for source, n in family.items())
+                  + (f", {paper} SE paper" if paper else ""), markup=False)
     if data["already_attention"]:
         paths = data["already_attention"]
         out.print(f"{len(paths)} blocks already had channel attention (kept as they are): "

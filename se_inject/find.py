@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -193,7 +193,8 @@ def _places(path: str, block: nn.Module, found: list[tuple[Recipe, BlockRule]]) 
         child = block.get_submodule(anchor)
         require = tuple(r for r in rule.require if r == "pointwise")  # the block-level requirements were met
         yield (f"{path}.{anchor}" if path else anchor, child, recipe,
-               BlockRule((class_path(child),), ".", rule.position, None, rule.name, require), "")
+               replace(rule, classes=(class_path(child),), anchor=".", slot=None, require=require, when=(),
+                       within=(), not_within=(), slot_gain=1.0, in_child=False), "")
     if own is not None:
         yield path, block, *own, ""
 
@@ -336,9 +337,12 @@ def find_sites(
             call = calls.get(path)
             fixed = call.fixed(probe.get_submodule(path).forward) if call is not None else {}
             first = call.first_tensor() if call is not None else None
+            defaults = rule.settings(recipe.defaults_for(class_path(model)))
+            if defaults.act == "block":
+                defaults = replace(defaults, act=block_activation(model.get_submodule(path)) or "relu")
             matches.append(Match(path, recipe, rule, cp, anchor, places[0], pattern, call, fixed,
                                  first.shape[1] if first is not None and len(first.shape) == 4 else None,
-                                 recipe.defaults_for(class_path(model))))
+                                 defaults))
     return _findings(model, matches, skipped, recipes, input_size, shapes, counts)
 
 
@@ -364,6 +368,26 @@ def _findings(
         block_classes=tuple(c for c, _ in classes.most_common()),
         counts=counts,
     )
+
+
+# Activation modules by class name (torch's and timm's own), as `SEDefaults.act` names them.
+_ACTIVATION_NAMES = {
+    "ReLU": "relu", "ReLU6": "relu6", "SiLU": "silu", "Swish": "silu", "LeakyReLU": "leaky-relu",
+    "Hardswish": "hard-swish", "HardSwish": "hard-swish", "GELU": "gelu", "Mish": "mish",
+}
+
+
+def block_activation(block: nn.Module) -> str | None:
+    """The block's own activation (its first activation module: timm builds a block's layers, and its SE, with one
+    ``act_layer``), as an `ACT_LAYERS` name; None where it has none se-inject can build (LeakyReLU other than
+    torch's default slope, which timm's ``leaky_relu`` uses, counts as none)."""
+    for m in block.modules():
+        name = _ACTIVATION_NAMES.get(type(m).__name__)
+        if name == "leaky-relu" and getattr(m, "negative_slope", 0.01) != 0.01:
+            return None
+        if name is not None:
+            return name
+    return None
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .layers.attention import AttentionSpec
 from .models import ModelSpec
-from .recipes import PATTERNS
+from .recipes import PATTERNS, PLACEMENTS
 
 PLAN_FORMAT = "se-inject.plan/1"
 
@@ -30,6 +30,9 @@ class Site:
             by parameter name: tracing specialises on them. Empty for blocks called with tensors only.
         pattern: The structural pattern that matched the block ("residual", "conv-chain", ...; see
             `se_inject.patterns`), or "" when a class rule named it.
+        placement: Whose SE design the site follows: "family" (the family's own: its timm SE twin or its paper)
+            or "paper" (the SE paper's place). Plans from before this field followed the paper.
+        source: Where that design comes from, as the recipe names it ("timm regnety_*", ...); "" where not recorded.
     """
 
     path: str
@@ -42,6 +45,8 @@ class Site:
     attention: AttentionSpec
     fixed_args: dict[str, Any] = field(default_factory=dict, hash=False)
     pattern: str = ""
+    placement: str = "paper"
+    source: str = ""
 
     @property
     def channels(self) -> int:
@@ -71,6 +76,10 @@ class Site:
             data["pattern"] = self.pattern
         if self.fixed_args:  # absent for most blocks: their plans read as before
             data["fixed_args"] = dict(self.fixed_args)
+        if self.placement != "paper":
+            data["placement"] = self.placement
+        if self.source:
+            data["source"] = self.source
         return data
 
     @classmethod
@@ -82,6 +91,8 @@ class Site:
             raise ValueError(f"site {data.get('path')!r}: fixed_args must map names to plain values")
         if data.get("pattern", "") not in ("", *PATTERNS):
             raise ValueError(f"site {data.get('path')!r}: unknown pattern {data.get('pattern')!r}")
+        if data.get("placement", "paper") not in PLACEMENTS or not isinstance(data.get("source", ""), str):
+            raise ValueError(f"site {data.get('path')!r}: unknown placement {data.get('placement')!r}")
         return cls(**{**data, "attention": AttentionSpec.from_dict(data["attention"]), "fixed_args": dict(fixed)})
 
 
@@ -156,6 +167,7 @@ class Settings:
     exclude: tuple[str, ...] = ()
     min_channels: int = 0
     fill: bool = False  # add SE to the blocks without it in a model where other matching blocks have attention
+    placement: str = "family"  # "family": a family's own SE design where it has one; "paper": the SE paper's place
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}

@@ -97,12 +97,12 @@ def _choice(field: str, value: Any, choices: tuple[str, ...] | list[str]) -> str
 
 
 def _attention(field: str, data: Any) -> Any:
-    from .layers.attention import AttentionSpec, list_attention
+    from .layers.attention import ACTIVATIONS, LAYOUTS, AttentionSpec, list_attention
     from .recipes import GATES
     from .variants import VARIANTS
 
     names = {"kind", "channels", "rd_channels", "kernel_size", "bias", "gate", "gain"}
-    _keys(field, data, names, {"host_gain"})
+    _keys(field, data, names, {"host_gain", "act", "layout"})
     kind = _choice(f"{field}.kind", data["kind"], list_attention())
     channels = _int(f"{field}.channels", data["channels"], 1, MAX_CHANNELS)
     rd_channels = _int(f"{field}.rd_channels", data["rd_channels"], 1 if VARIANTS[kind].uses_reduction else 0,
@@ -117,7 +117,11 @@ def _attention(field: str, data: Any) -> Any:
     for name, g in zip(("gain", "host_gain"), gains, strict=True):
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 < g <= 1e6:
             raise _fail(f"{field}.{name}", f"expected a finite number in (0, 1e6], got {g!r}")
-    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, *map(float, gains))
+    act = _choice(f"{field}.act", data.get("act", "relu"), ACTIVATIONS)
+    layout = _choice(f"{field}.layout", data.get("layout", "fc"), tuple(LAYOUTS))
+    if kind != "se" and (act, layout) != ("relu", "fc"):
+        raise _fail(f"{field}.act", f"only the 'se' variant takes an activation and layout, not {kind!r}")
+    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, *map(float, gains), act, layout)
 
 
 def _site(field: str, data: Any) -> Any:
@@ -125,7 +129,7 @@ def _site(field: str, data: Any) -> Any:
     from .recipes import PATTERNS
 
     _keys(field, data, {"path", "recipe", "block", "anchor", "position", "slot", "name", "attention"},
-          {"fixed_args", "pattern"})
+          {"fixed_args", "pattern", "placement", "source"})
     path = _str(f"{field}.path", data["path"], _MODULE_PATH, "a dotted module path", empty=True)
     recipe = _str(f"{field}.recipe", data["recipe"], _RECIPE_NAME, "a recipe name (lowercase letters, digits, '-')")
     block = _str(f"{field}.block", data["block"], _CLASS_PATH, "a full class path like 'package.module.Class'")
@@ -145,7 +149,12 @@ def _site(field: str, data: Any) -> Any:
     attention = _attention(f"{field}.attention", data["attention"])
     fixed = _fixed_args(f"{field}.fixed_args", data.get("fixed_args", {}))
     pattern = _choice(f"{field}.pattern", data.get("pattern", ""), ("", *PATTERNS))
-    return Site(path, recipe, block, anchor, position, slot, name, attention, pattern=pattern, fixed_args=fixed)
+    from .recipes import PLACEMENTS
+
+    placement = _choice(f"{field}.placement", data.get("placement", "paper"), PLACEMENTS)
+    source = _str(f"{field}.source", data.get("source", ""))
+    return Site(path, recipe, block, anchor, position, slot, name, attention, pattern=pattern, fixed_args=fixed,
+                placement=placement, source=source)
 
 
 def _fixed_args(field: str, data: Any) -> dict[str, Any]:
