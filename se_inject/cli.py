@@ -498,6 +498,9 @@ def print_recipes(*, as_json: bool) -> None:
             when = "".join(f", where {attr} = {value!r}" for attr, value in rule.when)
             when += "".join(f", {_REQUIREMENT_TEXT.get(req, 'requires ' + req)}" for req in rule.require)
             when += "".join([*(f", within {g}" for g in rule.within), *(f", not within {g}" for g in rule.not_within)])
+            if rule.placement == "family":
+                settings = ", ".join(f"{k} {v}" for k, v in rule.se if k != "convention")
+                when += f"; family design ({rule.source or 'its own'}{'; ' + settings if settings else ''})"
             for c in rule.classes:
                 typer.echo(f"  {c}: {place}{when}")
         for p in r.patterns:
