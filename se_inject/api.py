@@ -172,7 +172,8 @@ def _site(match: Match, settings: Settings) -> Site:
         settings.attention,
         match.channels,
         reduction=settings.reduction or defaults.reduction,
-        divisor=settings.divisor or defaults.divisor,
+        divisor=settings.divisor or (VARIANTS[settings.attention].divisor if defaults.rounding == "divisible" else None)
+        or defaults.divisor,
         round_limit=defaults.round_limit,
         squeeze_base=match.input_channels if from_input else None,
         rounding=defaults.rounding if settings.divisor is None else "divisible",

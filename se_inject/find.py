@@ -343,7 +343,112 @@ def find_sites(
             matches.append(Match(path, recipe, rule, cp, anchor, places[0], pattern, call, fixed,
                                  first.shape[1] if first is not None and len(first.shape) == 4 else None,
                                  defaults))
-    return _findings(model, matches, skipped, recipes, input_size, shapes, counts)
+    return _findings(model, _like_own(model, matches, skipped), skipped, recipes, input_size, shapes, counts)
+
+
+# The width rules a family's own SE may follow, tried in this order after the recipe's own: (the width r divides,
+# rounding, divisor, round_limit). timm's EfficientNet (round of the input or expanded width), MobileNetV3
+# (round_channels: to 8, round_limit 0.9), FBNetV3 (round_channels with round_limit 0.95 of the input width),
+# GhostNet (to 4), SEModule (to 8), torchvision (floor).
+_WIDTH_RULES = tuple(
+    (source, rounding, divisor, limit)
+    for source in ("output", "input")
+    for rounding, divisor, limit in (("round", 1, 0.0), ("divisible", 8, 0.9), ("divisible", 8, 0.95),
+                                     ("divisible", 4, 0.9), ("divisible", 8, 0.0), ("floor", 1, 0.0))
+)
+_REDUCTIONS = (4, 16, 8, 12, 2)
+_GATE_NAMES = {"Sigmoid": "sigmoid", "Hardsigmoid": "hard-sigmoid", "HardSigmoid": "hard-sigmoid"}
+
+
+def _se_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d, nn.Module, nn.Module, str] | None:
+    """(reduce, expand, activation, gate, layout) of a plain SE module of timm's or torchvision's, or None."""
+    names = {"timm.models._efficientnet_blocks.SqueezeExcite": ("conv_reduce", "conv_expand", "act1", "gate", "conv"),
+             "timm.layers.squeeze_excite.SEModule": ("fc1", "fc2", "act", "gate", "fc"),
+             "torchvision.ops.misc.SqueezeExcitation": ("fc1", "fc2", "activation", "scale_activation", "fc")}
+    parts = names.get(class_path(module))
+    if parts is None or not isinstance(getattr(module, "bn", nn.Identity()), nn.Identity):  # no norm inside
+        return None
+    reduce, expand, act, gate = (getattr(module, n, None) for n in parts[:4])
+    if not isinstance(reduce, nn.Conv2d) or not isinstance(expand, nn.Conv2d) or act is None or gate is None:
+        return None
+    return reduce, expand, act, gate, parts[4]
+
+
+def own_design(blocks: list[nn.Module], defaults: Any) -> Any:
+    """The SE design of a model's own SE modules in `blocks` (its partial SE), as settings over `defaults`: their
+    layer names, activation, gate, bias, and the first width rule that gives every one of them its width; None where
+    the modules are not plain SE layers or disagree."""
+    from .layers.attention import squeeze_channels
+
+    seen = []
+    for block in blocks:
+        at = find_attention(block)
+        parts = _se_parts(block if at == "." else block.get_submodule(at)) if at is not None else None
+        conv = _first_conv(block)
+        if parts is None or conv is None:
+            return None
+        reduce, _expand, act, gate, layout = parts
+        act_name = block_activation(act) if not isinstance(act, nn.Identity) else None
+        gate_name = _GATE_NAMES.get(type(gate).__name__)
+        if act_name is None or gate_name is None:
+            return None
+        own_act = "block" if act_name == block_activation(nn.ModuleList(
+            m for name, m in block.named_children() if name != at)) else act_name
+        seen.append((layout, gate_name, reduce.bias is not None, act_name, own_act,
+                     reduce.in_channels, conv.in_channels, reduce.out_channels))
+    if not seen or len({row[:3] for row in seen}) != 1:
+        return None
+    layout, gate, bias = seen[0][:3]
+    if len({row[3] for row in seen}) == 1:  # one activation throughout (MobileNetV3 forces ReLU)
+        act = seen[0][3]
+    elif {row[4] for row in seen} == {"block"}:  # each block's own (it changes along the network)
+        act = "block"
+    else:
+        return None
+    first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
+    for reduction in dict.fromkeys((defaults.reduction, *_REDUCTIONS)):
+        for source, rounding, divisor, limit in dict.fromkeys((first, *_WIDTH_RULES)):
+            if all(squeeze_channels(c_in if source == "input" else c, reduction, divisor, limit, rounding) == rd
+                   for *_, c, c_in, rd in seen):
+                return replace(defaults, reduction=reduction, squeeze_from=source, rounding=rounding, divisor=divisor,
+                               round_limit=limit, act=act, gate=gate, bias=bias, layout=layout,
+                               convention=f"the model's own SE ({len(seen)} modules): "
+                               f"{'the block activation' if act == 'block' else act} inside, {gate} gate, "
+                               f"{_width_text(source, rounding, divisor, limit, reduction)}")
+    return None
+
+
+def _width_text(source: str, rounding: str, divisor: int, limit: float, reduction: int) -> str:
+    width = "block input" if source == "input" else "scaled"
+    if rounding == "divisible":
+        return f"{width} channels / {reduction} to a multiple of {divisor}" + (
+            f" (round_limit {limit:g})" if limit else "")
+    return f"{'round' if rounding == 'round' else 'floor'}({width} channels / {reduction})"
+
+
+def _like_own(model: nn.Module, matches: list[Match], skipped: list[Skip]) -> list[Match]:
+    """In a model with partial SE, the matches of a recipe whose other blocks have the model's own SE take that SE's
+    design (`own_design`): filling them gives the blocks what the family's SE blocks have."""
+    owned: dict[str, list[tuple[str, nn.Module]]] = {}
+    for skip in skipped:
+        if skip.already_attention:
+            owned.setdefault(skip.recipe, []).append((skip.block, model.get_submodule(skip.path)))
+    if not owned:
+        return matches
+    designs: dict[tuple[str, str, Any], Any] = {}
+    result = []
+    for m in matches:
+        key = (m.recipe.name, m.block, m.defaults)
+        if key not in designs:  # the SE of blocks of the same class, else of all the recipe's blocks
+            blocks = owned.get(m.recipe.name, [])
+            same = [b for cp, b in blocks if cp == m.block]
+            designs[key] = (same and own_design(same, m.defaults)) or (
+                blocks and own_design([b for _, b in blocks], m.defaults)) or None
+        design = designs[key]
+        if design is not None and design.act == "block":
+            design = replace(design, act=block_activation(model.get_submodule(m.path)) or "relu")
+        result.append(replace(m, defaults=design) if design is not None else m)
+    return result
 
 
 def _findings(

@@ -205,3 +205,76 @@ def test_sweep_every_structural_twin():
         if _shapes(injected) != _shapes(_meta(twin)):
             failures.append((plain, twin, "keys or shapes differ"))
     assert not failures, failures
+
+
+# --- --fill: the blocks a partial-SE model lacks SE in get the model's own SE --------------------------------------
+
+# timm models with their own SE in some blocks. Half of their SE modules are taken out; `--fill` on those blocks
+# must give back the model itself (keys, shapes; outputs on the first).
+FILL = ("lcnet_050", "fbnetv3_b", "mobilenetv3_large_100", "hardcorenas_a", "mobilenetv3_rw", "tinynet_a",
+        "efficientnetv2_rw_t", "semnasnet_050", "ghostnet_100")
+FILL_NOT_EXACT = {
+    "mixnet_s": "two SE widths in one model (se0.5 and se0.25 stages of the same block class): no one width rule "
+    "gives both",
+    "rexnet_100": "ReXNet's SE has a BatchNorm between its FC layers; se-inject's SE layer has none",
+}
+
+
+def _strip_half(name: str, device: str = "meta") -> tuple[nn.Module, list[str]]:
+    model = build_model(resolve_model(f"timm:{name}"), device=device)
+    owned = [p for p, m in model.named_modules() if is_attention(m) and p.endswith(".se")][1::2]
+    for path in owned:
+        model.set_submodule(path, nn.Identity())
+    return model, [p.rsplit(".", 1)[0] for p in owned]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FILL[:1] else pytest.mark.slow) for n in FILL])
+def test_fill_adds_exactly_the_models_own_se(name):
+    stripped, blocks = _strip_half(name)
+    assert blocks
+    filled, report = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64)
+    assert [s.path for s in report.plan.sites] == blocks
+    assert _shapes(filled) == _shapes(_meta(name))
+    assert any("the model's own SE" in note for note in report.notes)
+
+
+def test_fill_computes_what_the_models_own_se_computes():
+    reference = randomize_norm_stats(timm.create_model("lcnet_050")).eval()
+    stripped, blocks = _strip_half("lcnet_050", device="cpu")
+    filled, _ = se_inject.inject(stripped, seed=0, fill=True, include=blocks, input_size=64)
+    filled.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(filled.eval()(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FILL_NOT_EXACT))
+def test_fill_models_listed_as_not_exact_still_differ(name):
+    stripped, blocks = _strip_half(name)
+    filled, _ = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64)
+    assert _shapes(filled) != _shapes(_meta(name))
+
+
+@pytest.mark.slow
+def test_tresnet_fill_puts_tresnets_own_se_mid_block():
+    _, report = se_inject.inject("timm:tresnet_m", device="meta", seed=0, fill=True)
+    model = _meta("tresnet_m")
+    assert report.plan.sites
+    for site in report.plan.sites:  # the last stage's Bottlenecks, which timm builds without SE
+        block = model.get_submodule(site.path)
+        assert block.se is None and (site.anchor, site.slot) == ("conv2", "se")
+        planes = block.conv2.conv.out_channels
+        assert site.squeeze_channels == max(planes * 4 // 8, 64)  # timm's TResNet Bottleneck SE width
+
+
+def test_cbam_follows_the_cbam_authors_code():
+    """C // r and biases in the shared MLP (the authors' release), not timm's rounding to 8 (regnetx_002's narrow
+    stages tell them apart: 24 // 16 = 1, where a multiple of 8 would be 8)."""
+    injected, report = se_inject.inject("timm:regnetx_002", device="meta", seed=0, attention="cbam",
+                                        placement="paper")
+    for site in report.plan.sites:
+        assert site.squeeze_channels == max(1, site.channels // 16)
+        mlp = injected.get_submodule(site.module_path).channel
+        assert mlp.fc1.bias is not None and mlp.fc2.bias is not None
+    assert any(s.channels // 16 % 8 for s in report.plan.sites)
