@@ -427,8 +427,8 @@ def _width_text(source: str, rounding: str, divisor: int, limit: float, reductio
 
 
 def _like_own(model: nn.Module, matches: list[Match], skipped: list[Skip]) -> list[Match]:
-    """In a model with partial SE, the matches of a recipe whose other blocks have the model's own SE take that SE's
-    design (`own_design`): filling them gives the blocks what the family's SE blocks have."""
+    """In a model with partial SE, a match whose block class has the model's own SE in other blocks takes that SE's
+    design (`own_design`): filling them gives the blocks what the family's SE blocks of that class have."""
     owned: dict[str, list[tuple[str, nn.Module]]] = {}
     for skip in skipped:
         if skip.already_attention:
@@ -439,11 +439,9 @@ def _like_own(model: nn.Module, matches: list[Match], skipped: list[Skip]) -> li
     result = []
     for m in matches:
         key = (m.recipe.name, m.block, m.defaults)
-        if key not in designs:  # the SE of blocks of the same class, else of all the recipe's blocks
-            blocks = owned.get(m.recipe.name, [])
-            same = [b for cp, b in blocks if cp == m.block]
-            designs[key] = (same and own_design(same, m.defaults)) or (
-                blocks and own_design([b for _, b in blocks], m.defaults)) or None
+        if key not in designs:  # the SE of the model's blocks of the same class
+            same = [b for cp, b in owned.get(m.recipe.name, []) if cp == m.block]
+            designs[key] = own_design(same, m.defaults) if same else None
         design = designs[key]
         if design is not None and design.act == "block":
             design = replace(design, act=block_activation(model.get_submodule(m.path)) or "relu")
