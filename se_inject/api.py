@@ -184,6 +184,7 @@ def _site(match: Match, settings: Settings) -> Site:
         host_gain=match.rule.slot_gain,
         act=defaults.act,
         layout=defaults.layout,
+        norm=defaults.norm,
     )
     return Site(
         path=match.path,

@@ -360,18 +360,19 @@ _REDUCTIONS = (4, 16, 8, 12, 2)
 _GATE_NAMES = {"Sigmoid": "sigmoid", "Hardsigmoid": "hard-sigmoid", "HardSigmoid": "hard-sigmoid"}
 
 
-def _se_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d, nn.Module, nn.Module, str] | None:
-    """(reduce, expand, activation, gate, layout) of a plain SE module of timm's or torchvision's, or None."""
+def _se_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d, nn.Module, nn.Module, str, bool] | None:
+    """(reduce, expand, activation, gate, layout, norm) of an SE module of timm's or torchvision's, or None."""
     names = {"timm.models._efficientnet_blocks.SqueezeExcite": ("conv_reduce", "conv_expand", "act1", "gate", "conv"),
              "timm.layers.squeeze_excite.SEModule": ("fc1", "fc2", "act", "gate", "fc"),
              "torchvision.ops.misc.SqueezeExcitation": ("fc1", "fc2", "activation", "scale_activation", "fc")}
     parts = names.get(class_path(module))
-    if parts is None or not isinstance(getattr(module, "bn", nn.Identity()), nn.Identity):  # no norm inside
+    bn = getattr(module, "bn", nn.Identity())
+    if parts is None or not isinstance(bn, (nn.Identity, nn.BatchNorm2d)):
         return None
     reduce, expand, act, gate = (getattr(module, n, None) for n in parts[:4])
     if not isinstance(reduce, nn.Conv2d) or not isinstance(expand, nn.Conv2d) or act is None or gate is None:
         return None
-    return reduce, expand, act, gate, parts[4]
+    return reduce, expand, act, gate, parts[4], isinstance(bn, nn.BatchNorm2d)
 
 
 def own_design(blocks: list[nn.Module], defaults: Any) -> Any:
@@ -387,18 +388,18 @@ def own_design(blocks: list[nn.Module], defaults: Any) -> Any:
         conv = _first_conv(block)
         if parts is None or conv is None:
             return None
-        reduce, _expand, act, gate, layout = parts
+        reduce, _expand, act, gate, layout, norm = parts
         act_name = block_activation(act) if not isinstance(act, nn.Identity) else None
         gate_name = _GATE_NAMES.get(type(gate).__name__)
         if act_name is None or gate_name is None:
             return None
         own_act = "block" if act_name == block_activation(nn.ModuleList(
             m for name, m in block.named_children() if name != at)) else act_name
-        seen.append((layout, gate_name, reduce.bias is not None, act_name, own_act,
+        seen.append(((layout, norm), gate_name, reduce.bias is not None, act_name, own_act,
                      reduce.in_channels, conv.in_channels, reduce.out_channels))
     if not seen or len({row[:3] for row in seen}) != 1:
         return None
-    layout, gate, bias = seen[0][:3]
+    (layout, norm), gate, bias = seen[0][:3]
     if len({row[3] for row in seen}) == 1:  # one activation throughout (MobileNetV3 forces ReLU)
         act = seen[0][3]
     elif {row[4] for row in seen} == {"block"}:  # each block's own (it changes along the network)
@@ -411,7 +412,7 @@ def own_design(blocks: list[nn.Module], defaults: Any) -> Any:
             if all(squeeze_channels(c_in if source == "input" else c, reduction, divisor, limit, rounding) == rd
                    for *_, c, c_in, rd in seen):
                 return replace(defaults, reduction=reduction, squeeze_from=source, rounding=rounding, divisor=divisor,
-                               round_limit=limit, act=act, gate=gate, bias=bias, layout=layout,
+                               round_limit=limit, act=act, gate=gate, bias=bias, layout=layout, norm=norm,
                                convention=f"the model's own SE ({len(seen)} modules): "
                                f"{'the block activation' if act == 'block' else act} inside, {gate} gate, "
                                f"{_width_text(source, rounding, divisor, limit, reduction)}")

@@ -70,6 +70,7 @@ class SEDefaults:
     convention: str = ""  # what these settings reproduce, for the record (e.g. "timm EfficientNet")
     act: str = "relu"  # activation between the FC layers; "block": the block's own (timm's act_layer of the block)
     layout: str = "fc"  # the SE layer's names: "fc" (fc1/fc2) or "conv" (conv_reduce/conv_expand)
+    norm: bool = False  # a BatchNorm between the SE's layers (ReXNet)
 
 
 @dataclass(frozen=True)
@@ -258,8 +259,9 @@ def _parse_defaults(
         if not 0 <= value <= 1:
             raise RecipeFileError(path, f"field '{where}.round_limit': expected a number in [0, 1], got {value}")
         values["round_limit"] = float(value)
-    if "bias" in table:
-        values["bias"] = _expect(path, f"{where}.bias", table["bias"], bool, "true or false")
+    for key in ("bias", "norm"):
+        if key in table:
+            values[key] = _expect(path, f"{where}.{key}", table[key], bool, "true or false")
     for key, allowed in (("gate", GATES), ("squeeze_from", SQUEEZE_FROM), ("rounding", ROUNDINGS),
                          ("act", SE_ACTIVATIONS), ("layout", LAYOUTS)):
         if key in table:

@@ -102,7 +102,7 @@ def _attention(field: str, data: Any) -> Any:
     from .variants import VARIANTS
 
     names = {"kind", "channels", "rd_channels", "kernel_size", "bias", "gate", "gain"}
-    _keys(field, data, names, {"host_gain", "act", "layout"})
+    _keys(field, data, names, {"host_gain", "act", "layout", "norm"})
     kind = _choice(f"{field}.kind", data["kind"], list_attention())
     channels = _int(f"{field}.channels", data["channels"], 1, MAX_CHANNELS)
     rd_channels = _int(f"{field}.rd_channels", data["rd_channels"], 1 if VARIANTS[kind].uses_reduction else 0,
@@ -119,9 +119,13 @@ def _attention(field: str, data: Any) -> Any:
             raise _fail(f"{field}.{name}", f"expected a finite number in (0, 1e6], got {g!r}")
     act = _choice(f"{field}.act", data.get("act", "relu"), ACTIVATIONS)
     layout = _choice(f"{field}.layout", data.get("layout", "fc"), tuple(LAYOUTS))
-    if kind != "se" and (act, layout) != ("relu", "fc"):
-        raise _fail(f"{field}.act", f"only the 'se' variant takes an activation and layout, not {kind!r}")
-    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, *map(float, gains), act, layout)
+    norm = data.get("norm", False)
+    if not isinstance(norm, bool) or (norm and layout != "fc"):
+        raise _fail(f"{field}.norm", f"expected true (with the 'fc' layout) or false, got {norm!r}")
+    if kind != "se" and (act, layout, norm) != ("relu", "fc", False):
+        raise _fail(f"{field}.act", f"only the 'se' variant takes an activation, layout and norm, not {kind!r}")
+    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, *map(float, gains), act, layout,
+                         norm)
 
 
 def _site(field: str, data: Any) -> Any:

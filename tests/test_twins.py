@@ -212,11 +212,11 @@ def test_sweep_every_structural_twin():
 # timm models with their own SE in some blocks. Half of their SE modules are taken out; `--fill` on those blocks
 # must give back the model itself (keys, shapes; outputs on the first).
 FILL = ("lcnet_050", "fbnetv3_b", "mobilenetv3_large_100", "hardcorenas_a", "mobilenetv3_rw", "tinynet_a",
-        "efficientnetv2_rw_t", "semnasnet_050", "ghostnet_100")
+        "efficientnetv2_rw_t", "semnasnet_050", "ghostnet_100", "rexnet_100")
 FILL_NOT_EXACT = {
     "mixnet_s": "two SE widths in one model (se0.5 and se0.25 stages of the same block class): no one width rule "
     "gives both",
-    "rexnet_100": "ReXNet's SE has a BatchNorm between its FC layers; se-inject's SE layer has none",
+    
 }
 
 

@@ -44,6 +44,7 @@ class AttentionSpec:
             attention slot's own gain); the module's gain is ``gain / host_gain``, so the site scales by ``gain``.
         act: The activation between SE's FC layers (the paper's ReLU, or the family's block activation).
         layout: The names of SE's layers (`LAYOUTS`): "fc" (timm ``SEModule``) or "conv" (timm EfficientNet).
+        norm: A BatchNorm between SE's layers (ReXNet's SE); "fc" layout only.
     """
 
     kind: str
@@ -56,6 +57,7 @@ class AttentionSpec:
     host_gain: float = 1.0
     act: str = "relu"
     layout: str = "fc"
+    norm: bool = False
 
     @property
     def module_gain(self) -> float:
@@ -64,7 +66,7 @@ class AttentionSpec:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key, default in (("host_gain", 1.0), ("act", "relu"), ("layout", "fc")):
+        for key, default in (("host_gain", 1.0), ("act", "relu"), ("layout", "fc"), ("norm", False)):
             if data[key] == default:  # plans with the paper's settings read as they did before these fields
                 del data[key]
         return data
@@ -99,7 +101,7 @@ def register_attention(kind: str, cls: type[nn.Module]) -> Callable[[Builder], B
 @register_attention("se", SqueezeExcite)
 def _build_se(spec: AttentionSpec, **dd: Any) -> nn.Module:
     return LAYOUTS[spec.layout](spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate,
-                                gain=spec.module_gain, act=spec.act, **dd)
+                                gain=spec.module_gain, act=spec.act, **({"norm": True} if spec.norm else {}), **dd)
 
 
 @register_attention("eca", EfficientChannelAttention)
@@ -125,7 +127,7 @@ def list_attention() -> list[str]:
 def attention_spec(
     kind: str, channels: int, *, reduction: int, divisor: int, round_limit: float, bias: bool, gate: str | None,
     recipe_gate: str, init: str, squeeze_base: int | None = None, rounding: str = "divisible", host_gain: float = 1.0,
-    act: str = "relu", layout: str = "fc",
+    act: str = "relu", layout: str = "fc", norm: bool = False,
 ) -> AttentionSpec:
     """The module for one site. The gate is the user's, else the variant's own (ESE: hard-sigmoid), else the
     recipe's. The squeeze width divides `squeeze_base` (default: `channels`) by r, rounded as `rounding` says.
@@ -150,6 +152,7 @@ def attention_spec(
         host_gain=host_gain,
         act=act if kind == "se" else "relu",
         layout=layout if kind == "se" else "fc",
+        norm=norm and kind == "se" and layout == "fc",
     )
 
 

@@ -128,6 +128,7 @@ class SqueezeExcite(ChannelGate):
         gain: Constant multiplier of the gate. 1 in the paper; 2 with identity initialisation, where the gate
             starts at exactly 0.5 and the block at exactly the identity (as NFNets' ``attn_gain``).
         act: The activation between the FC layers, delta in eq. 3 (a name of `ACT_LAYERS`; "relu" in the paper).
+        norm: A BatchNorm on the bottleneck, before the activation (ReXNet's SE; timm ``SEModule(norm_layer=...)``).
     """
 
     def __init__(
@@ -139,18 +140,24 @@ class SqueezeExcite(ChannelGate):
         gate: str = "sigmoid",
         gain: float = 1.0,
         act: str = "relu",
+        norm: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
+        self.bn = nn.BatchNorm2d(rd_channels, **dd) if norm else nn.Identity()
+        self.norm = norm
         self.act = create_act(act)
         self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
         self._init_gate(gate, gain)
 
     def excite(self, s: torch.Tensor) -> torch.Tensor:
-        s = self.act(fc(s, self.fc1.weight, self.fc1.bias))  # excitation, eq. 3: delta(W1 z) ...
+        s = fc(s, self.fc1.weight, self.fc1.bias)
+        if self.norm:  # BatchNorm2d over (N, rd, 1, 1), as the family's own module runs it
+            s = self.bn(s[:, :, None, None]).flatten(1)
+        s = self.act(s)  # excitation, eq. 3: delta(W1 z) ...
         return self.gate(fc(s, self.fc2.weight, self.fc2.bias))  # ... then sigma(W2 .)
 
     def init_identity(self) -> None:
