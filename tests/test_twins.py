@@ -216,7 +216,6 @@ FILL = ("lcnet_050", "fbnetv3_b", "mobilenetv3_large_100", "hardcorenas_a", "mob
 FILL_NOT_EXACT = {
     "mixnet_s": "two SE widths in one model (se0.5 and se0.25 stages of the same block class): no one width rule "
     "gives both",
-    
 }
 
 
@@ -278,3 +277,57 @@ def test_cbam_follows_the_cbam_authors_code():
         mlp = injected.get_submodule(site.module_path).channel
         assert mlp.fc1.bias is not None and mlp.fc2.bias is not None
     assert any(s.channels // 16 % 8 for s in report.plan.sites)
+
+
+def test_plain_timm_loads_the_folder_as_the_twin(tmp_path):
+    """regnetx_002 + SE is exactly regnety_002: the folder's config.json names it and plain timm loads it."""
+    from se_inject.api import save_injected
+
+    model, report = se_inject.inject("timm:regnetx_002", seed=0, input_size=32)
+    final = save_injected(model, report, tmp_path / "out")
+    assert final.timm_architecture == "regnety_002"
+    assert [row["placement"] for row in final.to_dict()["sites"]] == ["family"] * len(report.plan.sites)
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    assert type(loaded) is type(model) and isinstance(loaded.s1.b1.se, timm.layers.SEModule)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_cli_placement_option_is_recorded_and_reported():
+    import json
+
+    from typer.testing import CliRunner
+
+    from se_inject.cli import app
+
+    runner = CliRunner()
+    family = runner.invoke(app, ["timm:regnetx_002", "--dry-run", "--seed", "0", "--input-size", "64"],
+                           terminal_width=200)
+    assert family.exit_code == 0, family.output
+    assert "SE design: 13 family (timm regnety_* (RegNetY))" in family.stdout
+    paper = runner.invoke(app, ["timm:regnetx_002", "--dry-run", "--seed", "0", "--input-size", "64", "--json",
+                                "--placement", "paper"])
+    assert paper.exit_code == 0, paper.output
+    sites = json.loads(paper.stdout)["sites"]
+    assert {(row["placement"], row["source"]) for row in sites} == {("paper", "paper")}
+    bad = runner.invoke(app, ["timm:regnetx_002", "--dry-run", "--placement", "twin"])
+    assert bad.exit_code == 2 and "unknown placement 'twin'" in bad.output
+
+
+def test_plans_from_before_the_design_fields_still_load():
+    """A site written before `placement`, `source`, `act`, `layout` and `norm` existed reads as what it meant: the
+    paper's place, ReLU inside, timm SEModule's names; new fields are written only when they differ."""
+    from se_inject.plan import Site
+    from se_inject.schema import plan_from_data
+
+    old = {"path": "layer1.0", "recipe": "resnet-residual", "block": "timm.models.resnet.Bottleneck",
+           "anchor": "bn3", "position": "after", "slot": "se", "name": "se",
+           "attention": {"kind": "se", "channels": 256, "rd_channels": 16, "kernel_size": 0, "bias": True,
+                         "gate": "sigmoid", "gain": 1.0}}
+    plan = plan_from_data({"format": "se-inject.plan/1", "model": {"source": "timm", "name": "resnet50"},
+                           "input_size": [3, 224, 224], "init": "paper", "seed": 0, "sites": [old]})
+    site = plan.sites[0]
+    assert (site.placement, site.source) == ("paper", "")
+    assert (site.attention.act, site.attention.layout, site.attention.norm) == ("relu", "fc", False)
+    assert site.to_dict() == old == Site.from_dict(old).to_dict()
