@@ -41,7 +41,7 @@ from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_chec
 from .io.export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
 from .io.pretrained import build_pretrained, locate_pretrained
 from .layers.attention import attention_spec, list_attention
-from .names import GATES, INITS, MAX_DIVISOR, MAX_SEED, VARIANTS
+from .names import GATES, INITS, MAX_DIVISOR, MAX_SEED, PLACEMENTS, VARIANTS
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,8 @@ class Report:
                 "module": s.module_path,
                 "recipe": s.recipe,
                 "pattern": s.pattern or None,
+                "placement": s.placement,
+                "source": s.source or ("paper" if s.placement == "paper" else ""),
                 "block": s.block,
                 "attention": s.attention.kind,
                 "channels": s.channels,
@@ -165,6 +167,8 @@ def validate_settings(settings: Settings) -> Settings:
         raise UsageError(f"unknown gate {settings.gate!r}; choose from {', '.join(GATES)}")
     if settings.init not in INITS:
         raise UsageError(f"unknown init {settings.init!r}; choose from {', '.join(INITS)}")
+    if settings.placement not in PLACEMENTS:
+        raise UsageError(f"unknown placement {settings.placement!r}; choose from {', '.join(PLACEMENTS)}")
     return settings
 
 
@@ -175,7 +179,8 @@ def _site(match: Match, settings: Settings) -> Site:
         settings.attention,
         match.channels,
         reduction=settings.reduction or defaults.reduction,
-        divisor=settings.divisor or defaults.divisor,
+        divisor=settings.divisor or (VARIANTS[settings.attention].divisor if defaults.rounding == "divisible" else None)
+        or defaults.divisor,
         round_limit=defaults.round_limit,
         squeeze_base=match.input_channels if from_input else None,
         rounding=defaults.rounding if settings.divisor is None else "divisible",
@@ -184,6 +189,9 @@ def _site(match: Match, settings: Settings) -> Site:
         recipe_gate=defaults.gate,
         init=settings.init,
         host_gain=match.rule.slot_gain,
+        act=defaults.act,
+        layout=defaults.layout,
+        norm=defaults.norm,
     )
     return Site(
         path=match.path,
@@ -196,6 +204,8 @@ def _site(match: Match, settings: Settings) -> Site:
         attention=spec,
         pattern=match.pattern,
         fixed_args=dict(match.fixed_args),
+        placement=match.rule.placement,
+        source=match.rule.source,
     )
 
 
@@ -313,7 +323,7 @@ def inject(
     """
     settings = resolve_settings(settings, options)
     seed = _seed(seed)
-    recipes = resolve_recipes(recipe, tuple(recipe_files))
+    recipes = [r.for_placement(settings.placement) for r in resolve_recipes(recipe, tuple(recipe_files))]
     source = _Source.open(model, weights=weights, pretrained=pretrained, inplace=inplace)
     size = parse_input_size(input_size) or default_input_size(source.spec, source.planning)
     if str(device) != "meta":  # the saved model will run at this size: refuse one no machine here can hold

@@ -11,6 +11,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 GATES = ("sigmoid", "hard-sigmoid")
+# The activation between SE's FC layers ("block": the block's own activation, resolved per block when planning).
+ACTIVATIONS = ("relu", "relu6", "silu", "leaky-relu", "hard-swish", "gelu", "mish")
+SE_ACTIVATIONS = (*ACTIVATIONS, "block")
+LAYOUTS = ("fc", "conv")  # SE's layer names: fc1/fc2 (timm SEModule), conv_reduce/conv_expand (timm EfficientNet)
+PLACEMENTS = ("family", "paper")  # whose SE place a rule follows: the family's own design, or the SE paper's
 INITS = ("paper", "identity")
 PATTERNS = ("residual", "concat", "inverted-residual", "conv-chain")  # see se_inject.engine.patterns
 POSITIONS = ("after", "before")
@@ -60,6 +65,7 @@ class Variant:
     gate: str | None = None
     uses_reduction: bool = True
     params: str = ""  # per site, C channels, rd squeeze width, k kernel size
+    divisor: int | None = None  # the variant's own squeeze rounding where a recipe rounds C // r to a divisor
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,8 +81,8 @@ VARIANTS = {
                 "Wang et al., ECA-Net: Efficient Channel Attention", uses_reduction=False, params="k"),
         Variant("cbam", "channel attention (avg- and max-pooled descriptors through one shared MLP with reduction r) "
                 "then spatial attention (channel-wise avg/max maps -> 7x7 conv + BN -> sigmoid)",
-                "Woo et al., CBAM: Convolutional Block Attention Module",
-                params="2*C*rd + rd + C (with bias) + 98 + 2"),
+                "Woo et al., CBAM: Convolutional Block Attention Module (the authors' code: rd = C // r, biases)",
+                params="2*C*rd + rd + C (with bias) + 98 + 2", divisor=1),
         Variant("ese", "effective SE: global average pool -> one FC C->C -> hard-sigmoid -> scale",
                 "Lee & Park, CenterMask (VoVNetV2)", gate="hard-sigmoid", uses_reduction=False,
                 params="C*C + C (with bias)"),

@@ -143,9 +143,9 @@ def test_timm_efficientnet_fills_the_existing_slot():
         assert type(injected.get_submodule(site.path)) is type(model.get_submodule(site.path))  # no rewrite needed
 
 
-def test_regnet_mid_block_se_slot_is_not_reused():
+def test_regnet_paper_placement_leaves_the_mid_block_slot_alone():
     model = timm.create_model("regnetx_002").eval()
-    injected, report = se_inject.inject(model, seed=0)
+    injected, report = se_inject.inject(model, seed=0, placement="paper")
     block = injected.get_submodule(report.plan.sites[0].path)
     assert isinstance(block.se, nn.Identity)  # RegNet's own mid-block slot untouched
     assert isinstance(block.attn_last, SqueezeExcite)

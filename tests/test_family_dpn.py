@@ -1,4 +1,5 @@
-"""DPN family (recipe `dpn`): SE on each DualPathBlock's branch output (c1x1_c), before the residual/dense split."""
+"""DPN family (recipe `dpn`): SE on each DualPathBlock's grouped 3x3 output, before its last 1x1 unit and the
+residual/dense split: one place in both DPN forms."""
 
 from __future__ import annotations
 
@@ -13,24 +14,24 @@ from torch import nn
 import se_inject
 
 
-def _branch_width(block: DualPathBlock) -> int:
-    """Channels of the branch's last tensor before the split: the single 1x1 conv's output, or in "b" blocks (two
-    1x1 convs do the split) their common input."""
-    if block.b:
-        return block.c1x1_c1.in_channels
-    return block.c1x1_c.conv.out_channels
-
-
 @pytest.mark.parametrize(("name", "b"), [("dpn48b", True), ("dpn68", False)])
-def test_one_se_per_dual_path_block_at_the_end_of_its_branch(name, b):
+def test_one_se_per_dual_path_block_before_its_last_1x1(name, b):
     model, report = se_inject.inject(name, device="meta", seed=0)
     blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, DualPathBlock)]
     assert report.plan.recipes == ("dpn",) and blocks
     assert [s.path for s in report.plan.sites] == [p for p, _ in blocks]
     assert all(m.b == b for _, m in blocks)
-    assert [s.channels for s in report.plan.sites] == [_branch_width(m) for _, m in blocks]
-    if not b:  # the whole branch output: residual increment and new dense features
-        assert [s.channels for s in report.plan.sites] == [m.num_1x1_c + m.inc for _, m in blocks]
+    last_1x1 = [m.c1x1_c1 if b else m.c1x1_c.conv for _, m in blocks]  # the split convs' (or the conv's) input
+    assert [s.channels for s in report.plan.sites] == [conv.in_channels for conv in last_1x1]
+
+
+def test_dpn68_and_dpn68b_get_the_same_se():
+    """The same network (the "b" form splits the last 1x1 conv in two): the same SE, place and width."""
+    _, p = se_inject.inject("dpn68", device="meta", seed=0)
+    _, q = se_inject.inject("dpn68b", device="meta", seed=0)
+    assert [(s.path, s.anchor, s.channels, s.squeeze_channels) for s in p.plan.sites] == [
+        (s.path, s.anchor, s.channels, s.squeeze_channels) for s in q.plan.sites]
+    assert p.after.params - p.before.params == q.after.params - q.before.params
 
 
 @pytest.mark.parametrize("b", [False, True])

@@ -252,8 +252,9 @@ def _fire(module: nn.Module) -> int:
     ("timm:dla46_c", "dla", {"DlaBottleneck"}, _last_conv),
 ])
 def test_family_sites_equal_an_independent_count(name, recipe, blocks, width):
-    """One SE per block of the family, on the width its place has (counted from the block's own layers)."""
-    model, report = se_inject.inject(name, device="meta", seed=0)
+    """One SE per block of the family, on the width the SE paper's place has (counted from the block's own layers;
+    families with their own design, ByobNet and CSPNet, put it elsewhere by default: tests/test_twins.py)."""
+    model, report = se_inject.inject(name, device="meta", seed=0, placement="paper")
     expected = [(p, m) for p, m in model.named_modules() if type(m).__name__ in blocks]
     assert report.plan.recipes == (recipe,)
     assert [s.path for s in report.plan.sites] == [p for p, _ in expected]

@@ -123,6 +123,7 @@ def test_recipes_listing_tells_rules_of_one_class_apart():
     result = CliRunner().invoke(app, ["recipes"])
     assert result.exit_code == 0, result.output
     lines = [line.strip() for line in result.stdout.splitlines() if "byobnet.BottleneckBlock" in line]
-    assert len(lines) == 2 and len(set(lines)) == 2
+    assert len(lines) == 3 and len(set(lines)) == 3
     assert any(line.endswith("in blocks with a depthwise conv") for line in lines)
-    assert any(line.endswith("in blocks without a depthwise conv") for line in lines)
+    assert any(line.endswith("in blocks without a depthwise conv") for line in lines)  # the SE paper's place
+    assert any("in blocks without a depthwise conv; family design (timm seresnet33ts" in line for line in lines)

@@ -250,7 +250,9 @@ def test_compare_rows():
     rows = compare_variants("timm:test_resnet")
     assert [r.attention for r in rows] == list(VARIANTS)
     by = {r.attention: r for r in rows}
-    assert by["eca"].params_delta < by["se"].params_delta < by["cbam"].params_delta
+    # ECA has no FC layers; CBAM's MLP is C // 16 wide (its authors' code), SE's C/16 to a multiple of 8 (timm), so
+    # on test_resnet's narrow stages CBAM can be the smaller of the two
+    assert by["eca"].params_delta < min(by["se"].params_delta, by["cbam"].params_delta)
     assert all(r.sites == 4 and not r.latency for r in rows)
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,13 +25,14 @@ from typer.core import TyperGroup
 from .. import __version__
 from ..errors import SEInjectError, UsageError, WeightsError, describe, torch_pair_problem
 from ..io.preflight import check_export_options, check_output_file, check_output_folder
-from ..names import EXPORT_FORMATS, GATES, INITS, MAX_DIVISOR, MODEL_SOURCES, VARIANTS
+from ..names import EXPORT_FORMATS, GATES, INITS, MAX_DIVISOR, MODEL_SOURCES, PLACEMENTS, VARIANTS
 
 DEFAULT_COMMAND = "inject"
 # Allowed values, shown in --help (the library validates them; tests check these lists against its own).
 ATTENTION_CHOICES = tuple(VARIANTS)
 GATE_CHOICES = GATES
 INIT_CHOICES = INITS
+PLACEMENT_CHOICES = PLACEMENTS
 FORMAT_CHOICES = tuple(EXPORT_FORMATS)
 SOURCE_CHOICES = MODEL_SOURCES[:2]  # registries (code needs a FILE.py:factory name)
 
@@ -218,6 +220,9 @@ def inject_command(
     min_channels: Annotated[int, typer.Option(metavar="N", help="Skip sites with fewer channels.")] = 0,
     fill: Annotated[bool, typer.Option("--fill", help="In a model where some matching blocks already have channel "
                                        "attention (partial SE), add SE to the blocks without it.")] = False,
+    placement: Annotated[str, typer.Option(metavar=_choices(PLACEMENT_CHOICES),
+                                           help="family: where a family has its own SE design (timm's SE twin, its "
+                                           "paper), that design exactly; paper: the SE paper's place.")] = "family",
     divisor: Annotated[int | None, typer.Option(metavar="N",
                                                 help="Round the squeeze width to a multiple of this (default 8; 1 "
                                                 "gives C // r).", show_default=False)] = None,
@@ -271,7 +276,7 @@ def inject_command(
 
         settings = Settings(attention=attention, reduction=reduction, divisor=divisor, bias=bias, gate=gate, init=init,
                             include=tuple(include or ()), exclude=tuple(exclude or ()), min_channels=min_channels,
-                            fill=fill)
+                            fill=fill, placement=placement)
         injected, report = inject(
             model,
             settings,
@@ -421,6 +426,11 @@ def render_report(report: Any, *, verbose: bool = False, seed_drawn: bool = Fals
         f"{len(data['sites'])} SE blocks ({', '.join(sorted(recipes))}); "
         f"SE elementwise ops (pool, gate, scale): {_num(data['se_elementwise_ops'])}"
     )
+    family = Counter(row["source"] for row in data["sites"] if row["placement"] == "family")
+    if family:
+        paper = sum(row["placement"] == "paper" for row in data["sites"])
+        out.print("SE design: " + ", ".join(f"{n} family ({source or 'its own'})" for source, n in family.items())
+                  + (f", {paper} SE paper" if paper else ""), markup=False)
     if data["already_attention"]:
         paths = data["already_attention"]
         out.print(f"{len(paths)} blocks already had channel attention (kept as they are): "
@@ -501,6 +511,9 @@ def print_recipes(*, as_json: bool) -> None:
             when = "".join(f", where {attr} = {value!r}" for attr, value in rule.when)
             when += "".join(f", {_REQUIREMENT_TEXT.get(req, 'requires ' + req)}" for req in rule.require)
             when += "".join([*(f", within {g}" for g in rule.within), *(f", not within {g}" for g in rule.not_within)])
+            if rule.placement == "family":
+                settings = ", ".join(f"{k} {v}" for k, v in rule.se if k != "convention")
+                when += f"; family design ({rule.source or 'its own'}{'; ' + settings if settings else ''})"
             for c in rule.classes:
                 typer.echo(f"  {c}: {place}{when}")
         for p in r.patterns:

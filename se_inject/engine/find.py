@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -186,7 +186,8 @@ def _places(path: str, block: nn.Module, found: list[tuple[Recipe, BlockRule]]) 
         child = block.get_submodule(anchor)
         require = tuple(r for r in rule.require if r == "pointwise")  # the block-level requirements were met
         yield (f"{path}.{anchor}" if path else anchor, child, recipe,
-               BlockRule((class_path(child),), ".", rule.position, None, rule.name, require), "")
+               replace(rule, classes=(class_path(child),), anchor=".", slot=None, require=require, when=(),
+                       within=(), not_within=(), slot_gain=1.0, in_child=False), "")
     if own is not None:
         yield path, block, *own, ""
 
@@ -325,10 +326,117 @@ def find_sites(
             call = calls.get(path)
             fixed = call.fixed(probe.get_submodule(path).forward) if call is not None else {}
             first = call.first_tensor() if call is not None else None
+            defaults = rule.settings(recipe.defaults_for(class_path(model)))
+            if defaults.act == "block":
+                defaults = replace(defaults, act=block_activation(model.get_submodule(path)) or "relu")
             matches.append(Match(path, recipe, rule, cp, anchor, places[0], pattern, call, fixed,
                                  first.shape[1] if first is not None and len(first.shape) == 4 else None,
-                                 recipe.defaults_for(class_path(model))))
-    return _findings(model, matches, skipped, recipes, input_size, shapes, counts)
+                                 defaults))
+    return _findings(model, _like_own(model, matches, skipped), skipped, recipes, input_size, shapes, counts)
+
+
+# The width rules a family's own SE may follow, tried in this order after the recipe's own: (the width r divides,
+# rounding, divisor, round_limit). timm's EfficientNet (round of the input or expanded width), MobileNetV3
+# (round_channels: to 8, round_limit 0.9), FBNetV3 (round_channels with round_limit 0.95 of the input width),
+# GhostNet (to 4), SEModule (to 8), torchvision (floor).
+_WIDTH_RULES = tuple(
+    (source, rounding, divisor, limit)
+    for source in ("output", "input")
+    for rounding, divisor, limit in (("round", 1, 0.0), ("divisible", 8, 0.9), ("divisible", 8, 0.95),
+                                     ("divisible", 4, 0.9), ("divisible", 8, 0.0), ("floor", 1, 0.0))
+)
+_REDUCTIONS = (4, 16, 8, 12, 2)
+_GATE_NAMES = {"Sigmoid": "sigmoid", "Hardsigmoid": "hard-sigmoid", "HardSigmoid": "hard-sigmoid"}
+
+
+def _se_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d, nn.Module, nn.Module, str, bool] | None:
+    """(reduce, expand, activation, gate, layout, norm) of an SE module of timm's or torchvision's, or None."""
+    names = {"timm.models._efficientnet_blocks.SqueezeExcite": ("conv_reduce", "conv_expand", "act1", "gate", "conv"),
+             "timm.layers.squeeze_excite.SEModule": ("fc1", "fc2", "act", "gate", "fc"),
+             "torchvision.ops.misc.SqueezeExcitation": ("fc1", "fc2", "activation", "scale_activation", "fc")}
+    parts = names.get(class_path(module))
+    bn = getattr(module, "bn", nn.Identity())
+    if parts is None or not isinstance(bn, (nn.Identity, nn.BatchNorm2d)):
+        return None
+    reduce, expand, act, gate = (getattr(module, n, None) for n in parts[:4])
+    if not isinstance(reduce, nn.Conv2d) or not isinstance(expand, nn.Conv2d) or act is None or gate is None:
+        return None
+    return reduce, expand, act, gate, parts[4], isinstance(bn, nn.BatchNorm2d)
+
+
+def own_design(blocks: list[nn.Module], defaults: Any) -> Any:
+    """The SE design of a model's own SE modules in `blocks` (its partial SE), as settings over `defaults`: their
+    layer names, activation, gate, bias, and the first width rule that gives every one of them its width; None where
+    the modules are not plain SE layers or disagree."""
+    from .layers.attention import squeeze_channels
+
+    seen = []
+    for block in blocks:
+        at = find_attention(block)
+        parts = _se_parts(block if at == "." else block.get_submodule(at)) if at is not None else None
+        conv = _first_conv(block)
+        if parts is None or conv is None:
+            return None
+        reduce, _expand, act, gate, layout, norm = parts
+        act_name = block_activation(act) if not isinstance(act, nn.Identity) else None
+        gate_name = _GATE_NAMES.get(type(gate).__name__)
+        if act_name is None or gate_name is None:
+            return None
+        own_act = "block" if act_name == block_activation(nn.ModuleList(
+            m for name, m in block.named_children() if name != at)) else act_name
+        seen.append(((layout, norm), gate_name, reduce.bias is not None, act_name, own_act,
+                     reduce.in_channels, conv.in_channels, reduce.out_channels))
+    if not seen or len({row[:3] for row in seen}) != 1:
+        return None
+    (layout, norm), gate, bias = seen[0][:3]
+    if len({row[3] for row in seen}) == 1:  # one activation throughout (MobileNetV3 forces ReLU)
+        act = seen[0][3]
+    elif {row[4] for row in seen} == {"block"}:  # each block's own (it changes along the network)
+        act = "block"
+    else:
+        return None
+    first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
+    for reduction in dict.fromkeys((defaults.reduction, *_REDUCTIONS)):
+        for source, rounding, divisor, limit in dict.fromkeys((first, *_WIDTH_RULES)):
+            if all(squeeze_channels(c_in if source == "input" else c, reduction, divisor, limit, rounding) == rd
+                   for *_, c, c_in, rd in seen):
+                return replace(defaults, reduction=reduction, squeeze_from=source, rounding=rounding, divisor=divisor,
+                               round_limit=limit, act=act, gate=gate, bias=bias, layout=layout, norm=norm,
+                               convention=f"the model's own SE ({len(seen)} modules): "
+                               f"{'the block activation' if act == 'block' else act} inside, {gate} gate, "
+                               f"{_width_text(source, rounding, divisor, limit, reduction)}")
+    return None
+
+
+def _width_text(source: str, rounding: str, divisor: int, limit: float, reduction: int) -> str:
+    width = "block input" if source == "input" else "scaled"
+    if rounding == "divisible":
+        return f"{width} channels / {reduction} to a multiple of {divisor}" + (
+            f" (round_limit {limit:g})" if limit else "")
+    return f"{'round' if rounding == 'round' else 'floor'}({width} channels / {reduction})"
+
+
+def _like_own(model: nn.Module, matches: list[Match], skipped: list[Skip]) -> list[Match]:
+    """In a model with partial SE, a match whose block class has the model's own SE in other blocks takes that SE's
+    design (`own_design`): filling them gives the blocks what the family's SE blocks of that class have."""
+    owned: dict[str, list[tuple[str, nn.Module]]] = {}
+    for skip in skipped:
+        if skip.already_attention:
+            owned.setdefault(skip.recipe, []).append((skip.block, model.get_submodule(skip.path)))
+    if not owned:
+        return matches
+    designs: dict[tuple[str, str, Any], Any] = {}
+    result = []
+    for m in matches:
+        key = (m.recipe.name, m.block, m.defaults)
+        if key not in designs:  # the SE of the model's blocks of the same class
+            same = [b for cp, b in owned.get(m.recipe.name, []) if cp == m.block]
+            designs[key] = own_design(same, m.defaults) if same else None
+        design = designs[key]
+        if design is not None and design.act == "block":
+            design = replace(design, act=block_activation(model.get_submodule(m.path)) or "relu")
+        result.append(replace(m, defaults=design) if design is not None else m)
+    return result
 
 
 def _findings(
@@ -353,6 +461,26 @@ def _findings(
         block_classes=tuple(c for c, _ in classes.most_common()),
         counts=counts,
     )
+
+
+# Activation modules by class name (torch's and timm's own), as `SEDefaults.act` names them.
+_ACTIVATION_NAMES = {
+    "ReLU": "relu", "ReLU6": "relu6", "SiLU": "silu", "Swish": "silu", "LeakyReLU": "leaky-relu",
+    "Hardswish": "hard-swish", "HardSwish": "hard-swish", "GELU": "gelu", "Mish": "mish",
+}
+
+
+def block_activation(block: nn.Module) -> str | None:
+    """The block's own activation (its first activation module: timm builds a block's layers, and its SE, with one
+    ``act_layer``), as an `ACT_LAYERS` name; None where it has none se-inject can build (LeakyReLU other than
+    torch's default slope, which timm's ``leaky_relu`` uses, counts as none)."""
+    for m in block.modules():
+        name = _ACTIVATION_NAMES.get(type(m).__name__)
+        if name == "leaky-relu" and getattr(m, "negative_slope", 0.01) != 0.01:
+            return None
+        if name is not None:
+            return name
+    return None
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:

@@ -29,6 +29,9 @@ class Site:
             by parameter name: tracing specialises on them. Empty for blocks called with tensors only.
         pattern: The structural pattern that matched the block ("residual", "conv-chain", ...; see
             `se_inject.patterns`), or "" when a class rule named it.
+        placement: Whose SE design the site follows: "family" (the family's own: its timm SE twin or its paper)
+            or "paper" (the SE paper's place). Plans from before this field followed the paper.
+        source: Where that design comes from, as the recipe names it ("timm regnety_*", ...); "" where not recorded.
     """
 
     path: str
@@ -41,6 +44,8 @@ class Site:
     attention: AttentionSpec
     fixed_args: dict[str, Any] = field(default_factory=dict, hash=False)
     pattern: str = ""
+    placement: str = "paper"
+    source: str = ""
 
     @property
     def channels(self) -> int:
@@ -70,6 +75,10 @@ class Site:
             data["pattern"] = self.pattern
         if self.fixed_args:  # absent for most blocks: their plans read as before
             data["fixed_args"] = dict(self.fixed_args)
+        if self.placement != "paper":
+            data["placement"] = self.placement
+        if self.source:
+            data["source"] = self.source
         return data
 
 
@@ -138,6 +147,7 @@ class Settings:
     exclude: tuple[str, ...] = ()
     min_channels: int = 0
     fill: bool = False  # add SE to the blocks without it in a model where other matching blocks have attention
+    placement: str = "family"  # "family": a family's own SE design where it has one; "paper": the SE paper's place
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}

@@ -36,7 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeFileError, UnknownRecipeError
-from ..names import GATES, MAX_DIVISOR, PATTERNS, ROUNDINGS, SQUEEZE_FROM, attribute_name_problem
+from ..names import (
+    GATES,
+    LAYOUTS,
+    MAX_DIVISOR,
+    PATTERNS,
+    PLACEMENTS,
+    ROUNDINGS,
+    SE_ACTIVATIONS,
+    SQUEEZE_FROM,
+    attribute_name_problem,
+)
 
 # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection; "depthwise" / "no-depthwise": the
 # block has (has not) a depthwise convolution, so one class can take SE at different places by its structure.
@@ -59,6 +69,9 @@ class SEDefaults:
     squeeze_from: str = "output"  # the width r divides: "output" (the map SE scales) or "input" (the block's input)
     rounding: str = "divisible"  # "divisible" (C // r to a multiple of divisor), "round" (round(C / r)), "floor"
     convention: str = ""  # what these settings reproduce, for the record (e.g. "timm EfficientNet")
+    act: str = "relu"  # activation between the FC layers; "block": the block's own (timm's act_layer of the block)
+    layout: str = "fc"  # the SE layer's names: "fc" (fc1/fc2) or "conv" (conv_reduce/conv_expand)
+    norm: bool = False  # a BatchNorm between the SE's layers (ReXNet)
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,13 @@ class BlockRule:
     not_within: tuple[str, ...] = ()  # ... and none may
     slot_gain: float = 1.0  # the constant the block's forward multiplies the slot's output by
     in_child: bool = False  # SE in the anchor child's own forward, the block's forward left as it is
+    placement: str = "paper"  # "family": the family's own SE design (its timm twin, its paper); "paper": Hu et al.
+    se: tuple[tuple[str, Any], ...] = ()  # SE settings of this rule over the recipe's (`[blocks.se]`)
+    source: str = ""  # where the place and settings come from ("timm regnety_*", "Hu et al., Fig. 3", ...)
+
+    def settings(self, defaults: SEDefaults) -> SEDefaults:
+        """The SE settings of a block this rule matched: the rule's own over the recipe's (model's) defaults."""
+        return replace(defaults, **dict(self.se)) if self.se else defaults
 
     def applies_to(self, block: Any) -> bool:
         return all(_attribute_matches(getattr(block, attr, _MISSING), value) for attr, value in self.when)
@@ -164,6 +184,18 @@ class Recipe:
         """The first of `rules_for`."""
         return next(self.rules_for(class_path, block, ancestors), None)
 
+    def for_placement(self, placement: str) -> Recipe:
+        """The recipe with, for each class, the rules of this placement where it has some, else the others: a
+        family's own design by default, the SE paper's place with ``placement="paper"``."""
+        chosen = {(c, _scope(r)) for r in self.blocks if r.placement == placement for c in r.classes}
+
+        def covered(rule: BlockRule) -> bool:  # the other placement has a rule (or, for the paper, a pattern) here
+            return any((c, _scope(rule)) in chosen or (placement == "paper" and any(
+                fnmatchcase(c, g) for p in self.patterns for g in p.classes)) for c in rule.classes)
+
+        kept = tuple(r for r in self.blocks if r.placement == placement or not covered(r))
+        return self if kept == self.blocks else replace(self, blocks=kept)
+
     def defaults_for(self, model_class: str) -> SEDefaults:
         """The SE settings in a model of this class: its family's convention, else the recipe's defaults."""
         return next((c.defaults for c in self.conventions if model_class in c.models), self.defaults)
@@ -180,7 +212,7 @@ class Recipe:
                 {"classes": list(b.classes), "anchor": b.anchor, "position": b.position, "slot": b.slot, "name": b.name,
                  "require": list(b.require), "when": dict(b.when), "within": list(b.within),
                  "not_within": list(b.not_within), "slot_gain": b.slot_gain,
-                 "in_child": b.in_child}
+                 "in_child": b.in_child, "placement": b.placement, "se": dict(b.se), "source": b.source}
                 for b in self.blocks
             ],
             "patterns": [
@@ -229,9 +261,11 @@ def _parse_defaults(
         if not 0 <= value <= 1:
             raise RecipeFileError(path, f"field '{where}.round_limit': expected a number in [0, 1], got {value}")
         values["round_limit"] = float(value)
-    if "bias" in table:
-        values["bias"] = _expect(path, f"{where}.bias", table["bias"], bool, "true or false")
-    for key, allowed in (("gate", GATES), ("squeeze_from", SQUEEZE_FROM), ("rounding", ROUNDINGS)):
+    for key in ("bias", "norm"):
+        if key in table:
+            values[key] = _expect(path, f"{where}.{key}", table[key], bool, "true or false")
+    for key, allowed in (("gate", GATES), ("squeeze_from", SQUEEZE_FROM), ("rounding", ROUNDINGS),
+                         ("act", SE_ACTIVATIONS), ("layout", LAYOUTS)):
         if key in table:
             value = _expect(path, f"{where}.{key}", table[key], str, f"one of {', '.join(allowed)}")
             if value not in allowed:
@@ -248,7 +282,7 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     _expect(path, where, table, dict, "a table ([[blocks]])")
     _check_keys(path, f"{where}.", table,
                 {"classes", "after", "before", "slot", "slot_gain", "in_child", "name", "require", "when", "within",
-                 "not_within"}, {"classes"})
+                 "not_within", "placement", "se", "source"}, {"classes"})
     classes = _expect(path, f"{where}.classes", table["classes"], list, "a list of full class paths")
     if not classes:
         raise RecipeFileError(path, f"field '{where}.classes': expected at least one class path")
@@ -296,8 +330,17 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
             raise RecipeFileError(path, f"field '{where}.when': expected attribute = plain value, got {attr!r}")
     within = _globs(path, f"{where}.within", table.get("within", []))
     not_within = _globs(path, f"{where}.not_within", table.get("not_within", []))
+    placement = _expect(path, f"{where}.placement", table.get("placement", "paper"), str,
+                        f"one of {', '.join(PLACEMENTS)}")
+    if placement not in PLACEMENTS:
+        raise RecipeFileError(path, f"field '{where}.placement': expected one of {', '.join(PLACEMENTS)}, "
+                                    f"got {placement!r}")
+    se = table.get("se", {})
+    parsed = _parse_defaults(path, se, f"{where}.se")  # only the keys given override the recipe's
+    source = _expect(path, f"{where}.source", table.get("source", ""), str, "a string")
     return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require), tuple(sorted(when.items())),
-                     within, not_within, float(slot_gain), in_child)
+                     within, not_within, float(slot_gain), in_child, placement,
+                     tuple(sorted((k, getattr(parsed, k)) for k in se)), source)
 
 
 def _globs(path: str, where: str, value: Any) -> tuple[str, ...]:
@@ -332,6 +375,10 @@ def _scope(rule: BlockRule) -> tuple[object, ...]:
     return rule.when, rule.require, rule.within, rule.not_within
 
 
+def _scope_placed(rule: BlockRule) -> tuple[object, ...]:
+    return (*_scope(rule), rule.placement)
+
+
 def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     """Validate a parsed recipe table; errors name the file, the field and what was expected."""
     allowed = {"name", "description", "reference", "defaults", "blocks", "conventions", "patterns"}
@@ -350,7 +397,7 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     seen: dict[tuple[str, tuple[str, ...]], int] = {}
     for i, rule in enumerate(rules):
         for c in rule.classes:
-            if c in seen and _scope(rules[seen[c]]) == _scope(rule):
+            if c in seen and _scope_placed(rules[seen[c]]) == _scope_placed(rule):
                 raise RecipeFileError(source, f"field 'blocks[{i}].classes': {c!r} is already in blocks[{seen[c]}]")
             seen[c] = i
     defaults = _parse_defaults(source, data.get("defaults", {}))

@@ -16,8 +16,10 @@ from typing import Any
 from ..errors import CheckpointError
 from ..layers.attention import AttentionSpec
 from ..names import (
+    ACTIVATIONS,
     GATES,
     INITS,
+    LAYOUTS,
     MAX_CHANNELS,
     MAX_DIVISOR,
     MAX_SEED,
@@ -26,6 +28,7 @@ from ..names import (
     MAX_SITES_PER_BLOCK,
     MODEL_SOURCES,
     PATTERNS,
+    PLACEMENTS,
     POSITIONS,
     VARIANTS,
     attribute_name_problem,
@@ -102,7 +105,7 @@ def _choice(field: str, value: Any, choices: tuple[str, ...] | list[str]) -> str
 
 def _attention(field: str, data: Any) -> AttentionSpec:
     names = {"kind", "channels", "rd_channels", "kernel_size", "bias", "gate", "gain"}
-    _keys(field, data, names, {"host_gain"})
+    _keys(field, data, names, {"host_gain", "act", "layout", "norm"})
     kind = _choice(f"{field}.kind", data["kind"], list(VARIANTS))
     channels = _int(f"{field}.channels", data["channels"], 1, MAX_CHANNELS)
     # A squeeze wider than its site exists only where a divisor rounded a narrow site up (at most MAX_DIVISOR).
@@ -116,13 +119,21 @@ def _attention(field: str, data: Any) -> AttentionSpec:
     gate = _choice(f"{field}.gate", data["gate"], GATES)
     gain = _number(f"{field}.gain", data["gain"], 0, 1e6)
     host_gain = _number(f"{field}.host_gain", data.get("host_gain", 1.0), 0, 1e6)
-    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, gain, host_gain)
+    act = _choice(f"{field}.act", data.get("act", "relu"), ACTIVATIONS)
+    layout = _choice(f"{field}.layout", data.get("layout", "fc"), LAYOUTS)
+    norm = data.get("norm", False)
+    if not isinstance(norm, bool) or (norm and layout != "fc"):
+        raise _fail(f"{field}.norm", f"expected true (with the 'fc' layout) or false, got {norm!r}")
+    if kind != "se" and (act, layout, norm) != ("relu", "fc", False):
+        raise _fail(f"{field}.act", f"only the 'se' variant takes an activation, layout and norm, not {kind!r}")
+    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, gain, host_gain, act, layout,
+                         norm)
 
 
 def _site(field: str, data: Any) -> Any:
 
     _keys(field, data, {"path", "recipe", "block", "anchor", "position", "slot", "name", "attention"},
-          {"fixed_args", "pattern"})
+          {"fixed_args", "pattern", "placement", "source"})
     path = _str(f"{field}.path", data["path"], _MODULE_PATH, "a dotted module path", empty=True)
     recipe = _str(f"{field}.recipe", data["recipe"], _RECIPE_NAME, "a recipe name (lowercase letters, digits, '-')")
     block = _str(f"{field}.block", data["block"], _CLASS_PATH, "a full class path like 'package.module.Class'")
@@ -144,7 +155,10 @@ def _site(field: str, data: Any) -> Any:
     attention = _attention(f"{field}.attention", data["attention"])
     fixed = _fixed_args(f"{field}.fixed_args", data.get("fixed_args", {}))
     pattern = _choice(f"{field}.pattern", data.get("pattern", ""), ("", *PATTERNS))
-    return Site(path, recipe, block, anchor, position, slot, name, attention, pattern=pattern, fixed_args=fixed)
+    placement = _choice(f"{field}.placement", data.get("placement", "paper"), PLACEMENTS)
+    source = _str(f"{field}.source", data.get("source", ""))
+    return Site(path, recipe, block, anchor, position, slot, name, attention, pattern=pattern, fixed_args=fixed,
+                placement=placement, source=source)
 
 
 def _fixed_args(field: str, data: Any) -> dict[str, Any]:

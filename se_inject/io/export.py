@@ -237,13 +237,16 @@ _WRITERS = {  # format: (name in messages, write the file (returns the ONNX opse
 def timm_architecture(plan: Plan) -> str | None:
     """The timm model name whose architecture the injected model is exactly, if any.
 
-    Candidates are ``<attention><base name>`` (``resnet50`` -> ``seresnet50``) and, for a family prefix,
-    ``<prefix>_<attention><rest>`` (``nf_resnet26`` -> ``nf_seresnet26``); a candidate counts when its
-    state_dict has the same keys and shapes and, given the same random weights and norm statistics, it computes the
-    same outputs (checked on fresh CPU builds, independent of any model's own, possibly degenerate, weights).
+    Candidates are ``<attention><base name>`` (``resnet50`` -> ``seresnet50``), for a family prefix
+    ``<prefix>_<attention><rest>`` (``nf_resnet26`` -> ``nf_seresnet26``), and the models timm's configuration
+    tables make of the base plus attention (``regnetx_002`` -> ``regnety_002``, see `se_inject.twins`); a candidate
+    counts when its state_dict has the same keys and shapes and, given the same random weights and norm statistics,
+    it computes the same outputs (checked on fresh CPU builds, independent of any model's own, possibly degenerate,
+    weights).
     """
     import timm
 
+    from .twins import config_twins
 
     if plan.model is None or not plan.sites:
         return None
@@ -253,6 +256,7 @@ def timm_architecture(plan: Plan) -> str | None:
     kind, base = kinds.pop(), plan.model.name.split(".", 1)[0]
     prefix, _, rest = base.partition("_")
     names = [f"{kind}{base}", *([f"{prefix}_{kind}{rest}"] if rest else [])]
+    names += [t.twin for t in config_twins() if t.plain == base and t.attention == kind]
     candidate = next((name for name in names if timm.is_model(name)), None)
     if candidate is None:
         return None

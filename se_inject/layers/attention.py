@@ -17,7 +17,13 @@ from ..errors import UsageError
 from ..names import INITS, VARIANTS
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention, eca_kernel_size
-from .squeeze_excite import GATE_LAYERS, EffectiveSqueezeExcite, SqueezeExcite
+from .squeeze_excite import GATE_LAYERS, EffectiveSqueezeExcite, SqueezeExcite, SqueezeExciteConv
+
+# Module structures of an SE layer (names.LAYOUTS), named as the families whose state_dict they reproduce.
+LAYOUTS: dict[str, type[SqueezeExcite]] = {
+    "fc": SqueezeExcite,  # fc1/fc2: timm SEModule (ResNet, RegNetY, ByobNet, CSPNet, ...)
+    "conv": SqueezeExciteConv,  # conv_reduce/conv_expand: timm EfficientNet/MobileNetV3 SqueezeExcite
+}
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,9 @@ class AttentionSpec:
         gain: Constant gate multiplier at the site (2 under identity initialisation).
         host_gain: Constant the host block itself multiplies the module's output by (NFNet's ``attn_gain``, an
             attention slot's own gain); the module's gain is ``gain / host_gain``, so the site scales by ``gain``.
+        act: The activation between SE's FC layers (the paper's ReLU, or the family's block activation).
+        layout: The names of SE's layers (`LAYOUTS`): "fc" (timm ``SEModule``) or "conv" (timm EfficientNet).
+        norm: A BatchNorm between SE's layers (ReXNet's SE); "fc" layout only.
     """
 
     kind: str
@@ -44,6 +53,9 @@ class AttentionSpec:
     gate: str = "sigmoid"
     gain: float = 1.0
     host_gain: float = 1.0
+    act: str = "relu"
+    layout: str = "fc"
+    norm: bool = False
 
     @property
     def module_gain(self) -> float:
@@ -52,8 +64,9 @@ class AttentionSpec:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.host_gain == 1.0:  # plans of blocks that scale nothing stay as they were
-            del data["host_gain"]
+        for key, default in (("host_gain", 1.0), ("act", "relu"), ("layout", "fc"), ("norm", False)):
+            if data[key] == default:  # plans with the paper's settings read as they did before these fields
+                del data[key]
         return data
 
 
@@ -77,7 +90,8 @@ def register_attention(kind: str, cls: type[nn.Module]) -> Callable[[Builder], B
 
 @register_attention("se", SqueezeExcite)
 def _build_se(spec: AttentionSpec, **dd: Any) -> nn.Module:
-    return SqueezeExcite(spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate, gain=spec.module_gain, **dd)
+    return LAYOUTS[spec.layout](spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate,
+                                gain=spec.module_gain, act=spec.act, **({"norm": True} if spec.norm else {}), **dd)
 
 
 @register_attention("eca", EfficientChannelAttention)
@@ -103,6 +117,7 @@ def list_attention() -> list[str]:
 def attention_spec(
     kind: str, channels: int, *, reduction: int, divisor: int, round_limit: float, bias: bool, gate: str | None,
     recipe_gate: str, init: str, squeeze_base: int | None = None, rounding: str = "divisible", host_gain: float = 1.0,
+    act: str = "relu", layout: str = "fc", norm: bool = False,
 ) -> AttentionSpec:
     """The module for one site. The gate is the user's, else the variant's own (ESE: hard-sigmoid), else the
     recipe's. The squeeze width divides `squeeze_base` (default: `channels`) by r, rounded as `rounding` says.
@@ -110,7 +125,9 @@ def attention_spec(
     `host_gain` is the constant the block multiplies the module's output by (an attention slot with a gain, as
     NFNet's ``attn_gain * attn_last(x)``): "paper" init keeps the family's scaling (the module's own gain is 1, so
     the block computes exactly what the family's own SE models compute), "identity" divides the gate's identity gain
-    by it (NFNet: 2 / 2, a plain module whose gate starts at 0.5)."""
+    by it (NFNet: 2 / 2, a plain module whose gate starts at 0.5).
+
+    `act` and `layout` (the activation inside SE, the names of its layers) apply to the "se" variant only."""
     variant = VARIANTS[kind]
     gate = gate or variant.gate or recipe_gate
     return AttentionSpec(
@@ -123,6 +140,9 @@ def attention_spec(
         gate=gate,
         gain=identity_gain(gate) if init == "identity" else host_gain,
         host_gain=host_gain,
+        act=act if kind == "se" else "relu",
+        layout=layout if kind == "se" else "fc",
+        norm=norm and kind == "se" and layout == "fc",
     )
 
 

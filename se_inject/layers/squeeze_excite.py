@@ -11,6 +11,23 @@ import torch.nn.functional as F
 from torch import nn
 
 GATE_LAYERS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "hard-sigmoid": nn.Hardsigmoid}
+# The activation between the two FC layers (delta in eq. 3 of the paper: ReLU). Families put their blocks' own
+# activation there (timm's ``act_layer`` of the containing block: SiLU in EfficientNet, LeakyReLU in DarkNet).
+ACT_LAYERS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "silu": nn.SiLU,
+    "leaky-relu": nn.LeakyReLU,  # timm's "leaky_relu": torch's default slope 0.01
+    "hard-swish": nn.Hardswish,
+    "gelu": nn.GELU,
+    "mish": nn.Mish,
+}
+
+
+def create_act(name: str) -> nn.Module:
+    """The activation module for a name of `ACT_LAYERS` (in place where the module allows it)."""
+    cls = ACT_LAYERS[name]
+    return cls(inplace=True) if cls in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.LeakyReLU, nn.Hardswish, nn.Mish) else cls()
 
 
 def fc(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -46,7 +63,7 @@ class ChannelGate(nn.Module):
 
 
 class SqueezeExcite(ChannelGate):
-    """SE block: ``x * gain * gate(fc2(relu(fc1(mean_hw(x)))))``.
+    """SE block: ``x * gain * gate(fc2(act(fc1(mean_hw(x)))))``.
 
     Args:
         channels: C, channels of the feature map.
@@ -55,6 +72,8 @@ class SqueezeExcite(ChannelGate):
         gate: The gating nonlinearity, sigma in eq. 3 ("sigmoid" in the paper).
         gain: Constant multiplier of the gate. 1 in the paper; 2 with identity initialisation, where the gate
             starts at exactly 0.5 and the block at exactly the identity (as NFNets' ``attn_gain``).
+        act: The activation between the FC layers, delta in eq. 3 (a name of `ACT_LAYERS`; "relu" in the paper).
+        norm: A BatchNorm on the bottleneck, before the activation (ReXNet's SE; timm ``SEModule(norm_layer=...)``).
     """
 
     def __init__(
@@ -65,18 +84,25 @@ class SqueezeExcite(ChannelGate):
         bias: bool = True,
         gate: str = "sigmoid",
         gain: float = 1.0,
+        act: str = "relu",
+        norm: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
-        self.act = nn.ReLU(inplace=True)
+        self.bn = nn.BatchNorm2d(rd_channels, **dd) if norm else nn.Identity()
+        self.norm = norm
+        self.act = create_act(act)
         self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
         self._init_gate(gate, gain)
 
     def excite(self, s: torch.Tensor) -> torch.Tensor:
-        s = self.act(fc(s, self.fc1.weight, self.fc1.bias))  # excitation, eq. 3: delta(W1 z) ...
+        s = fc(s, self.fc1.weight, self.fc1.bias)
+        if self.norm:  # BatchNorm2d over (N, rd, 1, 1), as the family's own module runs it
+            s = self.bn(s[:, :, None, None]).flatten(1)
+        s = self.act(s)  # excitation, eq. 3: delta(W1 z) ...
         return self.gate(fc(s, self.fc2.weight, self.fc2.bias))  # ... then sigma(W2 .)
 
     def init_identity(self) -> None:
@@ -84,6 +110,40 @@ class SqueezeExcite(ChannelGate):
         nn.init.zeros_(self.fc2.weight)
         if self.fc2.bias is not None:
             nn.init.zeros_(self.fc2.bias)
+
+
+class SqueezeExciteConv(SqueezeExcite):
+    """The same SE block with timm's EfficientNet/MobileNetV3 names (``conv_reduce``, ``act1``, ``conv_expand``), so
+    an EfficientNet-family model with it has exactly the state_dict of the family's own SE models."""
+
+    def __init__(
+        self,
+        channels: int,
+        rd_channels: int,
+        *,
+        bias: bool = True,
+        gate: str = "sigmoid",
+        gain: float = 1.0,
+        act: str = "relu",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        ChannelGate.__init__(self)
+        dd = {"device": device, "dtype": dtype}
+        self.conv_reduce = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
+        self.act1 = create_act(act)
+        self.conv_expand = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
+        self._init_gate(gate, gain)
+
+    def excite(self, s: torch.Tensor) -> torch.Tensor:
+        s = self.act1(fc(s, self.conv_reduce.weight, self.conv_reduce.bias))
+        return self.gate(fc(s, self.conv_expand.weight, self.conv_expand.bias))
+
+    def init_identity(self) -> None:
+        """Zero conv_expand: the gate is 0.5 for every input, and gain 2 makes the module compute exactly x."""
+        nn.init.zeros_(self.conv_expand.weight)
+        if self.conv_expand.bias is not None:
+            nn.init.zeros_(self.conv_expand.bias)
 
 
 class EffectiveSqueezeExcite(ChannelGate):
