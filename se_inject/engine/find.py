@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..layers.attention import class_path, find_attention
+from ..layers.attention import class_path, find_attention, squeeze_channels
 from .measure import Counts, count
 from .meta import as_meta, output_shapes, run_meta
 from .patterns import conv_chain, match_block, node_output_shape
@@ -368,7 +368,6 @@ def own_design(blocks: list[nn.Module], defaults: Any) -> Any:
     """The SE design of a model's own SE modules in `blocks` (its partial SE), as settings over `defaults`: their
     layer names, activation, gate, bias, and the first width rule that gives every one of them its width; None where
     the modules are not plain SE layers or disagree."""
-    from .layers.attention import squeeze_channels
 
     seen = []
     for block in blocks:

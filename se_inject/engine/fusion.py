@@ -29,7 +29,7 @@ from torch import nn
 from ..layers.squeeze_excite import ChannelGate
 from .keys import BoundedCache
 
-__all__ = ["FusedGate", "fusable", "fuse", "fused_class", "only_reader", "scale", "squeeze_through"]
+__all__ = ["FusedGate", "fusable", "fuse", "fused_class", "layer_class", "only_reader", "scale", "squeeze_through"]
 
 
 def scale(x: torch.Tensor, s: torch.Tensor, inplace: bool, residual: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
@@ -105,12 +105,19 @@ _fused: BoundedCache[type, type] = BoundedCache(64)
 
 def fused_class(cls: type) -> type:
     """The fused twin of a channel-gate layer class (one per class)."""
+    if "__se_inject_layer__" in vars(cls):  # already the fused twin
+        return cls
     fused = _fused.get(cls)
     if fused is None:
         fused = type(cls.__name__, (FusedGate, cls), {"__se_inject_layer__": cls, "__module__": cls.__module__,
                                                       "__qualname__": cls.__qualname__})
         _fused[cls] = fused
     return fused
+
+
+def layer_class(module: nn.Module) -> type:
+    """The layer class of `module`, also when it has its fused twin's class."""
+    return getattr(type(module), "__se_inject_layer__", type(module))
 
 
 def _restore_fused(cls: type) -> nn.Module:

@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import SurgeryError, describe
 from ..layers.attention import class_path, create_attention, init_attention
 from ..names import attribute_name_problem
-from .fusion import fuse, fused_class
+from .fusion import fuse, fused_class, layer_class
 from .keys import BoundedCache, freeze, module_key
 from .models import seeded
 from .plan import Plan, Site
@@ -97,7 +97,7 @@ def insert(block: nn.Module, site: Site, module: nn.Module) -> None:
             raise SurgeryError(f"{site.path}: slot {site.slot!r} already holds a {type(current).__name__}")
         block_key = module_key(block, modes=False)  # before the fill: the module is an opaque call, keyed by class
         setattr(block, site.slot, module)
-        cls, fused = _slot_rewrite(block, site.slot, site.fixed_args, block_key, type(module))
+        cls, fused = _slot_rewrite(block, site.slot, site.fixed_args, block_key, layer_class(module))
         if fused:
             module.__class__ = fused_class(type(module))
         if cls is not None:
@@ -244,7 +244,7 @@ def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
     part of the key: the block is traced in both modes, and one that branches on them is refused."""
     block_key = module_key(block, modes=False)
     key = None if block_key is None else (block_key, site.anchor, site.position, site.name, freeze(site.fixed_args),
-                                          type(module))
+                                          layer_class(module))
     cached = _rewrites.get(key) if key is not None else None
     if cached is not None:
         cls, fused = cached

@@ -27,6 +27,7 @@ from ..errors import ExportError, describe
 from ..names import EXPORT_FORMATS
 from .checkpoint import write_atomically
 from .preflight import check_export_options, check_output_file
+from .twins import config_twins
 
 FORMATS = EXPORT_FORMATS
 RELATIVE_TOLERANCE = 1e-4  # float32 kernels differ by ~1e-6 of the output's magnitude; a broken export by far more
@@ -246,7 +247,6 @@ def timm_architecture(plan: Plan) -> str | None:
     """
     import timm
 
-    from .twins import config_twins
 
     if plan.model is None or not plan.sites:
         return None

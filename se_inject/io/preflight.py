@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import OutputExistsError, UsageError
 from ..names import EXPORT_FORMATS
+from .atomic import check_names
 
 OUTPUT_FILES = ("model.safetensors", "report.json", "config.json", "model.pt", "model.pt2", "model.onnx")
 MIN_OPSET = 18  # the oldest opset torch's dynamo-based ONNX exporter writes directly
@@ -39,7 +40,6 @@ def check_output_folder(directory: str | Path, *, force: bool) -> None:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise OutputExistsError(f"{directory} exists and is not a directory")
-    from .atomic import check_names
 
     # The files every run writes; the others (config.json, exports) are checked when the run knows it writes them.
     check_names(directory, OUTPUT_FILES[:2], force=force, outputs=True)
