@@ -77,10 +77,7 @@ class Branching(nn.Module):
 
     def forward(self, x):
         y = self.conv(x)
-        if self.threshold > 0.5:
-            y = self.act(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        else:
-            y = self.act(y)
+        y = self.act(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if self.threshold > 0.5 else self.act(y)
         return y + x
 
 
@@ -113,7 +110,7 @@ def test_a_training_only_buffer_difference_is_refused(tmp_path, monkeypatch):
     _, report = _inject(model, recipe)  # control: the true identity passes
     assert [s.path for s in report.plan.sites] == ["1"]
     _perturb_checked_module(monkeypatch, 1.001)  # outputs stay exactly equal; only running statistics move
-    with pytest.raises(NoSitesError, match="updates stats.running_mean differently in training mode"):
+    with pytest.raises(NoSitesError, match=r"updates stats\.running_mean differently in training mode"):
         _inject(model, recipe)
 
 
