@@ -316,13 +316,19 @@ def test_closed_pipe_exits_141_and_python_dash_m(tmp_path):
 @pytest.mark.parametrize(("argv", "code"), [(["--version"], 0), (["--bogus-option"], 2), (["recipes"], 0)])
 def test_the_process_exits_fast_but_completely(argv, code):
     """`main` skips the interpreter's module teardown (a second once torch is imported) but keeps what a normal exit
-    does: exit handlers run, output is flushed, the status is the command's."""
-    script = ("import atexit, sys\nfrom se_inject.cli import main\n"
+    does: running threads are waited for, exit handlers run, output is flushed, the status is the command's."""
+    script = ("import atexit, sys, threading, time\nfrom se_inject.cli import main\n"
               "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
+              "class Torn:\n    def __del__(self):\n        print('torn down', file=sys.stderr)\n"
+              "torn = Torn()\n"  # a module global: collected only by the interpreter's teardown
+              "def work():\n    time.sleep(0.3)\n    print('thread done', file=sys.stderr)\n"
+              "threading.Thread(target=work).start()\n"
               f"sys.argv = ['se-inject', *{argv!r}]\nmain()\nprint('not reached')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == code, result.stderr
-    assert "handler ran" in result.stderr and "not reached" not in result.stdout
+    assert "handler ran" in result.stderr and "thread done" in result.stderr
+    assert result.stderr.index("thread done") < result.stderr.index("handler ran")
+    assert "not reached" not in result.stdout and "torn down" not in result.stderr
     if argv == ["recipes"]:
         assert result.stdout.rstrip().endswith(load_recipe_listing_tail())
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -98,7 +100,7 @@ def test_torch_compile_training_matches_eager(paper_resnet):
 
 
 _DDP_SCRIPT = textwrap.dedent('''
-    import json, sys
+    import datetime, json, sys
     import timm, torch
     import torch.distributed as dist
     import torch.multiprocessing as mp
@@ -113,7 +115,8 @@ _DDP_SCRIPT = textwrap.dedent('''
 
     def worker(rank, store, out):
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=120))
         torch.manual_seed(0)  # the same weights on both ranks, as DDP makes them
         base = timm.create_model("test_resnet", zero_init_last=False)
         model, report = se_inject.inject(base, seed=0, init="paper", input_size=32)
@@ -152,9 +155,15 @@ def test_ddp_synchronises_se_gradients_across_two_processes(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
     out = tmp_path / "result.json"
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "store"), str(out)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "store"), str(out)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only the launcher
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
     result = json.loads(out.read_text())
     model, _ = se_inject.inject("timm:test_resnet", device="meta", seed=0, init="paper", input_size=32)
     se_params = [n for m in model.modules() if is_attention(m) for n, _ in m.named_parameters()]
