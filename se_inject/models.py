@@ -288,24 +288,28 @@ def _construct(spec: ModelSpec) -> nn.Module:
 @contextmanager
 def empty_weights():
     """Build on the CPU but move each parameter and buffer to the meta device as it is registered (the init then
-    runs on meta tensors): for constructors that compute with tensors and cannot run under ``torch.device("meta")``."""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+    runs on meta tensors): for constructors that compute with tensors and cannot run under ``torch.device("meta")``.
+    Uses torch's registration hooks, which apply to every module while the context is open."""
+    from torch.nn.modules.module import (
+        register_module_buffer_registration_hook,
+        register_module_parameter_registration_hook,
+    )
 
-    def parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register_parameter(module, name, param)
+    def parameter_on_meta(_module: nn.Module, _name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        if param is None or param.is_meta:
+            return None  # kept as it is
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    def buffer_on_meta(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
-        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+    def buffer_on_meta(_module: nn.Module, _name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None or tensor.is_meta else tensor.to("meta")
 
-    nn.Module.register_parameter = parameter_on_meta  # type: ignore[method-assign]
-    nn.Module.register_buffer = buffer_on_meta  # type: ignore[method-assign]
+    handles = [register_module_parameter_registration_hook(parameter_on_meta),
+               register_module_buffer_registration_hook(buffer_on_meta)]
     try:
         yield
     finally:
-        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+        for handle in handles:
+            handle.remove()
 
 
 def default_input_size(spec: ModelSpec | None, model: nn.Module | None = None) -> tuple[int, int, int]:
