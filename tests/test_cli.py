@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from se_inject.cli import app
+from se_inject.errors import UsageError
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
@@ -250,18 +251,23 @@ def test_help_conventions():
     assert "[torchscript|exported|onnx]" in run("export", "-h").stdout
 
 
-def test_help_choices_are_the_librarys():
+def test_help_choices_are_what_the_library_implements():
+    """The choices --help lists (spelled without importing torch) are the library's implementations: the attention
+    builders' registry, the export writers, the gate layers, the inits `init_attention` accepts."""
     from se_inject import cli
     from se_inject.checkpoint import OUTPUT_FILES
-    from se_inject.export import FORMATS
-    from se_inject.layers.attention import INITS
+    from se_inject.export import _WRITERS
+    from se_inject.layers.attention import init_attention, list_attention
+    from se_inject.layers.squeeze_excite import GATE_LAYERS, SqueezeExcite
     from se_inject.preflight import OUTPUT_FILES as CHECKED_OUTPUT_FILES
-    from se_inject.recipes import GATES
-    from se_inject.variants import VARIANTS
 
-    assert tuple(VARIANTS) == cli.ATTENTION_CHOICES
-    assert cli.GATE_CHOICES == GATES and cli.INIT_CHOICES == INITS
-    assert tuple(FORMATS) == cli.FORMAT_CHOICES
+    assert tuple(list_attention()) == cli.ATTENTION_CHOICES
+    assert tuple(_WRITERS) == cli.FORMAT_CHOICES
+    assert tuple(GATE_LAYERS) == cli.GATE_CHOICES
+    for init in cli.INIT_CHOICES:
+        init_attention(SqueezeExcite(8, 2), init)
+    with pytest.raises(UsageError, match="unknown init"):
+        init_attention(SqueezeExcite(8, 2), "zeros")
     assert CHECKED_OUTPUT_FILES == OUTPUT_FILES  # the preflight check refuses what the writer would
 
 
