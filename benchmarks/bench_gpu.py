@@ -6,8 +6,9 @@ float rounding); autocast (bfloat16) and channels_last run; save -> load round-t
 path equals the unfused one in training mode with autograd.
 
 Timing: base resnet50 vs se-inject's SE-ResNet-50 vs timm's seresnet50 with the same weights, eager float32 NCHW,
-eager bfloat16 autocast channels_last, at two batch sizes; paired interleaved rounds (`se_inject.bench.interleaved`),
-median overhead over the base with its interquartile range. Ratios only mean something within one run.
+eager bfloat16 autocast channels_last, at two batch sizes; paired interleaved rounds
+(`se_inject.tools.bench.interleaved`), median overhead over the base with its interquartile range. Ratios only
+mean something within one run.
 
 Usage: ``python benchmarks/bench_gpu.py [--rounds 30] [--batches 32,128]`` (exits 2 without CUDA).
 """
@@ -25,7 +26,7 @@ import timm
 import torch
 
 import se_inject
-from se_inject.bench import interleaved, overhead
+from se_inject.tools.bench import interleaved, overhead
 
 FAILURES: list[str] = []
 

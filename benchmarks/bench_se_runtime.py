@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import se_inject
-from se_inject.bench import interleaved, overhead
 from se_inject.layers.squeeze_excite import SqueezeExcite
+from se_inject.tools.bench import interleaved, overhead
 
 warnings.filterwarnings("ignore")
 

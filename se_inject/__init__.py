@@ -23,43 +23,43 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "get_recipe": "recipes",
-    "list_recipes": "recipes",
-    "load_recipe_file": "recipes",
+    "get_recipe": "engine.recipes",
+    "list_recipes": "engine.recipes",
+    "load_recipe_file": "engine.recipes",
     "inject": "api",
     "Report": "api",
     "make_plan": "api",
-    "find_sites": "find",
-    "apply_plan": "surgery",
-    "count": "measure",
-    "Plan": "plan",
-    "Site": "plan",
-    "Settings": "plan",
+    "find_sites": "engine.find",
+    "apply_plan": "engine.surgery",
+    "count": "engine.measure",
+    "Plan": "engine.plan",
+    "Site": "engine.plan",
+    "Settings": "engine.plan",
     "AttentionSpec": "layers.attention",
     "create_attention": "layers.attention",
     "list_attention": "layers.attention",
     "SqueezeExcite": "layers.squeeze_excite",
-    "build_model": "models",
-    "resolve_model": "models",
-    "ModelSpec": "models",
-    "save": "checkpoint",
-    "load": "checkpoint",
-    "read_plan": "checkpoint",
-    "new_parameters": "finetune",
+    "build_model": "engine.models",
+    "resolve_model": "engine.models",
+    "ModelSpec": "engine.models",
+    "save": "io.checkpoint",
+    "load": "io.checkpoint",
+    "read_plan": "io.checkpoint",
+    "new_parameters": "tools.finetune",
 }
 
 if TYPE_CHECKING:
     from .api import Report, inject, make_plan
-    from .checkpoint import load, read_plan, save
-    from .find import find_sites
-    from .finetune import new_parameters
+    from .engine.find import find_sites
+    from .engine.measure import count
+    from .engine.models import ModelSpec, build_model, resolve_model
+    from .engine.plan import Plan, Settings, Site
+    from .engine.recipes import get_recipe, list_recipes, load_recipe_file
+    from .engine.surgery import apply_plan
+    from .io.checkpoint import load, read_plan, save
     from .layers.attention import AttentionSpec, create_attention, list_attention
     from .layers.squeeze_excite import SqueezeExcite
-    from .measure import count
-    from .models import ModelSpec, build_model, resolve_model
-    from .plan import Plan, Settings, Site
-    from .recipes import get_recipe, list_recipes, load_recipe_file
-    from .surgery import apply_plan
+    from .tools.finetune import new_parameters
 
 
 def __getattr__(name: str) -> Any:

@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .drift import Drift, compare, image_batch, random_batch
-from .drift import outputs as drift_outputs
-from .errors import NoSitesError, SurgeryError, UsageError
-from .find import Findings, Match, Skip, find_sites
-from .layers.attention import INITS, attention_spec, list_attention
-from .measure import Counts, count, count_params
-from .meta import is_meta, meta_copy
-from .models import (
+from .engine.coverage import check_calls
+from .engine.drift import Drift, compare, image_batch, random_batch
+from .engine.drift import outputs as drift_outputs
+from .engine.find import Findings, Match, find_sites
+from .engine.measure import Counts, count, count_params
+from .engine.memory import check_forward_memory
+from .engine.meta import is_meta, meta_copy
+from .engine.models import (
     ModelSpec,
     build_model,
     check_state_dict,
@@ -30,12 +30,16 @@ from .models import (
     resolve_model,
     seeded,
 )
-from .plan import Plan, Settings, Site
-from .recipes import GATES, resolve_recipes
-from .schema import MAX_SEED
-from .surgery import apply_plan
-from .variants import VARIANTS
-from .verify import verify_plan
+from .engine.plan import Plan, Settings, Site, Skip
+from .engine.recipes import resolve_recipes
+from .engine.surgery import apply_plan
+from .engine.verify import verify_plan
+from .errors import NoSitesError, SurgeryError, UsageError
+from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
+from .io.export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
+from .io.pretrained import build_pretrained, locate_pretrained
+from .layers.attention import attention_spec, list_attention
+from .names import GATES, INITS, MAX_SEED, VARIANTS
 
 
 @dataclass(frozen=True)
@@ -263,161 +267,201 @@ def make_plan(
 
 def inject(
     model: nn.Module | str,
+    settings: Settings | None = None,
     *,
     recipe: str | list[str] | tuple[str, ...] = "auto",
     recipe_files: tuple[str | Path, ...] | list[str | Path] = (),
-    attention: str = "se",
-    reduction: int | None = None,
-    divisor: int | None = None,
-    bias: bool | None = None,
-    gate: str | None = None,
-    init: str = "paper",
-    include: tuple[str, ...] | list[str] = (),
-    exclude: tuple[str, ...] | list[str] = (),
-    min_channels: int = 0,
-    fill: bool = False,
     input_size: int | str | tuple[int, ...] | None = None,
     weights: str | Path | None = None,
+    pretrained: bool = False,
     seed: int | None = None,
     device: str = "cpu",
     inplace: bool = False,
     drift: bool | None = None,
     images: str | Path | None = None,
-    pretrained: bool = False,
     before_build: Callable[[Plan, str], None] | None = None,
+    **options: Any,
 ) -> tuple[nn.Module, Report]:
     """Insert SE blocks where the recipes put them and return ``(model, report)``.
+
+    The pipeline's steps, each usable on its own: build (`resolve_model`, `build_model`), find (`find_sites`, on a
+    meta-device twin), plan (`make_plan`), verify (`verify_plan`), apply (`apply_plan`, then `check_calls`),
+    measure (`count`, drift).
 
     Args:
         model: An ``nn.Module``, or a model name (``resnet50``, ``timm:NAME``, ``torchvision:NAME``) built here with
             random weights on `device` ("meta" plans and counts without allocating anything).
+        settings: What to insert (`Settings`: attention variant, reduction, divisor, bias, gate, init, filters,
+            fill); keyword `options` named like its fields override it (``inject("resnet50", reduction=8)``).
         recipe: "auto" (every recipe that matches) or recipe name(s).
         recipe_files: Extra recipe files.
-        attention: The attention variant.
-        reduction, divisor, bias, gate: Override the recipes' defaults (r, squeeze rounding, FC bias, gating).
-        init: "paper" (default init) or "identity" (the model computes exactly what it did before).
-        include, exclude: fnmatch globs over site paths; min_channels drops narrower sites.
-        fill: In a model where some matching blocks already have channel attention (partial SE: MobileNetV3,
-            EfficientNetV2, ...), add SE to the blocks without it; without `fill` such a model raises NoSitesError.
         input_size: (C, H, W), HxW or N used for shapes and counts; default from the model's config.
         weights: Local checkpoint loaded into the base model first (name only).
-        seed: Seed of the random weights and of the SE init; random (and recorded in the plan) when None.
-        inplace: Modify `model` itself instead of a copy.
-        drift: Compare the outputs before and after surgery (default: when `weights` or `images` are given).
-        images: A folder of images for the drift measurement instead of random inputs.
         pretrained: Load the pretrained weights the model name's tag names (``resnet50.a1_in1k``,
             ``torchvision:resnet50.IMAGENET1K_V2``; no tag: the library's default) through timm's or torchvision's
             own loader and cache. Raises WeightsError at once when they are not cached and cannot be downloaded.
+        seed: Seed of the random weights and of the SE init; random (and recorded in the plan) when None.
+        inplace: Modify `model` itself instead of a copy.
+        drift: Compare the outputs before and after surgery (default: when `weights`, `images` or `pretrained`).
+        images: A folder of images for the drift measurement instead of random inputs.
         before_build: Called with the plan and the default output folder name once planning (on the meta device)
             is done, before the model is built with real weights: a caller's last chance to refuse cheaply (the CLI
             checks the output folder there).
     """
-    settings = validate_settings(
-        Settings(
-            attention=attention,
-            reduction=reduction,
-            divisor=divisor,
-            bias=bias,
-            gate=gate,
-            init=init,
-            include=tuple(include),
-            exclude=tuple(exclude),
-            min_channels=min_channels,
-            fill=fill,
-        )
-    )
-    size = parse_input_size(input_size)
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"invalid seed {seed!r}: expected an integer in [0, {MAX_SEED}] (torch's seed range)")
+    settings = resolve_settings(settings, options)
+    seed = _seed(seed)
     recipes = resolve_recipes(recipe, tuple(recipe_files))
-    if pretrained and weights is not None:
-        raise UsageError("pretrained weights and a weights file exclude each other: pass one")
-    notes: tuple[str, ...] = ()
-    located = None
-    # Finding, planning and counting run on a meta-device twin ("planning"): no memory, no init, no real compute.
-    if isinstance(model, str):
-        spec: ModelSpec | None = resolve_model(model)
-        if pretrained:
-            from .pretrained import locate_pretrained
-
-            located = locate_pretrained(spec)  # fails here, before any build, when the weights cannot be had
-            spec = located.spec
-        elif "." in spec.name and spec.source != "python":
-            notes += (f"random weights: the tag in {spec} names pretrained weights, loaded only with pretrained=True "
-                      "(--pretrained)",)
-        planning = build_model(spec, device="meta")
-        base = None  # built once the plan stands: a model with no place for SE costs no real build
-        inplace = True  # nobody else holds this model
-    else:
-        if weights is not None or pretrained:
-            raise UsageError("weights= and pretrained= are for model names; load weights into your module before "
-                             "calling inject")
-        spec, base = None, model
-        planning = base if is_meta(base) and inplace else meta_copy(base)
-    if size is None:
-        size = default_input_size(spec, planning)
-
+    source = _Source.open(model, weights=weights, pretrained=pretrained, inplace=inplace)
+    size = parse_input_size(input_size) or default_input_size(source.spec, source.planning)
     if str(device) != "meta":  # the saved model will run at this size: refuse one no machine here can hold
-        from .memory import check_forward_memory
-
-        check_forward_memory(planning, size)
-    findings = find_sites(planning, recipes, size, count_base=True)  # one forward: shapes and base counts
-    plan, plan_notes = make_plan(findings, settings, model=spec, seed=seed)
-    notes += plan_notes
-    before = findings.counts
+        check_forward_memory(source.planning, size)
+    findings = find_sites(source.planning, recipes, size, count_base=True)  # one forward: shapes and base counts
+    plan, notes = make_plan(findings, settings, model=source.spec, seed=seed)
     first = next(m for m in findings.matches if m.path == plan.sites[0].path)
-    reduction_used = settings.reduction or first.recipe.defaults.reduction
+    reduction = settings.reduction or first.recipe.defaults.reduction
     if before_build is not None:
-        before_build(plan, default_output_name(plan, reduction_used, type(base).__name__ if base else "model"))
-    if base is None:
-        assert spec is not None
-        if str(device) == "meta":
-            base = planning
-        elif located is not None:
-            from .pretrained import build_pretrained
-
-            with seeded(seed):  # parts the checkpoint does not cover (none in practice) stay reproducible
-                base = build_pretrained(located, device=device)
-        else:
-            base = build_model(spec, device=device, seed=seed)
-        if weights is not None:
-            if base is planning:  # nothing to load into: still check that the file fits
-                check_state_dict(planning, read_state_dict(weights), str(weights))
-            else:
-                load_weights(base, weights)
+        before_build(plan, default_output_name(plan, reduction, source.display_name))
+    base = source.build(device, seed, weights)
     plan, refused = verify_plan(base, plan, {m.path: m.call for m in findings.matches if m.call is not None})
     if not plan.sites:
         reasons = "; ".join(sorted({f"{s.path or 'the model'}: {s.reason}" for s in refused})[:3])
         raise NoSitesError(f"no block to put SE in: every rewrite failed its verification ({reasons})", "unverified")
-    apply_plan(planning, plan, inplace=True)
+    planning, plan, unrun = _apply_checked(source.planning, plan, size, source.fresh_planning)
     after = count(planning, size)
-    if after.output_shapes != before.output_shapes:
-        raise SurgeryError(f"surgery changed the output shapes: {before.output_shapes} -> {after.output_shapes}")
-    measure_drift = (weights is not None or images is not None or pretrained) if drift is None else drift
-    measure_drift = measure_drift and base is not planning  # a meta model computes nothing
-    if measure_drift:
-        batch, described = image_batch(images, size, base) if images is not None else random_batch(size)
-        base_outputs = drift_outputs(base, batch)
-    injected = planning if base is planning else apply_plan(base, plan, inplace=inplace)
-    drifted = compare(base_outputs, drift_outputs(injected, batch), described) if measure_drift else None
-    site_params = {s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites}
-    feature_maps = {m.path: m.shape[1:] for m in findings.matches}
-    report = Report(
-        model=str(spec) if spec else type(base).__name__,
+    if after.output_shapes != findings.counts.output_shapes:
+        raise SurgeryError(f"surgery changed the output shapes: {findings.counts.output_shapes} -> "
+                           f"{after.output_shapes}")
+    if base is source.planning:  # a meta run: the applied planning model is the result
+        injected, drifted = planning, None
+    else:
+        injected, drifted = _apply_measuring_drift(base, plan, size, inplace=inplace or source.spec is not None,
+                                                   drift=drift, weights=weights, images=images,
+                                                   pretrained=pretrained)
+    return injected, Report(
+        model=str(source.spec) if source.spec else type(base).__name__,
         plan=plan,
-        skipped=_in_model_order(planning, (*findings.skipped, *refused)),
-        before=before,
+        skipped=_in_model_order(planning, (*findings.skipped, *refused, *unrun)),
+        before=findings.counts,
         after=after,
-        site_params=site_params,
-        feature_maps={s.path: feature_maps[s.path] for s in plan.sites},
-        notes=notes,
-        reduction=reduction_used,
+        site_params={s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites},
+        feature_maps={m.path: m.shape[1:] for m in findings.matches if m.path in {s.path for s in plan.sites}},
+        notes=(*source.notes, *notes),
+        reduction=reduction,
         drift=drifted,
-        pretrained=located.weights if located else None,
+        pretrained=source.located.weights if source.located else None,
     )
-    return injected, report
+
+
+def resolve_settings(settings: Settings | None, options: dict[str, Any]) -> Settings:
+    """`settings` (default `Settings()`) with `options` named like its fields, validated (UsageError, exit 2)."""
+    names = {f.name for f in fields(Settings)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]!r}; settings are {', '.join(sorted(names))}")
+    lists = {k: tuple(v) for k, v in options.items() if k in ("include", "exclude") and v is not None}
+    return validate_settings(replace(settings or Settings(), **{**options, **lists}))
+
+
+def _seed(seed: int | None) -> int:
+    if seed is None:
+        return secrets.randbelow(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"invalid seed {seed!r}: expected an integer in [0, {MAX_SEED}] (torch's seed range)")
+    return seed
+
+
+@dataclass
+class _Source:
+    """Where the model comes from: a name (built on the meta device to plan, for real once the plan stands) or the
+    caller's module (planned on a meta copy)."""
+
+    spec: ModelSpec | None
+    planning: nn.Module
+    base: nn.Module | None = None
+    located: Any = None
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def open(cls, model: nn.Module | str, *, weights: Any, pretrained: bool, inplace: bool) -> _Source:
+        if pretrained and weights is not None:
+            raise UsageError("pretrained weights and a weights file exclude each other: pass one")
+        if not isinstance(model, str):
+            if weights is not None or pretrained:
+                raise UsageError("weights= and pretrained= are for model names; load weights into your module "
+                                 "before calling inject")
+            return cls(None, model if is_meta(model) and inplace else meta_copy(model), base=model)
+        spec = resolve_model(model)
+        located, notes = None, ()
+        if pretrained:
+            located = locate_pretrained(spec)  # fails here, before any build, when the weights cannot be had
+            spec = located.spec
+        elif "." in spec.name and spec.source != "python":
+            notes = (f"random weights: the tag in {spec} names pretrained weights, loaded only with pretrained=True "
+                     "(--pretrained)",)
+        return cls(spec, build_model(spec, device="meta"), located=located, notes=notes)
+
+    @property
+    def display_name(self) -> str:
+        return type(self.base).__name__ if self.base is not None else "model"
+
+    def fresh_planning(self) -> nn.Module:
+        """A new meta twin, for planning again."""
+        return build_model(self.spec, device="meta") if self.spec is not None else meta_copy(self.base)
+
+    def build(self, device: str, seed: int, weights: str | Path | None) -> nn.Module:
+        """The model the plan is applied to: the caller's, or a name built once the plan stands (a model with no
+        place for SE costs no real build); on the meta device, the planning twin itself."""
+        if self.base is not None:
+            return self.base
+        assert self.spec is not None
+        if str(device) == "meta":
+            base = self.planning
+        elif self.located is not None:
+            with seeded(seed):  # parts the checkpoint does not cover (none in practice) stay reproducible
+                base = build_pretrained(self.located, device=device)
+        else:
+            base = build_model(self.spec, device=device, seed=seed)
+        if weights is not None:
+            if base is self.planning:  # nothing to load into: still check that the file fits
+                check_state_dict(self.planning, read_state_dict(weights), str(weights))
+            else:
+                load_weights(base, weights)
+        return base
+
+
+def _apply_measuring_drift(
+    base: nn.Module, plan: Plan, size: tuple[int, ...], *, inplace: bool, drift: bool | None, weights: Any,
+    images: Any, pretrained: bool,
+) -> tuple[nn.Module, Drift | None]:
+    """Apply `plan` to the real `base`; with `drift` (default: when the weights are meaningful), compare the outputs
+    before and after on a fixed batch."""
+    measure = (weights is not None or images is not None or pretrained) if drift is None else drift
+    if not measure:
+        return apply_plan(base, plan, inplace=inplace), None
+    batch, described = image_batch(images, size, base) if images is not None else random_batch(size)
+    before = drift_outputs(base, batch)
+    injected = apply_plan(base, plan, inplace=inplace)
+    return injected, compare(before, drift_outputs(injected, batch), described)
+
+
+def _apply_checked(
+    planning: nn.Module, plan: Plan, size: tuple[int, ...], fresh: Callable[[], nn.Module]
+) -> tuple[nn.Module, Plan, tuple[Skip, ...]]:
+    """Apply `plan` to the meta model `planning` and prove that every inserted module runs exactly once per call of
+    its block, on every forward path (`check_calls`); sites that do not are refused, and the plan is applied again
+    to a `fresh` meta model without them."""
+    refused: list[Skip] = []
+    while True:
+        apply_plan(planning, plan, inplace=True)
+        problems = check_calls(planning, plan, size)
+        if not problems:
+            return planning, plan, tuple(refused)
+        refused += [Skip(s.path, s.block, s.recipe, problems[s.path]) for s in plan.sites if s.path in problems]
+        plan = replace(plan, sites=tuple(s for s in plan.sites if s.path not in problems))
+        if not plan.sites:
+            reasons = "; ".join(f"{p}: {r}" for p, r in list(problems.items())[:3])
+            raise NoSitesError(f"no block to put SE in: no inserted module runs as planned ({reasons})", "unverified")
+        planning = fresh()
 
 
 def _in_model_order(model: nn.Module, skipped: tuple[Skip, ...]) -> tuple[Skip, ...]:
@@ -438,8 +482,6 @@ def save_injected(
     """The save step: checkpoint and report, ``config.json`` where the result is exactly a timm architecture (so
     plain timm loads the folder), and the requested exports (batch axis dynamic unless `export_batch` fixes it;
     `opset` for ONNX), all written atomically. Returns the final report."""
-    from .checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
-    from .export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
 
     validate_export_options(exports, batch=export_batch, opset=opset)
     directory = Path(directory)

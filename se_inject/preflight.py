@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import OutputExistsError, UsageError
+from .names import EXPORT_FORMATS
 
-EXPORT_FORMATS = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}
 OUTPUT_FILES = ("model.safetensors", "report.json", "config.json", "model.pt", "model.pt2", "model.onnx")
 MIN_OPSET = 18  # the oldest opset torch's dynamo-based ONNX exporter writes directly
 

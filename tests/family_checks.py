@@ -81,3 +81,11 @@ def assert_sites_shaped_like(model: nn.Module, report: se_inject.Report, own: An
         added = model.get_submodule(site.module_path)
         expected = {k: v.shape for k, v in own(site.channels).state_dict().items()}
         assert {k: v.shape for k, v in added.state_dict().items()} == expected, site.path
+
+
+def scales_in_place(model: nn.Module, site: Any) -> bool:
+    """Whether the site's block passes ``inplace=True`` to its attention module (the fusion pass's in-place
+    decision, a constant of the block's generated forward)."""
+    import inspect
+
+    return "inplace = True" in inspect.getsource(type(model.get_submodule(site.path)).forward)

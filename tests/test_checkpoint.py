@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 import torchvision
+from family_checks import scales_in_place
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import se_inject
 from se_inject import CheckpointError, OutputExistsError
-from se_inject.checkpoint import PLAN_KEY, WEIGHTS_HASH_KEY, read_plan
+from se_inject.io.checkpoint import PLAN_KEY, WEIGHTS_HASH_KEY, read_plan
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_refuses_to_overwrite_without_force(saved, tmp_path):
 
 def test_failed_write_leaves_nothing(saved, tmp_path, monkeypatch):
     model, report, _ = saved
-    import se_inject.checkpoint as checkpoint
+    import se_inject.io.checkpoint as checkpoint
 
     def fail(*_, **__):
         raise OSError(28, "No space left on device")
@@ -126,6 +127,6 @@ def test_seeded_runs_are_byte_identical(tmp_path):
 def test_loaded_model_keeps_the_in_place_decisions(saved):
     model, report, directory = saved
     loaded = se_inject.load(directory)
-    flags = [loaded.get_submodule(s.module_path).scale_inplace for s in report.plan.sites]
-    assert flags == [model.get_submodule(s.module_path).scale_inplace for s in report.plan.sites]
+    flags = [scales_in_place(loaded, s) for s in report.plan.sites]
+    assert flags == [scales_in_place(model, s) for s in report.plan.sites]
     assert all(flags)

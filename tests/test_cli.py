@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from se_inject.cli import app
+from se_inject.cli.app import app
 from se_inject.errors import UsageError
 
 runner = CliRunner()
@@ -123,7 +123,7 @@ def test_version_and_help():
 def test_fast_paths_do_not_import_torch(args):
     code = (
         "import sys\n"
-        "from se_inject.cli import app\n"
+        "from se_inject.cli.app import app\n"
         f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
@@ -254,11 +254,14 @@ def test_help_conventions():
 def test_help_choices_are_what_the_library_implements():
     """The choices --help lists (spelled without importing torch) are the library's implementations: the attention
     builders' registry, the export writers, the gate layers, the inits `init_attention` accepts."""
-    from se_inject import cli
-    from se_inject.checkpoint import OUTPUT_FILES
-    from se_inject.export import _WRITERS
+    import importlib
+
+    from se_inject.io.checkpoint import OUTPUT_FILES
+    from se_inject.io.export import _WRITERS
     from se_inject.layers.attention import init_attention, list_attention
     from se_inject.layers.squeeze_excite import GATE_LAYERS, SqueezeExcite
+
+    cli = importlib.import_module("se_inject.cli.app")  # the module (the package's `app` is the Typer app)
     from se_inject.preflight import OUTPUT_FILES as CHECKED_OUTPUT_FILES
 
     assert tuple(list_attention()) == cli.ATTENTION_CHOICES
@@ -272,7 +275,7 @@ def test_help_choices_are_what_the_library_implements():
 
 
 def test_factory_next_to_its_file(tmp_path, monkeypatch):
-    from se_inject.models import resolve_model
+    from se_inject.engine.models import resolve_model
 
     (tmp_path / "mynets_issue14.py").write_text(
         "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 8, 3))\n"
@@ -284,8 +287,8 @@ def test_factory_next_to_its_file(tmp_path, monkeypatch):
 
 
 def test_scan_says_how_to_see_every_model(capsys):
-    from se_inject.cli import _render_scan
-    from se_inject.scan import ScanRow
+    from se_inject.cli.app import _render_scan
+    from se_inject.tools.scan import ScanRow
 
     _render_scan([ScanRow(model=f"m{i}", status="no-match") for i in range(60)], None)
     out = capsys.readouterr().out
@@ -294,9 +297,9 @@ def test_scan_says_how_to_see_every_model(capsys):
 
 def test_compare_table_says_which_statistic_and_warns_when_noisy(capsys, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)  # piped without $COLUMNS: tables are never cut
-    from se_inject.bench import Timing
-    from se_inject.cli import _render_compare
-    from se_inject.compare import CompareRow
+    from se_inject.cli.app import _render_compare
+    from se_inject.tools.bench import Timing
+    from se_inject.tools.compare import CompareRow
 
     quiet = Timing(1, 10.0, 10.5, 0.05, 0.04, 0.06, 15, "cpu", 2)
     noisy = Timing(8, 408.0, 408.2, -0.427, -0.6, 0.3, 15, "cpu", 2)  # the paired median disagrees with (b)
@@ -323,7 +326,7 @@ def test_closed_pipe_exits_141_and_python_dash_m(tmp_path):
 def test_the_process_exits_fast_but_completely(argv, code):
     """`main` skips the interpreter's module teardown (a second once torch is imported) but keeps what a normal exit
     does: running threads are waited for, exit handlers run, output is flushed, the status is the command's."""
-    script = ("import atexit, sys, threading, time\nfrom se_inject.cli import main\n"
+    script = ("import atexit, sys, threading, time\nfrom se_inject.cli.app import main\n"
               "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
               "class Torn:\n    def __del__(self):\n        print('torn down', file=sys.stderr)\n"
               "torn = Torn()\n"  # a module global: collected only by the interpreter's teardown
@@ -341,7 +344,7 @@ def test_the_process_exits_fast_but_completely(argv, code):
 
 def load_recipe_listing_tail() -> str:
     """The last line of the recipe listing, printed in process: the fast exit lost nothing of the output."""
-    from se_inject.cli import print_recipes
+    from se_inject.cli.app import print_recipes
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):

@@ -13,10 +13,10 @@ import torchvision
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject import export as export_module
-from se_inject.cli import app
+from se_inject.io import export as export_module
+from se_inject.cli.app import app
 from se_inject.errors import ExportError, UsageError
-from se_inject.export import RELATIVE_TOLERANCE, compare_outputs, export, output_tensors
+from se_inject.io.export import RELATIVE_TOLERANCE, compare_outputs, export, output_tensors
 
 EXTENSIONS = {"torchscript": "pt", "exported": "pt2", "onnx": "onnx"}
 FORMATS = list(EXTENSIONS)
@@ -211,7 +211,7 @@ def test_cli_export_options(tmp_path):
 
 def test_cli_export_refuses_an_existing_file_before_loading(tmp_path, monkeypatch):
     (tmp_path / "model.pt").write_bytes(b"previous")
-    monkeypatch.setattr("se_inject.checkpoint.load", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr("se_inject.io.checkpoint.load", lambda *a, **k: pytest.fail("loaded the model"))
     runner = CliRunner()
     result = runner.invoke(app, ["export", str(tmp_path), "-f", "torchscript"])
     assert result.exit_code == 1 and "already exists" in result.stderr

@@ -41,7 +41,7 @@ def test_layer_scale_before_the_permute_is_walked_over_only_when_constant():
     computed maps, which is no layer scale."""
     from torch import nn
 
-    from se_inject.patterns import match_block
+    from se_inject.engine.patterns import match_block
 
     class Gated(nn.Module):
         def __init__(self):

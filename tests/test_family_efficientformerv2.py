@@ -10,7 +10,7 @@ from timm.models.efficientformer_v2 import EfficientFormerV2Block
 from torch import nn
 
 import se_inject
-from se_inject.recipes import BlockRule
+from se_inject.engine.recipes import BlockRule
 
 
 def test_attention_free_blocks_take_se_after_the_depthwise_conv():

@@ -12,7 +12,7 @@ from torch import nn
 import se_inject
 from se_inject import NoSitesError, build_model, find_sites, get_recipe, resolve_model
 from se_inject.layers.attention import is_attention
-from se_inject.scan import scan_one
+from se_inject.tools.scan import scan_one
 
 CASES = [  # model, recipe, its convolutional block class, the block's own SE, the projection the SE precedes
     ("timm:gcvit_xxtiny", "hybrid-gcvit", gcvit.MbConvBlock, "se", "conv_pw"),

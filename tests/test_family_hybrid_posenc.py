@@ -9,7 +9,7 @@ from torch import nn
 
 import se_inject
 from se_inject import NoSitesError, build_model, find_sites, resolve_model
-from se_inject.recipes import resolve_recipes
+from se_inject.engine.recipes import resolve_recipes
 
 # Where each model's convolutions are allowed to live (the class of a module on the path to the conv), and its size.
 NOT_BLOCKS = {

@@ -11,8 +11,8 @@ from timm.models.nfnet import NormFreeBlock
 
 import se_inject
 from se_inject import NoSitesError, RecipeFileError, load_recipe_file
-from se_inject.scan import scan_one
-from se_inject.schema import PlanSchemaError, plan_from_data
+from se_inject.engine.schema import PlanSchemaError, plan_from_data
+from se_inject.tools.scan import scan_one
 
 
 def _meta(name: str, **kwargs):

@@ -17,7 +17,7 @@ from torch import nn
 
 import se_inject
 from se_inject.api import save_injected
-from se_inject.export import export
+from se_inject.io.export import export
 from se_inject.layers.squeeze_excite import SqueezeExcite
 
 CASES = [  # one small model per recipe and library
@@ -173,7 +173,7 @@ def test_channels_last_and_trace(small):
 def test_cli_export_command(tmp_path):
     from typer.testing import CliRunner
 
-    from se_inject.cli import app
+    from se_inject.cli.app import app
 
     runner = CliRunner()
     out = tmp_path / "o"

@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 import se_inject
-from se_inject.layers.squeeze_excite import squeeze_through
+from se_inject.engine.fusion import squeeze_through
 
 
 def _randomise_norms(model: nn.Module) -> nn.Module:
@@ -145,12 +145,12 @@ def test_blocks_alike_are_traced_once(tmp_path, monkeypatch):
     downsampling one) is traced for itself."""
     import torchvision
 
-    import se_inject.surgery
+    import se_inject.engine.surgery
 
     traced = []
-    trace = se_inject.surgery._trace
-    monkeypatch.setattr(se_inject.surgery, "_rewrites", {})
-    monkeypatch.setattr(se_inject.surgery, "_trace", lambda block, *a: traced.append(block) or trace(block, *a))
+    trace = se_inject.engine.surgery._trace
+    monkeypatch.setattr(se_inject.engine.surgery, "_rewrites", {})
+    monkeypatch.setattr(se_inject.engine.surgery, "_trace", lambda block, *a: traced.append(block) or trace(block, *a))
     recipe = tmp_path / "basic.toml"
     recipe.write_text('name = "basic"\n[[blocks]]\nclasses = ["torchvision.models.resnet.BasicBlock"]\nafter = "bn2"\n')
     down = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, stride=2), torch.nn.BatchNorm2d(32))

@@ -11,9 +11,9 @@ from helpers import randomize_norm_stats, state_snapshot
 
 import se_inject
 from se_inject import NoSitesError
-from se_inject.find import find_sites
+from se_inject.engine.find import find_sites
+from se_inject.engine.recipes import resolve_recipes
 from se_inject.layers.squeeze_excite import SqueezeExcite
-from se_inject.recipes import resolve_recipes
 
 
 def _meta(name: str, source: str = "timm"):
@@ -152,7 +152,9 @@ def test_no_matching_blocks_names_recipes_and_classes():
 def test_plan_is_json_round_trippable():
     _, report = se_inject.inject("timm:test_resnet", device="meta", seed=3)
     plan = report.plan
-    assert type(plan).from_json(plan.to_json()) == plan
+    from se_inject.engine.schema import plan_from_json
+
+    assert plan_from_json(plan.to_json()) == plan
     assert plan.seed == 3
     assert str(plan.model) == "timm:test_resnet"
 

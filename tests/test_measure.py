@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import se_inject
-from se_inject.measure import count
+from se_inject.engine.measure import count
 
 
 def _se_params(channels: int, rd: int, bias: bool = True) -> int:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import se_inject
 from se_inject import UnknownModelError, UsageError, WeightsError
-from se_inject.models import ModelSpec, build_model, default_input_size, parse_input_size, resolve_model
+from se_inject.engine.models import ModelSpec, build_model, default_input_size, parse_input_size, resolve_model
 
 
 def test_bare_names_prefer_timm_and_prefixes_force_the_source():
@@ -73,7 +73,7 @@ def test_meta_build_of_a_constructor_that_computes_with_tensors():
     """torchvision's RegNet computes its widths with tensors: it is built on the CPU with every parameter and buffer
     moved to the meta device as it is registered; afterwards (also after a constructor that raised) modules are
     built as usual again."""
-    from se_inject.models import empty_weights
+    from se_inject.engine.models import empty_weights
 
     spec = resolve_model("torchvision:regnet_y_400mf")
     with pytest.raises(NotImplementedError), torch.device("meta"):  # the direct route fails

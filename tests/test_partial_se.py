@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject import NoSitesError
-from se_inject.cli import app
-from se_inject.scan import scan_one
+from se_inject.cli.app import app
+from se_inject.tools.scan import scan_one
 
 
 def _mobilenet_v3_small_blocks() -> tuple[list[str], list[str]]:

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject.api import save_injected
-from se_inject.cli import app
+from se_inject.cli.app import app
+from se_inject.engine.models import ModelSpec, resolve_model
 from se_inject.errors import UnknownModelError, WeightsError
-from se_inject.models import ModelSpec, resolve_model
 
 
 @pytest.fixture(autouse=True)

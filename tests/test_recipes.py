@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from se_inject import RecipeFileError, UnknownRecipeError, get_recipe, list_recipes, load_recipe_file
-from se_inject.recipes import resolve_recipes
+from se_inject.engine.recipes import resolve_recipes
 
 VALID = """
 name = "toy"
@@ -118,7 +118,7 @@ def test_recipes_listing_tells_rules_of_one_class_apart():
     """Two byobnet rules name BottleneckBlock; the listing says which blocks each one takes."""
     from typer.testing import CliRunner
 
-    from se_inject.cli import app
+    from se_inject.cli.app import app
 
     result = CliRunner().invoke(app, ["recipes"])
     assert result.exit_code == 0, result.output

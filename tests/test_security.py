@@ -25,7 +25,10 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject import CheckpointError, SurgeryError, atomic
-from se_inject.checkpoint import (
+from se_inject.cli.app import app
+from se_inject.engine.plan import Plan, Site
+from se_inject.engine.surgery import apply_plan
+from se_inject.io.checkpoint import (
     _PLACEHOLDER,
     PLAN_HASH_KEY,
     PLAN_KEY,
@@ -33,9 +36,6 @@ from se_inject.checkpoint import (
     write_atomically,
     write_safetensors_file,
 )
-from se_inject.cli import app
-from se_inject.plan import Plan, Site
-from se_inject.surgery import apply_plan
 
 runner = CliRunner()
 EVIL_NAMES = ["se\nimport os", "se\r__import__('os')", 'se"', "se'", "se()", "se\u2028x", "__class__", "__init__",
@@ -312,7 +312,7 @@ def test_dtype_changed_in_the_header_is_reported(saved, tmp_path):
 
 def test_digest_is_the_written_bytes(saved):
     file = saved[2] / "model.safetensors"
-    se_inject.checkpoint.check_weights_digest(file)
+    se_inject.io.checkpoint.check_weights_digest(file)
     _, header = _header(file)
     assert len(header["__metadata__"][WEIGHTS_HASH_KEY]) == 64
     assert header["__metadata__"][WEIGHTS_HASH_KEY] != _PLACEHOLDER
@@ -542,9 +542,9 @@ def test_seed_outside_the_rng_range(tmp_path, seed, dry_run):
 
 def test_input_size_no_machine_can_hold(tmp_path, monkeypatch):
     one_line(cli("timm:test_resnet", "--input-size", "3,16385,16", "-o", str(tmp_path / "o")), 2, "at most 16384")
-    import se_inject.memory
+    import se_inject.engine.memory
 
-    monkeypatch.setattr(se_inject.memory, "machine_memory", lambda: 2**30)  # a 1 GiB machine
+    monkeypatch.setattr(se_inject.engine.memory, "machine_memory", lambda: 2**30)  # a 1 GiB machine
     one_line(cli("timm:test_resnet", "--input-size", "4096", "-o", str(tmp_path / "o")), 2, "GiB, more than")
     assert not (tmp_path / "o").exists()
     assert cli("timm:test_resnet", "--input-size", "4096", "--dry-run").exit_code == 0  # planning needs no memory
@@ -553,7 +553,7 @@ def test_input_size_no_machine_can_hold(tmp_path, monkeypatch):
 def test_unreadable_files_say_permission_denied(saved, tmp_path, monkeypatch):
     import builtins
 
-    import se_inject.models
+    import se_inject.engine.models
 
     weights = tmp_path / "w.pth"
     torch.save(timm.create_model("test_resnet").state_dict(), weights)
@@ -564,7 +564,7 @@ def test_unreadable_files_say_permission_denied(saved, tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(se_inject.models, "open", denied, raising=False)
+    monkeypatch.setattr(se_inject.engine.models, "open", denied, raising=False)
     one_line(cli("timm:test_resnet", "--weights", str(weights), "--dry-run"), 1, "permission denied")
     one_line(cli("export", str(saved[2]), "-f", "onnx"), 1, "permission denied")
 
@@ -578,7 +578,7 @@ def test_non_utf8_output_path_is_refused(tmp_path):
 def test_printing_under_an_ascii_terminal(tmp_path, monkeypatch):
     import io
 
-    from se_inject.cli import printable_streams, render_report
+    from se_inject.cli.app import printable_streams, render_report
 
     _, report = se_inject.inject("timm:test_resnet", seed=0, device="meta")
     stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")

@@ -11,8 +11,8 @@ from torchvision.models._utils import _make_divisible
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.cli import app
-from se_inject.models import build_model, resolve_model
+from se_inject.cli.app import app
+from se_inject.engine.models import build_model, resolve_model
 
 
 def _meta(name: str) -> torch.nn.Module:

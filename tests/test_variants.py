@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject import NoSitesError
-from se_inject.cli import app
-from se_inject.compare import compare_variants
-from se_inject.export import timm_architecture
+from se_inject.cli.app import app
+from se_inject.io.export import timm_architecture
 from se_inject.layers.eca import eca_kernel_size
-from se_inject.variants import VARIANTS
+from se_inject.names import VARIANTS
+from se_inject.tools.compare import compare_variants
 
 runner = CliRunner()
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import se_inject
-import se_inject.surgery
-import se_inject.verify
+import se_inject.engine.surgery
+import se_inject.engine.verify
 from se_inject import NoSitesError
 from se_inject.layers.attention import class_path
 
@@ -121,11 +121,11 @@ def test_dla_style_blocks_keep_their_shortcut(tmp_path):
 
 
 def test_a_rewrite_that_drops_the_shortcut_is_refused(tmp_path, monkeypatch):
-    trace = se_inject.surgery._trace_modes
+    trace = se_inject.engine.surgery._trace_modes
     # The old tracing, which ignored the arguments the parent passes: the shortcut branch is frozen the wrong way.
-    monkeypatch.setattr(se_inject.surgery, "_trace_modes", lambda block, paths, fixed=None: trace(block, paths))
-    monkeypatch.setattr(se_inject.surgery, "_slot_rewrites", {})
-    monkeypatch.setattr(se_inject.surgery, "_rewrites", {})
+    monkeypatch.setattr(se_inject.engine.surgery, "_trace_modes", lambda block, paths, fixed=None: trace(block, paths))
+    monkeypatch.setattr(se_inject.engine.surgery, "_slot_rewrites", {})
+    monkeypatch.setattr(se_inject.engine.surgery, "_rewrites", {})
     model = randomize_norm_stats(Net([("dla", {"shortcut": "tensor"}), ("dla", {})]))
     injected, report = _inject(model, _recipe(tmp_path, {DlaBlock: "bn2"}))
     assert [s.path for s in report.plan.sites] == ["blocks.0"]
@@ -211,8 +211,8 @@ def test_size_arguments_stay_arguments_unless_the_forward_branches_on_them(tmp_p
 
 def test_one_check_per_block_configuration(monkeypatch):
     checks = []
-    check = se_inject.verify.check_site
-    monkeypatch.setattr(se_inject.verify, "check_site", lambda *a: checks.append(a[1].path) or check(*a))
+    check = se_inject.engine.verify.check_site
+    monkeypatch.setattr(se_inject.engine.verify, "check_site", lambda *a: checks.append(a[1].path) or check(*a))
     _, report = se_inject.inject("torchvision:resnet18", device="meta", seed=0)
     assert len(report.plan.sites) == 8
     # layer1.0 and layer1.1 are alike; each later stage has a downsampling first block and a plain second one
@@ -226,8 +226,8 @@ def test_stochastic_depth_rates_do_not_multiply_checks(monkeypatch, rates, check
     import timm
 
     calls = []
-    check = se_inject.verify.check_site
-    monkeypatch.setattr(se_inject.verify, "check_site", lambda *a: calls.append(a[1].path) or check(*a))
+    check = se_inject.engine.verify.check_site
+    monkeypatch.setattr(se_inject.engine.verify, "check_site", lambda *a: calls.append(a[1].path) or check(*a))
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), *(
         timm.models.resnet.BasicBlock(32, 32, drop_path=timm.layers.DropPath(r) if r else None) for r in rates))
     _, report = se_inject.inject(model, seed=0, input_size=16)
@@ -235,7 +235,8 @@ def test_stochastic_depth_rates_do_not_multiply_checks(monkeypatch, rates, check
 
 
 def test_verification_leaves_the_users_model_alone():
-    model = randomize_norm_stats(se_inject.models.build_model(se_inject.models.resolve_model("timm:test_resnet")))
+    models = se_inject.engine.models
+    model = randomize_norm_stats(models.build_model(models.resolve_model("timm:test_resnet")))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     se_inject.inject(model, seed=0)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

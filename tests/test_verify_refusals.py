@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import se_inject
-import se_inject.verify
+import se_inject.engine.verify
 from se_inject import NoSitesError
 from se_inject.layers.attention import class_path
 
@@ -30,13 +30,13 @@ def _inject(model: nn.Module, recipe: Path):
 
 def _perturb_checked_module(monkeypatch, factor: float) -> None:
     """Make the module the verifier inserts scale its output by `factor` (an identity that is almost one)."""
-    init = se_inject.verify.init_attention
+    init = se_inject.engine.verify.init_attention
 
     def almost_identity(module: nn.Module, how: str) -> None:
         init(module, how)
         module.register_forward_hook(lambda _m, _inputs, out: out * factor)
 
-    monkeypatch.setattr(se_inject.verify, "init_attention", almost_identity)
+    monkeypatch.setattr(se_inject.engine.verify, "init_attention", almost_identity)
 
 
 class Residual(nn.Module):
@@ -119,8 +119,8 @@ def test_blocks_differing_only_in_a_float_their_forward_branches_on_get_their_ow
     tmp_path, monkeypatch, order
 ):
     checked = []
-    check = se_inject.verify.check_site
-    monkeypatch.setattr(se_inject.verify, "check_site", lambda *a: checked.append(a[1].path) or check(*a))
+    check = se_inject.engine.verify.check_site
+    monkeypatch.setattr(se_inject.engine.verify, "check_site", lambda *a: checked.append(a[1].path) or check(*a))
     model = _net(*(Branching(t) for t in order), channels=16)
     injected, report = _inject(model, _recipe(tmp_path, Branching, "act"))
     once = [str(i + 1) for i, t in enumerate(order) if t < 0.5]

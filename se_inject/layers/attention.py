@@ -6,7 +6,7 @@ The spec is what the plan stores for every site, so ``se_inject.load`` rebuilds 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -14,12 +14,10 @@ from timm.layers import make_divisible
 from torch import nn
 
 from ..errors import UsageError
-from ..variants import VARIANTS
+from ..names import INITS, VARIANTS
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention, eca_kernel_size
-from .squeeze_excite import EffectiveSqueezeExcite, SqueezeExcite
-
-INITS = ("paper", "identity")
+from .squeeze_excite import GATE_LAYERS, EffectiveSqueezeExcite, SqueezeExcite
 
 
 @dataclass(frozen=True)
@@ -57,14 +55,6 @@ class AttentionSpec:
         if self.host_gain == 1.0:  # plans of blocks that scale nothing stay as they were
             del data["host_gain"]
         return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AttentionSpec:
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown attention fields {sorted(unknown)}")
-        return cls(**data)
 
 
 Builder = Callable[..., nn.Module]
@@ -160,7 +150,6 @@ def squeeze_channels(
 
 def identity_gain(gate: str) -> float:
     """The gain that turns gate(0) into exactly 1."""
-    from .squeeze_excite import GATE_LAYERS
 
     return 1.0 / float(GATE_LAYERS[gate]()(torch.zeros(())))
 

@@ -9,23 +9,21 @@ import torch
 from timm.layers import ConvNormAct
 from torch import nn
 
-from .squeeze_excite import GATE_LAYERS, SqueezeExcite, fc, scale
+from .squeeze_excite import GATE_LAYERS, SqueezeExcite, fc
 
 
 class ChannelAttention(SqueezeExcite):
     """``x * gain * gate(mlp(avg_hw(x)) + mlp(max_hw(x)))``: SE's layers, with max pooling added to the squeeze and
     one shared MLP for both descriptors (eq. 2 of the paper)."""
 
-    fusable = False
-
     def _mlp(self, s: torch.Tensor) -> torch.Tensor:
         return fc(self.act(fc(s, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
 
-    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.gate(self._mlp(x.mean((2, 3))) + self._mlp(x.amax((2, 3))))
         if self.gain != 1.0:
             s = s * self.gain
-        return scale(x, s[:, :, None, None], inplace)
+        return x * s[:, :, None, None]
 
 
 class SpatialAttention(nn.Module):
@@ -37,11 +35,11 @@ class SpatialAttention(nn.Module):
         self.gate = GATE_LAYERS[gate]()
         self.gain = float(gain)
 
-    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.gate(self.conv(torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)))
         if self.gain != 1.0:
             s = s * self.gain
-        return scale(x, s, inplace)
+        return x * s
 
 
 class ConvBlockAttention(nn.Module):
@@ -63,12 +61,9 @@ class ConvBlockAttention(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.channel = ChannelAttention(channels, rd_channels, bias=bias, gate=gate, gain=gain, **dd)
         self.spatial = SpatialAttention(kernel_size, gate=gate, gain=gain, **dd)
-        self.scale_inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The spatial step may always scale in place: its input is the channel step's output, which is either a
-        # fresh tensor or, when in place is allowed, x itself.
-        return self.spatial(self.channel(x, self.scale_inplace), True)
+        return self.spatial(self.channel(x))
 
     def init_identity(self) -> None:
         """Zero both gates' last maps (fc2, the 7x7 conv): each gate is 0.5, and gain 2 makes the module compute x."""

@@ -19,82 +19,27 @@ def fc(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torc
     return F.linear(s, weight.flatten(1), bias)
 
 
-def scale(x: torch.Tensor, s: torch.Tensor, inplace: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``x * s``, or ``residual + x * s`` in one pass when the block's residual addition was fused into the
-    attention module. Written into `x` when allowed and autograd is off (saves allocating a feature map in eager
-    mode; under torch.compile the out-of-place form fuses better, so it is kept there). A single channels_last map
-    is the exception: SE-ResNet-50 measured slower in place there (its SE overhead 1.18x timm's in place, 1.03x out
-    of place: medians of 10 and 7 runs; from batch 2 on in place wins), so it is not written in place."""
-    inplace = inplace and not torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-    if inplace and x.shape[0] == 1 and not x.is_contiguous():
-        inplace = False
-    if residual is None:
-        return x.mul_(s) if inplace else x * s
-    if inplace and residual.shape == x.shape:
-        return torch.addcmul(residual, x, s, out=x)
-    return torch.addcmul(residual, x, s)
-
-
-def squeeze_through(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    bn_weight: torch.Tensor | None,
-    bn_bias: torch.Tensor | None,
-    eps: float,
-    bn_training: bool,
-) -> torch.Tensor | None:
-    """The squeeze of ``bn(conv1x1(h))`` computed from `h`, or None where the direct squeeze is to be used.
-
-    A 1x1 convolution (stride 1) and an eval-mode BatchNorm are per-pixel affine maps, so they commute with the
-    spatial mean: ``mean_hw(bn(conv(h))) == bn(conv(mean_hw(h)))`` up to float rounding. In a bottleneck `h` is
-    a quarter of the width of the SE input, and under torch.compile its mean fuses into the kernel that writes
-    `h`, so the SE no longer reads its whole input map once more. Used only there, only for an eval-mode BN with
-    running statistics, and only where the map is large next to the matrix the descriptor then goes through
-    (``N*H*W*(C - C_h) > 2*C*C_h``); in eager mode the direct mean is as fast and this returns None.
-    """
-    if bn_training or running_mean is None or running_var is None or not torch.compiler.is_compiling():
-        return None
-    n, c_h, height, width = h.shape
-    if not isinstance(n, int):  # a symbolic batch (dynamic export): the size test below would constrain it
-        return None
-    c = weight.shape[0]
-    if n * height * width * (c - c_h) <= 2 * c * c_h:
-        return None
-    s = F.linear(h.mean((2, 3)), weight.flatten(1), bias)
-    return F.batch_norm(s, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
-
-
 class ChannelGate(nn.Module):
     """Channel attention that squeezes by the spatial mean and scales each channel by a gate (SE, ESE, ECA):
-    ``x * gain * excite(mean_hw(x))``, with `excite` mapping (N, C) descriptors to (N, C) gates.
-
-    ``scale_inplace`` is set by se-inject's surgery where the block's graph shows that nothing else reads the
-    input: then, with autograd off, the input is scaled in place. The surgery may also fuse the block around the
-    module (``fusable``): the residual addition that follows it is passed as `residual` and done in the same pass
-    as the scaling, and `squeezed` may carry the squeeze computed upstream (see `squeeze_through`).
-    """
-
-    fusable = True
+    ``x * gain * excite(mean_hw(x))``, with `excite` mapping (N, C) descriptors to (N, C) gates."""
 
     def _init_gate(self, gate: str, gain: float) -> None:
         """The gate nonlinearity and its constant gain; called by subclasses after their own layers."""
         self.gate = GATE_LAYERS[gate]()
         self.gain = float(gain)
-        self.scale_inplace = False
+
+    def squeeze(self, x: torch.Tensor) -> torch.Tensor:
+        """Global average pooling of each channel, eq. 2: (N, C, H, W) -> (N, C)."""
+        return x.mean((2, 3))
 
     def excite(self, s: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, squeezed: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        s = self.excite(x.mean((2, 3)) if squeezed is None else squeezed)  # squeeze: global average pool, eq. 2
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.excite(self.squeeze(x))
         if self.gain != 1.0:
             s = s * self.gain
-        return scale(x, s[:, :, None, None], self.scale_inplace, residual)  # scale, eq. 4
+        return x * s[:, :, None, None]  # scale, eq. 4
 
     def extra_repr(self) -> str:
         return f"gain={self.gain:g}" if self.gain != 1.0 else ""

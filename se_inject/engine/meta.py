@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SEInjectError, describe
+from ..errors import SEInjectError, describe
 
 
 def is_meta(model: nn.Module) -> bool:

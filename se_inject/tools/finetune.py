@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..layers.attention import attention_classes
+
 
 def new_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of the attention modules se-inject inserted into `model` (every registered variant: SE, ECA,
@@ -16,7 +18,6 @@ def new_parameters(model: nn.Module) -> list[nn.Parameter]:
         for p in model.parameters():
             p.requires_grad_(id(p) in new)
     """
-    from .layers.attention import attention_classes
 
     classes = attention_classes()
     found: dict[int, nn.Parameter] = {}

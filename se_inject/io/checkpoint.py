@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, SEInjectError, WeightsError
-from .models import (
+from .. import __version__
+from ..engine.coverage import check_calls, describe_problems
+from ..engine.models import (
     ModelSpec,
     _timm_has,
     build_model,
@@ -26,8 +27,11 @@ from .models import (
     load_state,
     torchvision_names,
 )
-from .plan import Plan
-from .surgery import apply_plan
+from ..engine.plan import Plan
+from ..engine.schema import plan_from_data
+from ..engine.surgery import apply_plan
+from ..errors import CheckpointError, SEInjectError, WeightsError
+from .atomic import write_folder
 
 MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
@@ -40,7 +44,6 @@ def library_versions() -> dict[str, str]:
     import timm
     import torchvision
 
-    from . import __version__
 
     return {"se_inject": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "torchvision": torchvision.__version__}
@@ -136,7 +139,6 @@ def write_atomically(
     directory: str | Path, files: dict[str, Callable[[Path], None]], *, force: bool = False, outputs: bool = False
 ) -> Path:
     """Write `files` (name -> writer) into `directory`, all or nothing; see `atomic.write_folder`."""
-    from .atomic import write_folder
 
     return write_folder(directory, files, force=force, outputs=outputs)
 
@@ -183,7 +185,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def read_plan(path: str | Path) -> Plan:
     """The plan stored in a saved checkpoint, verified against its checksum and validated field by field."""
-    from .schema import plan_from_data
 
     file = _model_file(path)
     metadata = read_metadata(file)
@@ -267,29 +268,13 @@ def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], file: Path) 
                                   f"{expected.dtype} (a damaged header?)")
 
 
-def _check_channels(model: nn.Module, plan: Plan, file: Path) -> None:
-    """Each site's channel count must be what its block really feeds the module (one forward on a meta copy)."""
-    from .meta import as_meta, run_meta
+def _check_calls(model: nn.Module, plan: Plan, file: Path) -> None:
+    """Every inserted module must run exactly once per call of its block, on the planned map, on every forward path
+    (`se_inject.calls`): a plan whose module would be dead code, or sit on another map, is refused."""
 
-    probe = as_meta(model)
-    handles = []
-
-    def check(index: int, site: Any) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple[Any, ...], *_: Any) -> None:
-            x = args[0] if args else None
-            if isinstance(x, torch.Tensor) and (x.dim() < 2 or x.shape[1] != site.channels):
-                raise CheckpointError(f"{file}: plan field 'sites[{index}].attention.channels': {site.channels}, "
-                                      f"but {site.path or 'the model'} has {x.shape[1] if x.dim() > 1 else '?'} "
-                                      "channels there")
-        return hook
-
-    for i, site in enumerate(plan.sites):
-        handles.append(probe.get_submodule(site.module_path).register_forward_pre_hook(check(i, site)))
-    try:
-        run_meta(probe, plan.input_size)
-    finally:
-        for h in handles:
-            h.remove()
+    problems = check_calls(model, plan)
+    if problems:
+        raise CheckpointError(f"{file}: the plan does not fit the model: {describe_problems(problems, 1)}")
 
 
 def load(
@@ -335,7 +320,7 @@ def load(
             # Meta build: no init cost; weights are assigned from the file. Fall back to a real build when the model
             # has state that is not in the file (non-persistent buffers), which only a real build computes.
             rebuilt = apply_plan(build_model(plan.model, device="meta"), plan, inplace=True)
-        _check_channels(rebuilt, plan, file)
+        _check_calls(rebuilt, plan, file)
         if model is None and set(dict(rebuilt.named_buffers())) - set(state):
             assert plan.model is not None
             rebuilt = apply_plan(build_model(plan.model, seed=plan.seed), plan, inplace=True)

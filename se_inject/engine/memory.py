@@ -7,7 +7,8 @@ import os
 
 from torch import nn
 
-from .errors import SEInjectError, UsageError
+from ..errors import SEInjectError, UsageError
+from .meta import as_meta, run_meta
 
 CHEAP_ELEMENTS = 3 * 1024 * 1024  # inputs up to 3x1024x1024 are never checked: no model of ours needs the RAM
 
@@ -17,7 +18,6 @@ def forward_bytes(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     activation (a block's input, its output and one temporary alive at once), measured on a meta copy."""
     import torch
 
-    from .meta import as_meta, run_meta
 
     probe = as_meta(model)
     largest = [0]

@@ -21,9 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ExportError, describe
-from .plan import Plan
-from .preflight import EXPORT_FORMATS, check_export_options, check_output_file
+from ..engine.models import ModelSpec, build_model, split_tag, torchvision_weights_enum
+from ..engine.plan import Plan
+from ..engine.surgery import apply_plan
+from ..errors import ExportError, describe
+from ..preflight import EXPORT_FORMATS, check_export_options, check_output_file
+from .checkpoint import write_atomically
 
 FORMATS = EXPORT_FORMATS
 RELATIVE_TOLERANCE = 1e-4  # float32 kernels differ by ~1e-6 of the output's magnitude; a broken export by far more
@@ -165,7 +168,6 @@ def export(model: nn.Module, plan: Plan, fmt: str, path: str | Path, *, force: b
         batch: Fix the batch axis to this size; default: dynamic (the file accepts any batch).
         opset: ONNX opset (default: the exporter's).
     """
-    from .checkpoint import write_atomically
 
     path = Path(path)
     validate_export_options([fmt], batch=batch, opset=opset)
@@ -247,8 +249,6 @@ def timm_architecture(plan: Plan) -> str | None:
     """
     import timm
 
-    from .models import ModelSpec, build_model
-    from .surgery import apply_plan
 
     if plan.model is None or not plan.sites:
         return None
@@ -338,7 +338,6 @@ def torchvision_preprocessing(name: str, *, pretrained: bool) -> dict[str, Any]:
     """A timm ``pretrained_cfg`` for a torchvision classification model: its weights' own preset (resize, crop,
     interpolation, mean/std; the tag's weights, else the library's default weights), and with `pretrained`, where
     the weights come from."""
-    from .models import split_tag, torchvision_weights_enum
 
     arch, tag = split_tag(name)
     weights = torchvision_weights_enum(arch)[tag or "DEFAULT"]

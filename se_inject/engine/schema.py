@@ -3,32 +3,39 @@
 A saved folder is data from anyone. Before anything is built from its plan, every field is checked here: its type,
 its range, registry names (attention kinds, gates, inits), and every string that becomes Python source (the
 attribute name of an inserted module) is a plain identifier. Violations raise `PlanSchemaError`, which names the
-field. This module imports no torch: recipe files are checked with the same rules.
+field. Recipe files are checked with the same name rule (`se_inject.names.attribute_name_problem`).
 """
 
 from __future__ import annotations
 
-import keyword
+import json
 import math
 import re
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..layers.attention import AttentionSpec
+from ..names import (
+    GATES,
+    INITS,
+    MAX_CHANNELS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_SITES,
+    MODEL_SOURCES,
+    PATTERNS,
+    VARIANTS,
+    attribute_name_problem,
+)
+from .models import ModelSpec
+from .plan import PLAN_FORMAT, Plan, Site
 
-MAX_SEED = 2**64 - 1  # torch.manual_seed's range (non-negative part)
-MAX_SIDE = 16384  # largest input height/width/channels se-inject accepts (4x a 4K image side)
-MAX_CHANNELS = 1 << 20
-MAX_SITES = 100_000
-MAX_NAME_LENGTH = 200
-
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # ASCII only; matched with fullmatch (no "$" newline loophole)
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
 _CHILD_PATH = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
 _ANCHOR = re.compile(r"%[A-Za-z_]\w*|[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")  # a child, or a graph node (patterns)
 _CLASS_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
 _RECIPE_NAME = re.compile(r"[a-z][a-z0-9-]*")
 _REGISTRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # timm/torchvision names; no "hf-hub:", "/", ".."
-MODEL_SOURCES = ("timm", "torchvision", "python")
 
 
 class PlanSchemaError(CheckpointError):
@@ -37,20 +44,6 @@ class PlanSchemaError(CheckpointError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"plan field {field!r}: {message}")
-
-
-def attribute_name_problem(name: Any) -> str | None:
-    """Why `name` cannot be the attribute name of an inserted module (None when it can): a plain ASCII Python
-    identifier, not a keyword, not a dunder, at most 200 characters."""
-    if not isinstance(name, str):
-        return f"expected a string, got {type(name).__name__}"
-    if not _IDENTIFIER.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
-        return f"expected a plain Python identifier (ASCII letters, digits, '_'), got {name!r}"
-    if keyword.iskeyword(name) or keyword.issoftkeyword(name):
-        return f"{name!r} is a Python keyword"
-    if name.startswith("__") and name.endswith("__"):
-        return f"{name!r} is a dunder name"
-    return None
 
 
 def _fail(field: str, message: str) -> PlanSchemaError:
@@ -96,14 +89,10 @@ def _choice(field: str, value: Any, choices: tuple[str, ...] | list[str]) -> str
     return value
 
 
-def _attention(field: str, data: Any) -> Any:
-    from .layers.attention import AttentionSpec, list_attention
-    from .recipes import GATES
-    from .variants import VARIANTS
-
+def _attention(field: str, data: Any) -> AttentionSpec:
     names = {"kind", "channels", "rd_channels", "kernel_size", "bias", "gate", "gain"}
     _keys(field, data, names, {"host_gain"})
-    kind = _choice(f"{field}.kind", data["kind"], list_attention())
+    kind = _choice(f"{field}.kind", data["kind"], list(VARIANTS))
     channels = _int(f"{field}.channels", data["channels"], 1, MAX_CHANNELS)
     rd_channels = _int(f"{field}.rd_channels", data["rd_channels"], 1 if VARIANTS[kind].uses_reduction else 0,
                        MAX_CHANNELS)
@@ -121,8 +110,6 @@ def _attention(field: str, data: Any) -> Any:
 
 
 def _site(field: str, data: Any) -> Any:
-    from .plan import Site
-    from .recipes import PATTERNS
 
     _keys(field, data, {"path", "recipe", "block", "anchor", "position", "slot", "name", "attention"},
           {"fixed_args", "pattern"})
@@ -165,8 +152,7 @@ def _fixed_args(field: str, data: Any) -> dict[str, Any]:
     return dict(data)
 
 
-def _model(field: str, data: Any) -> Any:
-    from .models import ModelSpec
+def _model(field: str, data: Any) -> ModelSpec | None:
 
     if data is None:
         return None
@@ -182,10 +168,8 @@ def _model(field: str, data: Any) -> Any:
     return ModelSpec(source, name)
 
 
-def plan_from_data(data: Any) -> Any:
+def plan_from_data(data: Any) -> Plan:
     """A `Plan` from parsed plan JSON, after checking every field; raises `PlanSchemaError` naming the field."""
-    from .layers.attention import INITS
-    from .plan import PLAN_FORMAT, Plan
 
     _keys("", data, {"format", "model", "input_size", "init", "seed", "sites"}, {"settings"})
     if data["format"] != PLAN_FORMAT:
@@ -212,3 +196,12 @@ def plan_from_data(data: Any) -> Any:
         seen[site.module_path] = i
     return Plan(model=model, sites=sites, input_size=input_size, init=init, seed=seed,  # type: ignore[arg-type]
                 settings=settings)
+
+
+def plan_from_json(text: str) -> Plan:
+    """A `Plan` from its JSON text (`Plan.to_json`), validated as `plan_from_data` does."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise PlanSchemaError("", f"invalid JSON ({type(e).__name__})") from None
+    return plan_from_data(data)

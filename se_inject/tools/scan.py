@@ -25,7 +25,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from .errors import NoSitesError, SEInjectError, UsageError
+from ..api import inject
+from ..engine.models import build_model, resolve_model, timm_names, torchvision_names
+from ..engine.patterns import architecture_category
+from ..errors import NoSitesError, SEInjectError, UsageError
+from ..io.checkpoint import write_atomically
 
 STATUSES = ("covered", "partial-se", "already-se", "no-match", "error")
 
@@ -52,7 +56,6 @@ class ScanRow:
 
 def model_names(patterns: Iterable[str] = ("*",), source: str | None = None) -> list[str]:
     """``source:name`` for every timm and torchvision classification model matching any fnmatch pattern."""
-    from .models import timm_names, torchvision_names
 
     if source not in (None, "timm", "torchvision"):
         raise UsageError(f"unknown source {source!r}; choose timm or torchvision")
@@ -75,7 +78,6 @@ def _alarm(_signum: int, _frame: Any) -> None:
 
 def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
     """Plan and count one model on the meta device; never raises."""
-    from .api import inject
 
     start = time.perf_counter()
     use_alarm = timeout > 0 and hasattr(signal, "setitimer")
@@ -122,8 +124,6 @@ def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
 
 
 def _category(name: str) -> str:
-    from .models import build_model, resolve_model
-    from .patterns import architecture_category
 
     try:
         return architecture_category(build_model(resolve_model(name), device="meta"))
@@ -199,7 +199,6 @@ def summarize(rows: list[ScanRow]) -> dict[str, int]:
 
 def write_rows(rows: list[ScanRow], path: str | Path) -> None:
     """CSV or JSON by the file's extension, written atomically."""
-    from .checkpoint import write_atomically
 
     path = Path(path)
     if path.suffix.lower() == ".json":

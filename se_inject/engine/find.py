@@ -13,10 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
-from .layers.attention import class_path, find_attention
+from ..errors import UsageError
+from ..layers.attention import class_path, find_attention
+from .measure import Counts, count
 from .meta import as_meta, output_shapes, run_meta
+from .patterns import conv_chain, match_block, node_output_shape
+from .plan import Skip
 from .recipes import BlockRule, PatternRule, Recipe
+from .record import record_call
 
 
 def resolve_child(block: nn.Module, path: str) -> str | None:
@@ -91,17 +95,6 @@ class Match:
 
 
 @dataclass(frozen=True)
-class Skip:
-    """A block a recipe matched but that gets no SE, and why."""
-
-    path: str
-    block: str
-    recipe: str
-    reason: str
-    already_attention: bool = False
-
-
-@dataclass(frozen=True)
 class Findings:
     matches: tuple[Match, ...]
     skipped: tuple[Skip, ...]
@@ -109,7 +102,7 @@ class Findings:
     input_size: tuple[int, int, int]
     output_shapes: tuple[tuple[int, ...], ...]  # the base model's output shapes, to check surgery against
     block_classes: tuple[str, ...]  # class paths present in the model (outside torch.nn), most frequent first
-    counts: Any = None  # the model's Counts, when find_sites(count_base=True)
+    counts: Counts | None = None  # the model's Counts, when find_sites(count_base=True)
 
 
 def _shipped(recipe: Recipe) -> bool:
@@ -205,7 +198,6 @@ def _inside(path: str, prefixes: Iterable[str]) -> bool:
 def _structural(
     model: nn.Module, rules: list[tuple[Recipe, PatternRule]], taken: list[str], classes: dict[str, str]
 ) -> Iterator[Candidate]:
-    from .patterns import conv_chain, match_block
 
     above = {".".join(p.split(".")[:i]) for p in taken for i in range(len(p.split(".")))}  # ancestors of taken
     matched: list[str] = []
@@ -276,7 +268,6 @@ def find_sites(
 
     if not pending:  # nothing to measure: skip the forward pass
         return _findings(model, (), skipped, recipes, input_size, ())
-    from .verify import record_call
 
     probe = as_meta(model)
     seen: dict[str, list[tuple[int, ...]]] = {}
@@ -306,7 +297,6 @@ def find_sites(
             handles.append(target.register_forward_hook(lambda _m, _a, out, rec=record: rec.append(_shape(out))))
     try:
         if count_base:
-            from .measure import count
 
             counts = count(probe, input_size)
             shapes = counts.output_shapes
@@ -317,7 +307,6 @@ def find_sites(
             h.remove()
 
     if node_inputs:
-        from .patterns import node_output_shape
 
         for path, inputs in node_inputs.items():
             block = probe.get_submodule(path)
@@ -349,7 +338,7 @@ def _findings(
     recipes: list[Recipe],
     input_size: tuple[int, int, int],
     shapes: tuple[tuple[int, ...], ...],
-    counts: Any = None,
+    counts: Counts | None = None,
 ) -> Findings:
     classes = Counter(
         class_path(m) for m in model.modules() if not type(m).__module__.startswith("torch.nn") and m is not model

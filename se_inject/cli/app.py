@@ -20,18 +20,18 @@ from typing import Annotated, Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from . import __version__
-from .errors import SEInjectError, UsageError, WeightsError, describe
-from .preflight import EXPORT_FORMATS, check_export_options, check_output_file, check_output_folder
-from .variants import VARIANTS
+from .. import __version__
+from ..errors import SEInjectError, UsageError, WeightsError, describe
+from ..names import GATES, INITS, MODEL_SOURCES, VARIANTS
+from ..preflight import EXPORT_FORMATS, check_export_options, check_output_file, check_output_folder
 
 DEFAULT_COMMAND = "inject"
 # Allowed values, shown in --help (the library validates them; tests check these lists against its own).
 ATTENTION_CHOICES = tuple(VARIANTS)
-GATE_CHOICES = ("sigmoid", "hard-sigmoid")
-INIT_CHOICES = ("paper", "identity")
+GATE_CHOICES = GATES
+INIT_CHOICES = INITS
 FORMAT_CHOICES = tuple(EXPORT_FORMATS)
-SOURCE_CHOICES = ("timm", "torchvision")
+SOURCE_CHOICES = MODEL_SOURCES[:2]  # registries (code needs a FILE.py:factory name)
 
 
 def _choices(values: tuple[str, ...]) -> str:
@@ -255,27 +255,22 @@ def inject_command(
         formats = tuple(dict.fromkeys(export_formats or ()))
         notes = inject_preflight(dry_run=dry_run, output=output, force=force, formats=formats, weights=weights,
                                  images=images, pretrained=pretrained, static_batch=static_batch, opset=opset)
-        from .api import inject, save_injected
+        from ..api import inject, save_injected
+        from ..engine.plan import Settings
 
         def before_build(plan: Any, default_output: str) -> None:
             if not dry_run:
                 check_output_folder(output or Path(default_output), force=force)  # before the costly build
                 status(f"building {model} ({'pretrained' if pretrained else 'random'} weights) and inserting SE")
 
+        settings = Settings(attention=attention, reduction=reduction, divisor=divisor, bias=bias, gate=gate, init=init,
+                            include=tuple(include or ()), exclude=tuple(exclude or ()), min_channels=min_channels,
+                            fill=fill)
         injected, report = inject(
             model,
+            settings,
             recipe=recipe or "auto",
             recipe_files=tuple(recipe_file or ()),
-            attention=attention,
-            gate=gate,
-            include=tuple(include or ()),
-            exclude=tuple(exclude or ()),
-            min_channels=min_channels,
-            fill=fill,
-            reduction=reduction,
-            divisor=divisor,
-            bias=bias,
-            init=init,
             input_size=input_size,
             weights=weights,
             images=images,
@@ -464,7 +459,7 @@ def recipes_command(
 
 
 def print_recipes(*, as_json: bool) -> None:
-    from .recipes import get_recipe, list_recipes
+    from ..engine.recipes import get_recipe, list_recipes
 
     recipes = [get_recipe(name) for name in list_recipes()]
     if as_json:
@@ -528,9 +523,9 @@ def export_command(
             raise SEInjectError(f"{directory}: no such file or folder (an output of se-inject MODEL)")
         check_output_file(target, force=force)
         with _status(f"exporting {directory} as {fmt}", enabled=_interactive(as_json)):
-            from .checkpoint import load, read_plan
-            from .export import export
-            from .memory import check_forward_memory
+            from ..engine.memory import check_forward_memory
+            from ..io.checkpoint import load, read_plan
+            from ..io.export import export
 
             plan = read_plan(directory)
             model = load(directory, model=_base_model(base_model, plan.seed), trust_code=trust_code)
@@ -546,7 +541,7 @@ def _base_model(name: str | None, seed: int) -> Any:
     """The model the user names on the command line (their own code runs: they named it)."""
     if name is None:
         return None
-    from .models import build_model, resolve_model
+    from ..engine.models import build_model, resolve_model
 
     return build_model(resolve_model(name), seed=seed)
 
@@ -572,8 +567,8 @@ def compare_command(
     with error_funnel():
         import torch
 
-        from .compare import compare_variants
-        from .variants import VARIANTS
+        from ..names import VARIANTS
+        from ..tools.compare import compare_variants
 
         if rounds < 1:
             raise UsageError(f"invalid rounds {rounds}: expected an integer >= 1")
@@ -642,9 +637,9 @@ def scan_command(
 ) -> None:
     """Plan SE for every model matching the patterns (on the meta device) and summarize the coverage."""
     with error_funnel():
-        from .api import validate_settings
-        from .plan import Settings
-        from .scan import model_names, summarize, summarize_categories, write_rows
+        from ..api import validate_settings
+        from ..engine.plan import Settings
+        from ..tools.scan import model_names, summarize, summarize_categories, write_rows
 
         validate_settings(Settings(reduction=reduction))
         names = model_names(patterns or ["*"], source)
@@ -666,7 +661,7 @@ def _scan_with_progress(names: list[str], workers: int, timeout: float, options:
                         show: bool = True) -> list[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .scan import scan
+    from ..tools.scan import scan
 
     with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[last]}"), console=_console(stderr=True), transient=True,
@@ -682,7 +677,7 @@ SCAN_TABLE_ROWS = 50  # more models than this: the summary only
 def _render_scan(rows: list[Any], output: Path | None) -> None:
     from rich.table import Table
 
-    from .scan import summarize, summarize_categories
+    from ..tools.scan import summarize, summarize_categories
 
     out = _console()
     if len(rows) <= SCAN_TABLE_ROWS:
@@ -724,7 +719,7 @@ def variants_command(
 
 
 def print_variants(*, as_json: bool) -> None:
-    from .variants import VARIANTS
+    from ..names import VARIANTS
 
     if as_json:
         _print_json([v.to_dict() for v in VARIANTS.values()])

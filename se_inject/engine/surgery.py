@@ -9,20 +9,21 @@ Two mechanics:
   block keeps all its children under their names, its methods and ``isinstance``; the new class is scriptable and
   exportable like torch.fx's own GraphModule code.
 
-Either way the block's graph is then fused around a fusable module (`_fuse`), which changes how, not what, it
-computes: a residual addition right after it is done in the same pass as its scaling, and where its input is
-``bn(conv1x1(h))`` the squeeze may be taken from the narrower `h` (see `squeeze_excite.squeeze_through`).
+Either way the block's graph is then fused around a channel-gate module (`se_inject.fusion`), which changes how,
+not what, it computes. Generated classes pickle, deep-copy and script (see *generated classes* below).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib
 import inspect
 import itertools
 import linecache
-import operator
 import types
 import typing
+from collections.abc import Hashable
 from contextlib import nullcontext
 from typing import Any, Optional
 
@@ -30,13 +31,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import SurgeryError, describe
-from .layers.attention import class_path, create_attention, init_attention
-from .layers.squeeze_excite import squeeze_through
+from ..errors import SurgeryError, describe
+from ..layers.attention import class_path, create_attention, init_attention
+from ..names import attribute_name_problem
+from .fusion import fuse, fused_class
+from .keys import BoundedCache, freeze, module_key
 from .models import seeded
-from .patterns import graph_key
 from .plan import Plan, Site
-from .schema import attribute_name_problem
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
@@ -95,57 +96,38 @@ def insert(block: nn.Module, site: Site, module: nn.Module) -> None:
         if current is not None and not isinstance(current, nn.Identity):
             raise SurgeryError(f"{site.path}: slot {site.slot!r} already holds a {type(current).__name__}")
         setattr(block, site.slot, module)
-        module.scale_inplace, fused = _slot_rewrite(block, site.slot, site.fixed_args)
-        if fused is not None:
-            block.__class__ = fused
+        cls, fused = _slot_rewrite(block, site.slot, site.fixed_args)
+        if fused:
+            module.__class__ = fused_class(type(module))
+        if cls is not None:
+            block.__class__ = cls
     else:
         rewrite_forward(block, site, module)
 
 
-_slot_rewrites: dict[tuple[Any, ...], tuple[bool, type | None]] = {}
+_slot_rewrites: BoundedCache[Hashable, tuple[type | None, bool]] = BoundedCache(1024)
 
 
-def _slot_rewrite(block: nn.Module, slot: str, fixed: dict[str, Any]) -> tuple[bool, type | None]:
-    """For a filled slot: whether the block's forward passes it a tensor nothing else reads (see `_only_reader`),
-    and the fused class for the block, if fusing changes anything. Traced once per block class, configuration
-    (its scalar attributes and its children's types and settings) and fixed arguments: the forward's graph depends
-    only on these."""
-    key = (graph_key(block), slot, tuple(sorted(fixed.items())))
-    if key not in _slot_rewrites:
+def _slot_rewrite(block: nn.Module, slot: str, fixed: dict[str, Any]) -> tuple[type | None, bool]:
+    """For a filled slot: the block's class with its graph fused around the slot's module (`fusion.fuse`), or None
+    where fusing changes nothing (or the forward does not trace), and whether the module takes its fused class.
+    Cached by the block's exact state (`module_key`, the filled slot included; traced in both modes) and fixed
+    arguments."""
+    block_key = module_key(block, modes=False)
+    key = None if block_key is None else (block_key, slot, freeze(fixed))
+    cached = _slot_rewrites.get(key) if key is not None else None
+    if cached is None:
         try:
             graph, consistent = _trace_modes(block, set(), fixed)
-        except Exception:  # an untraceable forward: the module just never scales in place
-            _slot_rewrites[key] = (False, None)
+        except Exception:  # an untraceable forward: the module is called as it is
+            cached = None, False
         else:
             calls = [n for n in graph.nodes if n.op == "call_module" and n.target == slot]
-            inplace = len(calls) == 1 and _only_reader(calls[0], block)
-            fused = consistent and len(calls) == 1 and _fuse(graph, block, slot)
-            _slot_rewrites[key] = (inplace, _rewritten_class(type(block), graph) if fused else None)
-    return _slot_rewrites[key]
-
-
-def _only_reader(call: torch.fx.Node, block: nn.Module) -> bool:
-    """Whether `call` is the only reader of its input tensor, so it may scale it in place (autograd off).
-
-    Walks back through parameterless modules (activations, Identity, dropout: they may return their input) while
-    each tensor has a single user; a module with parameters, or a concatenation/addition, makes a fresh tensor.
-    """
-    node = call.args[0] if call.args else None
-    while isinstance(node, torch.fx.Node) and len(node.users) == 1:
-        if node.op == "call_module":
-            module = block.get_submodule(str(node.target))
-            if next(itertools.chain(module.parameters(), module.buffers()), None) is not None:
-                return True
-        elif node.op == "call_function" and node.target in _FRESH:
-            return True
-        elif node.op != "call_function" or node.target not in _PASS_THROUGH:
-            return False
-        node = node.args[0] if node.args else None
-    return False
-
-
-_FRESH = {torch.cat, torch.add, operator.add, operator.mul, torch.mul}
-_PASS_THROUGH = {torch.relu, torch.nn.functional.relu, torch.nn.functional.silu, torch.sigmoid}
+            fused = consistent and len(calls) == 1 and fuse(graph, block, slot)
+            cached = (_rewritten_class(type(block), graph), True) if fused else (None, False)
+        if key is not None:
+            _slot_rewrites[key] = cached
+    return cached
 
 
 def _is_meta(module: nn.Module) -> bool:
@@ -255,12 +237,17 @@ def _trace(block: nn.Module, anchor: str, path: str, fixed: dict[str, Any]) -> t
 def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
     """Swap `block`'s class for a subclass whose forward also calls `module` (added as child ``site.name``).
 
-    The rewritten class is computed once per block configuration (`graph_key`), site place and module kind: blocks
-    alike (a stage's repeated blocks) take the class of the first without being traced again."""
-    key = (graph_key(block, _open_paths(site.anchor)), site.anchor, site.position, site.name,
-           tuple(sorted(site.fixed_args.items())), type(module), getattr(module, "fusable", False))
-    if key in _rewrites:
-        cls, module.scale_inplace = _rewrites[key]
+    The rewritten class is computed once per exact block state (`module_key`), site place and module class: blocks
+    alike (a stage's repeated blocks) take the class of the first without being traced again. Training flags are not
+    part of the key: the block is traced in both modes, and one that branches on them is refused."""
+    block_key = module_key(block, modes=False)
+    key = None if block_key is None else (block_key, site.anchor, site.position, site.name, freeze(site.fixed_args),
+                                          type(module))
+    cached = _rewrites.get(key) if key is not None else None
+    if cached is not None:
+        cls, fused = cached
+        if fused:
+            module.__class__ = fused_class(type(module))
         block.add_module(site.name, module)
         block.__class__ = cls
         return
@@ -302,113 +289,123 @@ def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
             call = graph.call_module(site.name, (source,))
         anchor.args = (call, *anchor.args[1:])
     block.add_module(site.name, module)
-    module.scale_inplace = _only_reader(call, block)
-    _fuse(graph, block, site.name)
+    fused = fuse(graph, block, site.name)
+    if fused:
+        module.__class__ = fused_class(type(module))
     graph.lint()
     cls = _rewritten_class(type(block), graph)
-    _rewrites[key] = cls, module.scale_inplace
+    if key is not None:
+        _rewrites[key] = cls, fused
     block.__class__ = cls
 
 
-_rewrites: dict[tuple[Any, ...], tuple[type, bool]] = {}
+_rewrites: BoundedCache[Hashable, tuple[type, bool]] = BoundedCache(1024)
 
 
-# --- fusing the block around the attention module -----------------------------------------------------------------
+# --- generated classes ------------------------------------------------------------------------------------------
+#
+# A rewritten block's class is a subclass of its own class, generated from source code: one class per (parent
+# class, code, the objects the code names), reused across blocks and models. Each carries the recipe it was made
+# from (`__se_inject_recipe__`: the parent class or its recipe, then the code), so pickle, deepcopy and spawned
+# processes rebuild it (`_restore_block`) as torch.fx's GraphModule rebuilds itself from its code.
 
-_ADDITIONS = {operator.add, operator.iadd, torch.add}
-
-
-def _fuse(graph: torch.fx.Graph, block: nn.Module, name: str) -> bool:
-    """Rewrite the single call of the fusable module `name` in `graph`; whether anything changed.
-
-    - residual: when the module's output is read only by an addition of two tensors (``out += shortcut``), the
-      addition moves into the module, which computes ``shortcut + x * s`` in one pass (and in place where its
-      input is its own, see `_only_reader`) instead of scaling the map and then reading it again to add;
-    - squeezed: when its input is ``bn(conv1x1(h))``, the block passes ``squeeze_through(h, ...)``, which the
-      module uses instead of its own squeeze where that is cheaper (see there).
-    """
-    module = block.get_submodule(name)
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
-    if not getattr(module, "fusable", False) or len(calls) != 1 or len(calls[0].args) != 1 or calls[0].kwargs:
-        return False
-    call = calls[0]
-    kwargs: dict[str, Any] = {}
-    users = list(call.users)
-    addition = users[0] if len(users) == 1 else None
-    if (
-        addition is not None
-        and addition.op == "call_function"
-        and addition.target in _ADDITIONS
-        and not addition.kwargs
-        and len(addition.args) == 2
-        and all(isinstance(a, torch.fx.Node) and a.op != "get_attr" for a in addition.args)  # two computed tensors
-        and addition.args[0] is not addition.args[1]
-    ):
-        kwargs["residual"] = addition.args[1] if addition.args[0] is call else addition.args[0]
-    else:
-        addition = None
-    place = addition or call
-    conv = _conv_bn_source(call.args[0], block)
-    if conv is not None:
-        bn = call.args[0]
-        with graph.inserting_before(place):
-            attrs = [
-                graph.get_attr(f"{owner.target}.{attr}")
-                for owner, attr in [(conv, "weight"), (conv, "bias"), (bn, "running_mean"), (bn, "running_var"),
-                                    (bn, "weight"), (bn, "bias"), (bn, "eps"), (bn, "training")]
-            ]
-            kwargs["squeezed"] = graph.call_function(squeeze_through, (conv.args[0], *attrs))
-    if not kwargs:
-        return False
-    with graph.inserting_before(place):
-        fused = graph.call_module(name, call.args, kwargs)
-    place.replace_all_uses_with(fused)
-    if addition is not None:
-        graph.erase_node(addition)
-    graph.erase_node(call)
-    return True
+_classes: BoundedCache[Hashable, type] = BoundedCache(512)
 
 
-def _conv_bn_source(node: Any, block: nn.Module) -> torch.fx.Node | None:
-    """The convolution node when `node` computes ``bn(conv(h))`` with a 1x1, stride-1, unpadded, ungrouped
-    nn.Conv2d and an nn.BatchNorm2d keeping running statistics: per-pixel affine maps, which commute with the
-    spatial mean in eval mode."""
-    if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs):
+class _ModuleRef:
+    """A module named by the generated code's globals (``torch``), pickled by its import name."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __reduce__(self) -> Any:
+        return _ModuleRef, (self.name,)
+
+
+def _portable_globals(namespace: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(
+        (name, _ModuleRef(value.__name__) if isinstance(value, types.ModuleType) else value)
+        for name, value in namespace.items() if name != "__builtins__"
+    ))
+
+
+def _live_globals(portable: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    return {name: importlib.import_module(value.name) if isinstance(value, _ModuleRef) else value
+            for name, value in portable}
+
+
+def _parent(recipe_or_class: Any) -> type:
+    return recipe_or_class if isinstance(recipe_or_class, type) else class_from_recipe(recipe_or_class)
+
+
+def _recipe_of(cls: type) -> Any:
+    """What `cls` is rebuilt from: an importable class is itself, a generated one its recipe."""
+    return getattr(cls, "__se_inject_recipe__", None) if "__se_inject_recipe__" in vars(cls) else cls
+
+
+def class_from_recipe(recipe: tuple[Any, ...]) -> type:
+    """The generated class a recipe describes: ``("graph", parent, source, globals)`` or
+    ``("wrap", parent, name, position)``."""
+    kind, parent = recipe[0], _parent(recipe[1])
+    if kind == "graph":
+        return _class_from_code(parent, recipe[2], _live_globals(recipe[3]))
+    if kind == "wrap":
+        return _wrapped_class(parent, recipe[2], recipe[3])
+    raise SurgeryError(f"unknown generated-class recipe {kind!r}")
+
+
+def _restore_block(recipe: tuple[Any, ...]) -> nn.Module:
+    """Unpickling: an empty instance of the generated class; pickle then restores its state (``__setstate__``)."""
+    cls = class_from_recipe(recipe)
+    return cls.__new__(cls)
+
+
+def _reduce_block(self: nn.Module, protocol: int) -> Any:
+    return _restore_block, (type(self).__se_inject_recipe__,), self.__dict__
+
+
+def _source_name(base: type, src: str) -> str:
+    """A file name for generated code, registered in linecache so inspect.getsource (TorchScript, tracebacks) can
+    read it, as torch.fx does; named by the code's digest, so the same code always has the same name."""
+    filename = f"<se-inject {base.__qualname__} {hashlib.sha1(src.encode()).hexdigest()[:12]}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(keepends=True), filename)
+    return filename
+
+
+def _globals_key(namespace: dict[str, Any]) -> Hashable | None:
+    try:
+        return tuple(sorted((name, value) for name, value in namespace.items() if name != "__builtins__"))
+    except TypeError:  # an unhashable object named by the code
         return None
-    conv = node.args[0]
-    if not (isinstance(conv, torch.fx.Node) and conv.op == "call_module" and len(conv.args) == 1 and not conv.kwargs):
-        return None
-    bn_module, conv_module = block.get_submodule(str(node.target)), block.get_submodule(str(conv.target))
-    if type(bn_module) is not nn.BatchNorm2d or not bn_module.track_running_stats:
-        return None
-    if type(conv_module) is not nn.Conv2d or not isinstance(conv.args[0], torch.fx.Node):
-        return None
-    if conv_module.kernel_size != (1, 1) or conv_module.stride != (1, 1) or conv_module.groups != 1:
-        return None
-    return conv if conv_module.padding in ((0, 0), "valid") and conv_module.padding_mode == "zeros" else None
 
 
-_classes: dict[tuple[type, str], type] = {}
-_counter = itertools.count()
+def _generate(parent: type, recipe: tuple[Any, ...], attrs: dict[str, Any]) -> type:
+    base = getattr(parent, "__se_inject_base__", parent)
+    return type(base.__name__, (parent,), {
+        **attrs, "__se_inject_base__": base, "__se_inject_recipe__": recipe, "__reduce_ex__": _reduce_block,
+        "__module__": base.__module__, "__qualname__": base.__qualname__,
+    })
 
 
 def _rewritten_class(cls: type, graph: torch.fx.Graph) -> type:
-    """A subclass of `cls` whose forward runs `graph`; one class per (class, code), reused across blocks."""
+    """A subclass of `cls` whose forward runs `graph`."""
     code = graph.python_code(root_module="self")
-    key = (cls, code.src)
-    if key not in _classes:
+    return _class_from_code(cls, code.src, dict(code.globals))
+
+
+def _class_from_code(cls: type, src: str, namespace: dict[str, Any]) -> type:
+    names = _globals_key(namespace)
+    key = None if names is None else (cls, src, names)
+    generated = _classes.get(key) if key is not None else None
+    if generated is None:
         base = getattr(cls, "__se_inject_base__", cls)
-        filename = f"<se-inject {base.__qualname__} #{next(_counter)}>"
-        # Registered in linecache so inspect.getsource (TorchScript, tracebacks) can read it, as torch.fx does.
-        linecache.cache[filename] = (len(code.src), None, code.src.splitlines(keepends=True), filename)
-        namespace = dict(code.globals)
-        exec(compile(code.src, filename, "exec"), namespace)
-        _classes[key] = type(
-            base.__name__,
-            (cls,),
-            {"forward": namespace["forward"], "__se_inject_base__": base, "__module__": __name__},
-        )
-    return _classes[key]
+        run = dict(namespace)
+        exec(compile(src, _source_name(base, src), "exec"), run)
+        recipe = ("graph", _recipe_of(cls), src, _portable_globals(namespace))
+        generated = _generate(cls, recipe, {"forward": run["forward"]})
+        if key is not None:
+            _classes[key] = generated
+    return generated
 
 
 def _wrappable(cls: type) -> bool:
@@ -424,25 +421,27 @@ def _wrapped_class(cls: type, name: str, position: str) -> type:
     """A subclass of `cls` whose forward calls the module `name` on the output (`position` "after") or the first
     input ("before") of the class's own forward, kept as method ``se_inject_forward`` so TorchScript compiles it."""
     problem = attribute_name_problem(name)  # it becomes source code below
+    if problem is None and position not in ("after", "before"):
+        problem = f"unknown position {position!r}"
     if problem:
         raise SurgeryError(f"invalid module name: {problem}")
-    key = (cls, f"wrap {name} {position}")
-    if key not in _classes:
+    key = (cls, "wrap", name, position)
+    generated = _classes.get(key)
+    if generated is None:
         base = getattr(cls, "__se_inject_base__", cls)
         params = list(inspect.signature(cls.forward).parameters)[1:]
         args = ", ".join(params)
         call = (f"self.{name}(self.se_inject_forward({args}))" if position == "after"
                 else f"self.se_inject_forward(self.{name}({params[0]}){''.join(f', {p}' for p in params[1:])})")
         src = f"def forward(self, {args}):\n    return {call}\n"
-        filename = f"<se-inject {base.__qualname__} #{next(_counter)}>"
-        linecache.cache[filename] = (len(src), None, src.splitlines(keepends=True), filename)
         namespace: dict[str, Any] = {}
-        exec(compile(src, filename, "exec"), namespace)
+        exec(compile(src, _source_name(base, src), "exec"), namespace)
         forward, inner = namespace["forward"], cls.forward
         forward.__annotations__ = dict(inner.__annotations__)
         renamed = types.FunctionType(inner.__code__, inner.__globals__, "se_inject_forward", inner.__defaults__,
                                      inner.__closure__)  # TorchScript compiles a method under its function's name
         renamed.__annotations__, renamed.__qualname__ = inner.__annotations__, inner.__qualname__
-        _classes[key] = type(base.__name__, (cls,), {"forward": forward, "se_inject_forward": renamed,
-                                                     "__se_inject_base__": base, "__module__": __name__})
-    return _classes[key]
+        generated = _generate(cls, ("wrap", _recipe_of(cls), name, position),
+                              {"forward": forward, "se_inject_forward": renamed})
+        _classes[key] = generated
+    return generated

@@ -15,195 +15,32 @@ fails is refused with the reason.
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
-import json
 import math
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Hashable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import SEInjectError
-from .find import Skip
-from .layers.attention import class_path, create_attention, identity_gain, init_attention
+from ..errors import SEInjectError, describe
+from ..layers.attention import create_attention, identity_gain, init_attention
+from .keys import config_key, freeze
 from .meta import meta_copy
-from .plan import Plan, Site
-
-FIXED_TYPES = (bool, int, float, str, type(None))  # argument values tracing specialises on (and a plan may hold)
-
-
-@dataclass(frozen=True)
-class TensorArg:
-    """A recorded tensor argument: its shape, dtype, and which recorded tensor it is (the same tensor passed twice
-    has the same `alias`)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    alias: int
-
-
-class Opaque:
-    """A recorded argument se-inject cannot rebuild (an arbitrary object)."""
-
-    def __init__(self, value: Any):
-        self.kind = type(value).__name__
-
-    def __repr__(self) -> str:
-        return f"<{self.kind}>"
-
-
-@dataclass(frozen=True)
-class Call:
-    """How a block's parent called it (recorded by a forward pre-hook with ``with_kwargs=True``)."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-    def fixed(self, forward: Any) -> dict[str, Any]:
-        """The forward's parameters bound to a non-tensor value in this call (defaults included), by name: tracing
-        specialises on these, and a call with other values fails the trace's own assertion instead of silently
-        taking the other branch."""
-        try:
-            bound = inspect.signature(forward).bind(*self.args, **self.kwargs)
-        except (TypeError, ValueError):
-            return {}
-        bound.apply_defaults()
-        plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                 inspect.Parameter.KEYWORD_ONLY)
-        params = bound.signature.parameters
-        return {
-            name: value for name, value in bound.arguments.items()
-            if params[name].kind in plain and isinstance(value, FIXED_TYPES)
-        }
-
-    def first_tensor(self) -> TensorArg | None:
-        return next((leaf for leaf in _leaves((self.args, self.kwargs)) if isinstance(leaf, TensorArg)), None)
-
-    def signature(self) -> str:
-        """A hashable description: tensors by rank and dtype, other values as they are."""
-        return repr(_describe((self.args, self.kwargs)))
-
-    def opaque(self) -> str | None:
-        """The type of the first argument that cannot be rebuilt, if any."""
-        for leaf in _leaves((self.args, self.kwargs)):
-            if isinstance(leaf, Opaque):
-                return leaf.kind
-        return None
-
-    def build(
-        self, batch: int, generator: torch.Generator | None, shrink: int = 1, grow: int = 1
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Random inputs shaped like the recorded ones, with a batch dimension of 1 widened to `batch` and the
-        spatial dimensions of NCHW tensors divided by `shrink` (multiplied by `grow`); without a generator, empty
-        tensors on the meta device (shapes only)."""
-        made: dict[int, torch.Tensor] = {}
-
-        def make(value: Any) -> Any:
-            if isinstance(value, TensorArg):
-                if value.alias not in made:
-                    shape = list(value.shape)
-                    if shape and shape[0] == 1:
-                        shape[0] = batch
-                    if len(shape) == 4:
-                        shape[2:] = [d // shrink * grow for d in shape[2:]]
-                    if generator is None:
-                        made[value.alias] = torch.empty(shape, dtype=value.dtype, device="meta")
-                    elif value.dtype.is_floating_point:
-                        made[value.alias] = torch.randn(shape, generator=generator, dtype=torch.float32)
-                    else:
-                        made[value.alias] = torch.zeros(shape, dtype=value.dtype)
-                return made[value.alias]
-            return _map(value, make)
-
-        return make(self.args), make(self.kwargs)
-
-    def shrink_factor(self, smallest: int = 4) -> int:
-        """The largest factor dividing every recorded NCHW tensor's height and width that leaves them at least
-        `smallest` (1 when none does): the check runs on small maps of the same proportions."""
-        dims = [d for leaf in _leaves((self.args, self.kwargs)) if isinstance(leaf, TensorArg) and len(leaf.shape) == 4
-                for d in leaf.shape[2:]]
-        if not dims:
-            return 1
-        common = math.gcd(*dims)
-        return max((f for f in range(1, common + 1) if common % f == 0 and min(dims) // f >= smallest), default=1)
-
-
-def _map(value: Any, fn: Any) -> Any:
-    if isinstance(value, tuple):
-        return tuple(fn(v) for v in value)
-    if isinstance(value, list):
-        return [fn(v) for v in value]
-    if isinstance(value, dict):
-        return {k: fn(v) for k, v in value.items()}
-    return value
-
-
-def _leaves(value: Any) -> Iterable[Any]:
-    if isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _leaves(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _leaves(v)
-    else:
-        yield value
-
-
-def _describe(value: Any) -> Any:
-    if isinstance(value, TensorArg):
-        return ("tensor", len(value.shape), str(value.dtype), value.alias)
-    if isinstance(value, (tuple, list, dict)):
-        return (type(value).__name__, _map(value, _describe))
-    return value if isinstance(value, FIXED_TYPES) else repr(value)
-
-
-def record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-    """A `Call` from a forward pre-hook's arguments (tensors become `TensorArg`s; works on the meta device)."""
-    aliases: dict[int, int] = {}
-
-    def convert(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            alias = aliases.setdefault(id(value), len(aliases))
-            return TensorArg(tuple(value.shape), value.dtype, alias)
-        if isinstance(value, (tuple, list, dict)):
-            return _map(value, convert)
-        return value if isinstance(value, FIXED_TYPES) else Opaque(value)
-
-    return Call(convert(tuple(args)), convert(dict(kwargs)))
-
+from .plan import Plan, Site, Skip
+from .record import Call, TensorArg, leaves, map_values
+from .surgery import insert
 
 # --- the check -----------------------------------------------------------------------------------------------------
 
 
-def block_config(block: nn.Module) -> tuple[Any, ...]:
-    """What a block's computation depends on besides its weights: every submodule's path, class and settings.
-
-    The block's own settings count exactly; its descendants' float settings (a drop-path rate, a norm's eps) only
-    by kind (zero, one, positive, negative, nan): the rewrite calls children as they are, so their exact values
-    cannot decide whether it is equivalent, only whether a child may hand back its input (a rate of 0). Blocks of
-    one stage with stochastic-depth rates rising block by block are then checked once, not once each."""
-    return tuple(
-        (path, class_path(m), _coarse_floats(m.extra_repr()) if path else m.extra_repr(), tuple(
-            (k, _float_kind(v) if path and isinstance(v, float) else v) for k, v in sorted(vars(m).items())
-            if not k.startswith("_") and k != "training" and isinstance(v, FIXED_TYPES)
-        ))
-        for path, m in block.named_modules()
-    )
-
-
-_FLOAT = re.compile(r"(?<![\w.])-?(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d+)?|(?<![\w.])-?\d+[eE][-+]?\d+")
-
-
 def _float_kind(value: float) -> str:
+    """A descendant's float setting by kind only (zero, one, positive, negative, nan): children are called as they
+    are by both the original and the rewritten forward, so their exact values cannot decide whether the rewrite is
+    equivalent, only whether a child may hand back its input (a rate of 0). Blocks of one stage with
+    stochastic-depth rates rising block by block are then checked once, not once each."""
     return "nan" if math.isnan(value) else "0" if value == 0 else "1" if value == 1 else "+" if value > 0 else "-"
-
-
-def _coarse_floats(text: str) -> str:
-    return _FLOAT.sub(lambda m: _float_kind(float(m.group())), text)
 
 
 def materialize(block: nn.Module) -> nn.Module:
@@ -265,7 +102,7 @@ def check_site(block: nn.Module, site: Site, call: Call) -> str | None:
     try:
         work = _real_copy(block)
     except Exception as e:  # any failure refuses the site
-        return f"cannot verify the rewrite ({type(e).__name__}: {_first_line(e)})"
+        return f"cannot verify the rewrite ({type(e).__name__}: {describe(e)})"
     try:
         return _compare(work, site, call)
     finally:
@@ -274,7 +111,6 @@ def check_site(block: nn.Module, site: Site, call: Call) -> str | None:
 
 
 def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
-    from .surgery import insert
 
     inputs, original = None, None
     for shrink in dict.fromkeys((call.shrink_factor(), 1)):  # small maps first; the recorded size if they fail
@@ -294,13 +130,13 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
     except SEInjectError as e:
         return str(e).removeprefix(f"{site.path}: ")
     except Exception as e:
-        return f"cannot rewrite the block ({type(e).__name__}: {_first_line(e)})"
+        return f"cannot rewrite the block ({type(e).__name__}: {describe(e)})"
     taken: list[tuple[int, ...]] = []  # the shapes of the maps the module takes
     handle = module.register_forward_pre_hook(lambda _m, a: taken.append(tuple(a[0].shape)))
     try:
         rewritten = _run_modes(work, inputs)
     except Exception as e:
-        return f"the rewritten block fails where the original runs ({type(e).__name__}: {_first_line(e)})"
+        return f"the rewritten block fails where the original runs ({type(e).__name__}: {describe(e)})"
     finally:
         handle.remove()
     for mode, (expected, got) in zip(("eval", "training"), zip(original, rewritten, strict=True), strict=True):
@@ -310,7 +146,7 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
                     continue
                 torch.testing.assert_close(got[index], expected[index], equal_nan=True)
             except (AssertionError, TypeError, ValueError) as e:
-                return f"the rewritten block's {what} differs from the original's in {mode} mode ({_first_line(e)})"
+                return f"the rewritten block's {what} differs from the original's in {mode} mode ({describe(e)})"
         for key, value in expected[2].items():
             if not torch.equal(got[2][key], value):
                 return f"the rewritten block updates {key} differently in {mode} mode"
@@ -327,7 +163,7 @@ def _layout_problem(
     outright). Shapes are all it needs: it runs on meta copies. None also where the block does not run at the other
     size, with or without the module (it cannot tell)."""
     if len(small) != 4 or not any(
-        isinstance(leaf, TensorArg) and len(leaf.shape) == 4 for leaf in _leaves((call.args, call.kwargs))
+        isinstance(leaf, TensorArg) and len(leaf.shape) == 4 for leaf in leaves((call.args, call.kwargs))
     ):
         return None  # no map to grow (tokens and sizes in, as XCiT's LPI)
     work = meta_copy(work).eval()
@@ -387,12 +223,7 @@ def _equal(a: Any, b: Any) -> bool:
 def _clone(inputs: Any) -> Any:
     if isinstance(inputs, torch.Tensor):
         return inputs.clone()
-    return _map(inputs, _clone)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else ""
+    return map_values(inputs, _clone)
 
 
 def verify_plan(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple[Plan, tuple[Skip, ...]]:
@@ -408,7 +239,10 @@ def verify_plan(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple[P
 
 
 def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple[Plan, tuple[Skip, ...]]:
-    verdicts: dict[str, str | None] = {}
+    """One check per verdict key: the rewritten class (the exact code that ships: generated classes are one per
+    code), the block's own state exactly and its descendants' with floats by kind (`config_key`), the site and the
+    call. A block whose state cannot be keyed exactly is checked on its own."""
+    verdicts: dict[Hashable, str | None] = {}
     kept: list[Site] = []
     refused: list[Skip] = []
     for site in plan.sites:
@@ -417,14 +251,26 @@ def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple
             refused.append(Skip(site.path, site.block, site.recipe, "cannot verify the rewrite: no recorded call"))
             continue
         block = model.get_submodule(site.path)
-        key = json.dumps([site.block, repr(block_config(block)), site.anchor, site.position, site.slot, site.name,
-                          site.attention.to_dict(), sorted(site.fixed_args.items()), call.signature()],
-                         default=repr)
-        if key not in verdicts:
-            verdicts[key] = check_site(block, site, call)
-        reason = verdicts[key]
+        config = config_key(block, _float_kind)
+        key = None if config is None else (
+            _rewritten_type(block, site), config, site.anchor, site.position, site.slot, site.name,
+            freeze(site.attention.to_dict()), freeze(site.fixed_args), call.signature())
+        reason = verdicts[key] if key in verdicts else check_site(block, site, call)
+        if key is not None:
+            verdicts[key] = reason
         if reason is None:
             kept.append(site)
         else:
             refused.append(Skip(site.path, site.block, site.recipe, reason))
     return replace(plan, sites=tuple(kept)), tuple(refused)
+
+
+def _rewritten_type(block: nn.Module, site: Site) -> Any:
+    """The class the site's rewrite gives `block` (on a shallow copy with a meta module), or the failure's text."""
+
+    try:
+        probe = _rewritable(block)
+        insert(probe, site, create_attention(site.attention, device="meta"))
+    except Exception as e:
+        return f"{type(e).__name__}: {describe(e)}"
+    return type(probe)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SEInjectError, UnknownModelError, UsageError, WeightsError, describe
-from .schema import MAX_SIDE
+from ..errors import SEInjectError, UnknownModelError, UsageError, WeightsError, describe
+from ..names import MAX_SIDE
 
 SOURCES = ("timm", "torchvision")  # named model libraries; "python" specs are factories of the user's
 DEFAULT_INPUT_SIZE = (3, 224, 224)
@@ -42,10 +42,6 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, str]:
         return {"source": self.source, "name": self.name}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(str(data["source"]), str(data["name"]))
 
 
 @cache

@@ -6,9 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .bench import Timing
-from .errors import UsageError
-from .variants import VARIANTS
+from ..api import inject
+from ..engine.models import build_model, resolve_model
+from ..errors import UsageError
+from ..names import VARIANTS
+from .bench import Timing, paired_latency
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,6 @@ def compare_variants(
     """Plan each variant on `model` (meta device) and, with `bench`, time base vs injected on `device`.
     `progress` is told each step as it starts (for a status line)."""
     step = progress or (lambda text: None)
-    from .api import inject
-    from .bench import paired_latency
-    from .models import build_model, resolve_model
 
     unknown = [a for a in attentions if a not in VARIANTS]
     if unknown:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers.attention import is_attention
+from ..layers.attention import is_attention
 from .meta import as_meta, output_shapes, run_meta
 
 _POOLS = {  # reductions without the reduction tag: one op per input element

@@ -25,7 +25,7 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError, SEInjectError, UsageError
+from ..errors import OutputExistsError, SEInjectError, UsageError
 
 RECORD_FILE = ".se-inject.json"
 RECORD_FORMAT = "se-inject.files/1"

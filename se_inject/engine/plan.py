@@ -6,9 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .layers.attention import AttentionSpec
+from ..layers.attention import AttentionSpec
 from .models import ModelSpec
-from .recipes import PATTERNS
 
 PLAN_FORMAT = "se-inject.plan/1"
 
@@ -73,16 +72,16 @@ class Site:
             data["fixed_args"] = dict(self.fixed_args)
         return data
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Site:
-        fixed = data.get("fixed_args", {})
-        if not isinstance(fixed, dict) or not all(
-            isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in fixed.items()
-        ):
-            raise ValueError(f"site {data.get('path')!r}: fixed_args must map names to plain values")
-        if data.get("pattern", "") not in ("", *PATTERNS):
-            raise ValueError(f"site {data.get('path')!r}: unknown pattern {data.get('pattern')!r}")
-        return cls(**{**data, "attention": AttentionSpec.from_dict(data["attention"]), "fixed_args": dict(fixed)})
+
+@dataclass(frozen=True)
+class Skip:
+    """A block a recipe matched but that gets no SE, and why."""
+
+    path: str
+    block: str
+    recipe: str
+    reason: str
+    already_attention: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,23 +122,6 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        if data.get("format") != PLAN_FORMAT:
-            raise ValueError(f"unsupported plan format {data.get('format')!r} (expected {PLAN_FORMAT!r})")
-        return cls(
-            model=ModelSpec.from_dict(data["model"]) if data.get("model") else None,
-            sites=tuple(Site.from_dict(s) for s in data["sites"]),
-            input_size=tuple(int(v) for v in data["input_size"]),  # type: ignore[arg-type]
-            init=str(data["init"]),
-            seed=int(data["seed"]),
-            settings=dict(data.get("settings", {})),
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> Plan:
-        return cls.from_dict(json.loads(text))
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeFileError, UnknownRecipeError
-from .schema import attribute_name_problem
+from ..errors import RecipeFileError, UnknownRecipeError
+from ..names import GATES, PATTERNS, ROUNDINGS, SQUEEZE_FROM, attribute_name_problem
 
-GATES = ("sigmoid", "hard-sigmoid")
-SQUEEZE_FROM = ("output", "input")
-ROUNDINGS = ("divisible", "round", "floor")
-PATTERNS = ("residual", "concat", "inverted-residual", "conv-chain")  # see se_inject.patterns
 # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection; "depthwise" / "no-depthwise": the
 # block has (has not) a depthwise convolution, so one class can take SE at different places by its structure.
 REQUIREMENTS = ("pointwise", "depthwise", "no-depthwise")
@@ -392,9 +388,9 @@ def load_recipe_file(path: str | Path) -> Recipe:
 
 def _shipped_dir() -> Path:
     """The top-level ``recipes/`` folder: installed as ``se_inject/recipe_files``, or read from a source checkout."""
-    here = Path(__file__).resolve().parent
-    installed = here / "recipe_files"
-    return installed if installed.is_dir() else here.parent / "recipes"
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "recipe_files"
+    return installed if installed.is_dir() else package.parent / "recipes"
 
 
 @cache

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +37,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .layers.attention import class_path, is_attention
-from .recipes import PATTERNS
+from ..names import PATTERNS
+from .keys import BoundedCache, module_key
 
 __all__ = ["PATTERNS", "Place", "conv_chain", "match_block", "node_output_shape", "trace_block"]
 
@@ -55,7 +55,7 @@ class Place:
     position: str
 
 
-# --- tracing, cached per block class and configuration -----------------------------------------------------------
+# --- tracing, cached per exact block state -----------------------------------------------------------
 
 
 class _OpaqueTracer(torch.fx.Tracer):
@@ -65,52 +65,22 @@ class _OpaqueTracer(torch.fx.Tracer):
         return True
 
 
-def graph_key(block: nn.Module, open_paths: Iterable[str] = ()) -> tuple[Any, ...]:
-    """What the block's traced graph depends on (children opaque): its class, its own scalar attributes, its
-    children's classes and settings, the paths and classes of what its containers hold (a forward looping over a
-    ModuleList calls each), and the same for each container traced through (`open_paths`)."""
-
-    def own(module: nn.Module) -> tuple[Any, ...]:
-        return tuple(  # an attention module's settings (its gain: 1, or the identity check's) do not change it
-            (name, class_path(value), "" if is_attention(value) else value.extra_repr())
-            if isinstance(value, nn.Module) else (name, value)
-            for name, value in sorted({**vars(module), **module._modules}.items())
-            if not name.startswith("_") and name != "training"  # traced in both modes (`_trace_modes`)
-            and (isinstance(value, (nn.Module, int, float, bool, str)) or value is None)
-        )
-
-    return type(block), own(block), _containers(block), *(
-        (path, own(block.get_submodule(path))) for path in sorted(open_paths))
-
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-def _containers(module: nn.Module, prefix: str = "") -> tuple[tuple[str, str], ...]:
-    """Paths and classes of the children reached through containers (a forward looping over a ModuleList calls
-    each, so their number shapes the graph); children that are called whole stay opaque and are not walked."""
-    found: list[tuple[str, str]] = []
-    for name, child in module.named_children():
-        path = f"{prefix}{name}"
-        found.append((path, class_path(child)))
-        if isinstance(child, _CONTAINERS):
-            found.extend(_containers(child, f"{path}."))
-    return tuple(found)
-
-
-_traces: dict[tuple[Any, ...], torch.fx.Graph | None] = {}
+_traces: BoundedCache[Hashable, torch.fx.Graph | None] = BoundedCache(2048)
 
 
 def trace_block(block: nn.Module) -> torch.fx.Graph | None:
-    """The block's forward traced with every child opaque, or None when torch.fx cannot trace it. Cached per
-    configuration (`graph_key`) and mode, so a model with 50 identical blocks is traced once."""
-    key = (graph_key(block), block.training)
-    if key not in _traces:
+    """The block's forward traced with every child opaque, or None when torch.fx cannot trace it. Cached by the
+    block's exact state (`module_key`), so a model with 50 identical blocks is traced once."""
+    key = module_key(block)
+    graph = _traces.get(key, False) if key is not None else False
+    if graph is False:
         try:
-            _traces[key] = _OpaqueTracer().trace(block)
+            graph = _OpaqueTracer().trace(block)
         except Exception:  # data-dependent control flow, unsupported arguments, ...: no structural match
-            _traces[key] = None
-    return _traces[key]
+            graph = None
+        if key is not None:
+            _traces[key] = graph
+    return graph
 
 
 # --- what the nodes are ---------------------------------------------------------------------------------------------
@@ -373,18 +343,20 @@ def match_block(block: nn.Module, pattern: str) -> Place | None:
 
 def node_output_shape(block: nn.Module, node_name: str, args: tuple[Any, ...]) -> tuple[int, ...] | None:
     """Shape of the value of graph node `node_name` when `block` runs on these (meta) inputs; computed once per
-    traced graph (blocks alike share one, see `trace_block`), node, input shapes and layer settings."""
+    exact block state (`module_key`), node and input shapes."""
     graph = trace_block(block)
     if graph is None:
         return None
-    key = (id(graph), node_name, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else repr(a) for a in args),
-           tuple((path, type(m), m.extra_repr()) for path, m in block.named_modules()))  # every layer's settings
+    block_key = module_key(block)
+    if block_key is None:
+        return _run_to_node(block, graph, node_name, args)
+    key = (block_key, node_name, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else repr(a) for a in args))
     if key not in _node_shapes:
         _node_shapes[key] = _run_to_node(block, graph, node_name, args)
-    return _node_shapes[key]
+    return _node_shapes.get(key)
 
 
-_node_shapes: dict[tuple[Any, ...], tuple[int, ...] | None] = {}
+_node_shapes: BoundedCache[Hashable, tuple[int, ...] | None] = BoundedCache(4096)
 
 
 def _run_to_node(block: nn.Module, graph: torch.fx.Graph, node_name: str, args: tuple[Any, ...]) -> Any:

@@ -1,0 +1,80 @@
+"""Names and limits: every vocabulary se-inject accepts (attention variants, gates, inits, patterns, export formats,
+model sources), its size limits, and the rule for names that become Python source. Torch-free, so the CLI checks
+options and lists variants before importing torch; everything else imports its words from here.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+GATES = ("sigmoid", "hard-sigmoid")
+INITS = ("paper", "identity")
+PATTERNS = ("residual", "concat", "inverted-residual", "conv-chain")  # see se_inject.engine.patterns
+POSITIONS = ("after", "before")
+SQUEEZE_FROM = ("output", "input")
+ROUNDINGS = ("divisible", "round", "floor")
+MODEL_SOURCES = ("timm", "torchvision", "python")
+EXPORT_FORMATS = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}  # format -> file suffix
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range (non-negative part)
+MAX_SIDE = 16384  # largest input height/width/channels se-inject accepts (4x a 4K image side)
+MAX_CHANNELS = 1 << 20
+MAX_SITES = 100_000
+MAX_NAME_LENGTH = 200
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # ASCII only; matched with fullmatch (no "$" newline loophole)
+
+
+def attribute_name_problem(name: Any) -> str | None:
+    """Why `name` cannot be the attribute name of an inserted module (None when it can): a plain ASCII Python
+    identifier, not a keyword, not a dunder, at most 200 characters."""
+    if not isinstance(name, str):
+        return f"expected a string, got {type(name).__name__}"
+    if not _IDENTIFIER.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+        return f"expected a plain Python identifier (ASCII letters, digits, '_'), got {name!r}"
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name):
+        return f"{name!r} is a Python keyword"
+    if name.startswith("__") and name.endswith("__"):
+        return f"{name!r} is a dunder name"
+    return None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a variant is and its own defaults; `gate` None means the recipe's gate (sigmoid)."""
+
+    name: str
+    description: str
+    reference: str
+    gate: str | None = None
+    uses_reduction: bool = True
+    params: str = ""  # per site, C channels, rd squeeze width, k kernel size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("se", "squeeze (global average pool) -> FC C->C/r -> ReLU -> FC C/r->C -> sigmoid -> scale",
+                "Hu et al., Squeeze-and-Excitation Networks", params="2*C*rd + rd + C (with bias)"),
+        Variant("eca", "global average pool -> 1-D conv across channels, k = |(log2 C + 1) / 2| rounded up to odd "
+                "(>= 3) -> sigmoid -> scale; no FC layers, no reduction",
+                "Wang et al., ECA-Net: Efficient Channel Attention", uses_reduction=False, params="k"),
+        Variant("cbam", "channel attention (avg- and max-pooled descriptors through one shared MLP with reduction r) "
+                "then spatial attention (channel-wise avg/max maps -> 7x7 conv + BN -> sigmoid)",
+                "Woo et al., CBAM: Convolutional Block Attention Module",
+                params="2*C*rd + rd + C (with bias) + 98 + 2"),
+        Variant("ese", "effective SE: global average pool -> one FC C->C -> hard-sigmoid -> scale",
+                "Lee & Park, CenterMask (VoVNetV2)", gate="hard-sigmoid", uses_reduction=False,
+                params="C*C + C (with bias)"),
+    )
+}
+
+
+def list_variants() -> list[str]:
+    return list(VARIANTS)
