@@ -131,7 +131,7 @@ def test_fast_paths_do_not_import_torch(args):
     assert result.returncode == 0, result.stderr
 
 
-# --- issue 14: answers at once, nothing ignored silently, conventions ------------------------------------------------
+# --- answers at once, nothing ignored silently, conventions -----------------------------------------------------------
 
 
 @pytest.fixture
@@ -277,13 +277,13 @@ def test_help_choices_are_what_the_library_implements():
 def test_factory_next_to_its_file(tmp_path, monkeypatch):
     from se_inject.engine.models import resolve_model
 
-    (tmp_path / "mynets_issue14.py").write_text(
+    (tmp_path / "mynets_factory.py").write_text(
         "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 8, 3))\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
-    spec = resolve_model("mynets_issue14:make")
-    assert spec.source == "python" and spec.name == f"{tmp_path / 'mynets_issue14.py'}:make"
+    spec = resolve_model("mynets_factory:make")
+    assert spec.source == "python" and spec.name == f"{tmp_path / 'mynets_factory.py'}:make"
 
 
 def test_scan_says_how_to_see_every_model(capsys):

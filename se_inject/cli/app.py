@@ -132,7 +132,7 @@ def error_funnel() -> Iterator[None]:
     except Exception as e:
         if os.environ.get("SE_INJECT_DEBUG"):
             raise
-        error(f"internal error: {type(e).__name__}: {describe(e)} (SE_INJECT_DEBUG=1 shows the traceback)")
+        error(f"internal error: {describe(e, kind=True)} (SE_INJECT_DEBUG=1 shows the traceback)")
         raise typer.Exit(3) from None
 
 
@@ -241,7 +241,7 @@ def inject_command(
                                                              help="Also export: torchscript, exported (torch.export "
                                                              ".pt2), onnx (repeatable).", show_default=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="One table row per site.")] = False,
-    # -- pretrained weights and export shape (issue 14)
+    # -- pretrained weights and export shape
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Load the pretrained weights the model's tag "
                                              "names (resnet50.a1_in1k, torchvision:resnet50.IMAGENET1K_V2; no tag: "
                                              "the library's default) via timm's/torchvision's own cache.")] = False,

@@ -243,7 +243,7 @@ def build_model(spec: ModelSpec, *, device: torch.device | str = "cpu", seed: in
 class _SkipMetaInit(torch.overrides.TorchFunctionMode):
     """In-place value operations on meta tensors (the weight init: ``uniform_``, ``trunc_normal_``'s ``erfinv_``,
     ``clamp_``, ...) return their tensor at once: on the meta device they compute nothing but still cost a Python
-    decomposition each (a ViT-L built in 0.95 s, most of it initialising weights that have no values)."""
+    decomposition each, and on a large model initialising weights that have no values is most of the build."""
 
     _METADATA = frozenset({"resize_", "resize_as_", "set_", "as_strided_", "t_", "transpose_", "swapdims_",
                            "swapaxes_", "squeeze_", "unsqueeze_", "requires_grad_", "detach_", "share_memory_"})
@@ -367,7 +367,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             data: Any = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise WeightsError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
+            raise WeightsError(f"{path}: not a valid safetensors file ({describe(e) or type(e).__name__})") from None
     else:
         import pickle
 
@@ -387,7 +387,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({describe(detail_line, 120)})") from None
         except Exception as e:  # truncated zip, random bytes, ...
             raise WeightsError(
-                f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({_first_line(e)})"
+                f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({describe(e) or type(e).__name__})"
             ) from None
     return _unwrap_state_dict(data, path)
 
@@ -401,10 +401,6 @@ def check_readable(path: Path, error: type[SEInjectError]) -> None:
         raise error(f"{path}: permission denied") from None
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return describe(e) or type(e).__name__
 
 
 def _unwrap_state_dict(data: Any, path: Path) -> dict[str, torch.Tensor]:

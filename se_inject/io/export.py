@@ -111,10 +111,6 @@ def worst(*values: float) -> float:
     return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {describe(e)}"
-
-
 def export_writer(model: nn.Module, plan: Plan, fmt: str, final: Path, results: list[ExportResult], *,
                   batch: int | None = None, opset: int | None = None) -> Any:
     """A writer (``fn(target_path)``) that exports `model` in `fmt`, loads the file back, compares it with the eager
@@ -143,7 +139,7 @@ def export_writer(model: nn.Module, plan: Plan, fmt: str, final: Path, results: 
                 except ExportError:
                     raise
                 except Exception as e:
-                    raise ExportError(f"{label} export failed: {_first_line(e)}") from None
+                    raise ExportError(f"{label} export failed: {describe(e, kind=True)}") from None
         finally:
             model.train(training)
         if diffs is None:
