@@ -17,10 +17,10 @@ from se_inject import NoSitesError
 from se_inject.layers.attention import class_path
 
 
-def _recipe(tmp_path: Path, cls: type, anchor: str) -> Path:
+def _recipe(tmp_path: Path, cls: type, anchor: str | None = None, slot: str | None = None) -> Path:
     path = tmp_path / "toy.toml"
-    path.write_text(f'name = "toy"\n[defaults]\nreduction = 4\n[[blocks]]\nclasses = ["{class_path(cls)}"]\n'
-                    f'after = "{anchor}"\n')
+    place = (f'after = "{anchor}"\n' if anchor else "") + (f'slot = "{slot}"\n' if slot else "")
+    path.write_text(f'name = "toy"\n[defaults]\nreduction = 4\n[[blocks]]\nclasses = ["{class_path(cls)}"]\n{place}')
     return path
 
 
@@ -81,6 +81,22 @@ class Branching(nn.Module):
         return y + x
 
 
+class SlotBranching(nn.Module):
+    """`Branching` with timm's attention slot: the forward calls ``self.se`` and the rewrite only fills the slot, so
+    both blocks end up with the same class and code, and only the float tells their verdicts apart."""
+
+    def __init__(self, threshold: float, channels: int = 16):
+        super().__init__()
+        self.threshold = threshold
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.se = nn.Identity()
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = self.se(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if self.threshold > 0.5 else self.se(y)
+        return torch.relu(y)
+
+
 def _net(*blocks: nn.Module, channels: int = 8) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), *blocks).eval()
 
@@ -115,14 +131,15 @@ def test_a_training_only_buffer_difference_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("order", [(0.25, 0.75), (0.75, 0.25)])
+@pytest.mark.parametrize(("cls", "place"), [(Branching, {"anchor": "act"}), (SlotBranching, {"slot": "se"})])
 def test_blocks_differing_only_in_a_float_their_forward_branches_on_get_their_own_verdicts(
-    tmp_path, monkeypatch, order
+    tmp_path, monkeypatch, order, cls, place
 ):
     checked = []
     check = se_inject.engine.verify.check_site
     monkeypatch.setattr(se_inject.engine.verify, "check_site", lambda *a: checked.append(a[1].path) or check(*a))
-    model = _net(*(Branching(t) for t in order), channels=16)
-    injected, report = _inject(model, _recipe(tmp_path, Branching, "act"))
+    model = _net(*(cls(t) for t in order), channels=16)
+    injected, report = _inject(model, _recipe(tmp_path, cls, **place))
     once = [str(i + 1) for i, t in enumerate(order) if t < 0.5]
     channels_last = [str(i + 1) for i, t in enumerate(order) if t > 0.5]
     assert sorted(checked) == ["1", "2"]  # verified separately
