@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .engine.coverage import check_calls
+from .engine.coverage import CallWatch, check_other_paths
 from .engine.drift import Drift, compare, image_batch, random_batch
 from .engine.drift import outputs as drift_outputs
 from .engine.find import Findings, Match, find_sites
@@ -326,8 +326,7 @@ def inject(
     if not plan.sites:
         reasons = "; ".join(sorted({f"{s.path or 'the model'}: {s.reason}" for s in refused})[:3])
         raise NoSitesError(f"no block to put SE in: every rewrite failed its verification ({reasons})", "unverified")
-    planning, plan, unrun = _apply_checked(source.planning, plan, size, source.fresh_planning)
-    after = count(planning, size)
+    planning, plan, after, unrun = _apply_checked(source.planning, plan, size, source.fresh_planning)
     if after.output_shapes != findings.counts.output_shapes:
         raise SurgeryError(f"surgery changed the output shapes: {findings.counts.output_shapes} -> "
                            f"{after.output_shapes}")
@@ -446,16 +445,19 @@ def _apply_measuring_drift(
 
 def _apply_checked(
     planning: nn.Module, plan: Plan, size: tuple[int, ...], fresh: Callable[[], nn.Module]
-) -> tuple[nn.Module, Plan, tuple[Skip, ...]]:
-    """Apply `plan` to the meta model `planning` and prove that every inserted module runs exactly once per call of
-    its block, on every forward path (`check_calls`); sites that do not are refused, and the plan is applied again
-    to a `fresh` meta model without them."""
+) -> tuple[nn.Module, Plan, Counts, tuple[Skip, ...]]:
+    """Apply `plan` to the meta model `planning`, count it, and prove that every inserted module runs exactly once
+    per call of its block, on every forward path (`se_inject.engine.coverage`: the counting forward is watched, the
+    other paths run once more); sites that do not are refused, and the plan is applied again to a `fresh` meta
+    model without them. Returns the applied model, the plan, its counts and the refused sites."""
     refused: list[Skip] = []
     while True:
         apply_plan(planning, plan, inplace=True)
-        problems = check_calls(planning, plan, size)
+        with CallWatch(planning, plan) as watch:
+            after = count(planning, size)
+        problems = watch.problems() or check_other_paths(planning, plan, size, watch)
         if not problems:
-            return planning, plan, tuple(refused)
+            return planning, plan, after, tuple(refused)
         refused += [Skip(s.path, s.block, s.recipe, problems[s.path]) for s in plan.sites if s.path in problems]
         plan = replace(plan, sites=tuple(s for s in plan.sites if s.path not in problems))
         if not plan.sites:

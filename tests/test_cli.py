@@ -251,27 +251,32 @@ def test_help_conventions():
     assert "[torchscript|exported|onnx]" in run("export", "-h").stdout
 
 
-def test_help_choices_are_what_the_library_implements():
-    """The choices --help lists (spelled without importing torch) are the library's implementations: the attention
-    builders' registry, the export writers, the gate layers, the inits `init_attention` accepts."""
-    import importlib
-
+def test_help_lists_every_value_the_library_accepts():
     from se_inject.io.checkpoint import OUTPUT_FILES
+    from se_inject.names import EXPORT_FORMATS, GATES, INITS, VARIANTS
+    from se_inject.preflight import OUTPUT_FILES as CHECKED_OUTPUT_FILES
+
+    text = " ".join(run("inject", "-h").stdout.split())
+    for values in (VARIANTS, GATES, INITS, EXPORT_FORMATS):
+        assert "[" + "|".join(values) + "]" in text
+    assert CHECKED_OUTPUT_FILES == OUTPUT_FILES  # the preflight check refuses what the writer would
+
+
+def test_the_vocabulary_is_what_the_library_implements():
+    """The names --help lists (`se_inject.names`, torch-free) are the library's implementations: the attention
+    builders' registry, the export writers, the gate layers, the inits `init_attention` accepts."""
     from se_inject.io.export import _WRITERS
     from se_inject.layers.attention import init_attention, list_attention
     from se_inject.layers.squeeze_excite import GATE_LAYERS, SqueezeExcite
+    from se_inject.names import EXPORT_FORMATS, GATES, INITS, VARIANTS
 
-    cli = importlib.import_module("se_inject.cli.app")  # the module (the package's `app` is the Typer app)
-    from se_inject.preflight import OUTPUT_FILES as CHECKED_OUTPUT_FILES
-
-    assert tuple(list_attention()) == cli.ATTENTION_CHOICES
-    assert tuple(_WRITERS) == cli.FORMAT_CHOICES
-    assert tuple(GATE_LAYERS) == cli.GATE_CHOICES
-    for init in cli.INIT_CHOICES:
+    assert tuple(list_attention()) == tuple(VARIANTS)
+    assert tuple(_WRITERS) == tuple(EXPORT_FORMATS)
+    assert tuple(GATE_LAYERS) == tuple(GATES)
+    for init in INITS:
         init_attention(SqueezeExcite(8, 2), init)
     with pytest.raises(UsageError, match="unknown init"):
         init_attention(SqueezeExcite(8, 2), "zeros")
-    assert CHECKED_OUTPUT_FILES == OUTPUT_FILES  # the preflight check refuses what the writer would
 
 
 def test_factory_next_to_its_file(tmp_path, monkeypatch):

@@ -33,8 +33,11 @@ def test_one_se_per_residual_module_at_the_end_of_its_branch(name, modules):
     model, report = se_inject.inject(name, device="meta", seed=0)
     expected = _residual_modules(model)
     assert report.plan.recipes == ("xception",) and len(expected) == modules
-    assert [s.path for s in report.plan.sites] == [p for p, _ in expected]
-    assert [s.anchor for s in report.plan.sites] == ["rep" if isinstance(m, Block) else "stack" for _, m in expected]
+    # legacy blocks: after `rep`; aligned modules: on the output of the stack's last separable conv, in its own
+    # forward (which forward_with_tap runs too)
+    places = [(p, "rep") if isinstance(m, Block) else (f"{p}.stack.{list(m.stack._modules)[-1]}", "")
+              for p, m in expected]
+    assert [(s.path, s.anchor) for s in report.plan.sites] == places
     assert [s.channels for s in report.plan.sites] == [_branch_width(m) for _, m in expected]
     if name != "legacy_xception":  # the exit flow's last module (no skip) gets none
         assert any(getattr(m, "no_skip", False) for m in model.modules())

@@ -24,10 +24,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject import CheckpointError, SurgeryError, atomic
+from se_inject import CheckpointError, SurgeryError
 from se_inject.cli.app import app
 from se_inject.engine.plan import Plan, Site
 from se_inject.engine.surgery import apply_plan
+from se_inject.io import atomic
 from se_inject.io.checkpoint import (
     _PLACEHOLDER,
     PLAN_HASH_KEY,

@@ -32,86 +32,122 @@ def check_calls(model: nn.Module, plan: Plan, input_size: tuple[int, ...] | None
     model (a meta copy is used unless it is on the meta device already)."""
     probe = as_meta(model)
     size = tuple(input_size or plan.input_size)
-    dtype = next((t.dtype for t in probe.parameters() if t.is_floating_point()), torch.get_default_dtype())
+    with CallWatch(probe, plan) as watch:
+        ran = _run(probe, lambda: probe(_input(probe, size)))
+    if not ran:
+        return {site.path: "the model does not run on the meta device" for site in plan.sites}
+    return watch.problems() or check_other_paths(probe, plan, size, watch)
+
+
+def check_other_paths(model: nn.Module, plan: Plan, size: tuple[int, ...], watch: CallWatch) -> dict[str, str]:
+    """`check_calls` for the forward paths besides ``forward`` (a meta `model`; `watch` watched its forward).
+    ``forward_features`` is not run again where the forward called it (timm's models do): that run was checked."""
     problems: dict[str, str] = {}
-    modes = [(m, m.training) for m in probe.modules()]
-    probe.eval()
+    for name in FORWARD_PATHS:
+        method = getattr(model, name, None)
+        if not callable(method) or name in watch.called_paths:
+            continue
+        with CallWatch(model, plan, watch_paths=False) as other:
+            ran = _run(model, lambda method=method: method(_input(model, size)))
+        if not ran:  # this path does not run here (its own arguments, a feature the model lacks)
+            continue
+        for path, problem in other.problems().items():
+            problems.setdefault(path, f"{problem} in {name}")
+    return problems
+
+
+def _input(model: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.get_default_dtype())
+    return torch.empty((1, *size), device="meta", dtype=dtype)
+
+
+def _run(model: nn.Module, run: Callable[[], Any]) -> bool:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        for path_name in ("forward", *FORWARD_PATHS):
-            method = getattr(probe, path_name, None)
-            if path_name != "forward" and not callable(method):
-                continue
-            x = torch.empty((1, *size), device="meta", dtype=dtype)
-            call = probe if path_name == "forward" else method
-            found = _run_path(probe, plan, lambda call=call, x=x: call(x))
-            if found is None:  # this path does not run here (its own arguments, a feature the model lacks)
-                if path_name == "forward":
-                    return {site.path: "the model does not run on the meta device" for site in plan.sites}
-                continue
-            for site in plan.sites:
-                problem = found.get(site.path)
-                if problem and site.path not in problems:
-                    problems[site.path] = problem if path_name == "forward" else f"{problem} in {path_name}"
+        with torch.no_grad():
+            run()
+        return True
+    except Exception:
+        return False
     finally:
         for m, training in modes:
             m.training = training
-    return problems
 
 
 def _host_path(site: Site) -> str:
     return site.module_path.rpartition(".")[0]
 
 
-def _run_path(model: nn.Module, plan: Plan, run: Callable[[], Any]) -> dict[str, str] | None:
-    counts: Counter[str] = Counter()
-    inputs: dict[str, list[Any]] = {}
-    outputs: dict[str, list[Any]] = {}
-    handles = []
+class CallWatch:
+    """Hooks on every inserted module of `plan`, its host block, the block's other children and its anchor, for
+    the runs made inside the ``with``; `problems` judges them. Also notes which of `FORWARD_PATHS` the model's own
+    methods were called (``forward`` calling ``forward_features``) unless `watch_paths` is off. Use it around any
+    forward of the applied meta model (the counting forward: no run of its own)."""
 
-    def counter(key: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            counts[key] += 1
-            inputs.setdefault(key, []).append(args[0] if args else None)
-        return hook
+    def __init__(self, model: nn.Module, plan: Plan, *, watch_paths: bool = True):
+        self.model, self.plan, self.watch_paths = model, plan, watch_paths
+        self.counts: Counter[str] = Counter()
+        self.inputs: dict[str, list[Any]] = {}
+        self.outputs: dict[str, list[Any]] = {}
+        self.missing: dict[str, str] = {}
+        self.called_paths: set[str] = set()
+        self._handles: list[Any] = []
+        self._patched: list[str] = []
 
-    def recorder(key: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-            outputs.setdefault(key, []).append(output)
-        return hook
-
-    missing: dict[str, str] = {}
-    try:
-        for site in plan.sites:
+    def __enter__(self) -> CallWatch:
+        for site in self.plan.sites:
             try:
-                module = model.get_submodule(site.module_path)
-                host = model.get_submodule(_host_path(site))
+                module = self.model.get_submodule(site.module_path)
+                host = self.model.get_submodule(_host_path(site))
             except AttributeError:
-                missing[site.path] = f"no inserted module at {site.module_path!r}"
+                self.missing[site.path] = f"no inserted module at {site.module_path!r}"
                 continue
-            handles.append(module.register_forward_pre_hook(counter(f"module {site.path}")))
-            handles.append(module.register_forward_hook(recorder(f"module {site.path}")))
-            handles.append(host.register_forward_pre_hook(counter(f"host {site.path}")))
+            self._watch(module, f"module {site.path}", outputs=True)
+            self._watch(host, f"host {site.path}")
             for name, child in host.named_children():
                 if child is not module:
-                    handles.append(child.register_forward_pre_hook(counter(f"child {site.path} {name}")))
+                    self._watch(child, f"child {site.path} {name}")
             anchor = _anchor(host, site)
             if anchor is not None:
-                handles.append(anchor.register_forward_pre_hook(counter(f"anchor {site.path}")))
-                handles.append(anchor.register_forward_hook(recorder(f"anchor {site.path}")))
-        try:
-            with torch.no_grad():
-                run()
-        except Exception:
-            return None
-    finally:
-        for handle in handles:
+                self._watch(anchor, f"anchor {site.path}", outputs=True)
+        if self.watch_paths:
+            for name in FORWARD_PATHS:
+                method = getattr(self.model, name, None)
+                if callable(method):
+                    setattr(self.model, name, self._noting(name, method))  # an instance attribute, removed on exit
+                    self._patched.append(name)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
             handle.remove()
-    found: dict[str, str] = dict(missing)
-    for site in plan.sites:
-        problem = missing.get(site.path) or _problem(site, model, counts, inputs, outputs)
-        if problem:
-            found[site.path] = problem
-    return found
+        for name in self._patched:
+            delattr(self.model, name)
+
+    def _noting(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def noted(*args: Any, **kwargs: Any) -> Any:
+            self.called_paths.add(name)
+            return method(*args, **kwargs)
+        return noted
+
+    def _watch(self, module: nn.Module, key: str, outputs: bool = False) -> None:
+        def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            self.counts[key] += 1
+            self.inputs.setdefault(key, []).append(args[0] if args else None)
+
+        self._handles.append(module.register_forward_pre_hook(pre))
+        if outputs:
+            self._handles.append(module.register_forward_hook(
+                lambda _m, _a, out: self.outputs.setdefault(key, []).append(out)))
+
+    def problems(self) -> dict[str, str]:
+        found = dict(self.missing)
+        for site in self.plan.sites:
+            problem = found.get(site.path) or _problem(site, self.counts, self.inputs, self.outputs)
+            if problem:
+                found[site.path] = problem
+        return found
 
 
 def _anchor(host: nn.Module, site: Site) -> nn.Module | None:
@@ -124,8 +160,8 @@ def _anchor(host: nn.Module, site: Site) -> nn.Module | None:
         return None
 
 
-def _problem(site: Site, model: nn.Module, counts: Counter[str], inputs: dict[str, list[Any]],
-             outputs: dict[str, list[Any]]) -> str | None:
+def _problem(site: Site, counts: Counter[str], inputs: dict[str, list[Any]], outputs: dict[str, list[Any]]
+             ) -> str | None:
     host_calls = counts[f"host {site.path}"]
     children = [n for k, n in counts.items() if k.startswith(f"child {site.path} ")]
     expected = host_calls or max(children, default=0)

@@ -130,9 +130,10 @@ def fusable(module: nn.Module) -> bool:
     return isinstance(module, ChannelGate)
 
 
-def fuse(graph: torch.fx.Graph, block: nn.Module, name: str) -> bool:
+def fuse(graph: torch.fx.Graph, block: nn.Module, name: str, *, inplace_alone: bool = True) -> bool:
     """Rewrite the single call of the channel gate `name` in `graph` (see the module docstring); whether anything
-    changed. The caller then gives the module its fused class (`fused_class`)."""
+    changed. The caller then gives the module its fused class (`fused_class`). Without `inplace_alone`, scaling in
+    place alone is no reason to rewrite (a filled slot keeps its block's own class unless there is more to fuse)."""
     module = block.get_submodule(name)
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
     if not fusable(module) or len(calls) != 1 or len(calls[0].args) != 1 or calls[0].kwargs:
@@ -166,7 +167,7 @@ def fuse(graph: torch.fx.Graph, block: nn.Module, name: str) -> bool:
                                     (bn, "weight"), (bn, "bias"), (bn, "eps"), (bn, "training")]
             ]
             kwargs["squeezed"] = graph.call_function(squeeze_through, (conv.args[0], *attrs))
-    if not kwargs:
+    if not kwargs or (not inplace_alone and set(kwargs) == {"inplace"}):
         return False
     with graph.inserting_before(place):
         fused = graph.call_module(name, call.args, kwargs)

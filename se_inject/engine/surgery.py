@@ -123,7 +123,7 @@ def _slot_rewrite(block: nn.Module, slot: str, fixed: dict[str, Any]) -> tuple[t
             cached = None, False
         else:
             calls = [n for n in graph.nodes if n.op == "call_module" and n.target == slot]
-            fused = consistent and len(calls) == 1 and fuse(graph, block, slot)
+            fused = consistent and len(calls) == 1 and fuse(graph, block, slot, inplace_alone=False)
             cached = (_rewritten_class(type(block), graph), True) if fused else (None, False)
         if key is not None:
             _slot_rewrites[key] = cached
