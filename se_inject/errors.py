@@ -115,10 +115,14 @@ _BUILD_NOISE = re.compile(
 )
 
 
-def describe(e: BaseException | str, limit: int = 200) -> str:
-    """The first line of an exception's message, without library build paths, shortened at a word boundary."""
+def describe(e: BaseException | str, limit: int = 200, *, kind: bool = False) -> str:
+    """The first line of an exception's message, without library build paths, shortened at a word boundary: the one
+    way se-inject quotes an exception. `kind` puts the exception's type in front (``ValueError: ...``, or the type
+    alone where the message is empty)."""
     lines = str(e).strip().splitlines()
     text = _BUILD_NOISE.sub("", lines[0] if lines else "").strip() or (type(e).__name__ if lines else "")
+    if kind and isinstance(e, BaseException):
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return shorten(text, limit)
 
 

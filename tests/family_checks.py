@@ -8,7 +8,7 @@ from typing import Any
 
 import timm
 import torch
-from conftest import randomize_norm_stats, state_snapshot
+from helpers import randomize_norm_stats, state_snapshot
 from torch import nn
 
 import se_inject

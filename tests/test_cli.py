@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from se_inject.cli.app import app
+from se_inject.errors import UsageError
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
@@ -130,7 +131,7 @@ def test_fast_paths_do_not_import_torch(args):
     assert result.returncode == 0, result.stderr
 
 
-# --- issue 14: answers at once, nothing ignored silently, conventions ------------------------------------------------
+# --- answers at once, nothing ignored silently, conventions -----------------------------------------------------------
 
 
 @pytest.fixture
@@ -261,16 +262,33 @@ def test_help_lists_every_value_the_library_accepts():
     assert CHECKED_OUTPUT_FILES == OUTPUT_FILES  # the preflight check refuses what the writer would
 
 
+def test_the_vocabulary_is_what_the_library_implements():
+    """The names --help lists (`se_inject.names`, torch-free) are the library's implementations: the attention
+    builders' registry, the export writers, the gate layers, the inits `init_attention` accepts."""
+    from se_inject.io.export import _WRITERS
+    from se_inject.layers.attention import init_attention, list_attention
+    from se_inject.layers.squeeze_excite import GATE_LAYERS, SqueezeExcite
+    from se_inject.names import EXPORT_FORMATS, GATES, INITS, VARIANTS
+
+    assert tuple(list_attention()) == tuple(VARIANTS)
+    assert tuple(_WRITERS) == tuple(EXPORT_FORMATS)
+    assert tuple(GATE_LAYERS) == tuple(GATES)
+    for init in INITS:
+        init_attention(SqueezeExcite(8, 2), init)
+    with pytest.raises(UsageError, match="unknown init"):
+        init_attention(SqueezeExcite(8, 2), "zeros")
+
+
 def test_factory_next_to_its_file(tmp_path, monkeypatch):
     from se_inject.engine.models import resolve_model
 
-    (tmp_path / "mynets_issue14.py").write_text(
+    (tmp_path / "mynets_factory.py").write_text(
         "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 8, 3))\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
-    spec = resolve_model("mynets_issue14:make")
-    assert spec.source == "python" and spec.name == f"{tmp_path / 'mynets_issue14.py'}:make"
+    spec = resolve_model("mynets_factory:make")
+    assert spec.source == "python" and spec.name == f"{tmp_path / 'mynets_factory.py'}:make"
 
 
 def test_scan_says_how_to_see_every_model(capsys):
@@ -312,13 +330,19 @@ def test_closed_pipe_exits_141_and_python_dash_m(tmp_path):
 @pytest.mark.parametrize(("argv", "code"), [(["--version"], 0), (["--bogus-option"], 2), (["recipes"], 0)])
 def test_the_process_exits_fast_but_completely(argv, code):
     """`main` skips the interpreter's module teardown (a second once torch is imported) but keeps what a normal exit
-    does: exit handlers run, output is flushed, the status is the command's."""
-    script = ("import atexit, sys\nfrom se_inject.cli.app import main\n"
+    does: running threads are waited for, exit handlers run, output is flushed, the status is the command's."""
+    script = ("import atexit, sys, threading, time\nfrom se_inject.cli.app import main\n"
               "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
+              "class Torn:\n    def __del__(self):\n        print('torn down', file=sys.stderr)\n"
+              "torn = Torn()\n"  # a module global: collected only by the interpreter's teardown
+              "def work():\n    time.sleep(0.3)\n    print('thread done', file=sys.stderr)\n"
+              "threading.Thread(target=work).start()\n"
               f"sys.argv = ['se-inject', *{argv!r}]\nmain()\nprint('not reached')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == code, result.stderr
-    assert "handler ran" in result.stderr and "not reached" not in result.stdout
+    assert "handler ran" in result.stderr and "thread done" in result.stderr
+    assert result.stderr.index("thread done") < result.stderr.index("handler ran")
+    assert "not reached" not in result.stdout and "torn down" not in result.stderr
     if argv == ["recipes"]:
         assert result.stdout.rstrip().endswith(load_recipe_listing_tail())
 

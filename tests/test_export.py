@@ -143,6 +143,35 @@ def test_an_export_that_disagrees_is_refused_and_not_written(injected_test_resne
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", [0, -1])
+def test_an_export_that_returns_nan_is_refused_and_not_written(injected_test_resnet, tmp_path, monkeypatch, where):
+    model, report = injected_test_resnet
+    label, save, load_back = export_module._WRITERS["torchscript"]
+
+    def load_nan(path):
+        loaded = load_back(path)
+
+        def run(x):
+            out = loaded(x).clone()
+            out.view(-1)[where] = float("nan")
+            return out
+
+        return run
+
+    monkeypatch.setitem(export_module._WRITERS, "torchscript", (label, save, load_nan))
+    with pytest.raises(ExportError, match="relative error nan"):
+        export(model, report.plan, "torchscript", tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_outputs_keeps_nan():
+    expected = (torch.ones(3), torch.ones(2))
+    for got in ((torch.tensor([1.0, float("nan"), 1.0]), torch.ones(2)),
+                (torch.ones(3), torch.tensor([float("nan"), 1.0]))):
+        max_abs, relative = compare_outputs(got, expected)
+        assert max_abs != max_abs and relative != relative  # NaN, whichever tensor holds it
+
+
 @pytest.mark.parametrize(
     ("kwargs", "text"),
     [

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import randomize_norm_stats, state_snapshot
+from helpers import randomize_norm_stats, state_snapshot
 from torch import nn
 
 import se_inject
@@ -221,7 +221,7 @@ SAMPLE = [
 
 # The models of SAMPLE that get no site, and why (every other one gets sites).
 # (resnext26ts, convnext_atto, densenet121, shufflenet_v2_x1_0, squeezenet1_0 and vgg11 are covered by the family
-# recipes of issue 13; tests/test_patterns.py and tests/test_family_*.py pin their sites.)
+# recipes; tests/test_patterns.py and tests/test_family_*.py pin their sites.)
 NO_SITES = {
     "timm:vit_tiny_patch16_224": "no-match", "torchvision:vit_b_16": "no-match",
     "timm:regnetv_040": "already-attention", "timm:efficientnet_b0": "already-attention",

@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import randomize_norm_stats
 from family_checks import assert_identity_reproduces
+from helpers import randomize_norm_stats
 from timm.models.densenet import DenseLayer
 from torch import nn
 from torchvision.models.densenet import _DenseLayer

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import randomize_norm_stats
 from family_checks import assert_identity_reproduces
+from helpers import randomize_norm_stats
 from timm.models.dpn import DPN, DualPathBlock
 from torch import nn
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_norm_stats
 from family_checks import assert_identity_reproduces
+from helpers import randomize_norm_stats
 from timm.models.selecsls import SelecSls, SelecSlsBlock
 from torch import nn
 

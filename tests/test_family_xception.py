@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_norm_stats
 from family_checks import assert_identity_reproduces
+from helpers import randomize_norm_stats
 from timm.models.xception import Block
 from timm.models.xception_aligned import PreXceptionModule, XceptionAligned, XceptionModule
 from torch import nn

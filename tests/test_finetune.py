@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import randomize_norm_stats
+from helpers import randomize_norm_stats
 from safetensors.torch import save_file
 from torch import nn
 

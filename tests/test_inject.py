@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import randomize_norm_stats, state_snapshot
+from helpers import randomize_norm_stats, state_snapshot
 
 import se_inject
 from se_inject import NoSitesError

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import randomize_norm_stats
+from helpers import randomize_norm_stats
 from safetensors.torch import save_file
 
 import se_inject
@@ -67,6 +67,26 @@ def test_meta_build_skips_the_init_but_not_the_structure(name):
     with torch.device("meta"):  # outside the build, in-place ops on meta tensors behave as torch's
         t = torch.empty(2, 3)
     assert t.unsqueeze_(0).shape == (1, 2, 3)
+
+
+def test_meta_build_of_a_constructor_that_computes_with_tensors():
+    """torchvision's RegNet computes its widths with tensors: it is built on the CPU with every parameter and buffer
+    moved to the meta device as it is registered; afterwards (also after a constructor that raised) modules are
+    built as usual again."""
+    from se_inject.engine.models import empty_weights
+
+    spec = resolve_model("torchvision:regnet_y_400mf")
+    with pytest.raises(NotImplementedError), torch.device("meta"):  # the direct route fails
+        torchvision.models.get_model("regnet_y_400mf")
+    meta, real = build_model(spec, device="meta"), build_model(spec)
+    assert [(k, v.shape, v.dtype) for k, v in meta.state_dict().items()] == [
+        (k, v.shape, v.dtype) for k, v in real.state_dict().items()]
+    assert all(t.is_meta for t in meta.state_dict().values())
+    assert all(p.requires_grad for p in meta.parameters()) and isinstance(meta.fc.weight, torch.nn.Parameter)
+    with pytest.raises(RuntimeError, match="boom"), empty_weights():
+        raise RuntimeError("boom")
+    layer = torch.nn.BatchNorm2d(4)
+    assert not any(t.is_meta for t in layer.state_dict().values())
 
 
 def test_meta_build_allocates_nothing():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import randomize_norm_stats, state_snapshot
+from helpers import randomize_norm_stats, state_snapshot
 from torch import nn
 
 import se_inject

@@ -35,6 +35,19 @@ def test_partial_se_is_refused_by_default_naming_both_counts():
     assert "\n" not in message
 
 
+def test_one_block_with_se_makes_the_model_partial():
+    """A single block that has SE is enough: the model is partial, not free to be covered."""
+    model = timm.models.resnet.ResNet(timm.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
+    model.layer2[0].se = timm.layers.SEModule(128)
+    blocks = [p for p, m in model.named_modules() if isinstance(m, timm.models.resnet.BasicBlock)]
+    with pytest.raises(NoSitesError, match="partial SE: 1 matching blocks") as info:
+        se_inject.inject(model, seed=0, input_size=32)
+    assert info.value.reason == "partial-attention" and info.value.existing == 1
+    _, report = se_inject.inject(model, seed=0, input_size=32, fill=True)
+    assert [s.path for s in report.plan.sites] == [p for p in blocks if p != "layer2.0"]
+    assert [s.path for s in report.skipped if s.already_attention] == ["layer2.0"]
+
+
 def test_fill_adds_se_only_where_it_is_missing():
     has, lacks = _mobilenet_v3_small_blocks()
     _, report = se_inject.inject("torchvision:mobilenet_v3_small", device="meta", seed=0, fill=True)

@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import randomize_norm_stats
+from helpers import randomize_norm_stats
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 from typer.testing import CliRunner

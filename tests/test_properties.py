@@ -10,7 +10,7 @@ from pathlib import Path
 import timm
 import torch
 import torchvision
-from conftest import randomize_norm_stats
+from helpers import randomize_norm_stats
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn

@@ -189,3 +189,16 @@ def test_sigkill_during_first_save_leaves_no_output(tmp_path):
     assert subprocess.run([sys.executable, "-m", "se_inject.cli.app", "timm:test_resnet", "-o", str(out)],
                           capture_output=True).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # the staging folder is gone too
+
+
+def test_exceptions_are_quoted_by_their_first_line():
+    """One way to quote an exception in a one-line message: its first line, without torch's build paths, cut at a
+    word; with `kind`, its type in front (alone when the message is empty)."""
+    from se_inject.errors import describe
+
+    e = RuntimeError("shapes differ (Triggered internally at /pytorch/aten/src/ATen/native/X.cpp:12)\nsecond line")
+    assert describe(e) == "shapes differ"
+    assert describe(e, kind=True) == "RuntimeError: shapes differ"
+    assert describe(KeyError(), kind=True) == "KeyError" and describe(ValueError("")) == ""
+    long = ValueError("word " * 100)
+    assert len(describe(long, 50)) <= 50 and describe(long, 50).endswith("word…")

@@ -27,13 +27,16 @@ def test_efficientnet_lite0_gets_exactly_efficientnet_b0s_se():
     assert any("EfficientNet: block input channels" in n for n in report.notes)
 
 
-def test_reduction_divides_the_block_input_width_in_efficientnet_models():
-    _, report = se_inject.inject("timm:efficientnet_lite0", device="meta", seed=0, reduction=8)
+@pytest.mark.parametrize("reduction", [8, 3])
+def test_reduction_divides_the_block_input_width_in_efficientnet_models(reduction):
+    _, report = se_inject.inject("timm:efficientnet_lite0", device="meta", seed=0, reduction=reduction)
     model = _meta("timm:efficientnet_lite0")
     blocks = [model.get_submodule(s.path) for s in report.plan.sites]
     # inverted residual: input of the expansion conv; depthwise-separable: input of the depthwise conv
     inputs = [b.conv_pw.in_channels if hasattr(b, "conv_pwl") else b.conv_dw.in_channels for b in blocks]
-    assert [s.squeeze_channels for s in report.plan.sites] == [max(1, round(c / 8)) for c in inputs]
+    assert [s.squeeze_channels for s in report.plan.sites] == [max(1, round(c / reduction)) for c in inputs]
+    if reduction == 3:  # widths rounded up (32 / 3, 80 / 3): rounding, not floor division
+        assert any(c % reduction * 2 > reduction for c in inputs)
 
 
 def test_timm_mobilenetv3_fill_follows_its_own_se():

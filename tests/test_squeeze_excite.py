@@ -87,6 +87,37 @@ def test_squeeze_channels_matches_timm_for_even_divisors():
             assert squeeze_channels(c, r, 8) == make_divisible(c / r, 8, round_limit=0.0)
 
 
+@pytest.mark.parametrize(("channels", "reduction", "divisor", "rounding", "expected"), [
+    (38, 8, 1, "round", 5),  # 4.75
+    (30, 4, 1, "round", 8),  # 7.5: Python's round, to even
+    (42, 4, 1, "round", 10),  # 10.5: to even, down
+    (38, 8, 1, "floor", 4),
+    (30, 4, 1, "floor", 7),
+    (7, 8, 1, "floor", 1),  # never below 1
+    (38, 8, 1, "divisible", 4),  # C // r with divisor 1
+    (60, 8, 8, "divisible", 8),  # 7.5 -> 7, then up to the divisor
+    (188, 8, 8, "divisible", 24),  # 23.5 -> 23, then to the nearest multiple of 8
+])
+def test_squeeze_channels_for_each_rounding_with_fractions(channels, reduction, divisor, rounding, expected):
+    assert squeeze_channels(channels, reduction, divisor, rounding=rounding) == expected
+
+
+def test_squeeze_channels_round_and_floor_match_timm_and_torchvision():
+    """"round" is timm EfficientNet's ``SqueezeExcite`` width, "floor" torchvision EfficientNet's; half of the
+    widths below have a fraction of .5 or more."""
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    fractions = 0
+    for c in range(8, 80, 3):
+        for r in (3, 4, 6, 7):
+            fractions += (c % r) * 2 >= r
+            with torch.device("meta"):
+                timm_width = SqueezeExcite(c, rd_ratio=1 / r).conv_reduce.out_channels
+            assert squeeze_channels(c, r, rounding="round") == timm_width, (c, r)
+            assert squeeze_channels(c, r, rounding="floor") == max(1, c // r), (c, r)
+    assert fractions > 40
+
+
 @pytest.mark.parametrize("gate", ["sigmoid", "hard-sigmoid"])
 def test_identity_init_is_exact_and_learns(gate):
     spec = AttentionSpec("se", channels=32, rd_channels=8, gate=gate, gain=identity_gain(gate))

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import randomize_norm_stats
+from helpers import randomize_norm_stats
 from typer.testing import CliRunner
 
 import se_inject

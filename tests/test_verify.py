@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_norm_stats
+from helpers import randomize_norm_stats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn

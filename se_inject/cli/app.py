@@ -12,7 +12,6 @@ import atexit
 import json
 import os
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -139,7 +138,7 @@ def error_funnel() -> Iterator[None]:
         if problem is not None:  # the environment, not se-inject
             error(f"error: {problem}")
             raise typer.Exit(problem.exit_code) from None
-        error(f"internal error: {type(e).__name__}: {describe(e)} (SE_INJECT_DEBUG=1 shows the traceback)")
+        error(f"internal error: {describe(e, kind=True)} (SE_INJECT_DEBUG=1 shows the traceback)")
         raise typer.Exit(3) from None
 
 
@@ -251,7 +250,7 @@ def inject_command(
                                                              help="Also export: torchscript, exported (torch.export "
                                                              ".pt2), onnx (repeatable).", show_default=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="One table row per site.")] = False,
-    # -- pretrained weights and export shape (issue 14)
+    # -- pretrained weights and export shape
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Load the pretrained weights the model's tag "
                                              "names (resnet50.a1_in1k, torchvision:resnet50.IMAGENET1K_V2; no tag: "
                                              "the library's default) via timm's/torchvision's own cache.")] = False,
@@ -789,16 +788,29 @@ def main() -> None:
 
 def exit_now(code: Any) -> NoReturn:
     """End the process as `sys.exit(code)` would, without the interpreter's teardown of every imported module: once
-    torch and timm are imported that teardown takes about a second, longer than the work of many commands. Threads
-    are waited for, exit handlers run and the streams are flushed first, as at a normal exit."""
+    torch and timm are imported that teardown takes about a second, longer than the work of many commands.
+
+    The exit itself is normal (`sys.exit`): the interpreter waits for non-daemon threads and runs the exit handlers.
+    The last handler to run is `_end_process`, registered when this module is imported (handlers run in reverse
+    order of registration, so every one registered after it, torch's and timm's included, has run); it flushes the
+    streams and ends the process with the status before the teardown starts."""
+    global _exit_status
     if isinstance(code, str):  # sys.exit("message"): printed, status 1
         print(code, file=sys.stderr)
         code = 1
-    code = 0 if code is None else code if isinstance(code, int) else 1
-    shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is not None:
-        shutdown()
-    atexit._run_exitfuncs()
+    _exit_status = 0 if code is None else code if isinstance(code, int) else 1
+    sys.exit(_exit_status)
+
+
+_exit_status: int | None = None  # set by `exit_now`: the status `_end_process` ends the process with
+
+
+def _end_process() -> None:
+    """The last exit handler: flush the streams and end the process with `exit_now`'s status, skipping the module
+    teardown. Does nothing where `exit_now` was not called (the module imported as a library, in tests)."""
+    if _exit_status is None:
+        return
+    code = _exit_status
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -807,6 +819,9 @@ def exit_now(code: Any) -> NoReturn:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+atexit.register(_end_process)
 
 
 _FAST = {

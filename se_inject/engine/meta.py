@@ -61,7 +61,7 @@ def run_meta(model: nn.Module, input_size: tuple[int, int, int]) -> Any:
     except Exception as e:
         raise SEInjectError(
             f"the model does not run on the meta device at input size {'x'.join(map(str, input_size))}: "
-            f"{type(e).__name__}: {describe(e)}"
+            f"{describe(e, kind=True)}"
         ) from e
     finally:
         for m, training in modes:

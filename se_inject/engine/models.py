@@ -253,7 +253,7 @@ def build_model(spec: ModelSpec, *, device: torch.device | str = "cpu", seed: in
 class _SkipMetaInit(torch.overrides.TorchFunctionMode):
     """In-place value operations on meta tensors (the weight init: ``uniform_``, ``trunc_normal_``'s ``erfinv_``,
     ``clamp_``, ...) return their tensor at once: on the meta device they compute nothing but still cost a Python
-    decomposition each (a ViT-L built in 0.95 s, most of it initialising weights that have no values)."""
+    decomposition each, and on a large model initialising weights that have no values is most of the build."""
 
     _METADATA = frozenset({"resize_", "resize_as_", "set_", "as_strided_", "t_", "transpose_", "swapdims_",
                            "swapaxes_", "squeeze_", "unsqueeze_", "requires_grad_", "detach_", "share_memory_"})
@@ -294,24 +294,28 @@ def _construct(spec: ModelSpec) -> nn.Module:
 @contextmanager
 def empty_weights():
     """Build on the CPU but move each parameter and buffer to the meta device as it is registered (the init then
-    runs on meta tensors): for constructors that compute with tensors and cannot run under ``torch.device("meta")``."""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+    runs on meta tensors): for constructors that compute with tensors and cannot run under ``torch.device("meta")``.
+    Uses torch's registration hooks, which apply to every module while the context is open."""
+    from torch.nn.modules.module import (
+        register_module_buffer_registration_hook,
+        register_module_parameter_registration_hook,
+    )
 
-    def parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register_parameter(module, name, param)
+    def parameter_on_meta(_module: nn.Module, _name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        if param is None or param.is_meta:
+            return None  # kept as it is
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    def buffer_on_meta(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
-        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+    def buffer_on_meta(_module: nn.Module, _name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None or tensor.is_meta else tensor.to("meta")
 
-    nn.Module.register_parameter = parameter_on_meta  # type: ignore[method-assign]
-    nn.Module.register_buffer = buffer_on_meta  # type: ignore[method-assign]
+    handles = [register_module_parameter_registration_hook(parameter_on_meta),
+               register_module_buffer_registration_hook(buffer_on_meta)]
     try:
         yield
     finally:
-        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+        for handle in handles:
+            handle.remove()
 
 
 def default_input_size(spec: ModelSpec | None, model: nn.Module | None = None) -> tuple[int, int, int]:
@@ -373,7 +377,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             data: Any = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise WeightsError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
+            raise WeightsError(f"{path}: not a valid safetensors file ({describe(e) or type(e).__name__})") from None
     else:
         import pickle
 
@@ -393,7 +397,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({describe(detail_line, 120)})") from None
         except Exception as e:  # truncated zip, random bytes, ...
             raise WeightsError(
-                f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({_first_line(e)})"
+                f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({describe(e) or type(e).__name__})"
             ) from None
     return _unwrap_state_dict(data, path)
 
@@ -407,10 +411,6 @@ def check_readable(path: Path, error: type[SEInjectError]) -> None:
         raise error(f"{path}: permission denied") from None
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return describe(e) or type(e).__name__
 
 
 def _unwrap_state_dict(data: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from ..engine.models import (
 from ..engine.plan import Plan
 from ..engine.schema import plan_from_data
 from ..engine.surgery import apply_plan
-from ..errors import CheckpointError, SEInjectError, WeightsError
+from ..errors import CheckpointError, SEInjectError, WeightsError, describe
 from .atomic import write_folder
 
 MODEL_FILE = "model.safetensors"
@@ -180,7 +180,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(file), "pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{file}: not a valid safetensors file ({str(e).splitlines()[0][:160]})") from None
+        raise CheckpointError(f"{file}: not a valid safetensors file ({describe(e, 160)})") from None
 
 
 def read_plan(path: str | Path) -> Plan:
@@ -233,7 +233,7 @@ def check_weights_digest(path: str | Path) -> None:
 def _reason(e: BaseException) -> str:
     if isinstance(e, PermissionError):
         return "permission denied"
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return describe(e, 160) or type(e).__name__
 
 
 def _check_model_spec(spec: ModelSpec, file: Path, metadata: dict[str, str], trust_code: bool) -> None:

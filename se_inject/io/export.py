@@ -10,6 +10,7 @@ relative error (``max |diff| / max |eager output|``) are returned, and a file wh
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -102,13 +103,14 @@ def compare_outputs(got: Any, expected: Any) -> tuple[float, float]:
             raise ExportError(f"the export returns shape {tuple(g.shape)}, the eager model {tuple(e.shape)}")
         diff = float((g - e).abs().max()) if e.numel() else 0.0
         scale = float(e.abs().max()) if e.numel() else 0.0
-        worst_abs = max(worst_abs, diff)
-        worst_rel = max(worst_rel, diff / scale if scale else (0.0 if diff == 0 else float("inf")))
+        worst_abs = worst(worst_abs, diff)
+        worst_rel = worst(worst_rel, diff / scale if scale else (0.0 if diff == 0 else float("inf")))
     return worst_abs, worst_rel
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {describe(e)}"
+def worst(*values: float) -> float:
+    """The largest of `values`, NaN if any is NaN (Python's `max` drops a NaN that is not first)."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 def export_writer(model: nn.Module, plan: Plan, fmt: str, final: Path, results: list[ExportResult], *,
@@ -139,14 +141,14 @@ def export_writer(model: nn.Module, plan: Plan, fmt: str, final: Path, results: 
                 except ExportError:
                     raise
                 except Exception as e:
-                    raise ExportError(f"{label} export failed: {_first_line(e)}") from None
+                    raise ExportError(f"{label} export failed: {describe(e, kind=True)}") from None
         finally:
             model.train(training)
         if diffs is None:
             results.append(ExportResult(fmt, str(final), None, None, batch or "dynamic", (), written_opset,
                                         "checked with onnx; install onnxruntime to run it"))
             return
-        max_abs, relative = max(d[0] for d in diffs), max(d[1] for d in diffs)
+        max_abs, relative = worst(*(d[0] for d in diffs)), worst(*(d[1] for d in diffs))
         if not relative <= RELATIVE_TOLERANCE:
             raise ExportError(f"{label} export differs from the eager model: relative error {relative:.2g} > "
                               f"{RELATIVE_TOLERANCE:g} (max |diff| {max_abs:.3g}); nothing written")

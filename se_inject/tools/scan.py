@@ -28,7 +28,7 @@ from typing import Any
 from ..api import inject
 from ..engine.models import build_model, resolve_model, timm_names, torchvision_names
 from ..engine.patterns import architecture_category
-from ..errors import NoSitesError, SEInjectError, UsageError
+from ..errors import NoSitesError, SEInjectError, UsageError, describe
 from ..io.checkpoint import write_atomically
 
 STATUSES = ("covered", "partial-se", "already-se", "no-match", "error")
@@ -115,8 +115,7 @@ def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
     except SEInjectError as e:
         return ScanRow(name, "error", reason=str(e), seconds=time.perf_counter() - start)
     except Exception as e:  # a bug: reported, never fatal to the scan
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        return ScanRow(name, "error", reason=f"{type(e).__name__}: {first}", seconds=time.perf_counter() - start)
+        return ScanRow(name, "error", reason=describe(e, 300, kind=True), seconds=time.perf_counter() - start)
     finally:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
