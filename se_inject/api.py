@@ -34,6 +34,7 @@ from .plan import Plan, Settings, Site
 from .recipes import GATES, resolve_recipes
 from .schema import MAX_SEED
 from .surgery import apply_plan
+from .tasks import model_task
 from .variants import VARIANTS
 from .verify import verify_plan
 
@@ -326,7 +327,6 @@ def inject(
             fill=fill,
         )
     )
-    size = parse_input_size(input_size)
     if seed is None:
         seed = secrets.randbelow(2**31)
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
@@ -356,8 +356,12 @@ def inject(
                              "calling inject")
         spec, base = None, model
         planning = base if is_meta(base) and inplace else meta_copy(base)
-    if size is None:
-        size = default_input_size(spec, planning)
+    task = model_task(planning)
+    default_size = default_input_size(spec, planning)
+    size = parse_input_size(input_size, task, default_size) or default_size
+    if task == "detection":
+        notes += ("detection: planning and MACs cover the model's transform and backbone (model.backbone), where SE "
+                  "goes; the heads' work depends on the detections. Parameters cover the whole model",)
 
     if str(device) != "meta":  # the saved model will run at this size: refuse one no machine here can hold
         from .memory import check_forward_memory

@@ -78,7 +78,7 @@ class Match:
     rule: BlockRule
     block: str
     anchor: str
-    shape: tuple[int, ...]  # (N, C, H, W) of the feature map the SE scales, at the planning input size
+    shape: tuple[int, ...]  # (N, C, H, W) of the map the SE scales at the planning input size ((N, C, T, H, W): video)
     pattern: str = ""  # the structural pattern that matched ("residual", ...); "" for a class rule
     call: Any = field(default=None, compare=False)  # how the parent called the block (`verify.Call`)
     fixed_args: dict[str, Any] = field(default_factory=dict, compare=False)  # its non-tensor arguments, by name
@@ -330,14 +330,15 @@ def find_sites(
             skipped.append(Skip(path, cp, recipe.name, "not executed by the model's forward"))
         elif len(places) > 1:
             skipped.append(Skip(path, cp, recipe.name, f"its SE place runs {len(places)} times per forward"))
-        elif places[0] is None or len(places[0]) != 4:
-            skipped.append(Skip(path, cp, recipe.name, f"expects an NCHW feature map, got shape {places[0]}"))
+        elif places[0] is None or not 3 <= len(places[0]) <= 5:
+            skipped.append(Skip(path, cp, recipe.name,
+                                f"expects an (N, C, ...) feature map of 1 to 3 spatial dimensions, got {places[0]}"))
         else:
             call = calls.get(path)
             fixed = call.fixed(probe.get_submodule(path).forward) if call is not None else {}
             first = call.first_tensor() if call is not None else None
             matches.append(Match(path, recipe, rule, cp, anchor, places[0], pattern, call, fixed,
-                                 first.shape[1] if first is not None and len(first.shape) == 4 else None,
+                                 first.shape[1] if first is not None and 3 <= len(first.shape) <= 5 else None,
                                  recipe.defaults_for(class_path(model))))
     return _findings(model, matches, skipped, recipes, input_size, shapes, counts)
 

@@ -13,6 +13,19 @@ from torch import nn
 GATE_LAYERS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "hard-sigmoid": nn.Hardsigmoid}
 
 
+def squeeze_dims(x: torch.Tensor) -> list[int]:
+    """Every dimension after the channels: (H, W) of an (N, C, H, W) map, (T, H, W) of a video block's, (L) of a 1-D
+    one. The squeeze pools them all (3-D SE for video, as X3D)."""
+    return list(range(2, x.dim()))
+
+
+def unsqueeze_as(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N, C) gates shaped to broadcast over `x`: (N, C, 1, 1) for an (N, C, H, W) map, (N, C, 1, 1, 1) for video."""
+    while s.dim() < x.dim():
+        s = s.unsqueeze(-1)
+    return s
+
+
 def fc(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 1x1 convolution's parameters applied to (N, C) descriptors as a linear layer: a single GEMM instead of a
     convolution dispatch (on the CPU, PyTorch sends 1x1-spatial convolutions down a slow path)."""
@@ -55,7 +68,7 @@ def squeeze_through(
     running statistics, and only where the map is large next to the matrix the descriptor then goes through
     (``N*H*W*(C - C_h) > 2*C*C_h``); in eager mode the direct mean is as fast and this returns None.
     """
-    if bn_training or running_mean is None or running_var is None or not torch.compiler.is_compiling():
+    if bn_training or running_mean is None or running_var is None or not torch.compiler.is_compiling() or h.dim() != 4:
         return None
     n, c_h, height, width = h.shape
     if not isinstance(n, int):  # a symbolic batch (dynamic export): the size test below would constrain it
@@ -69,7 +82,8 @@ def squeeze_through(
 
 class ChannelGate(nn.Module):
     """Channel attention that squeezes by the spatial mean and scales each channel by a gate (SE, ESE, ECA):
-    ``x * gain * excite(mean_hw(x))``, with `excite` mapping (N, C) descriptors to (N, C) gates.
+    ``x * gain * excite(mean_hw(x))``, with `excite` mapping (N, C) descriptors to (N, C) gates. Maps of any rank
+    (N, C, ...) are squeezed over every dimension after the channels: (T, H, W) for video, (L) for 1-D signals.
 
     ``scale_inplace`` is set by se-inject's surgery where the block's graph shows that nothing else reads the
     input: then, with autograd off, the input is scaled in place. The surgery may also fuse the block around the
@@ -91,10 +105,10 @@ class ChannelGate(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, squeezed: torch.Tensor | None = None
     ) -> torch.Tensor:
-        s = self.excite(x.mean((2, 3)) if squeezed is None else squeezed)  # squeeze: global average pool, eq. 2
+        s = self.excite(x.mean(squeeze_dims(x)) if squeezed is None else squeezed)  # squeeze: global avg pool, eq. 2
         if self.gain != 1.0:
             s = s * self.gain
-        return scale(x, s[:, :, None, None], self.scale_inplace, residual)  # scale, eq. 4
+        return scale(x, unsqueeze_as(s, x), self.scale_inplace, residual)  # scale, eq. 4
 
     def extra_repr(self) -> str:
         return f"gain={self.gain:g}" if self.gain != 1.0 else ""
