@@ -127,6 +127,13 @@ class Report:
         }
 
 
+QUANTIZABLE_REFUSAL = (
+    "torchvision's quantizable models are refused: their fuse_model() fuses blocks only of their exact class "
+    "(type(m) is QuantizableBottleneck), which a block with SE is not, and eager-mode int8 conversion has no kernel "
+    "for the float SE layers; put SE in the float model (torchvision:resnet18 for quantized_resnet18) instead"
+)
+
+
 def default_output_name(plan: Plan, reduction: int, model: str = "model") -> str:
     """``<model>-<attention><r>``: ``resnet50-se16`` for timm's resnet50, ``torchvision-resnet50-se16`` for
     torchvision's (the two would collide otherwise), ``resnet50-eca`` for variants without r."""
@@ -236,6 +243,13 @@ def make_plan(
     if not kept:
         removed = ", ".join(m.path for m in findings.matches[:6]) + (", ..." if len(findings.matches) > 6 else "")
         raise NoSitesError(f"the filters removed all {len(findings.matches)} sites ({removed})", "filtered")
+    flat = next((m for m in kept if len(m.shape) != 4), None)
+    if flat is not None and not VARIANTS[settings.attention].any_rank:
+        raise UsageError(
+            f"--attention {settings.attention} is defined for 2-D maps (its spatial attention is a 2-D map over H, W), "
+            f"but {flat.path} takes a {len(flat.shape) - 2}-D map {tuple(flat.shape[1:])}; use "
+            f"{', '.join(k for k, v in VARIANTS.items() if v.any_rank)}"
+        )
     sites = tuple(_site(m, settings) for m in kept)
     notes = []
     small = [s for s in sites if settings.reduction and settings.reduction > s.channels]
@@ -357,6 +371,8 @@ def inject(
         spec, base = None, model
         planning = base if is_meta(base) and inplace else meta_copy(base)
     task = model_task(planning)
+    if task == "quantization":
+        raise NoSitesError(QUANTIZABLE_REFUSAL, "quantizable")
     default_size = default_input_size(spec, planning)
     size = parse_input_size(input_size, task, default_size) or default_size
     if task == "detection":
@@ -402,7 +418,7 @@ def inject(
     measure_drift = (weights is not None or images is not None or pretrained) if drift is None else drift
     measure_drift = measure_drift and base is not planning  # a meta model computes nothing
     if measure_drift:
-        batch, described = image_batch(images, size, base) if images is not None else random_batch(size)
+        batch, described = image_batch(images, size, base) if images is not None else random_batch(size, model=base)
         base_outputs = drift_outputs(base, batch)
     injected = planning if base is planning else apply_plan(base, plan, inplace=inplace)
     drifted = compare(base_outputs, drift_outputs(injected, batch), described) if measure_drift else None

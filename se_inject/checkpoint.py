@@ -24,7 +24,9 @@ from .models import (
     check_readable,
     check_state_dict,
     load_state,
+    split_tag,
     torchvision_names,
+    torchvision_tags,
 )
 from .plan import Plan
 from .surgery import apply_plan
@@ -245,7 +247,9 @@ def _check_model_spec(spec: ModelSpec, file: Path, metadata: dict[str, str], tru
                 "folder, trust_code=True / --trust-code"
             )
         return
-    known = _timm_has(spec.name) if spec.source == "timm" else spec.name in torchvision_names()
+    arch, tag = split_tag(spec.name)
+    known = _timm_has(spec.name) if spec.source == "timm" else (
+        arch in torchvision_names() and (not tag or tag in torchvision_tags(arch)))
     if not known:
         try:
             saved = json.loads(metadata.get("se_inject.versions", "{}")).get(spec.source, "another version")
