@@ -228,8 +228,9 @@ def inject_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report on the meta device; write nothing.")]
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
-    input_size: Annotated[str | None, typer.Option(metavar="N|HxW|C,H,W", help="Input size for shapes and counts. "
-                                                   "Default: the model's.", show_default=False)] = None,
+    input_size: Annotated[str | None, typer.Option(metavar="N|HxW|C,H,W", help="Input size for shapes and counts; "
+                                                   "video models: T,H,W or C,T,H,W. Default: the model's.",
+                                                   show_default=False)] = None,
     weights: Annotated[Path | None, typer.Option(metavar="FILE", help="Local checkpoint (.safetensors, .pth, .pt) "
                                                  "loaded into the base model before surgery.",
                                                  show_default=False)] = None,
