@@ -15,6 +15,7 @@ from torch import nn
 from .drift import Drift, compare, image_batch, random_batch
 from .drift import outputs as drift_outputs
 from .errors import NoSitesError, SurgeryError, UsageError
+from .features import refuse_feature_extractor, wrap_features
 from .find import Findings, Match, Skip, find_sites
 from .layers.attention import INITS, attention_spec, list_attention
 from .measure import Counts, count, count_params
@@ -300,6 +301,9 @@ def inject(
     images: str | Path | None = None,
     pretrained: bool = False,
     before_build: Callable[[Plan, str], None] | None = None,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] | list[int] | None = None,
+    feature_cls: str | None = None,
 ) -> tuple[nn.Module, Report]:
     """Insert SE blocks where the recipes put them and return ``(model, report)``.
 
@@ -326,6 +330,9 @@ def inject(
         before_build: Called with the plan and the default output folder name once planning (on the meta device)
             is done, before the model is built with real weights: a caller's last chance to refuse cheaply (the CLI
             checks the output folder there).
+        features_only, out_indices, feature_cls: Return the SE model as the feature extractor
+            ``timm.create_model(name, features_only=True, out_indices=..., feature_cls=...)`` builds (timm model
+            names); the plan and the counts are the classification model's, which is what `save` takes.
     """
     settings = validate_settings(
         Settings(
@@ -365,6 +372,7 @@ def inject(
         base = None  # built once the plan stands: a model with no place for SE costs no real build
         inplace = True  # nobody else holds this model
     else:
+        refuse_feature_extractor(model)
         if weights is not None or pretrained:
             raise UsageError("weights= and pretrained= are for model names; load weights into your module before "
                              "calling inject")
@@ -423,6 +431,11 @@ def inject(
     injected = planning if base is planning else apply_plan(base, plan, inplace=inplace)
     drifted = compare(base_outputs, drift_outputs(injected, batch), described) if measure_drift else None
     site_params = {s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites}
+    if features_only:
+        options = {k: v for k, v in (("out_indices", out_indices), ("feature_cls", feature_cls)) if v is not None}
+        injected = wrap_features(injected, plan, **options)
+        notes += (f"features_only: {type(injected).__name__} over the SE model; plan and counts are the "
+                  "classification model's",)
     feature_maps = {m.path: m.shape[1:] for m in findings.matches}
     report = Report(
         model=str(spec) if spec else type(base).__name__,

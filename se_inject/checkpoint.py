@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, SEInjectError, WeightsError
+from .features import feature_options, is_feature_extractor, wrap_features
 from .models import (
     ModelSpec,
     _timm_has,
@@ -303,6 +304,9 @@ def load(
     device: str | torch.device = "cpu",
     trust_code: bool = False,
     verify_weights: bool = True,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] | list[int] | None = None,
+    feature_cls: str | None = None,
 ) -> nn.Module:
     """Rebuild a saved model: base model from the plan's spec (or `model`), replay the plan, load weights strictly.
 
@@ -311,10 +315,16 @@ def load(
     `trust_code=True`. The plan is validated field by field and the weights against their digest first
     (`verify_weights=False` skips the digest, a full read of the file, for very large checkpoints).
 
+    With `features_only` (or a timm feature extractor as `model`, whose out_indices are kept) the result is the
+    feature extractor timm's ``create_model(name, features_only=True, out_indices=..., feature_cls=...)`` builds,
+    around the SE model.
+
     Returns the model in eval mode on `device`.
     """
     from safetensors import SafetensorError, safe_open
 
+    if model is not None and is_feature_extractor(model):
+        features_only, out_indices, model = True, out_indices or feature_options(model).get("out_indices"), None
     file = _model_file(path)
     plan = read_plan(file)
     if model is None and plan.model is None:
@@ -356,4 +366,7 @@ def load(
         load_state(rebuilt, state)
     except (RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{file}: cannot load the weights into the model ({_reason(e)})") from None
+    if features_only:
+        options = {k: v for k, v in (("out_indices", out_indices), ("feature_cls", feature_cls)) if v is not None}
+        rebuilt = wrap_features(rebuilt, plan, **options)
     return rebuilt.to(device).eval()

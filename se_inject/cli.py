@@ -646,7 +646,7 @@ def scan_command(
     with error_funnel():
         from .api import validate_settings
         from .plan import Settings
-        from .scan import model_names, summarize, summarize_categories, write_rows
+        from .scan import model_names, summarize, summarize_categories, summarize_tasks, write_rows
 
         validate_settings(Settings(reduction=reduction))
         names = model_names(patterns or ["*"], source)
@@ -658,7 +658,8 @@ def scan_command(
         if output is not None:
             write_rows(rows, output)
         if as_json:
-            _print_json({"summary": summarize(rows), "no_match": summarize_categories(rows),
+            _print_json({"summary": summarize(rows), "tasks": summarize_tasks(rows),
+                         "no_match": summarize_categories(rows),
                          "models": [r.to_dict() for r in rows]})
         else:
             _render_scan(rows, output)
@@ -684,16 +685,16 @@ SCAN_TABLE_ROWS = 50  # more models than this: the summary only
 def _render_scan(rows: list[Any], output: Path | None) -> None:
     from rich.table import Table
 
-    from .scan import summarize, summarize_categories
+    from .scan import summarize, summarize_categories, summarize_tasks
 
     out = _console()
     if len(rows) <= SCAN_TABLE_ROWS:
         table = Table(title="SE coverage", title_justify="left")
-        for name in ("model", "status", "recipes", "sites", "existing SE", "params +", "MACs +", "reason"):
+        for name in ("model", "task", "status", "recipes", "sites", "existing SE", "params +", "MACs +", "reason"):
             table.add_column(name, justify="right" if name in ("sites", "existing SE", "params +", "MACs +")
                              else "left", overflow="fold")
         for r in rows:
-            table.add_row(r.model, r.status, " ".join(r.recipes), str(r.sites), str(r.existing),
+            table.add_row(r.model, r.task, r.status, " ".join(r.recipes), str(r.sites), str(r.existing),
                           _num(r.params_delta) if r.params_delta is not None else "",
                           _num(r.macs_delta) if r.macs_delta is not None else "", r.reason.split(":")[0])
         out.print(table)
@@ -703,6 +704,15 @@ def _render_scan(rows: list[Any], output: Path | None) -> None:
         table.add_column(name, justify="right")
     table.add_row(*(str(summary[k]) for k in ("models", "covered", "partial-se", "already-se", "no-match", "error")))
     out.print(table)
+    tasks = summarize_tasks(rows)
+    if set(tasks) - {"classification"}:
+        table = Table(title="by task", title_justify="left")
+        for name in ("task", "models", "covered", "partial SE", "already SE", "no match", "errors"):
+            table.add_column(name, justify="left" if name == "task" else "right")
+        for task, counts in tasks.items():
+            table.add_row(task, *(str(counts[k]) for k in ("models", "covered", "partial-se", "already-se",
+                                                           "no-match", "error")))
+        out.print(table)
     kinds = summarize_categories(rows)
     if kinds:
         out.print("no match by kind: " + ", ".join(f"{k} {n}" for k, n in kinds.items()), markup=False)

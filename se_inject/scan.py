@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatchcase
 from multiprocessing import get_context
 from pathlib import Path
@@ -45,6 +45,7 @@ class ScanRow:
     reason: str = ""
     seconds: float = 0.0
     category: str = ""  # for "no-match": transformer, MLP, hybrid or CNN (`patterns.architecture_category`)
+    task: str = "classification"  # detection, segmentation, video, optical_flow, quantization (`tasks.TASKS`)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "recipes": list(self.recipes)}
@@ -75,9 +76,25 @@ def _alarm(_signum: int, _frame: Any) -> None:
 
 def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
     """Plan and count one model on the meta device; never raises."""
-    from .api import inject
 
     start = time.perf_counter()
+    task = model_task_of(name)
+    row = _scan_one(name, timeout, start, **options)
+    return replace(row, task=task)
+
+
+def model_task_of(name: str) -> str:
+    """The task of a ``source:name`` (torchvision's by the module registering it; timm's models classify)."""
+    from .models import split_tag
+    from .tasks import torchvision_task
+
+    source, _, arch = name.rpartition(":")
+    return torchvision_task(split_tag(arch)[0]) if source == "torchvision" else "classification"
+
+
+def _scan_one(name: str, timeout: float, start: float, **options: Any) -> ScanRow:
+    from .api import inject
+
     use_alarm = timeout > 0 and hasattr(signal, "setitimer")
     if use_alarm:
         previous = signal.signal(signal.SIGALRM, _alarm)
@@ -190,6 +207,13 @@ def _scan_parallel(names: list[str], workers: int, timeout: float, options: dict
                         yield ScanRow(name, "error", reason="the worker process died while planning this model")
 
 
+def summarize_tasks(rows: list[ScanRow]) -> dict[str, dict[str, int]]:
+    """`summarize` per task, in `tasks.TASKS` order."""
+    from .tasks import TASKS
+
+    return {task: summarize([r for r in rows if r.task == task]) for task in TASKS if any(r.task == task for r in rows)}
+
+
 def summarize(rows: list[ScanRow]) -> dict[str, int]:
     counts = dict.fromkeys(STATUSES, 0)
     for row in rows:
@@ -203,7 +227,8 @@ def write_rows(rows: list[ScanRow], path: str | Path) -> None:
 
     path = Path(path)
     if path.suffix.lower() == ".json":
-        text = json.dumps({"summary": summarize(rows), "no_match": summarize_categories(rows),
+        text = json.dumps({"summary": summarize(rows), "tasks": summarize_tasks(rows),
+                           "no_match": summarize_categories(rows),
                            "models": [r.to_dict() for r in rows]}, indent=2) + "\n"
     elif path.suffix.lower() == ".csv":
         buffer = io.StringIO()

@@ -13,7 +13,6 @@ from torchvision.models import get_model
 import se_inject
 from se_inject.errors import NoSitesError, UsageError
 from se_inject.layers import EffectiveSqueezeExcite, EfficientChannelAttention, SqueezeExcite
-from se_inject.measure import count
 from se_inject.meta import meta_copy
 from se_inject.models import ModelSpec, build_model, default_input_size, parse_input_size, resolve_model
 from se_inject.tasks import model_task, torchvision_task
