@@ -25,9 +25,9 @@ def _plain_features(name: str, se_model: torch.nn.Module, **kwargs):
 
 
 @pytest.mark.parametrize(("name", "kwargs"), [
-    ("convnext_atto", {"out_indices": (1, 2, 3)}),  # FeatureListNet
+    ("test_convnext", {"out_indices": (1, 2, 3)}),  # FeatureListNet
     ("test_efficientnet", {"out_indices": (1, 2)}),  # EfficientNetFeatures: a class of its own
-    ("resnet18", {"feature_cls": "fx", "out_indices": (2, 3)}),  # FeatureGraphNet
+    ("test_resnet", {"feature_cls": "fx", "out_indices": (2, 3)}),  # FeatureGraphNet
 ])
 def test_inject_builds_timms_feature_extractor_around_the_se_model(name, kwargs):
     features, report = se_inject.inject(name, features_only=True, init="identity", seed=0, fill=True, **kwargs)
@@ -57,14 +57,14 @@ def test_features_only_is_for_timm_names():
 
 
 def test_load_gives_a_feature_extractor_and_takes_one_as_model(tmp_path):
-    model, report = se_inject.inject("convnext_atto", seed=0)
+    model, report = se_inject.inject("test_convnext", seed=0)
     se_inject.save(model, report.plan, tmp_path / "out")
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model.eval().forward_intermediates(x, indices=(1, 2, 3), intermediates_only=True)
         features = se_inject.load(tmp_path / "out", features_only=True, out_indices=(1, 2, 3))
         assert all(torch.equal(a, b) for a, b in zip(features(x), expected, strict=True))
-        given = se_inject.load(tmp_path / "out", model=timm.create_model("convnext_atto", features_only=True,
+        given = se_inject.load(tmp_path / "out", model=timm.create_model("test_convnext", features_only=True,
                                                                          out_indices=(1, 2, 3)))
         assert type(given) is type(features)
         assert all(torch.equal(a, b) for a, b in zip(given(x), expected, strict=True))

@@ -332,3 +332,13 @@ def test_segmentation_resnet_identity(name):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert _equal(injected.eval()(x), base(x))
+
+
+def test_mobilenet_v3_backbones_take_torchvisions_own_squeeze_widths():
+    """LR-ASPP's backbone is mobilenet_v3_large's features: --fill gives its blocks what the classifier gets."""
+    _, seg = se_inject.inject("torchvision:lraspp_mobilenet_v3_large", device="meta", fill=True, seed=0)
+    _, cls = se_inject.inject("torchvision:mobilenet_v3_large", device="meta", fill=True, seed=0)
+    assert [(s.channels, s.squeeze_channels) for s in seg.plan.sites] == [
+        (s.channels, s.squeeze_channels) for s in cls.plan.sites]
+    assert [s.path.removeprefix("backbone.") for s in seg.plan.sites] == [
+        s.path.removeprefix("features.") for s in cls.plan.sites]
