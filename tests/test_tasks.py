@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import get_model
 
 import se_inject
-from se_inject.errors import NoSitesError, UsageError
+from se_inject.errors import ExportError, NoSitesError, UsageError
+from se_inject.export import export
 from se_inject.layers import EffectiveSqueezeExcite, EfficientChannelAttention, SqueezeExcite
 from se_inject.meta import meta_copy
 from se_inject.models import ModelSpec, build_model, default_input_size, parse_input_size, resolve_model
@@ -258,16 +259,21 @@ def test_detection_round_trips(tmp_path):
     loaded = se_inject.load(tmp_path / "out", model=_tiny_ssdlite())
     with torch.no_grad():
         assert _equal(loaded.eval()(images), expected)
+    result = export(loaded, report.plan, "torchscript", tmp_path / "model.pt")  # a list of images in
+    assert result.relative_error == 0
+    with pytest.raises(ExportError, match="use torchscript"):
+        export(loaded, report.plan, "onnx", tmp_path / "model.onnx")
 
 
 @pytest.mark.slow
 def test_an_se_resnet50_backbone_works_in_torchvisions_detection_builders():
     """SE ResNet-50 (torchvision's, with SE) -> BackboneWithFPN -> FasterRCNN: trains one step and detects."""
     from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
     resnet, _ = se_inject.inject("torchvision:resnet50", seed=0)
-    backbone = _resnet_fpn_extractor(resnet, trainable_layers=5)
+    backbone = BackboneWithFPN(resnet, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+                               in_channels_list=[256, 512, 1024, 2048], out_channels=256)
     model = FasterRCNN(backbone, num_classes=3, min_size=64, max_size=64, rpn_pre_nms_top_n_train=50,
                        rpn_post_nms_top_n_train=20, box_batch_size_per_image=16)
     assert len(_inserted(model.backbone.body)) == 16
@@ -342,3 +348,16 @@ def test_mobilenet_v3_backbones_take_torchvisions_own_squeeze_widths():
         (s.channels, s.squeeze_channels) for s in cls.plan.sites]
     assert [s.path.removeprefix("backbone.") for s in seg.plan.sites] == [
         s.path.removeprefix("features.") for s in cls.plan.sites]
+
+
+@pytest.mark.slow
+def test_a_folder_saved_from_a_tagged_detector_loads_back(tmp_path):
+    """COCO_V1 names the frozen-BatchNorm architecture (built here with random weights: nothing is downloaded)."""
+    name = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn.COCO_V1"
+    injected, report = se_inject.inject(name, fill=True, seed=0)
+    assert type(injected.backbone.body[1].block[0][1]) is torchvision.ops.FrozenBatchNorm2d
+    se_inject.save(injected, report.plan, tmp_path / "out")
+    loaded = se_inject.load(tmp_path / "out")
+    images = [torch.rand(3, 96, 128)]
+    with torch.no_grad():
+        assert _equal(loaded(images), injected.eval()(images))
