@@ -381,6 +381,9 @@ def inject(
     task = model_task(planning)
     if task == "quantization":
         raise NoSitesError(QUANTIZABLE_REFUSAL, "quantizable")
+    if images is not None and task in ("video", "optical_flow"):
+        raise UsageError(f"--images takes single images; a {task.replace('_', ' ')} model needs "
+                         f"{'clips' if task == 'video' else 'pairs of frames'}: leave it out for random inputs")
     default_size = default_input_size(spec, planning)
     size = parse_input_size(input_size, task, default_size) or default_size
     if task == "detection":
@@ -429,7 +432,8 @@ def inject(
         batch, described = image_batch(images, size, base) if images is not None else random_batch(size, model=base)
         base_outputs = drift_outputs(base, batch)
     injected = planning if base is planning else apply_plan(base, plan, inplace=inplace)
-    drifted = compare(base_outputs, drift_outputs(injected, batch), described) if measure_drift else None
+    drifted = compare(base_outputs, drift_outputs(injected, batch), described,
+                      classes=task in ("classification", "quantization")) if measure_drift else None
     site_params = {s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites}
     if features_only:
         options = {k: v for k, v in (("out_indices", out_indices), ("feature_cls", feature_cls)) if v is not None}

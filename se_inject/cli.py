@@ -424,8 +424,8 @@ def render_report(report: Any, *, verbose: bool = False, seed_drawn: bool = Fals
             out.print(f"skipped {n} blocks: {reason}", markup=False)
     if data["drift"]:
         d = data["drift"]
-        out.print(f"drift from the base model on {d['inputs']}: relative L2 {d['relative_l2']:.3g}, "
-                  f"top-1 agreement {100 * d['top1_agreement']:.1f}%")
+        top1 = f", top-1 agreement {100 * d['top1_agreement']:.1f}%" if d["top1_agreement"] is not None else ""
+        out.print(f"drift from the base model on {d['inputs']}: relative L2 {d['relative_l2']:.3g}{top1}")
     for note in data["notes"]:
         out.print(f"note: {note}")
     out.print(f"saved to {data['output']}" if data["output"] else "dry run: nothing written")

@@ -26,7 +26,7 @@ class Drift:
 
     inputs: str
     relative_l2: float
-    top1_agreement: float
+    top1_agreement: float | None  # None where the outputs are not class scores (detection features, masks, flows)
     max_abs_diff: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,9 +140,10 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def compare(base: torch.Tensor, injected: torch.Tensor, inputs: str) -> Drift:
+def compare(base: torch.Tensor, injected: torch.Tensor, inputs: str, *, classes: bool = True) -> Drift:
+    """The drift of `injected` from `base`; the top-1 agreement only where the outputs are class scores."""
     norm = float(base.norm())
-    top1 = float((base.flatten(1).argmax(1) == injected.flatten(1).argmax(1)).float().mean())
+    top1 = float((base.flatten(1).argmax(1) == injected.flatten(1).argmax(1)).float().mean()) if classes else None
     return Drift(
         inputs=inputs,
         relative_l2=float((injected - base).norm()) / norm if norm else float("inf"),
