@@ -363,3 +363,16 @@ def test_a_folder_saved_from_a_tagged_detector_loads_back(tmp_path):
     images = [torch.rand(3, 96, 128)]
     with torch.no_grad():
         assert _equal(loaded(images), injected.eval()(images))
+
+
+def test_scan_covers_every_torchvision_model_with_its_task():
+    from se_inject.scan import model_names, scan_one, summarize_tasks
+
+    assert len(model_names(source="torchvision")) == 121
+    rows = [scan_one(name) for name in ("torchvision:quantized_resnet18", "torchvision:ssd300_vgg16")]
+    assert [(r.task, r.status) for r in rows] == [("quantization", "no-match"), ("detection", "covered")]
+    assert "fuse_model" in rows[0].reason
+    # VGG-16's conv1_1 .. conv4_3, then fc6/fc7 and SSD's extra layers (conv5_x share a Sequential with fc6/fc7)
+    widths = [64] * 2 + [128] * 2 + [256] * 3 + [512] * 3 + [1024, 1024] + [256, 512] + [128, 256] * 3
+    assert rows[1].params_delta == sum(_se_params(c, max(8, c // 16)) for c in widths)
+    assert summarize_tasks(rows)["detection"]["covered"] == 1
