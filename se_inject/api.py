@@ -34,11 +34,13 @@ from .engine.patterns import architecture_category
 from .engine.plan import Plan, Settings, Site, Skip
 from .engine.recipes import resolve_recipes
 from .engine.surgery import apply_plan
+from .engine.tasks import model_task
 from .engine.verify import verify_plan
 from .errors import NoSitesError, SurgeryError, UsageError
 from .io.atomic import foreign_entries
 from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
 from .io.export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
+from .io.features import refuse_feature_extractor, wrap_features
 from .io.pretrained import build_pretrained, locate_pretrained
 from .layers.attention import attention_spec, list_attention
 from .names import GATES, INITS, MAX_DIVISOR, MAX_SEED, PLACEMENTS, VARIANTS
@@ -132,6 +134,13 @@ class Report:
             "exports": [e.to_dict() for e in self.exports],
             "pretrained": self.pretrained,
         }
+
+
+QUANTIZABLE_REFUSAL = (
+    "torchvision's quantizable models are refused: their fuse_model() fuses blocks only of their exact class "
+    "(type(m) is QuantizableBottleneck), which a block with SE is not, and eager-mode int8 conversion has no kernel "
+    "for the float SE layers; put SE in the float model (torchvision:resnet18 for quantized_resnet18) instead"
+)
 
 
 def default_output_name(plan: Plan, reduction: int, model: str = "model") -> str:
@@ -252,6 +261,13 @@ def make_plan(
     if not kept:
         removed = ", ".join(m.path for m in findings.matches[:6]) + (", ..." if len(findings.matches) > 6 else "")
         raise NoSitesError(f"the filters removed all {len(findings.matches)} sites ({removed})", "filtered")
+    flat = next((m for m in kept if len(m.shape) != 4), None)
+    if flat is not None and not VARIANTS[settings.attention].any_rank:
+        raise UsageError(
+            f"--attention {settings.attention} is defined for 2-D maps (its spatial attention is a 2-D map over H, W), "
+            f"but {flat.path} takes a {len(flat.shape) - 2}-D map {tuple(flat.shape[1:])}; use "
+            f"{', '.join(k for k, v in VARIANTS.items() if v.any_rank)}"
+        )
     sites = tuple(_site(m, settings) for m in kept)
     notes = []
     small = [s for s in sites if settings.reduction and settings.reduction > s.channels]
@@ -293,6 +309,9 @@ def inject(
     drift: bool | None = None,
     images: str | Path | None = None,
     before_build: Callable[[Plan, str], None] | None = None,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] | list[int] | None = None,
+    feature_cls: str | None = None,
     **options: Any,
 ) -> tuple[nn.Module, Report]:
     """Insert SE blocks where the recipes put them and return ``(model, report)``.
@@ -320,12 +339,25 @@ def inject(
         before_build: Called with the plan and the default output folder name once planning (on the meta device)
             is done, before the model is built with real weights: a caller's last chance to refuse cheaply (the CLI
             checks the output folder there).
+        features_only, out_indices, feature_cls: Return the SE model as the feature extractor
+            ``timm.create_model(name, features_only=True, out_indices=..., feature_cls=...)`` builds (timm model
+            names); the plan and the counts are the classification model's, which is what `save` takes.
     """
     settings = resolve_settings(settings, options)
     seed = _seed(seed)
     recipes = [r.for_placement(settings.placement) for r in resolve_recipes(recipe, tuple(recipe_files))]
     source = _Source.open(model, weights=weights, pretrained=pretrained, inplace=inplace)
-    size = parse_input_size(input_size) or default_input_size(source.spec, source.planning)
+    task = model_task(source.planning)
+    if task == "quantization":
+        raise NoSitesError(QUANTIZABLE_REFUSAL, "quantizable")
+    if images is not None and task in ("video", "optical_flow"):
+        raise UsageError(f"--images takes single images; a {task.replace('_', ' ')} model needs "
+                         f"{'clips' if task == 'video' else 'pairs of frames'}: leave it out for random inputs")
+    default_size = default_input_size(source.spec, source.planning)
+    size = parse_input_size(input_size, task, default_size) or default_size
+    if task == "detection":
+        source.notes += ("detection: planning and MACs cover the model's transform and backbone (model.backbone), "
+                         "where SE goes; the heads' work depends on the detections. Parameters cover the whole model",)
     if str(device) != "meta":  # the saved model will run at this size: refuse one no machine here can hold
         check_forward_memory(source.planning, size)
     findings = find_sites(source.planning, recipes, size, count_base=True)  # one forward: shapes and base counts
@@ -353,14 +385,20 @@ def inject(
     else:
         injected, drifted = _apply_measuring_drift(base, plan, size, inplace=inplace or source.spec is not None,
                                                    drift=drift, weights=weights, images=images,
-                                                   pretrained=pretrained)
+                                                   pretrained=pretrained, classes=task in ("classification",))
+    site_params = {s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites}
+    if features_only:
+        chosen = {k: v for k, v in (("out_indices", out_indices), ("feature_cls", feature_cls)) if v is not None}
+        injected = wrap_features(injected, plan, **chosen)
+        source.notes += (f"features_only: {type(injected).__name__} over the SE model; plan and counts are the "
+                         "classification model's",)
     return injected, Report(
         model=str(source.spec) if source.spec else type(base).__name__,
         plan=plan,
         skipped=_in_model_order(planning, (*findings.skipped, *refused, *unrun)),
         before=findings.counts,
         after=after,
-        site_params={s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites},
+        site_params=site_params,
         feature_maps={m.path: m.shape[1:] for m in findings.matches if m.path in {s.path for s in plan.sites}},
         notes=(*source.notes, *notes),
         reduction=reduction,
@@ -403,6 +441,7 @@ class _Source:
         if pretrained and weights is not None:
             raise UsageError("pretrained weights and a weights file exclude each other: pass one")
         if not isinstance(model, str):
+            refuse_feature_extractor(model)
             if weights is not None or pretrained:
                 raise UsageError("weights= and pretrained= are for model names; load weights into your module "
                                  "before calling inject")
@@ -448,17 +487,17 @@ class _Source:
 
 def _apply_measuring_drift(
     base: nn.Module, plan: Plan, size: tuple[int, ...], *, inplace: bool, drift: bool | None, weights: Any,
-    images: Any, pretrained: bool,
+    images: Any, pretrained: bool, classes: bool,
 ) -> tuple[nn.Module, Drift | None]:
     """Apply `plan` to the real `base`; with `drift` (default: when the weights are meaningful), compare the outputs
     before and after on a fixed batch."""
     measure = (weights is not None or images is not None or pretrained) if drift is None else drift
     if not measure:
         return apply_plan(base, plan, inplace=inplace), None
-    batch, described = image_batch(images, size, base) if images is not None else random_batch(size)
+    batch, described = image_batch(images, size, base) if images is not None else random_batch(size, model=base)
     before = drift_outputs(base, batch)
     injected = apply_plan(base, plan, inplace=inplace)
-    return injected, compare(before, drift_outputs(injected, batch), described)
+    return injected, compare(before, drift_outputs(injected, batch), described, classes=classes)
 
 
 def _apply_checked(

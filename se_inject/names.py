@@ -66,6 +66,7 @@ class Variant:
     uses_reduction: bool = True
     params: str = ""  # per site, C channels, rd squeeze width, k kernel size
     divisor: int | None = None  # the variant's own squeeze rounding where a recipe rounds C // r to a divisor
+    any_rank: bool = True  # defined for maps of 1, 2 or 3 spatial dimensions (video, 1-D), not only (N, C, H, W)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,7 +83,7 @@ VARIANTS = {
         Variant("cbam", "channel attention (avg- and max-pooled descriptors through one shared MLP with reduction r) "
                 "then spatial attention (channel-wise avg/max maps -> 7x7 conv + BN -> sigmoid)",
                 "Woo et al., CBAM: Convolutional Block Attention Module (the authors' code: rd = C // r, biases)",
-                params="2*C*rd + rd + C (with bias) + 98 + 2", divisor=1),
+                params="2*C*rd + rd + C (with bias) + 98 + 2", divisor=1, any_rank=False),
         Variant("ese", "effective SE: global average pool -> one FC C->C -> hard-sigmoid -> scale",
                 "Lee & Park, CenterMask (VoVNetV2)", gate="hard-sigmoid", uses_reduction=False,
                 params="C*C + C (with bias)"),

@@ -236,8 +236,9 @@ def inject_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report on the meta device; write nothing.")]
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
-    input_size: Annotated[str | None, typer.Option(metavar="N|HxW|C,H,W", help="Input size for shapes and counts. "
-                                                   "Default: the model's.", show_default=False)] = None,
+    input_size: Annotated[str | None, typer.Option(metavar="N|HxW|C,H,W", help="Input size for shapes and counts; "
+                                                   "video models: T,H,W or C,T,H,W. Default: the model's.",
+                                                   show_default=False)] = None,
     weights: Annotated[Path | None, typer.Option(metavar="FILE", help="Local checkpoint (.safetensors, .pth, .pt) "
                                                  "loaded into the base model before surgery.",
                                                  show_default=False)] = None,
@@ -446,8 +447,8 @@ def render_report(report: Any, *, verbose: bool = False, seed_drawn: bool = Fals
             out.print(f"skipped {n} blocks: {reason}", markup=False)
     if data["drift"]:
         d = data["drift"]
-        out.print(f"drift from the base model on {d['inputs']}: relative L2 {d['relative_l2']:.3g}, "
-                  f"top-1 agreement {100 * d['top1_agreement']:.1f}%")
+        top1 = f", top-1 agreement {100 * d['top1_agreement']:.1f}%" if d["top1_agreement"] is not None else ""
+        out.print(f"drift from the base model on {d['inputs']}: relative L2 {d['relative_l2']:.3g}{top1}")
     for note in data["notes"]:
         out.print(f"note: {note}")
     out.print(f"saved to {data['output']}" if data["output"] else "dry run: nothing written")
@@ -672,7 +673,7 @@ def scan_command(
     with error_funnel():
         from ..api import validate_settings
         from ..engine.plan import Settings
-        from ..tools.scan import model_names, summarize, summarize_categories, write_rows
+        from ..tools.scan import model_names, summarize, summarize_categories, summarize_tasks, write_rows
 
         validate_settings(Settings(reduction=reduction))
         names = model_names(patterns or ["*"], source)
@@ -684,7 +685,8 @@ def scan_command(
         if output is not None:
             write_rows(rows, output)
         if as_json:
-            _print_json({"summary": summarize(rows), "no_match": summarize_categories(rows),
+            _print_json({"summary": summarize(rows), "tasks": summarize_tasks(rows),
+                         "no_match": summarize_categories(rows),
                          "models": [r.to_dict() for r in rows]})
         else:
             _render_scan(rows, output)
@@ -710,16 +712,16 @@ SCAN_TABLE_ROWS = 50  # more models than this: the summary only
 def _render_scan(rows: list[Any], output: Path | None) -> None:
     from rich.table import Table
 
-    from ..tools.scan import summarize, summarize_categories
+    from ..tools.scan import summarize, summarize_categories, summarize_tasks
 
     out = _console()
     if len(rows) <= SCAN_TABLE_ROWS:
         table = Table(title="SE coverage", title_justify="left")
-        for name in ("model", "status", "recipes", "sites", "existing SE", "params +", "MACs +", "reason"):
+        for name in ("model", "task", "status", "recipes", "sites", "existing SE", "params +", "MACs +", "reason"):
             table.add_column(name, justify="right" if name in ("sites", "existing SE", "params +", "MACs +")
                              else "left", overflow="fold")
         for r in rows:
-            table.add_row(r.model, r.status, " ".join(r.recipes), str(r.sites), str(r.existing),
+            table.add_row(r.model, r.task, r.status, " ".join(r.recipes), str(r.sites), str(r.existing),
                           _num(r.params_delta) if r.params_delta is not None else "",
                           _num(r.macs_delta) if r.macs_delta is not None else "", r.reason.split(":")[0])
         out.print(table)
@@ -729,6 +731,15 @@ def _render_scan(rows: list[Any], output: Path | None) -> None:
         table.add_column(name, justify="right")
     table.add_row(*(str(summary[k]) for k in ("models", "covered", "partial-se", "already-se", "no-match", "error")))
     out.print(table)
+    tasks = summarize_tasks(rows)
+    if set(tasks) - {"classification"}:
+        table = Table(title="by task", title_justify="left")
+        for name in ("task", "models", "covered", "partial SE", "already SE", "no match", "errors"):
+            table.add_column(name, justify="left" if name == "task" else "right")
+        for task, counts in tasks.items():
+            table.add_row(task, *(str(counts[k]) for k in ("models", "covered", "partial-se", "already-se",
+                                                           "no-match", "error")))
+        out.print(table)
     kinds = summarize_categories(rows)
     if kinds:
         out.print("no match by kind: " + ", ".join(f"{k} {n}" for k, n in kinds.items()), markup=False)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SEInjectError, describe
+from .tasks import example_inputs, model_task, planning_scope
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_IMAGES = 64
@@ -55,15 +56,23 @@ class Drift:
 
     inputs: str
     relative_l2: float
-    top1_agreement: float
+    top1_agreement: float | None  # None where the outputs are not class scores (detection features, masks, flows)
     max_abs_diff: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def random_batch(input_size: tuple[int, int, int], *, batch: int = 8, seed: int = 0) -> tuple[torch.Tensor, str]:
+def random_batch(
+    input_size: tuple[int, ...], *, batch: int = 8, seed: int = 0, model: nn.Module | None = None
+) -> tuple[torch.Tensor | tuple[Any, ...], str]:
+    """A deterministic random batch: a tensor of `batch` inputs for an image classifier; for other tasks the
+    model's own arguments (`tasks.example_inputs`: a detector's list of images, RAFT's two frames) at batch 2."""
     generator = torch.Generator().manual_seed(seed)
+    if model is not None and model_task(model) not in ("classification", "quantization"):
+        batch = 2
+        return example_inputs(model, input_size, batch=batch, generator=generator), (
+            f"{batch} random normal inputs (seed {seed})")
     x = torch.randn((batch, *input_size), generator=generator)
     return x, f"{batch} random normal inputs (seed {seed})"
 
@@ -119,29 +128,60 @@ def image_batch(
     return torch.stack(images), described
 
 
-def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's eval-mode output on `x` (its training flag is restored).
+def outputs(model: nn.Module, x: torch.Tensor | tuple[Any, ...]) -> torch.Tensor:
+    """The model's eval-mode output on `x` (a tensor, or a tuple of positional arguments) as one (N, D) or (N, K)
+    tensor (its training flag is restored): a detector's backbone features (where SE acts: its detections are
+    data-dependent lists), every tensor of a dict or list output (segmentation, optical flow) flattened per input.
 
     Computed on one CPU thread: how kernels split reductions depends on the thread count, and the last digits of the
     drift figures with it; on one thread they are the same on every machine, so seeded reports are byte-identical.
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    args = x if isinstance(x, tuple) else (x,)
+    args = tuple(_to(a, device) for a in args)
     training, threads = model.training, torch.get_num_threads()
+    captured: list[Any] = []
+    scope = planning_scope(model)
+    handle = scope.register_forward_hook(lambda _m, _a, out: captured.append(out)) if scope is not None else None
     try:
         torch.set_num_threads(1)
         with torch.no_grad():
-            out = model.eval()(x.to(device))
+            out = model.eval()(*args)
     finally:
         torch.set_num_threads(threads)
         model.train(training)
-    if not isinstance(out, torch.Tensor):
-        raise SEInjectError("drift needs a model that returns one tensor")
-    return out.detach().float().cpu()
+        if handle is not None:
+            handle.remove()
+    if captured:
+        out = captured[0]
+    if isinstance(out, torch.Tensor):
+        return out.detach().float().cpu()
+    tensors = [t for t in _tensors(out) if t.dim() > 0]
+    if not tensors or len({t.shape[0] for t in tensors}) != 1:
+        raise SEInjectError("drift needs a model whose outputs are tensors with a batch dimension")
+    return torch.cat([t.detach().float().cpu().flatten(1) for t in tensors], dim=1)
 
 
-def compare(base: torch.Tensor, injected: torch.Tensor, inputs: str) -> Drift:
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return [_to(v, device) for v in value] if isinstance(value, list) else value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def compare(base: torch.Tensor, injected: torch.Tensor, inputs: str, *, classes: bool = True) -> Drift:
+    """The drift of `injected` from `base`; the top-1 agreement only where the outputs are class scores."""
     norm = float(base.norm())
-    top1 = float((base.flatten(1).argmax(1) == injected.flatten(1).argmax(1)).float().mean())
+    top1 = float((base.flatten(1).argmax(1) == injected.flatten(1).argmax(1)).float().mean()) if classes else None
     return Drift(
         inputs=inputs,
         relative_l2=float((injected - base).norm()) / norm if norm else float("inf"),

@@ -82,7 +82,7 @@ class Match:
     rule: BlockRule
     block: str
     anchor: str
-    shape: tuple[int, ...]  # (N, C, H, W) of the feature map the SE scales, at the planning input size
+    shape: tuple[int, ...]  # (N, C, H, W) of the map the SE scales at the planning input size ((N, C, T, H, W): video)
     pattern: str = ""  # the structural pattern that matched ("residual", ...); "" for a class rule
     call: Any = field(default=None, compare=False)  # how the parent called the block (`verify.Call`)
     fixed_args: dict[str, Any] = field(default_factory=dict, compare=False)  # its non-tensor arguments, by name
@@ -320,8 +320,9 @@ def find_sites(
             skipped.append(Skip(path, cp, recipe.name, "not executed by the model's forward"))
         elif len(places) > 1:
             skipped.append(Skip(path, cp, recipe.name, f"its SE place runs {len(places)} times per forward"))
-        elif places[0] is None or len(places[0]) != 4:
-            skipped.append(Skip(path, cp, recipe.name, f"expects an NCHW feature map, got shape {places[0]}"))
+        elif places[0] is None or not 3 <= len(places[0]) <= 5:
+            skipped.append(Skip(path, cp, recipe.name,
+                                f"expects an (N, C, ...) feature map of 1 to 3 spatial dimensions, got {places[0]}"))
         else:
             call = calls.get(path)
             fixed = call.fixed(probe.get_submodule(path).forward) if call is not None else {}
@@ -330,7 +331,7 @@ def find_sites(
             if defaults.act == "block":
                 defaults = replace(defaults, act=block_activation(model.get_submodule(path)) or "relu")
             matches.append(Match(path, recipe, rule, cp, anchor, places[0], pattern, call, fixed,
-                                 first.shape[1] if first is not None and len(first.shape) == 4 else None,
+                                 first.shape[1] if first is not None and 3 <= len(first.shape) <= 5 else None,
                                  defaults))
     return _findings(model, _like_own(model, matches, skipped), skipped, recipes, input_size, shapes, counts)
 

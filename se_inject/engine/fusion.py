@@ -26,6 +26,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import squeeze_excite
 from ..layers.squeeze_excite import ChannelGate
 from .keys import BoundedCache
 
@@ -69,7 +70,7 @@ def squeeze_through(
     running statistics, and only where the map is large next to the matrix the descriptor then goes through
     (``N*H*W*(C - C_h) > 2*C*C_h``); in eager mode the direct mean is as fast and this returns None.
     """
-    if bn_training or running_mean is None or running_var is None or not torch.compiler.is_compiling():
+    if bn_training or running_mean is None or running_var is None or not torch.compiler.is_compiling() or h.dim() != 4:
         return None
     n, c_h, height, width = h.shape
     if not isinstance(n, int):  # a symbolic batch (dynamic export): the size test below would constrain it
@@ -94,7 +95,7 @@ class FusedGate:
         s = self.excite(self.squeeze(x) if squeezed is None else squeezed)
         if self.gain != 1.0:
             s = s * self.gain
-        return scale(x, s[:, :, None, None], inplace, residual)
+        return scale(x, squeeze_excite.unsqueeze_as(s, x), inplace, residual)
 
     def __reduce_ex__(self, protocol: int) -> Any:  # rebuilt from its layer class, which pickles by reference
         return _restore_fused, (type(self).__se_inject_layer__,), self.__dict__

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SEInjectError, describe
+from .tasks import example_inputs, forward
 
 
 def is_meta(model: nn.Module) -> bool:
@@ -47,15 +48,15 @@ def output_shapes(output: Any) -> tuple[tuple[int, ...], ...]:
     return ()
 
 
-def run_meta(model: nn.Module, input_size: tuple[int, int, int]) -> Any:
-    """Forward a meta-device `model` in eval mode at batch 1 (training flags restored); returns the output.
-    Failures raise SEInjectError."""
+def run_meta(model: nn.Module, input_size: tuple[int, ...]) -> Any:
+    """Forward a meta-device `model` in eval mode at batch 1 (training flags restored) on the task's example input
+    (`tasks.example_inputs`; a detector up to its backbone); returns the output. Failures raise SEInjectError."""
     dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.get_default_dtype())
     modes = [(m, m.training) for m in model.modules()]
     try:
-        x = torch.empty((1, *input_size), device="meta", dtype=dtype)
+        args = example_inputs(model, input_size, device="meta", dtype=dtype)
         with torch.no_grad():
-            return model.eval()(x)
+            return forward(model.eval(), args)
     except SEInjectError:
         raise
     except Exception as e:

@@ -17,6 +17,15 @@ from torch import nn
 
 from ..errors import SEInjectError, UnknownModelError, UsageError, WeightsError, describe
 from ..names import MAX_SIDE
+from .tasks import (
+    DEFAULT_CLIP_LEN,
+    RAFT_INPUT_SIZE,
+    clip_len,
+    detection_size,
+    input_rank,
+    model_task,
+    torchvision_task,
+)
 
 SOURCES = ("timm", "torchvision")  # named model libraries; "python" specs are factories of the user's
 DEFAULT_INPUT_SIZE = (3, 224, 224)
@@ -46,9 +55,10 @@ class ModelSpec:
 
 @cache
 def torchvision_names() -> tuple[str, ...]:
+    """Every torchvision model: classification, detection, segmentation, video, optical flow and quantization."""
     import torchvision
 
-    return tuple(torchvision.models.list_models(module=torchvision.models))
+    return tuple(torchvision.models.list_models())
 
 
 @cache
@@ -274,9 +284,7 @@ def _construct(spec: ModelSpec) -> nn.Module:
 
         return timm.create_model(spec.name, pretrained=False)
     if spec.source == "torchvision":
-        import torchvision
-
-        return torchvision.models.get_model(split_tag(spec.name)[0], weights=None)
+        return _construct_torchvision(*split_tag(spec.name))
     if spec.source == "python":
         factory = _import_factory(spec)
         try:
@@ -289,6 +297,51 @@ def _construct(spec: ModelSpec) -> nn.Module:
             raise SEInjectError(f"{spec.name}: the factory returned a {type(model).__name__}, not an nn.Module")
         return model
     raise UsageError(f"cannot build models from source {spec.source!r}")
+
+
+def _construct_torchvision(arch: str, tag: str) -> nn.Module:
+    """Random weights, nothing downloaded: no backbone weights for detection and segmentation models, and for a
+    tagged name the architecture those weights need (a COCO detector's frozen BatchNorm, a segmentation model's
+    auxiliary head, the number of classes), built by torchvision's own builder with the loading left out."""
+    import inspect
+
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(arch)
+    kwargs: dict[str, Any] = {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None
+    weights = torchvision_weights_enum(arch)[tag] if tag else None
+    if weights is None or "unquantized" in weights.meta:  # int8 weights: the float model's architecture is the same
+        return builder(**kwargs)
+    with _architecture_only():
+        return builder(**{**kwargs, "weights": weights})
+
+
+class _NoState(dict):
+    """What a torchvision weights enum hands its builder under `_architecture_only`: loading it is a no-op."""
+
+
+@contextmanager
+def _architecture_only():
+    """Torchvision builders called with weights build the architecture they need, but neither fetch nor load them."""
+    from torchvision.models._api import WeightsEnum
+
+    get_state_dict, load_state_dict = WeightsEnum.get_state_dict, nn.Module.load_state_dict
+
+    def no_state(self: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return _NoState()
+
+    def load_unless_empty(module: nn.Module, state: Any, *args: Any, **kwargs: Any) -> Any:
+        return None if isinstance(state, _NoState) else load_state_dict(module, state, *args, **kwargs)
+
+    WeightsEnum.get_state_dict = no_state  # type: ignore[method-assign]
+    nn.Module.load_state_dict = load_unless_empty  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        WeightsEnum.get_state_dict = get_state_dict  # type: ignore[method-assign]
+        nn.Module.load_state_dict = load_state_dict  # type: ignore[method-assign]
 
 
 @contextmanager
@@ -318,27 +371,56 @@ def empty_weights():
             handle.remove()
 
 
-def default_input_size(spec: ModelSpec | None, model: nn.Module | None = None) -> tuple[int, int, int]:
-    """(C, H, W) the model is evaluated at: torchvision's weights transforms, a timm-style ``pretrained_cfg``, else
-    224."""
+def default_input_size(spec: ModelSpec | None, model: nn.Module | None = None) -> tuple[int, ...]:
+    """The size of one example the model is evaluated at: (C, H, W), or (C, T, H, W) for video.
+
+    Torchvision's weights transforms give it (crop size; a segmentation model's resize size; a video model's crop
+    and the clip length its weights were evaluated at); a detector's transform its short side (a square image
+    that size reaches the backbone unresized); RAFT its training crop; a timm-style ``pretrained_cfg`` its
+    ``input_size``; else 224."""
+    task = model_task(model) if model is not None else None
     if spec is not None and spec.source == "torchvision":
         arch, tag = split_tag(spec.name)
+        task = task or torchvision_task(arch)
         weights = torchvision_weights_enum(arch)
         if weights is not None:
-            transforms = (weights[tag] if tag in weights.__members__ else next(iter(weights))).transforms
-            crop = getattr(transforms, "keywords", {}).get("crop_size")
-            if crop:
-                return (3, int(crop), int(crop))
+            member = weights[tag] if tag in weights.__members__ else next(iter(weights))
+            keywords = getattr(member.transforms, "keywords", {})
+            side = keywords.get("crop_size") or keywords.get("resize_size")
+            if side and task != "detection":
+                height, width = (side, side) if isinstance(side, int) else (side[0], side[-1])
+                frames = (clip_len(member),) if task == "video" else ()
+                return (3, *frames, int(height), int(width))
+    if task == "detection" and model is not None:
+        size = detection_size(model)
+        if size is not None:
+            return size
+    if task == "optical_flow":
+        return RAFT_INPUT_SIZE
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in cfg:
-        return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
+        return tuple(int(v) for v in cfg["input_size"])
+    if task == "video":
+        return (3, DEFAULT_CLIP_LEN, *DEFAULT_INPUT_SIZE[1:])
+    if task == "sequence" and model is not None:
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv1d))
+        return (first.in_channels, DEFAULT_INPUT_SIZE[-1])
     return DEFAULT_INPUT_SIZE
 
 
-def parse_input_size(value: int | str | tuple[int, ...] | list[int] | None) -> tuple[int, int, int] | None:
-    """``224``, ``"224"``, ``"3,224,224"``, ``"224x192"`` or a tuple -> (C, H, W)."""
+InputSize = int | str | tuple[int, ...] | list[int] | None
+_FORMS = {3: "N, HxW or C,H,W", 4: "N (H=W), HxW, T,H,W or C,T,H,W (a video model)", 2: "L or C,L (a 1-D model)"}
+
+
+def parse_input_size(value: InputSize, task: str = "classification",
+                     default: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    """The size of one example for a model of `task` (`tasks.model_task`): ``224``, ``"224x192"`` or
+    ``"3,224,224"`` -> (C, H, W); for video also ``"16,112,112"`` (T, H, W) or ``"3,16,112,112"`` (C, T, H, W),
+    where N and HxW keep the `default` clip length. Channels default to 3 (a 1-D model: its first conv's)."""
     if value is None:
         return None
+    rank = input_rank(task)
+    forms = _FORMS[rank]
     try:
         if isinstance(value, str):
             parts = [int(p) for p in value.replace("x", ",").split(",") if p.strip()]
@@ -347,16 +429,30 @@ def parse_input_size(value: int | str | tuple[int, ...] | list[int] | None) -> t
         else:
             parts = [int(p) for p in value]
     except (TypeError, ValueError):
-        raise UsageError(f"invalid input size {value!r}: expected N, HxW or C,H,W with positive integers") from None
-    if len(parts) == 1:
+        raise UsageError(f"invalid input size {value!r}: expected {forms} with positive integers") from None
+    if any(p <= 0 for p in parts):
+        raise UsageError(f"invalid input size {value!r}: expected {forms} with positive integers")
+    channels = default[0] if default else 3
+    if rank == 2:
+        parts = [channels, *parts] if len(parts) == 1 else parts
+    elif rank == 4:
+        frames = default[1] if default and len(default) == 4 else DEFAULT_CLIP_LEN
+        if len(parts) == 1:
+            parts = [channels, frames, parts[0], parts[0]]
+        elif len(parts) == 2:
+            parts = [channels, frames, *parts]
+        elif len(parts) == 3:
+            parts = [channels, *parts]
+    elif len(parts) == 1:
         parts = [3, parts[0], parts[0]]
     elif len(parts) == 2:
         parts = [3, *parts]
-    if len(parts) != 3 or any(p <= 0 for p in parts):
-        raise UsageError(f"invalid input size {value!r}: expected N, HxW or C,H,W with positive integers")
+    if len(parts) != rank:
+        hint = " (C,T,H,W is for video models)" if len(parts) == 4 else ""
+        raise UsageError(f"invalid input size {value!r}: expected {forms}{hint}")
     if any(p > MAX_SIDE for p in parts):
-        raise UsageError(f"invalid input size {value!r}: each of C, H, W must be at most {MAX_SIDE}")
-    return tuple(parts)  # type: ignore[return-value]
+        raise UsageError(f"invalid input size {value!r}: each dimension must be at most {MAX_SIDE}")
+    return tuple(parts)
 
 
 # --- weights -----------------------------------------------------------------------------------------------------

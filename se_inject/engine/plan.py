@@ -100,7 +100,7 @@ class Plan:
     Attributes:
         model: The base model's spec, or None for a model object the caller built (then ``load`` needs it).
         sites: Every insertion, in module order.
-        input_size: (C, H, W) used for planning and counting.
+        input_size: (C, H, W) used for planning and counting; (C, T, H, W) for video, (C, L) for 1-D models.
         init: "paper" or "identity".
         seed: Seed of the SE initialisation (and of the base model's random weights when built from a name).
         settings: The options the plan was made with, for the record.

@@ -87,8 +87,8 @@ class Call:
                     shape = list(value.shape)
                     if shape and shape[0] == 1:
                         shape[0] = batch
-                    if len(shape) == 4:
-                        shape[2:] = [d // shrink * grow for d in shape[2:]]
+                    if len(shape) in (4, 5):  # NCHW, or NCTHW (video: the frames stay)
+                        shape[-2:] = [d // shrink * grow for d in shape[-2:]]
                     if generator is None:
                         made[value.alias] = torch.empty(shape, dtype=value.dtype, device="meta")
                     elif value.dtype.is_floating_point:
@@ -103,8 +103,8 @@ class Call:
     def shrink_factor(self, smallest: int = 4) -> int:
         """The largest factor dividing every recorded NCHW tensor's height and width that leaves them at least
         `smallest` (1 when none does): the check runs on small maps of the same proportions."""
-        dims = [d for leaf in leaves((self.args, self.kwargs)) if isinstance(leaf, TensorArg) and len(leaf.shape) == 4
-                for d in leaf.shape[2:]]
+        dims = [d for leaf in leaves((self.args, self.kwargs))
+                if isinstance(leaf, TensorArg) and len(leaf.shape) in (4, 5) for d in leaf.shape[-2:]]
         if not dims:
             return 1
         common = math.gcd(*dims)

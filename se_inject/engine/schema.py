@@ -202,8 +202,8 @@ def plan_from_data(data: Any) -> Plan:
         raise _fail("format", f"unsupported plan format {data['format']!r} (expected {PLAN_FORMAT!r})"[:300])
     model = _model("model", data["model"])
     size = data["input_size"]
-    if not isinstance(size, list) or len(size) != 3:
-        raise _fail("input_size", "expected [channels, height, width]")
+    if not isinstance(size, list) or not 2 <= len(size) <= 4:
+        raise _fail("input_size", "expected [channels, height, width] ([channels, frames, height, width]: video)")
     input_size = tuple(_int(f"input_size[{i}]", v, 1, MAX_SIDE) for i, v in enumerate(size))
     init = _choice("init", data["init"], INITS)
     seed = _int("seed", data["seed"], 0, MAX_SEED)

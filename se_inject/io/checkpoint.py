@@ -32,6 +32,7 @@ from ..engine.schema import plan_from_data
 from ..engine.surgery import apply_plan
 from ..errors import CheckpointError, SEInjectError, WeightsError, describe
 from .atomic import write_folder
+from .features import feature_options, is_feature_extractor, wrap_features
 
 MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
@@ -337,6 +338,9 @@ def load(
     device: str | torch.device = "cpu",
     trust_code: bool = False,
     verify_weights: bool = True,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] | list[int] | None = None,
+    feature_cls: str | None = None,
 ) -> nn.Module:
     """Rebuild a saved model: base model from the plan's spec (or `model`), replay the plan, load weights strictly.
 
@@ -345,10 +349,16 @@ def load(
     `trust_code=True`. The plan is validated field by field and the weights against their digest first
     (`verify_weights=False` skips the digest, a full read of the file, for very large checkpoints).
 
+    With `features_only` (or a timm feature extractor as `model`, whose out_indices are kept) the result is the
+    feature extractor timm's ``create_model(name, features_only=True, out_indices=..., feature_cls=...)`` builds,
+    around the SE model.
+
     Returns the model in eval mode on `device`.
     """
     from safetensors import SafetensorError, safe_open
 
+    if model is not None and is_feature_extractor(model):
+        features_only, out_indices, model = True, out_indices or feature_options(model).get("out_indices"), None
     file = _model_file(path)
     plan = read_plan(file)
     if model is None and plan.model is None:
@@ -398,4 +408,7 @@ def load(
         load_state(rebuilt, state)
     except (RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{file}: cannot load the weights into the model ({_reason(e)})") from None
+    if features_only:
+        options = {k: v for k, v in (("out_indices", out_indices), ("feature_cls", feature_cls)) if v is not None}
+        rebuilt = wrap_features(rebuilt, plan, **options)
     return rebuilt.to(device).eval()

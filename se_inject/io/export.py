@@ -24,6 +24,7 @@ from torch import nn
 from ..engine.models import ModelSpec, build_model, split_tag, torchvision_weights_enum
 from ..engine.plan import Plan
 from ..engine.surgery import apply_plan
+from ..engine.tasks import example_inputs, model_task
 from ..errors import ExportError, describe
 from ..names import EXPORT_FORMATS
 from .checkpoint import write_atomically
@@ -75,6 +76,15 @@ def example_input(plan: Plan, *, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randn((batch, *plan.input_size), generator=generator)
 
 
+def _example_args(model: nn.Module, plan: Plan, batch: int, device: torch.device) -> tuple[Any, ...]:
+    """The forward's arguments: `example_input` for one-tensor models, the task's own inputs for the others
+    (a detector's list of images, RAFT's two frames), same seed."""
+    if model_task(model) in ("detection", "optical_flow"):
+        return example_inputs(model, plan.input_size, batch=batch, device=device,
+                              generator=torch.Generator().manual_seed(0))
+    return (example_input(plan, batch=batch).to(device),)
+
+
 def output_tensors(output: Any) -> list[torch.Tensor]:
     """The tensors of a model output, flattened in order: a tensor, or (named) tuples, lists and dicts of them
     (TorchScript of torchvision's inception_v3/googlenet returns ``InceptionOutputs(logits, aux=None)``). Nones,
@@ -120,6 +130,10 @@ def export_writer(model: nn.Module, plan: Plan, fmt: str, final: Path, results: 
     file will be renamed to. `batch` fixes the batch axis (default: dynamic); `opset` is ONNX's."""
     validate_export_options([fmt], batch=batch, opset=opset)
     label, save, load_back = _WRITERS[fmt]
+    task = model_task(model)
+    if task in ("detection", "optical_flow") and fmt != "torchscript":
+        raise ExportError(f"{label} export of a {task.replace('_', ' ')} model is not supported (it takes "
+                          f"{'a list of images' if task == 'detection' else 'two frames'}); use torchscript")
     note = ""
     if fmt == "torchscript" and batch is not None:
         batch, note = None, f"TorchScript has no fixed shapes: static batch {batch} does not apply; dynamic"
@@ -129,14 +143,14 @@ def export_writer(model: nn.Module, plan: Plan, fmt: str, final: Path, results: 
         training = model.training
         model.eval()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        inputs = {b: example_input(plan, batch=b).to(device) for b in dict.fromkeys((trace_batch, *check_batches))}
+        inputs = {b: _example_args(model, plan, b, device) for b in dict.fromkeys((trace_batch, *check_batches))}
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit's deprecation notices, exporter chatter
                 try:
-                    written_opset = save(model, inputs[trace_batch], target, dynamic=batch is None, opset=opset)
+                    written_opset = save(model, inputs[trace_batch][0], target, dynamic=batch is None, opset=opset)
                     run = load_back(target)
-                    diffs = None if run is None else [compare_outputs(run(inputs[b]), model(inputs[b]))
+                    diffs = None if run is None else [compare_outputs(run(*inputs[b]), model(*inputs[b]))
                                                       for b in check_batches]
                 except ExportError:
                     raise

@@ -36,9 +36,26 @@ def fc(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torc
     return F.linear(s, weight.flatten(1), bias)
 
 
+@torch.fx.wrap
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """The squeeze, eq. 2: the mean over every dimension after the channels, (H, W) of an (N, C, H, W) map, (T, H, W)
+    of a video block's, (L) of a 1-D one (3-D SE for video, as X3D). One call in a torch.fx graph: the rank is not
+    known while tracing."""
+    return x.mean(list(range(2, x.dim())))
+
+
+@torch.fx.wrap
+def unsqueeze_as(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N, C) gates shaped to broadcast over `x`: (N, C, 1, 1) for an (N, C, H, W) map, (N, C, 1, 1, 1) for video."""
+    while s.dim() < x.dim():
+        s = s.unsqueeze(-1)
+    return s
+
+
 class ChannelGate(nn.Module):
     """Channel attention that squeezes by the spatial mean and scales each channel by a gate (SE, ESE, ECA):
-    ``x * gain * excite(mean_hw(x))``, with `excite` mapping (N, C) descriptors to (N, C) gates."""
+    ``x * gain * excite(mean(x))``, with `excite` mapping (N, C) descriptors to (N, C) gates. Maps of any rank
+    (N, C, ...) are squeezed over every dimension after the channels."""
 
     def _init_gate(self, gate: str, gain: float) -> None:
         """The gate nonlinearity and its constant gain; called by subclasses after their own layers."""
@@ -46,8 +63,8 @@ class ChannelGate(nn.Module):
         self.gain = float(gain)
 
     def squeeze(self, x: torch.Tensor) -> torch.Tensor:
-        """Global average pooling of each channel, eq. 2: (N, C, H, W) -> (N, C)."""
-        return x.mean((2, 3))
+        """Global average pooling of each channel, eq. 2: (N, C, ...) -> (N, C)."""
+        return spatial_mean(x)
 
     def excite(self, s: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -56,7 +73,7 @@ class ChannelGate(nn.Module):
         s = self.excite(self.squeeze(x))
         if self.gain != 1.0:
             s = s * self.gain
-        return x * s[:, :, None, None]  # scale, eq. 4
+        return x * unsqueeze_as(s, x)  # scale, eq. 4
 
     def extra_repr(self) -> str:
         return f"gain={self.gain:g}" if self.gain != 1.0 else ""

@@ -19,15 +19,16 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatchcase
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from ..api import inject
-from ..engine.models import build_model, resolve_model, timm_names, torchvision_names
+from ..engine.models import build_model, resolve_model, split_tag, timm_names, torchvision_names
 from ..engine.patterns import architecture_category
+from ..engine.tasks import TASKS, torchvision_task
 from ..errors import NoSitesError, SEInjectError, UsageError, describe
 from ..io.checkpoint import write_atomically
 
@@ -49,6 +50,7 @@ class ScanRow:
     reason: str = ""
     seconds: float = 0.0
     category: str = ""  # for "no-match": transformer, MLP, hybrid or CNN (`patterns.architecture_category`)
+    task: str = "classification"  # detection, segmentation, video, optical_flow, quantization (`tasks.TASKS`)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "recipes": list(self.recipes)}
@@ -80,20 +82,33 @@ def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
     """Plan and count one model on the meta device; never raises."""
 
     start = time.perf_counter()
+    task = model_task_of(name)
+    row = _scan_one(name, timeout, start, **options)
+    return replace(row, task=task)
+
+
+def model_task_of(name: str) -> str:
+    """The task of a ``source:name`` (torchvision's by the module registering it; timm's models classify)."""
+    source, _, arch = name.rpartition(":")
+    return torchvision_task(split_tag(arch)[0]) if source == "torchvision" else "classification"
+
+
+def _scan_one(name: str, timeout: float, start: float, **options: Any) -> ScanRow:
     use_alarm = timeout > 0 and hasattr(signal, "setitimer")
     if use_alarm:
         previous = signal.signal(signal.SIGALRM, _alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
         _, report = inject(name, device="meta", seed=0, **{"fill": True, **options})
-        data = report.to_dict()
+        params_delta = report.after.params - report.before.params
+        macs_delta = report.after.macs - report.before.macs
         existing = sum(s.already_attention for s in report.skipped)
         # Independent counts: numel over the inserted modules, and the flop counter's own per-module figures.
         se_params = sum(report.site_params.values())
         se_macs = sum(report.after.attention_macs.get(s.module_path, 0) for s in report.plan.sites)
-        if (data["params"]["delta"], data["macs"]["delta"]) != (se_params, se_macs):
-            return ScanRow(name, "error", reason=f"count mismatch: params {data['params']['delta']} vs {se_params}, "
-                           f"MACs {data['macs']['delta']} vs {se_macs}", seconds=time.perf_counter() - start)
+        if (params_delta, macs_delta) != (se_params, se_macs):
+            return ScanRow(name, "error", reason=f"count mismatch: params {params_delta} vs {se_params}, "
+                           f"MACs {macs_delta} vs {se_macs}", seconds=time.perf_counter() - start)
         return ScanRow(
             model=name,
             status="partial-se" if existing else "covered",
@@ -101,8 +116,8 @@ def scan_one(name: str, timeout: float = 0.0, **options: Any) -> ScanRow:
             sites=len(report.plan.sites),
             existing=existing,
             ineligible=len(report.skipped) - existing,
-            params_delta=data["params"]["delta"],
-            macs_delta=data["macs"]["delta"],
+            params_delta=params_delta,
+            macs_delta=macs_delta,
             seconds=time.perf_counter() - start,
         )
     except NoSitesError as e:
@@ -189,6 +204,12 @@ def _scan_parallel(names: list[str], workers: int, timeout: float, options: dict
                         yield ScanRow(name, "error", reason="the worker process died while planning this model")
 
 
+def summarize_tasks(rows: list[ScanRow]) -> dict[str, dict[str, int]]:
+    """`summarize` per task, in `tasks.TASKS` order."""
+
+    return {task: summarize([r for r in rows if r.task == task]) for task in TASKS if any(r.task == task for r in rows)}
+
+
 def summarize(rows: list[ScanRow]) -> dict[str, int]:
     counts = dict.fromkeys(STATUSES, 0)
     for row in rows:
@@ -201,7 +222,8 @@ def write_rows(rows: list[ScanRow], path: str | Path) -> None:
 
     path = Path(path)
     if path.suffix.lower() == ".json":
-        text = json.dumps({"summary": summarize(rows), "no_match": summarize_categories(rows),
+        text = json.dumps({"summary": summarize(rows), "tasks": summarize_tasks(rows),
+                           "no_match": summarize_categories(rows),
                            "models": [r.to_dict() for r in rows]}, indent=2) + "\n"
     elif path.suffix.lower() == ".csv":
         buffer = io.StringIO()

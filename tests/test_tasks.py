@@ -1,0 +1,378 @@
+"""Models beyond image classification: every torchvision model by name, detection, segmentation, video (3-D SE) and
+optical flow, on the smallest model of each task (tiny inputs; the big ones behind the slow marker)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import get_model
+
+import se_inject
+from se_inject.engine.meta import meta_copy
+from se_inject.engine.models import ModelSpec, build_model, default_input_size, parse_input_size, resolve_model
+from se_inject.engine.tasks import model_task, torchvision_task
+from se_inject.errors import ExportError, NoSitesError, UsageError
+from se_inject.io.export import export
+from se_inject.layers import EffectiveSqueezeExcite, EfficientChannelAttention, SqueezeExcite
+
+
+def _se_params(channels: int, rd: int) -> int:
+    return 2 * channels * rd + rd + channels
+
+
+def _inserted(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SqueezeExcite)}
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+# --- names -----------------------------------------------------------------------------------------------------
+
+
+def test_every_torchvision_model_resolves_with_its_task():
+    names = torchvision.models.list_models()
+    assert len(names) == 121
+    tasks = {}
+    for name in names:
+        assert resolve_model(f"torchvision:{name}") == ModelSpec("torchvision", name)
+        tasks[name] = torchvision_task(name)
+    assert tasks["fasterrcnn_resnet50_fpn"] == "detection"
+    assert tasks["deeplabv3_resnet50"] == "segmentation"
+    assert tasks["r3d_18"] == "video"
+    assert tasks["raft_small"] == "optical_flow"
+    assert tasks["quantized_resnet18"] == "quantization"
+    assert tasks["resnet18"] == "classification"
+    assert resolve_model("fasterrcnn_resnet50_fpn") == ModelSpec("torchvision", "fasterrcnn_resnet50_fpn")
+
+
+def test_weight_tags_resolve_through_torchvisions_enums():
+    assert resolve_model("torchvision:fasterrcnn_resnet50_fpn.COCO_V1").name == "fasterrcnn_resnet50_fpn.COCO_V1"
+    assert resolve_model("torchvision:r3d_18.DEFAULT").name == "r3d_18.KINETICS400_V1"
+    with pytest.raises(se_inject.errors.UnknownModelError, match="COCO_V1"):
+        resolve_model("torchvision:fasterrcnn_resnet50_fpn.IMAGENET1K_V1")
+
+
+def test_detection_and_segmentation_models_build_without_downloading(monkeypatch):
+    def refuse(*_a, **_k):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    for name in ("fasterrcnn_resnet50_fpn", "ssd300_vgg16", "deeplabv3_resnet50", "ssdlite320_mobilenet_v3_large",
+                 "fasterrcnn_resnet50_fpn.COCO_V1", "deeplabv3_resnet50.COCO_WITH_VOC_LABELS_V1"):
+        build_model(resolve_model(f"torchvision:{name}"), device="meta")
+
+
+def test_a_tagged_name_builds_the_architecture_its_weights_need():
+    """COCO detectors freeze their BatchNorm and segmentation weights bring an auxiliary head: the tagged build
+    has exactly the keys torchvision's own builder gives with those weights (so a saved folder loads back)."""
+    plain = build_model(ModelSpec("torchvision", "fasterrcnn_resnet50_fpn"), device="meta")
+    tagged = build_model(ModelSpec("torchvision", "fasterrcnn_resnet50_fpn.COCO_V1"), device="meta")
+    assert type(plain.backbone.body.bn1) is nn.BatchNorm2d
+    assert type(tagged.backbone.body.bn1) is torchvision.ops.FrozenBatchNorm2d
+    assert not any(k.endswith("num_batches_tracked") for k in tagged.backbone.body.state_dict())
+    seg = build_model(ModelSpec("torchvision", "deeplabv3_resnet50.COCO_WITH_VOC_LABELS_V1"), device="meta")
+    assert seg.aux_classifier is not None and seg.classifier[-1].out_channels == 21
+    assert build_model(ModelSpec("torchvision", "deeplabv3_resnet50"), device="meta").aux_classifier is None
+
+
+# --- input sizes -------------------------------------------------------------------------------------------------
+
+
+def test_default_input_sizes_come_from_the_weights_and_the_model():
+    def size(name):
+        spec = ModelSpec("torchvision", name)
+        return default_input_size(spec, build_model(spec, device="meta"))
+
+    assert size("r3d_18") == (3, 16, 112, 112)  # crop 112, clip_len=16 in the weights' docs
+    assert size("s3d") == (3, 128, 224, 224)
+    assert size("deeplabv3_resnet50") == (3, 520, 520)  # the weights' resize size
+    assert size("fasterrcnn_resnet50_fpn") == (3, 800, 800)  # the transform's short side
+    assert size("ssd300_vgg16") == (3, 300, 300)
+    assert size("raft_small") == (3, 368, 496)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("112", (3, 16, 112, 112)), ("112x128", (3, 16, 112, 128)), ("8,112,112", (3, 8, 112, 112)),
+    ("1,8,64,64", (1, 8, 64, 64)), ((3, 4, 32, 32), (3, 4, 32, 32)),
+])
+def test_video_input_sizes(value, expected):
+    assert parse_input_size(value, "video", (3, 16, 112, 112)) == expected
+
+
+@pytest.mark.parametrize(("value", "task"), [("3,8,64,64", "classification"), ("1,2,3,4,5", "video"),
+                                             ("3,0,64,64", "video"), ("a,b", "video")])
+def test_wrong_input_sizes_are_usage_errors(value, task):
+    with pytest.raises(UsageError, match="invalid input size"):
+        parse_input_size(value, task)
+
+
+def test_a_video_size_for_an_image_model_says_so():
+    with pytest.raises(UsageError, match="C,T,H,W is for video models"):
+        se_inject.inject("torchvision:resnet18", device="meta", input_size="3,8,64,64")
+
+
+# --- N-d SE ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 9), (2, 16, 5, 6, 7), (2, 16, 6, 7)])
+def test_se_squeezes_every_dimension_after_the_channels(shape):
+    se = SqueezeExcite(16, 8)
+    x = torch.randn(shape)
+    dims = tuple(range(2, len(shape)))
+    s = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean(dims)[..., None, None])))).flatten(1)
+    expected = x * s.reshape(*s.shape, *[1] * len(dims))
+    torch.testing.assert_close(se(x), expected)
+    for module in (EfficientChannelAttention(16, 3), EffectiveSqueezeExcite(16)):
+        assert module(x).shape == x.shape
+
+
+def test_se_keeps_timms_state_dict_keys():
+    assert list(SqueezeExcite(16, 8).state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5), (2, 8, 3, 4, 5)])
+def test_nd_se_scripts(shape):
+    se = SqueezeExcite(8, 8).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(se)(x), se(x))
+
+
+# --- video -------------------------------------------------------------------------------------------------------
+
+
+def test_video_gets_3d_se_with_exact_counts():
+    """mc3_18 at 3x4x32x32: 8 BasicBlocks, SE-ResNet widths; params, MACs and elementwise ops against the layers'
+    own formulas and the model's modules."""
+    injected, report = se_inject.inject("torchvision:mc3_18", device="meta", seed=0, input_size="4,32,32")
+    assert report.plan.input_size == (3, 4, 32, 32)
+    sites = report.site_rows()
+    assert [s["channels"] for s in sites] == [64, 64, 128, 128, 256, 256, 512, 512]
+    base = build_model(ModelSpec("torchvision", "mc3_18"), device="meta")
+    assert report.before.params == sum(p.numel() for p in base.parameters())
+    delta = sum(_se_params(s["channels"], s["squeeze_channels"]) for s in sites)
+    assert report.after.params - report.before.params == delta
+    assert sum(p.numel() for m in _inserted(injected).values() for p in m.parameters()) == delta
+    assert report.after.macs - report.before.macs == sum(2 * s["channels"] * s["squeeze_channels"] for s in sites)
+    with FlopCounterMode(display=False) as flops:
+        base(torch.empty(1, 3, 4, 32, 32, device="meta"))
+    assert report.before.macs == flops.get_total_flops() // 2
+    for s in sites:
+        c, t, h, w = s["feature_map"]  # 3-D: pool reads C*T*H*W, ReLU on rd, sigmoid on C, scale writes C*T*H*W
+        assert s["elementwise_ops"] == 2 * c * t * h * w + s["squeeze_channels"] + c
+
+
+def test_video_identity_reproduces_the_logits():
+    base = get_model("mc3_18", weights=None).eval()
+    injected, _ = se_inject.inject(base, init="identity", seed=0, input_size=(3, 4, 32, 32))
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(injected.eval()(x), base(x))
+
+
+@pytest.mark.slow
+def test_video_round_trips_and_scripts(tmp_path):
+    base = get_model("mc3_18", weights=None).eval()
+    injected, report = se_inject.inject(base, seed=0, input_size=(3, 4, 32, 32))
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        expected = injected.eval()(x)
+    se_inject.save(injected, report.plan, tmp_path / "out")
+    loaded = se_inject.load(tmp_path / "out", model=get_model("mc3_18", weights=None))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), expected)
+        assert torch.equal(torch.jit.script(injected)(x), expected)
+
+
+def test_cbam_is_refused_for_3d_maps():
+    with pytest.raises(UsageError, match="cbam is defined for 2-D maps"):
+        se_inject.inject("torchvision:mc3_18", device="meta", attention="cbam", input_size="4,32,32")
+    _, report = se_inject.inject("torchvision:mc3_18", device="meta", attention="eca", input_size="4,32,32")
+    assert len(report.plan.sites) == 8
+
+
+# --- detection ---------------------------------------------------------------------------------------------------
+
+
+def _backbone_macs(model: nn.Module, image: torch.Tensor) -> int:
+    """MACs of the detector's backbone at the size its own transform makes of `image` (run on a real image)."""
+    with torch.no_grad():
+        size = meta_copy(model).eval().transform([image.to("meta")])[0].tensors.shape
+    with FlopCounterMode(display=False) as flops:
+        meta_copy(model.backbone).eval()(torch.empty(size, device="meta"))
+    return flops.get_total_flops() // 2
+
+
+def test_faster_rcnn_gets_se_resnet50s_16_bottlenecks_with_exact_counts():
+    _, report = se_inject.inject("torchvision:fasterrcnn_resnet50_fpn", device="meta", seed=0)
+    sites = report.site_rows()
+    assert [s["path"] for s in sites][:3] == ["backbone.body.layer1.0", "backbone.body.layer1.1",
+                                              "backbone.body.layer1.2"]
+    assert all(s["path"].startswith("backbone.body.") for s in sites)
+    seresnet = se_inject.engine.models.build_model(ModelSpec("timm", "seresnet50"), device="meta")
+    widths = [(m.fc1.in_channels, m.fc1.out_channels) for n, m in seresnet.named_modules() if n.endswith(".se")]
+    assert [(s["channels"], s["squeeze_channels"]) for s in sites] == widths
+    assert report.after.params - report.before.params == 2_530_992  # SE-ResNet-50's increase
+    base = build_model(ModelSpec("torchvision", "fasterrcnn_resnet50_fpn"), device="meta")
+    assert report.before.params == sum(p.numel() for p in base.parameters())
+    assert report.before.macs == _backbone_macs(base, torch.empty(3, 800, 800, device="meta"))
+    assert any("backbone" in note for note in report.notes)
+
+
+def _tiny_ssdlite() -> nn.Module:
+    return get_model("ssdlite320_mobilenet_v3_large", weights=None, weights_backbone=None, score_thresh=0.0,
+                     detections_per_img=10, topk_candidates=20).eval()
+
+
+def test_detection_identity_gives_identical_boxes_scores_and_labels():
+    base = _tiny_ssdlite()
+    injected, report = se_inject.inject(base, init="identity", fill=True, seed=0)
+    assert all(s.path.startswith("backbone.") for s in report.plan.sites)
+    assert report.before.params == sum(p.numel() for p in base.parameters())
+    assert report.before.macs == _backbone_macs(base, torch.zeros(3, 640, 480))  # the transform makes it 320x320
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    with torch.no_grad():
+        expected = base(images)
+        got = injected.eval()(images)
+    assert len(expected[0]["boxes"]) == 10
+    assert _equal(got, expected)
+
+
+@pytest.mark.slow
+def test_detection_round_trips(tmp_path):
+    with pytest.raises(NoSitesError, match="partial SE"):  # MobileNetV3 backbones: SE in some blocks by design
+        se_inject.inject(_tiny_ssdlite(), device="meta")
+    injected, report = se_inject.inject(_tiny_ssdlite(), fill=True, seed=0)
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    with torch.no_grad():
+        expected = injected.eval()(images)
+    se_inject.save(injected, report.plan, tmp_path / "out")
+    loaded = se_inject.load(tmp_path / "out", model=_tiny_ssdlite())
+    with torch.no_grad():
+        assert _equal(loaded.eval()(images), expected)
+    result = export(loaded, report.plan, "torchscript", tmp_path / "model.pt")  # a list of images in
+    assert result.relative_diff == 0
+    with pytest.raises(ExportError, match="use torchscript"):
+        export(loaded, report.plan, "onnx", tmp_path / "model.onnx")
+
+
+@pytest.mark.slow
+def test_an_se_resnet50_backbone_works_in_torchvisions_detection_builders():
+    """SE ResNet-50 (torchvision's, with SE) -> BackboneWithFPN -> FasterRCNN: trains one step and detects."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+    resnet, _ = se_inject.inject("torchvision:resnet50", seed=0)
+    backbone = BackboneWithFPN(resnet, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+                               in_channels_list=[256, 512, 1024, 2048], out_channels=256)
+    model = FasterRCNN(backbone, num_classes=3, min_size=64, max_size=64, rpn_pre_nms_top_n_train=50,
+                       rpn_post_nms_top_n_train=20, box_batch_size_per_image=16)
+    assert len(_inserted(model.backbone.body)) == 16
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
+    losses = model.train()([torch.rand(3, 64, 64)], targets)
+    sum(losses.values()).backward()
+    assert model.backbone.body.layer1[0].se.fc2.weight.grad is not None
+    with torch.no_grad():
+        out = model.eval()([torch.rand(3, 64, 64)])
+    assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+# --- segmentation, optical flow, quantization --------------------------------------------------------------------
+
+
+def test_segmentation_identity_gives_identical_mask_logits():
+    base = get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None).eval()
+    injected, report = se_inject.inject(base, init="identity", fill=True, seed=0, input_size=64, drift=True)
+    assert report.before.params == sum(p.numel() for p in base.parameters())
+    assert report.drift.relative_l2 == 0 and report.drift.top1_agreement is None  # mask logits, not class scores
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _equal(injected.eval()(x), base(x))
+
+
+@pytest.mark.slow
+def test_raft_identity_gives_identical_flows():
+    base = get_model("raft_small", weights=None).eval()
+    injected, report = se_inject.inject(base, init="identity", seed=0, input_size=128)
+    assert {s.path.split(".")[0] for s in report.plan.sites} == {"feature_encoder", "context_encoder"}
+    a, b = torch.randn(1, 3, 128, 128), torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert _equal(injected.eval()(a, b, num_flow_updates=2), base(a, b, num_flow_updates=2))
+
+
+def test_quantizable_models_are_refused_with_the_reason():
+    with pytest.raises(NoSitesError, match=r"fuse_model\(\)"):
+        se_inject.inject("torchvision:quantized_resnet18", device="meta")
+    assert model_task(build_model(ModelSpec("torchvision", "quantized_resnet18"), device="meta")) == "quantization"
+
+
+@pytest.mark.slow
+def test_faster_rcnn_resnet50_identity_gives_identical_detections():
+    base = get_model("fasterrcnn_resnet50_fpn", weights=None, weights_backbone=None, min_size=64, max_size=64,
+                     box_score_thresh=0.0, box_detections_per_img=10, rpn_pre_nms_top_n_test=50,
+                     rpn_post_nms_top_n_test=20).eval()
+    injected, report = se_inject.inject(base, init="identity", seed=0)
+    assert len(report.plan.sites) == 16
+    images = [torch.rand(3, 64, 80), torch.rand(3, 70, 64)]
+    with torch.no_grad():
+        expected = base(images)
+        assert len(expected[0]["boxes"]) == 10
+        assert _equal(injected.eval()(images), expected)
+        assert _equal(torch.jit.script(injected)(images)[1], expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "fcn_resnet50"])
+def test_segmentation_resnet_identity(name):
+    base = get_model(name, weights=None, weights_backbone=None).eval()
+    injected, report = se_inject.inject(base, init="identity", seed=0, input_size=64)
+    assert len(report.plan.sites) == 16
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert _equal(injected.eval()(x), base(x))
+
+
+def test_mobilenet_v3_backbones_take_torchvisions_own_squeeze_widths():
+    """LR-ASPP's backbone is mobilenet_v3_large's features: --fill gives its blocks what the classifier gets."""
+    _, seg = se_inject.inject("torchvision:lraspp_mobilenet_v3_large", device="meta", fill=True, seed=0)
+    _, cls = se_inject.inject("torchvision:mobilenet_v3_large", device="meta", fill=True, seed=0)
+    assert [(s.channels, s.squeeze_channels) for s in seg.plan.sites] == [
+        (s.channels, s.squeeze_channels) for s in cls.plan.sites]
+    assert [s.path.removeprefix("backbone.") for s in seg.plan.sites] == [
+        s.path.removeprefix("features.") for s in cls.plan.sites]
+
+
+@pytest.mark.slow
+def test_a_folder_saved_from_a_tagged_detector_loads_back(tmp_path):
+    """COCO_V1 names the frozen-BatchNorm architecture (built here with random weights: nothing is downloaded)."""
+    name = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn.COCO_V1"
+    injected, report = se_inject.inject(name, fill=True, seed=0)
+    norms = {type(m) for m in injected.backbone.body.modules() if "Norm" in type(m).__name__}
+    assert norms == {torchvision.ops.FrozenBatchNorm2d}
+    se_inject.save(injected, report.plan, tmp_path / "out")
+    loaded = se_inject.load(tmp_path / "out")
+    images = [torch.rand(3, 96, 128)]
+    with torch.no_grad():
+        assert _equal(loaded(images), injected.eval()(images))
+
+
+def test_scan_covers_every_torchvision_model_with_its_task():
+    from se_inject.tools.scan import model_names, scan_one, summarize_tasks
+
+    assert len(model_names(source="torchvision")) == 121
+    rows = [scan_one(name) for name in ("torchvision:quantized_resnet18", "torchvision:ssd300_vgg16")]
+    assert [(r.task, r.status) for r in rows] == [("quantization", "no-match"), ("detection", "covered")]
+    assert "fuse_model" in rows[0].reason
+    # VGG-16's conv1_1 .. conv4_3, then fc6/fc7 and SSD's extra layers (conv5_x share a Sequential with fc6/fc7)
+    widths = [64] * 2 + [128] * 2 + [256] * 3 + [512] * 3 + [1024, 1024] + [256, 512] + [128, 256] * 3
+    assert rows[1].params_delta == sum(_se_params(c, max(8, c // 16)) for c in widths)
+    assert summarize_tasks(rows)["detection"]["covered"] == 1
