@@ -145,7 +145,8 @@ def test_sites_are_the_residual_blocks_with_their_channels():
 def test_no_matching_blocks_names_recipes_and_classes():
     with pytest.raises(NoSitesError) as info:
         se_inject.inject("timm:test_vit", device="meta")
-    assert "resnet-residual" in str(info.value)
+    assert "transformer with no convolutional block" in str(info.value)
+    assert f"{len(se_inject.list_recipes())} recipes tried" in str(info.value)
     assert "Attention" in str(info.value)
 
 
