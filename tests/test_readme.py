@@ -24,6 +24,7 @@ SKIPPED = {  # a line's start -> why it is not run here
     "pip install": "installs packages (no network here; the test runs in the installed environment)",
     "python -m pytest": "the test suite itself",
     "ruff check": "the linter, run by CI",
+    "lint-imports": "the import contracts, run by CI",
     "python benchmarks/": "benchmarks: minutes of measurement",
     "python train.py": "timm's training script lives in timm's repository, and needs ImageNet",
 }
