@@ -87,6 +87,7 @@ def test_bfloat16_autocast_training_follows_float32(paper_resnet):
                    for p in m.parameters())
 
 
+@pytest.mark.slow
 def test_torch_compile_training_matches_eager(paper_resnet):
     model = copy.deepcopy(paper_resnet[0]).eval()  # eval norms: no buffer updates to diverge between the two runs
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
