@@ -18,8 +18,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import se_inject
 
 
-@pytest.fixture(scope="module", params=["timm:test_resnet", pytest.param("torchvision:resnet18", marks=pytest.mark.slow),
-                                        "torchvision:mobilenet_v2"])
+@pytest.fixture(scope="module", params=[
+    "timm:test_resnet", pytest.param("torchvision:resnet18", marks=pytest.mark.slow), "torchvision:mobilenet_v2"])
 def injected(request):
     model, report = se_inject.inject(request.param, seed=0, input_size=32)
     return model.eval(), report
