@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import describe
 from .meta import as_meta
 from .plan import Plan, Site
+from .tasks import example_inputs, forward
 
 
 class Problem(str):
@@ -49,8 +50,9 @@ def check_calls(model: nn.Module, plan: Plan, input_size: tuple[int, ...] | None
     model (a meta copy is used unless it is on the meta device already)."""
     probe = as_meta(model)
     size = tuple(input_size or plan.input_size)
-    with CallWatch(probe, plan) as watch:
-        ran = _run(probe, lambda: probe(_input(probe, size)))
+    dtype = next((t.dtype for t in probe.parameters() if t.is_floating_point()), torch.get_default_dtype())
+    with CallWatch(probe, plan) as watch:  # the task's example input; a detector up to its backbone (engine.tasks)
+        ran = _run(probe, lambda: forward(probe, example_inputs(probe, size, device="meta", dtype=dtype)))
     problems = watch.problems()
     if not ran and not problems:
         return {site.path: Problem("the model does not run on the meta device", "") for site in plan.sites}
