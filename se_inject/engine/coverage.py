@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import describe
 from .meta import as_meta
 from .plan import Plan, Site
 from .tasks import example_inputs, forward
@@ -232,8 +231,3 @@ def _problem(site: Site, counts: Counter[str], inputs: dict[str, list[Any]], out
         if not all(any(f is m for m in made) for f in fed):
             return Problem(f"{site.anchor!r} does not take the output of {where}, where the plan puts it", "anchor")
     return None
-
-
-def describe_problems(problems: dict[str, Problem], limit: int = 3) -> str:
-    """One line naming the first problems."""
-    return "; ".join(f"{path or 'the model'}: {describe(text)}" for path, text in list(problems.items())[:limit])
