@@ -105,6 +105,17 @@ def test_each_pattern_finds_its_place():
     assert match_block(net.res, "concat") is None
     assert match_block(net.res, "inverted-residual") is None
     assert conv_chain(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())) == []  # one unit is not a stack
+    units = [nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.ReLU()]
+    assert conv_chain(nn.Sequential(*units, nn.Sequential(*units))) == ["1", "3"]  # a nested stack is its own
+    assert conv_chain(nn.Sequential(*units, ToyBlock(3))) == []  # a block inside: not a plain stack
+
+
+def test_pattern_rules_narrow_by_path_below_their_within_class(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\n[[patterns]]\npattern = "residual"\n'
+                    f'within = ["{__name__}.Net"]\npaths = ["sca*"]\n')
+    _, report = se_inject.inject(nn.Sequential(Net()), seed=0, input_size=16, recipe="mine", recipe_files=[path])
+    assert [s.path for s in report.plan.sites] == ["0.scaled"]  # "0.scaled" is "scaled" below the Net
 
 
 def test_matching_changes_nothing_and_traces_once_per_configuration():
@@ -165,6 +176,8 @@ def test_class_rules_take_precedence_over_patterns():
     ('pattern = "residual"\nwithin = ["a b"]', "patterns[0].within"),
     ('pattern = "residual"\nafter = "bn"', "after"),
     ('classes = ["*"]', "missing field"),
+    ('pattern = "conv-chain"\npaths = "extra.0"', "patterns[0].paths"),
+    ('pattern = "conv-chain"\npaths = ["extra 0"]', "patterns[0].paths"),
 ])
 def test_malformed_pattern_rules_name_the_field(tmp_path, text, field):
     path = tmp_path / "p.toml"

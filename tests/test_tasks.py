@@ -228,6 +228,72 @@ def test_faster_rcnn_gets_se_resnet50s_16_bottlenecks_with_exact_counts():
     assert any("backbone" in note for note in report.notes)
 
 
+def _vgg16_widths() -> list[int]:
+    """The output widths of VGG-16's 13 convolutions, from torchvision's own VGG-16."""
+    with torch.device("meta"):
+        vgg = get_model("vgg16", weights=None)
+    return [m.out_channels for m in vgg.features if isinstance(m, nn.Conv2d)]
+
+
+def _ssd_vgg_body(ssd: nn.Module) -> list[str]:
+    """Paths of the ReLU after each of VGG-16's 13 convolutions in SSD300: conv1_1-4_3 in `features`, conv5_1-5_3
+    at the head of `extra.0` (before the nested pool5/fc6/fc7 Sequential); found from the model's own modules."""
+    paths = []
+    for prefix, seq in (("backbone.features", ssd.backbone.features), ("backbone.extra.0", ssd.backbone.extra[0])):
+        children = list(seq.named_children())
+        paths += [f"{prefix}.{children[i + 1][0]}" for i, (_, m) in enumerate(children) if isinstance(m, nn.Conv2d)]
+    return paths
+
+
+def test_ssd300_gets_se_vgg16s_13_se_with_exact_counts(tmp_path):
+    """SSD300's VGG-16 body (conv5_x share a Sequential with fc6/fc7) gets SE-VGG-16's SE; fc6/fc7 and the extra
+    feature layers none by default, and a recipe file of the user's adds them."""
+    base = build_model(ModelSpec("torchvision", "ssd300_vgg16"), device="meta")
+    _, report = se_inject.inject(base, device="meta", seed=0)
+    sites = report.site_rows()
+    assert [s["path"] for s in sites] == _ssd_vgg_body(base)
+    assert [s["channels"] for s in sites] == _vgg16_widths()
+    delta = sum(_se_params(c, max(8, c // 16)) for c in _vgg16_widths())
+    assert report.after.params - report.before.params == delta
+    assert report.before.params == sum(p.numel() for p in base.parameters())
+    assert report.before.macs == _backbone_macs(base, torch.empty(3, 300, 300, device="meta"))
+    assert report.after.macs - report.before.macs == sum(2 * s["channels"] * s["squeeze_channels"] for s in sites)
+    for s in sites:
+        c, h, w = s["feature_map"]
+        assert s["elementwise_ops"] == 2 * c * h * w + s["squeeze_channels"] + c
+    mine = tmp_path / "ssd-extra.toml"
+    mine.write_text('name = "ssd-extra"\ndescription = "SE in fc6/fc7 and the extra layers too"\n'
+                    '[[patterns]]\npattern = "conv-chain"\n'
+                    'within = ["torchvision.models.detection.ssd.SSDFeatureExtractorVGG"]\n'
+                    'paths = ["extra.0.7", "extra.[1-9]*"]\n')
+    _, more = se_inject.inject(base, device="meta", seed=0, recipe_files=[mine])
+    extra = [s for s in more.site_rows() if s["recipe"] == "ssd-extra"]
+    convs = [m for n, m in base.backbone.extra.named_modules()
+             if isinstance(m, nn.Conv2d) and (n.startswith("0.7.") or not n.startswith("0."))]
+    assert [s["channels"] for s in extra] == [m.out_channels for m in convs]  # fc6, fc7 and 8 extra convs
+    assert len(more.site_rows()) == 13 + 10
+
+
+@pytest.mark.slow
+def test_ssd300_identity_gives_identical_detections_and_round_trips(tmp_path):
+    def ssd():
+        return get_model("ssd300_vgg16", weights=None, weights_backbone=None, score_thresh=0.0,
+                         detections_per_img=10, topk_candidates=20).eval()
+
+    base = ssd()
+    injected, report = se_inject.inject(base, init="identity", seed=0)
+    assert len(report.plan.sites) == 13
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    with torch.no_grad():
+        expected = base(images)
+        assert len(expected[0]["boxes"]) == 10
+        assert _equal(injected.eval()(images), expected)
+    se_inject.save(injected, report.plan, tmp_path / "out")
+    loaded = se_inject.load(tmp_path / "out", model=ssd())
+    with torch.no_grad():
+        assert _equal(loaded.eval()(images), expected)
+
+
 def _tiny_ssdlite() -> nn.Module:
     return get_model("ssdlite320_mobilenet_v3_large", weights=None, weights_backbone=None, score_thresh=0.0,
                      detections_per_img=10, topk_candidates=20).eval()
@@ -373,7 +439,5 @@ def test_scan_covers_every_torchvision_model_with_its_task():
     rows = [scan_one(name) for name in ("torchvision:quantized_resnet18", "torchvision:ssd300_vgg16")]
     assert [(r.task, r.status) for r in rows] == [("quantization", "no-match"), ("detection", "covered")]
     assert "fuse_model" in rows[0].reason
-    # VGG-16's conv1_1 .. conv4_3, then fc6/fc7 and SSD's extra layers (conv5_x share a Sequential with fc6/fc7)
-    widths = [64] * 2 + [128] * 2 + [256] * 3 + [512] * 3 + [1024, 1024] + [256, 512] + [128, 256] * 3
-    assert rows[1].params_delta == sum(_se_params(c, max(8, c // 16)) for c in widths)
+    assert rows[1].params_delta == sum(_se_params(c, max(8, c // 16)) for c in _vgg16_widths())  # SE-VGG-16's 13
     assert summarize_tasks(rows)["detection"]["covered"] == 1

@@ -518,7 +518,7 @@ def print_recipes(*, as_json: bool) -> None:
                 typer.echo(f"  {c}: {place}{when}")
         for p in r.patterns:
             scope = " ".join([*p.classes, *(f"within {w}" for w in p.within),
-                              *(f"not within {w}" for w in p.not_within)])
+                              *(f"not within {w}" for w in p.not_within), *(f"at {g}" for g in p.paths)])
             typer.echo(f"  pattern {p.pattern}: {scope}")
 
 

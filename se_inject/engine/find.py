@@ -208,7 +208,7 @@ def _structural(
         cp = classes[path]
         ancestors = _ancestors(path, classes)
         for recipe, rule in rules:
-            if not rule.accepts(cp, ancestors):
+            if not rule.accepts(cp, ancestors, path):
                 continue
             if rule.pattern == "conv-chain":
                 names = conv_chain(module)
@@ -216,8 +216,7 @@ def _structural(
                     child = module.get_submodule(name)
                     yield f"{path}.{name}", child, recipe, BlockRule((class_path(child),), ".", "after", None,
                                                                       rule.name), rule.pattern
-                if names:
-                    matched.append(path)
+                if names:  # not marked matched: a nested Sequential is a stack of its own, for its own rules
                     break
                 continue
             place = match_block(module, rule.pattern)

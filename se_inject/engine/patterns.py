@@ -308,11 +308,12 @@ def match_inverted_residual(block: nn.Module, graph: torch.fx.Graph) -> Place | 
 
 def conv_chain(seq: nn.Module) -> list[str]:
     """Names of the activation children that close each conv(-norm)-activation unit of a plain Sequential stack
-    (every child a single layer), when there are at least two units; else []."""
+    (every child a single layer or a nested plain Sequential, a stack of its own), when there are at least two
+    units; else []. SSD's VGG-16 keeps conv5_1-5_3 in one Sequential with the nested fc6/fc7 Sequential."""
     if type(seq).forward is not nn.Sequential.forward or not isinstance(seq, nn.Sequential):
         return []
     children = list(seq.named_children())
-    if any(next(iter(child.children()), None) is not None for _, child in children):
+    if any(next(iter(child.children()), None) is not None and not _plain_sequential(child) for _, child in children):
         return []  # not plain: it holds blocks
     sites = []
     for i, (_, child) in enumerate(children):
@@ -324,6 +325,11 @@ def conv_chain(seq: nn.Module) -> list[str]:
         if j < len(children) and isinstance(children[j][1], _ACTIVATIONS):
             sites.append(children[j][0])
     return sites if len(sites) >= 2 else []
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    return (type(module) is nn.Sequential
+            and all(next(iter(child.children()), None) is None for child in module.children()))
 
 
 _MATCHERS = {

@@ -19,7 +19,8 @@ A recipe never runs code. It names block classes by full class path and, for eac
 
 A ``[[patterns]]`` table names a structure instead of classes (see `se_inject.patterns`): ``pattern = "residual"``
 matches every block whose graph has that shape, optionally narrowed to classes or to models by fnmatch globs over
-class paths (``classes``, ``within``, ``not_within``). Class rules are exact and take precedence over patterns.
+class paths (``classes``, ``within``, ``not_within``) or to paths below the ``within`` ancestor (``paths``). Class
+rules are exact and take precedence over patterns.
 
 This module imports no torch, so listing recipes stays instant.
 """
@@ -55,6 +56,7 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 _CLASS_PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
 _CHILD_PATH_RE = re.compile(r"^(\.|-?\w+(\.-?\w+)*)$")
 _CLASS_GLOB_RE = re.compile(r"^[\w.*?\[\]!]+$")
+_PATH_GLOB_RE = re.compile(r"^[\w.*?\[\]!-]+$")
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ class PatternRule:
 
     Narrowing, all fnmatch globs over full class paths: `classes` the block's own class (default any); `within` a
     class among the block's ancestors, the model itself included (default any); `not_within` none of them may be.
+    `paths`: fnmatch globs over the block's dotted path below its nearest `within` ancestor (below the model without
+    `within`): SSD's VGG-16 body is its extractor's ``features`` and ``extra.0``, not the extra layers.
     """
 
     pattern: str
@@ -148,11 +152,20 @@ class PatternRule:
     within: tuple[str, ...] = ()
     not_within: tuple[str, ...] = ()
     name: str = "se"
+    paths: tuple[str, ...] = ()
 
-    def accepts(self, class_path: str, ancestors: tuple[str, ...]) -> bool:
-        """Whether a block of class `class_path` under ancestors of these classes is in this rule's scope."""
+    def accepts(self, class_path: str, ancestors: tuple[str, ...], path: str = "") -> bool:
+        """Whether a block of class `class_path` at `path` under ancestors of these classes (outermost first, one per
+        leading part of `path`) is in this rule's scope."""
         return any(fnmatchcase(class_path, g) for g in self.classes) and _in_scope(
-            self.within, self.not_within, ancestors, (*ancestors, class_path))
+            self.within, self.not_within, ancestors, (*ancestors, class_path)) and self._on_paths(ancestors, path)
+
+    def _on_paths(self, ancestors: tuple[str, ...], path: str) -> bool:
+        if not self.paths:
+            return True
+        parts = path.split(".")
+        start = max((i for i, a in enumerate(ancestors) if any(fnmatchcase(a, g) for g in self.within)), default=0)
+        return any(fnmatchcase(".".join(parts[start:]), g) for g in self.paths)
 
 
 @dataclass(frozen=True)
@@ -217,7 +230,7 @@ class Recipe:
             ],
             "patterns": [
                 {"pattern": p.pattern, "classes": list(p.classes), "within": list(p.within),
-                 "not_within": list(p.not_within)}
+                 "not_within": list(p.not_within), "paths": list(p.paths)}
                 for p in self.patterns
             ],
             "source": self.source,
@@ -356,7 +369,8 @@ def _globs(path: str, where: str, value: Any) -> tuple[str, ...]:
 def _parse_pattern(path: str, index: int, table: Any) -> PatternRule:
     where = f"patterns[{index}]"
     _expect(path, where, table, dict, "a table ([[patterns]])")
-    _check_keys(path, f"{where}.", table, {"pattern", "classes", "within", "not_within", "name"}, {"pattern"})
+    _check_keys(path, f"{where}.", table, {"pattern", "classes", "within", "not_within", "name", "paths"},
+                {"pattern"})
     pattern = table["pattern"]
     if pattern not in PATTERNS:
         raise RecipeFileError(path, f"field '{where}.pattern': expected one of {', '.join(PATTERNS)}, got {pattern!r}")
@@ -368,7 +382,11 @@ def _parse_pattern(path: str, index: int, table: Any) -> PatternRule:
         raise RecipeFileError(path, f"field '{where}.classes': expected at least one class path or glob")
     within = _globs(path, f"{where}.within", table.get("within", []))
     not_within = _globs(path, f"{where}.not_within", table.get("not_within", []))
-    return PatternRule(pattern, classes, within, not_within, name)
+    paths = _expect(path, f"{where}.paths", table.get("paths", []), list, "a list of path globs like 'extra.0'")
+    for g in paths:
+        if not isinstance(g, str) or not _PATH_GLOB_RE.fullmatch(g):
+            raise RecipeFileError(path, f"field '{where}.paths': expected dotted path globs like 'extra.0', got {g!r}")
+    return PatternRule(pattern, classes, within, not_within, name, tuple(paths))
 
 
 def _scope(rule: BlockRule) -> tuple[object, ...]:
