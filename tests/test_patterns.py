@@ -108,6 +108,8 @@ def test_each_pattern_finds_its_place():
     units = [nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.ReLU()]
     assert conv_chain(nn.Sequential(*units, nn.Sequential(*units))) == ["1", "3"]  # a nested stack is its own
     assert conv_chain(nn.Sequential(*units, ToyBlock(3))) == []  # a block inside: not a plain stack
+    assert conv_chain(nn.Sequential(nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3), nn.ReLU(), nn.Conv1d(3, 3, 1),
+                                    nn.ReLU())) == ["2", "4"]  # any rank: SE squeezes every non-channel dimension
 
 
 def test_pattern_rules_narrow_by_path_below_their_within_class(tmp_path):

@@ -3,6 +3,10 @@ optical flow, on the smallest model of each task (tiny inputs; the big ones behi
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import net1d
 import pytest
 import torch
 import torchvision
@@ -198,6 +202,87 @@ def test_cbam_is_refused_for_3d_maps():
         se_inject.inject("torchvision:mc3_18", device="meta", attention="cbam", input_size="4,32,32")
     _, report = se_inject.inject("torchvision:mc3_18", device="meta", attention="eca", input_size="4,32,32")
     assert len(report.plan.sites) == 8
+
+
+# --- 1-D --------------------------------------------------------------------------------------------------------
+
+NET1D = Path(__file__).with_name("net1d.py")
+
+
+def test_1d_model_gets_1d_se_with_exact_counts():
+    """Conv1d residual blocks, (N, C, L) maps: SE-ResNet's place, pooled over L; every count against the model's
+    own modules and the flop counter."""
+    base = net1d.make()
+    assert model_task(base) == "sequence"
+    _, report = se_inject.inject(base, device="meta", seed=0, input_size="2,100")
+    assert report.plan.input_size == (2, 100)
+    blocks = [n for n, m in base.named_modules() if isinstance(m, net1d.Block1d)]
+    sites = report.site_rows()
+    assert [s["path"] for s in sites] == blocks
+    assert [s["channels"] for s in sites] == [base.get_submodule(b).bn2.num_features for b in blocks]
+    assert report.before.params == sum(p.numel() for p in base.parameters())
+    assert report.after.params - report.before.params == sum(_se_params(s["channels"], 8) for s in sites)
+    with FlopCounterMode(display=False) as flops:
+        meta_copy(base)(torch.empty(1, 2, 100, device="meta"))
+    assert report.before.macs == flops.get_total_flops() // 2
+    assert report.after.macs - report.before.macs == sum(2 * s["channels"] * 8 for s in sites)
+    for s in sites:
+        c, length = s["feature_map"]  # pool reads C*L, ReLU on rd, sigmoid on C, scale writes C*L
+        assert s["elementwise_ops"] == 2 * c * length + 8 + c
+
+
+def test_1d_model_identity_save_load_from_the_cli(tmp_path):
+    """FILE.py:factory -> --init identity: the base's outputs exactly; the saved folder loads back (and exports)."""
+    from typer.testing import CliRunner
+
+    from se_inject.cli.app import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [f"{NET1D}:make", "--input-size", "2,100", "--init", "identity", "--seed", "0",
+                                      "-o", str(out), "--json"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["input_size"] == [2, 100]
+    base = net1d.make().eval()
+    loaded = se_inject.load(out, model=net1d.make()).eval()
+    assert len(_inserted(loaded)) == 3
+    base.load_state_dict({k: v for k, v in loaded.state_dict().items() if ".se." not in k})
+    x = torch.randn(3, 2, 100)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), base(x))
+    result = export(loaded, se_inject.read_plan(out), "torchscript", tmp_path / "model.pt")
+    assert result.relative_diff == 0
+
+
+@pytest.mark.slow
+def test_1d_model_round_trips_with_trained_se(tmp_path):
+    injected, report = se_inject.inject(net1d.make(), seed=0, input_size=(2, 64))
+    x = torch.randn(2, 2, 64)
+    with torch.no_grad():
+        expected = injected.eval()(x)
+    se_inject.save(injected, report.plan, tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(se_inject.load(tmp_path / "out", model=net1d.make()).eval()(x), expected)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("100", (2, 100)), ("4,100", (4, 100)), ((2, 64), (2, 64))])
+def test_1d_input_sizes(value, expected):
+    assert parse_input_size(value, "sequence", (2, 224)) == expected
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("3,32,32", r"expected L or C,L \(a 1-D model\) \(C,H,W is for image models\)"),
+    ("2,0", "with positive integers"), ("a", "with positive integers"), ("1,2,3,4", "C,T,H,W is for video"),
+])
+def test_wrong_1d_input_sizes_are_usage_errors(value, message):
+    with pytest.raises(UsageError, match=message):
+        se_inject.inject(net1d.make(), device="meta", input_size=value)
+
+
+def test_cbam_is_refused_for_1d_maps():
+    with pytest.raises(UsageError, match="cbam is defined for 2-D maps.*takes a 1-D map"):
+        se_inject.inject(net1d.make(), device="meta", attention="cbam", input_size="2,100")
+    _, report = se_inject.inject(net1d.make(), device="meta", attention="eca", input_size="2,100")
+    assert len(report.plan.sites) == 3
 
 
 # --- detection ---------------------------------------------------------------------------------------------------

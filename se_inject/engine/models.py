@@ -448,7 +448,7 @@ def parse_input_size(value: InputSize, task: str = "classification",
     elif len(parts) == 2:
         parts = [3, *parts]
     if len(parts) != rank:
-        hint = " (C,T,H,W is for video models)" if len(parts) == 4 else ""
+        hint = {4: " (C,T,H,W is for video models)", 3: " (C,H,W is for image models)"}.get(len(parts), "")
         raise UsageError(f"invalid input size {value!r}: expected {forms}{hint}")
     if any(p > MAX_SIDE for p in parts):
         raise UsageError(f"invalid input size {value!r}: each dimension must be at most {MAX_SIDE}")

@@ -317,7 +317,7 @@ def conv_chain(seq: nn.Module) -> list[str]:
         return []  # not plain: it holds blocks
     sites = []
     for i, (_, child) in enumerate(children):
-        if not isinstance(child, nn.Conv2d):
+        if not isinstance(child, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # SE squeezes a map of any rank
             continue
         j = i + 1
         if j < len(children) and isinstance(children[j][1], _NORMS):

@@ -207,6 +207,8 @@ def _trace_both(block: nn.Module, open_paths: set[str], fixed: dict[str, Any]) -
                     node.type = hints.get(node.target)  # fx drops a specialised parameter's annotation
                 elif node.op == "placeholder" and isinstance(node.type, str):  # a postponed annotation ("int")
                     node.type = hints.get(str(node.target).lstrip("*"))
+                elif node.op == "output" and isinstance(node.type, str):  # a postponed return annotation
+                    node.type = hints.get("return")
                 elif node.op == "call_function" and node.target is _FX_ASSERT_IS_NONE:
                     node.target = assert_is_none  # the same guard, in a form TorchScript compiles
             graphs.append(graph)
