@@ -279,7 +279,7 @@ def test_wrong_1d_input_sizes_are_usage_errors(value, message):
 
 
 def test_cbam_is_refused_for_1d_maps():
-    with pytest.raises(UsageError, match="cbam is defined for 2-D maps.*takes a 1-D map"):
+    with pytest.raises(UsageError, match=r"cbam is defined for 2-D maps.*takes a 1-D map"):
         se_inject.inject(net1d.make(), device="meta", attention="cbam", input_size="2,100")
     _, report = se_inject.inject(net1d.make(), device="meta", attention="eca", input_size="2,100")
     assert len(report.plan.sites) == 3
@@ -526,3 +526,78 @@ def test_scan_covers_every_torchvision_model_with_its_task():
     assert "fuse_model" in rows[0].reason
     assert rows[1].params_delta == sum(_se_params(c, max(8, c // 16)) for c in _vgg16_widths())  # SE-VGG-16's 13
     assert summarize_tasks(rows)["detection"]["covered"] == 1
+
+
+# --- compare --bench on each task's input ------------------------------------------------------------------------
+
+
+class _Recorder(nn.Module):
+    """Records the positional arguments of each call; the class's module names the task (`model_task`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.calls: list[tuple] = []
+
+    def forward(self, *args):
+        self.calls.append(args)
+        return args[0]
+
+
+@pytest.mark.parametrize(("task", "size", "expected"), [
+    ("detection", (3, 20, 24), [[(3, 20, 24), (3, 20, 24)]]),  # a list of images
+    ("optical_flow", (3, 16, 24), [(2, 3, 16, 24), (2, 3, 16, 24)]),  # two frames
+    ("video", (3, 4, 8, 8), [(2, 3, 4, 8, 8)]),
+    ("segmentation", (3, 8, 8), [(2, 3, 8, 8)]),
+])
+def test_bench_times_each_task_on_its_own_input(task, size, expected):
+    from se_inject.tools.bench import paired_latency
+
+    cls = type("Model", (_Recorder,), {"__module__": f"torchvision.models.{task}.tiny"})
+    base, injected = cls(), cls()
+    assert model_task(base) == task
+    timing = paired_latency(base, injected, size, batch=2, rounds=2, warmup=1)
+    assert timing.rounds == 2 and len(base.calls) == len(injected.calls) == 3
+
+    def shapes(arg):
+        return [tuple(t.shape) for t in arg] if isinstance(arg, list) else tuple(arg.shape)
+
+    assert [shapes(a) for a in base.calls[0]] == expected
+    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else all(map(torch.equal, a, b))
+               for a, b in zip(base.calls[-1], injected.calls[-1], strict=True))  # the same input for both
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "options"), [
+    ("torchvision:ssdlite320_mobilenet_v3_large", {"fill": True}),
+    ("torchvision:lraspp_mobilenet_v3_large", {"fill": True, "input_size": 64}),
+    ("torchvision:mc3_18", {"input_size": "4,32,32"}),
+    ("torchvision:raft_small", {"input_size": 128}),
+])
+def test_compare_bench_on_the_smallest_model_of_each_task(name, options):
+    from se_inject.tools.compare import compare_variants
+
+    rows = compare_variants(name, ("se",), bench=True, batches=(1,), rounds=1, **options)
+    _, report = se_inject.inject(name, device="meta", seed=0, **options)
+    assert rows[0].params_delta == report.after.params - report.before.params
+    assert rows[0].sites == len(report.plan.sites) > 0
+    assert rows[0].latency[0].base_ms > 0 and rows[0].latency[0].injected_ms > 0
+
+
+@pytest.mark.slow
+def test_compare_cli_on_a_video_model_leaves_cbam_out():
+    from typer.testing import CliRunner
+
+    from se_inject.cli.app import app
+
+    result = CliRunner().invoke(app, ["compare", "torchvision:mc3_18", "--input-size", "2,16,16", "--bench",
+                                      "--rounds", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["attention"]: r for r in json.loads(result.stdout)}
+    assert list(rows) == ["se", "eca", "cbam", "ese"]
+    assert "defined for 2-D maps" in rows["cbam"]["skipped"] and not rows["cbam"]["latency"]
+    assert all(r["sites"] == 8 and [t["batch"] for t in r["latency"]] == [1, 8] for k, r in rows.items()
+               if k != "cbam")
+    result = CliRunner().invoke(app, ["compare", "torchvision:mc3_18", "--input-size", "2,16,16", "--attention",
+                                      "cbam"])
+    assert result.exit_code == 2 and "defined for 2-D maps" in result.output

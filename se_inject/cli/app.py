@@ -594,6 +594,10 @@ def compare_command(
     recipe: Annotated[list[str] | None, typer.Option("--recipe", metavar="NAME",
                                                      help="Only these recipes (repeatable).",
                                                      show_default=False)] = None,
+    input_size: Annotated[str | None, typer.Option("--input-size", metavar="SIZE",
+                                                   help="Input size, as for `se-inject MODEL`.",
+                                                   show_default=False)] = None,
+    fill: Annotated[bool, typer.Option("--fill", help="Partial-SE models: fill the blocks without SE.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
     """Compare attention variants on one model: sites, params, MACs, elementwise ops (and latency with --bench)."""
@@ -601,15 +605,15 @@ def compare_command(
         check_choices(attention=attention or (), reduction=reduction)
         import torch
 
-        from ..names import VARIANTS
         from ..tools.compare import compare_variants
 
         if rounds < 1:
             raise UsageError(f"invalid rounds {rounds}: expected an integer >= 1")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with _status(f"comparing variants on {model}", enabled=_interactive(as_json)) as status:
-            rows = compare_variants(model, tuple(attention or VARIANTS), bench=bench, rounds=rounds, device=device,
-                                    recipe=recipe or "auto", reduction=reduction, progress=status)
+            rows = compare_variants(model, tuple(attention) if attention else None, bench=bench, rounds=rounds,
+                                    device=device, recipe=recipe or "auto", reduction=reduction,
+                                    input_size=input_size, fill=fill, progress=status)
         if as_json:
             _print_json([r.to_dict() for r in rows])
         else:
@@ -621,6 +625,8 @@ def _render_compare(model: str, rows: list[Any]) -> None:
 
     table = Table(title=f"attention variants on {model}", title_justify="left")
     columns = ["variant", "sites", "params +", "MACs +", "elementwise +"]
+    skipped = [r for r in rows if r.skipped]
+    rows = [r for r in rows if not r.skipped]
     batches = [t.batch for t in rows[0].latency] if rows and rows[0].latency else []
     for b in batches:  # (a) medians of each model, (b) their ratio, (c) the median of the paired ratios
         columns += [f"b{b} base ms (a)", f"b{b} SE ms (a)", f"b{b} SE/base (b)", f"b{b} paired (c) [IQR]"]
@@ -636,6 +642,8 @@ def _render_compare(model: str, rows: list[Any]) -> None:
         table.add_row(*cells)
     out = _console()
     out.print(table)
+    for r in skipped:
+        out.print(f"{r.attention}: left out: {r.skipped}")
     if batches:
         t = rows[0].latency[0]
         out.print(f"latency on {t.device}, {t.threads} threads, eval mode, inference_mode, {t.rounds} interleaved "

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.tasks import example_inputs
+
 NOISY_IQR = 0.10  # an interquartile range of the paired overheads wider than 10 points: too noisy to conclude
 
 
@@ -53,29 +55,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(model: nn.Module, x: torch.Tensor, repeat: int) -> float:
-    _sync(x.device)
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _time(model: nn.Module, args: tuple[Any, ...], repeat: int) -> float:
+    device = _device(model)
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeat):
-        model(x)
-    _sync(x.device)
+        model(*args)
+    _sync(device)
     return (time.perf_counter() - start) / repeat
 
 
 def interleaved(
-    models: dict[str, nn.Module], x: torch.Tensor, *, rounds: int = 15, warmup: int = 3, repeat: int = 1
+    models: dict[str, nn.Module], x: torch.Tensor | tuple[Any, ...], *, rounds: int = 15, warmup: int = 3,
+    repeat: int = 1,
 ) -> dict[str, list[float]]:
-    """Seconds per forward of each model, `rounds` times, the order rotating every round so that drift and
-    cache effects hit every model alike. Runs under inference_mode."""
+    """Seconds per forward of each model on `x` (one tensor, or a tuple of positional arguments: a detector's list
+    of images, RAFT's two frames), `rounds` times, the order rotating every round so that drift and cache effects
+    hit every model alike. Runs under inference_mode."""
+    args = x if isinstance(x, tuple) else (x,)
     names = list(models)
     times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
         for _ in range(warmup):
             for name in names:
-                _time(models[name], x, 1)
+                _time(models[name], args, 1)
         for r in range(rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(_time(models[name], x, repeat))
+                times[name].append(_time(models[name], args, repeat))
     return times
 
 
@@ -91,7 +101,7 @@ def overhead(times: dict[str, list[float]], model: str, base: str) -> tuple[floa
 def paired_latency(
     base: nn.Module,
     injected: nn.Module,
-    input_size: tuple[int, int, int],
+    input_size: tuple[int, ...],
     *,
     batch: int = 1,
     rounds: int = 15,
@@ -99,10 +109,13 @@ def paired_latency(
     repeat: int = 1,
     seed: int = 0,
 ) -> Timing:
-    """Time both models on the same input, alternating which runs first, in eval mode under inference_mode."""
-    device = next((p.device for p in base.parameters()), torch.device("cpu"))
-    x = torch.randn((batch, *input_size), generator=torch.Generator().manual_seed(seed)).to(device)
-    times = interleaved({"base": base.eval(), "injected": injected.eval()}, x, rounds=rounds, warmup=warmup,
+    """Time both models on the same input, alternating which runs first, in eval mode under inference_mode. The
+    input is the task's (`tasks.example_inputs`): `batch` images of `input_size` for a detector (its transform and
+    the post-processing of what it detects included), two frames for RAFT, one (N, C, T, H, W) clip for video."""
+    device = _device(base)
+    args = example_inputs(base, input_size, batch=batch, device=device,
+                          generator=torch.Generator().manual_seed(seed))
+    times = interleaved({"base": base.eval(), "injected": injected.eval()}, args, rounds=rounds, warmup=warmup,
                         repeat=repeat)
     median, q1, q3 = overhead(times, "injected", "base")
     return Timing(

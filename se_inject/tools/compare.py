@@ -23,6 +23,7 @@ class CompareRow:
     params_before: int
     macs_before: int
     latency: tuple[Timing, ...] = ()
+    skipped: str = ""  # why the variant was left out (not defined for the model's maps); the counts are then 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -34,12 +35,13 @@ class CompareRow:
             "params_before": self.params_before,
             "macs_before": self.macs_before,
             "latency": [t.to_dict() for t in self.latency],
+            "skipped": self.skipped,
         }
 
 
 def compare_variants(
     model: str,
-    attentions: tuple[str, ...] | list[str] = tuple(VARIANTS),
+    attentions: tuple[str, ...] | list[str] | None = None,
     *,
     bench: bool = False,
     batches: tuple[int, ...] = (1, 8),
@@ -49,10 +51,15 @@ def compare_variants(
     progress: Callable[[str], None] | None = None,
     **options: Any,
 ) -> list[CompareRow]:
-    """Plan each variant on `model` (meta device) and, with `bench`, time base vs injected on `device`.
-    `progress` is told each step as it starts (for a status line)."""
-    step = progress or (lambda text: None)
+    """Plan each variant on `model` (meta device) and, with `bench`, time base vs injected on `device`, on the
+    task's own input (`tasks.example_inputs`: a detector's list of images, RAFT's two frames, a video clip).
+    `progress` is told each step as it starts (for a status line).
 
+    `attentions` None: every variant defined for the model's maps; one that is not (CBAM on a video or 1-D model)
+    gets a row saying why (`skipped`). Named explicitly, such a variant is refused (UsageError)."""
+    step = progress or (lambda text: None)
+    explicit = attentions is not None
+    attentions = tuple(attentions) if attentions is not None else tuple(VARIANTS)
     unknown = [a for a in attentions if a not in VARIANTS]
     if unknown:
         raise UsageError(f"unknown attention {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
@@ -63,7 +70,13 @@ def compare_variants(
     rows = []
     for attention in dict.fromkeys(attentions):
         step(f"planning {attention}")
-        _, report = inject(model, attention=attention, device="meta", seed=seed, **options)
+        try:
+            _, report = inject(model, attention=attention, device="meta", seed=seed, **options)
+        except UsageError as e:
+            if explicit or VARIANTS[attention].any_rank:
+                raise
+            rows.append(CompareRow(attention, 0, 0, 0, 0, 0, 0, skipped=str(e)))
+            continue
         data = report.to_dict()
         timings: tuple[Timing, ...] = ()
         if base is not None:
