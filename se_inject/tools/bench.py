@@ -59,8 +59,20 @@ def _device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+def _input_device(args: Any) -> torch.device:
+    """The accelerator the arguments live on (a tensor, or tensors in lists and tuples), else the CPU."""
+    if isinstance(args, torch.Tensor):
+        return args.device
+    if isinstance(args, (list, tuple)):
+        for a in args:
+            device = _input_device(a)
+            if device.type != "cpu":
+                return device
+    return torch.device("cpu")
+
+
 def _time(model: nn.Module, args: tuple[Any, ...], repeat: int) -> float:
-    device = _device(model)
+    device = _input_device(args)
     _sync(device)
     start = time.perf_counter()
     for _ in range(repeat):
