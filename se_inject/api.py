@@ -197,7 +197,7 @@ def _site(match: Match, settings: Settings) -> Site:
         gate=settings.gate,
         recipe_gate=defaults.gate,
         init=settings.init,
-        host_gain=match.rule.slot_gain,
+        host_gain=match.place.slot_gain,
         act=defaults.act,
         layout=defaults.layout,
         norm=defaults.norm,
@@ -207,14 +207,14 @@ def _site(match: Match, settings: Settings) -> Site:
         recipe=match.recipe.name,
         block=match.block,
         anchor=match.anchor,
-        position="after" if match.rule.position == "after" else "before",
-        slot=match.rule.slot,
-        name=match.rule.name,
+        position="after" if match.place.position == "after" else "before",
+        slot=match.place.slot,
+        name=match.place.name,
         attention=spec,
         pattern=match.pattern,
         fixed_args=dict(match.fixed_args),
-        placement=match.rule.placement,
-        source=match.rule.source,
+        placement=match.place.placement,
+        source=match.place.source,
     )
 
 

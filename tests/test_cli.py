@@ -292,17 +292,17 @@ def test_factory_next_to_its_file(tmp_path, monkeypatch):
 
 
 def test_scan_says_how_to_see_every_model(capsys):
-    from se_inject.cli.app import _render_scan
+    from se_inject.cli.render import render_scan
     from se_inject.tools.scan import ScanRow
 
-    _render_scan([ScanRow(model=f"m{i}", status="no-match") for i in range(60)], None)
+    render_scan([ScanRow(model=f"m{i}", status="no-match") for i in range(60)], None)
     out = capsys.readouterr().out
     assert "60 models: the table shows up to 50" in out and "--output FILE.csv" in out
 
 
 def test_compare_table_says_which_statistic_and_warns_when_noisy(capsys, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)  # piped without $COLUMNS: tables are never cut
-    from se_inject.cli.app import _render_compare
+    from se_inject.cli.render import render_compare
     from se_inject.tools.bench import Timing
     from se_inject.tools.compare import CompareRow
 
@@ -310,7 +310,7 @@ def test_compare_table_says_which_statistic_and_warns_when_noisy(capsys, monkeyp
     noisy = Timing(8, 408.0, 408.2, -0.427, -0.6, 0.3, 15, "cpu", 2)  # the paired median disagrees with (b)
     assert not quiet.noisy and noisy.noisy and noisy.ratio_of_medians == pytest.approx(0.2 / 408)
     row = CompareRow("se", 16, 1, 1, 1, 10, 10, latency=(quiet, noisy))
-    _render_compare("m", [row])
+    render_compare("m", [row])
     out, err = capsys.readouterr()
     assert "b8 SE/base (b)" in out and "b8 paired (c) [IQR]" in out and "+0.0%" in out and "-42.7%" in out
     assert "median latency of each model" in out
@@ -349,7 +349,7 @@ def test_the_process_exits_fast_but_completely(argv, code):
 
 def load_recipe_listing_tail() -> str:
     """The last line of the recipe listing, printed in process: the fast exit lost nothing of the output."""
-    from se_inject.cli.app import print_recipes
+    from se_inject.cli.render import print_recipes
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):

@@ -613,7 +613,8 @@ def test_non_utf8_output_path_is_refused(tmp_path):
 def test_printing_under_an_ascii_terminal(tmp_path, monkeypatch):
     import io
 
-    from se_inject.cli.app import printable_streams, render_report
+    from se_inject.cli.process import printable_streams
+    from se_inject.cli.render import render_report
 
     _, report = se_inject.inject("timm:test_resnet", seed=0, device="meta")
     stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")

@@ -74,12 +74,38 @@ def _unmet_requirement(anchor_module: nn.Module, require: Iterable[str]) -> str 
 
 
 @dataclass(frozen=True)
+class Place:
+    """Where one SE goes in one matched block, and with which settings: what finding passes on to planning. Built from
+    a recipe's `BlockRule` (`place_of`) or by a structural pattern; the recipe language stays the user's."""
+
+    anchor: str  # child path ("." the block itself) or a graph node ("%name")
+    position: str  # "after" | "before"
+    name: str = "se"
+    slot: str | None = None  # an attribute the block's forward already calls, filled with the SE
+    require: tuple[str, ...] = ()
+    slot_gain: float = 1.0
+    in_child: bool = False
+    placement: str = "paper"
+    source: str = ""
+    se: tuple[tuple[str, Any], ...] = ()  # SE settings over the recipe's
+
+    def settings(self, defaults: Any) -> Any:
+        return replace(defaults, **dict(self.se)) if self.se else defaults
+
+
+def place_of(rule: BlockRule) -> Place:
+    return Place(anchor=rule.anchor, position=rule.position, name=rule.name, slot=rule.slot, require=rule.require,
+                 slot_gain=rule.slot_gain, in_child=rule.in_child, placement=rule.placement, source=rule.source,
+                 se=rule.se)
+
+
+@dataclass(frozen=True)
 class Match:
     """A block a recipe matched, before settings are applied."""
 
     path: str
     recipe: Recipe
-    rule: BlockRule
+    place: Place
     block: str
     anchor: str
     shape: tuple[int, ...]  # (N, C, H, W) of the map the SE scales at the planning input size ((N, C, T, H, W): video)
@@ -109,7 +135,27 @@ def _shipped(recipe: Recipe) -> bool:
     return recipe.source.startswith("se_inject/recipes/")
 
 
-Candidate = tuple[str, nn.Module, Recipe, BlockRule, str]  # path, block, recipe, rule, pattern ("" for classes)
+@dataclass(frozen=True)
+class Candidate:
+    """A block a recipe names (or a pattern matched), and the place in it, before the place is checked."""
+
+    path: str
+    block: nn.Module
+    recipe: Recipe
+    place: Place
+    pattern: str = ""  # the structural pattern that matched; "" for a class rule
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A checked candidate whose feature map the planning forward measures."""
+
+    path: str
+    recipe: Recipe
+    place: Place
+    block: str  # class path
+    anchor: str  # the resolved child path, or a graph node ("%name")
+    pattern: str
 
 
 def _rule_for(recipe: Recipe, cp: str, module: nn.Module, ancestors: tuple[str, ...]) -> BlockRule | None:
@@ -129,18 +175,19 @@ def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[Candidate]:
     for path, module in model.named_modules():
         cp = classes[path]
         ancestors = _ancestors(path, classes)
-        found = [(recipe, rule) for recipe in recipes if (rule := _rule_for(recipe, cp, module, ancestors)) is not None]
+        found = [(recipe, place_of(rule)) for recipe in recipes
+                 if (rule := _rule_for(recipe, cp, module, ancestors)) is not None]
         if not found:
             continue
         if any(not _shipped(recipe) for recipe, _ in found):
             found = [(recipe, rule) for recipe, rule in found if not _shipped(recipe)]
-        places: dict[tuple[object, ...], tuple[Recipe, BlockRule]] = {}
-        for recipe, rule in found:
-            key = (resolve_child(module, rule.anchor) if not rule.anchor.startswith("%") else rule.anchor,
-                   rule.position, rule.slot)
+        places: dict[tuple[object, ...], tuple[Recipe, Place]] = {}
+        for recipe, place in found:
+            key = (resolve_child(module, place.anchor) if not place.anchor.startswith("%") else place.anchor,
+                   place.position, place.slot)
             if key not in places:
-                places[key] = (recipe, rule)
-            elif (places[key][1].name, places[key][0].defaults) != (rule.name, recipe.defaults):
+                places[key] = (recipe, place)
+            elif (places[key][1].name, places[key][0].defaults) != (place.name, recipe.defaults):
                 _conflict(places[key][0], recipe, path, cp, "the same place with different settings")
         taken.append(path)
         yield from _places(path, module, list(places.values()))
@@ -162,34 +209,32 @@ def _conflict(first: Recipe, other: Recipe, path: str, cp: str, how: str) -> Non
                      f"{path or 'the model'} ({cp}) at {how}; keep one (--recipe NAME)")
 
 
-def _places(path: str, block: nn.Module, found: list[tuple[Recipe, BlockRule]]) -> Iterator[Candidate]:
+def _places(path: str, block: nn.Module, found: list[tuple[Recipe, Place]]) -> Iterator[Candidate]:
     """One block's candidates. Several places in one block (e.g. one recipe file per child of a VGG `features`
     Sequential), or a rule with `in_child`: each SE goes into its anchor child's own forward, on the child's output
     ("after") or input ("before"): the same tensor as at the anchor in the block, and the places cannot collide on a
     module name. At most one place, the block's own output, a slot or a graph node, stays with the block."""
     if (len(found) == 1 and not found[0][1].in_child) or find_attention(block) is not None:  # attention: a skip
-        recipe, rule = found[0]
-        yield path, block, recipe, rule, ""
+        recipe, place = found[0]
+        yield Candidate(path, block, recipe, place)
         return
     children: dict[str, Recipe] = {}
-    own: tuple[Recipe, BlockRule] | None = None
-    for recipe, rule in found:
-        anchor = resolve_child(block, rule.anchor) if not rule.anchor.startswith("%") else None
-        if rule.slot is not None or not anchor:  # no child to move into (or none by that name: reported as such)
+    own: tuple[Recipe, Place] | None = None
+    for recipe, place in found:
+        anchor = resolve_child(block, place.anchor) if not place.anchor.startswith("%") else None
+        if place.slot is not None or not anchor:  # no child to move into (or none by that name: reported as such)
             if own is not None:
                 _conflict(own[0], recipe, path, class_path(block), "places that cannot be combined in one block")
-            own = recipe, rule
+            own = recipe, place
             continue
         if anchor in children:
             _conflict(children[anchor], recipe, path, class_path(block), f"both sides of its child {anchor!r}")
         children[anchor] = recipe
-        child = block.get_submodule(anchor)
-        require = tuple(r for r in rule.require if r == "pointwise")  # the block-level requirements were met
-        yield (f"{path}.{anchor}" if path else anchor, child, recipe,
-               replace(rule, classes=(class_path(child),), anchor=".", slot=None, require=require, when=(),
-                       within=(), not_within=(), slot_gain=1.0, in_child=False), "")
+        require = tuple(r for r in place.require if r == "pointwise")  # the block-level requirements were met
+        yield Candidate(f"{path}.{anchor}" if path else anchor, block.get_submodule(anchor), recipe,
+                        replace(place, anchor=".", slot=None, require=require, slot_gain=1.0, in_child=False))
     if own is not None:
-        yield path, block, *own, ""
+        yield Candidate(path, block, *own)
 
 
 def _inside(path: str, prefixes: Iterable[str]) -> bool:
@@ -214,16 +259,15 @@ def _structural(
                 names = conv_chain(module)
                 for name in names:  # SE in each unit's activation module: the Sequential stays as it is
                     child = module.get_submodule(name)
-                    yield f"{path}.{name}", child, recipe, BlockRule((class_path(child),), ".", "after", None,
-                                                                      rule.name), rule.pattern
+                    yield Candidate(f"{path}.{name}", child, recipe, Place(".", "after", rule.name), rule.pattern)
                 if names:  # not marked matched: a nested Sequential is a stack of its own, for its own rules
                     break
                 continue
             place = match_block(module, rule.pattern)
             if place is not None:
                 matched.append(path)
-                yield path, module, recipe, BlockRule((cp,), place.anchor or ".", place.position, None,
-                                                      rule.name), rule.pattern
+                yield Candidate(path, module, recipe, Place(place.anchor or ".", place.position, rule.name),
+                                rule.pattern)
                 break
 
 
@@ -234,37 +278,38 @@ def find_sites(
 
     With `count_base`, the same forward pass also counts the model's params and MACs (``Findings.counts``).
     """
-    pending: list[tuple[str, Recipe, BlockRule, str, str, str]] = []  # path, recipe, rule, class path, anchor, pattern
+    pending: list[Pending] = []
     skipped: list[Skip] = []
-    for path, block, recipe, rule, pattern in _candidates(model, recipes):
+    for candidate in _candidates(model, recipes):
+        path, block, recipe, place = candidate.path, candidate.block, candidate.recipe, candidate.place
         cp = class_path(block)
         attention = find_attention(block)
         if attention is not None:
             at = type(block.get_submodule("" if attention == "." else attention)).__name__
             skipped.append(Skip(path, cp, recipe.name, f"already has channel attention ({at} at {attention})", True))
             continue
-        anchor = rule.anchor if rule.anchor.startswith("%") else resolve_child(block, rule.anchor)
+        anchor = place.anchor if place.anchor.startswith("%") else resolve_child(block, place.anchor)
         if anchor is None:
-            skipped.append(Skip(path, cp, recipe.name, f"no child {rule.anchor!r}"))
+            skipped.append(Skip(path, cp, recipe.name, f"no child {place.anchor!r}"))
             continue
-        if rule.slot is not None:
-            if not hasattr(block, rule.slot):
-                skipped.append(Skip(path, cp, recipe.name, f"no attribute {rule.slot!r} to fill"))
+        if place.slot is not None:
+            if not hasattr(block, place.slot):
+                skipped.append(Skip(path, cp, recipe.name, f"no attribute {place.slot!r} to fill"))
                 continue
-            current = getattr(block, rule.slot)
+            current = getattr(block, place.slot)
             if current is not None and not isinstance(current, nn.Identity):
-                skipped.append(Skip(path, cp, recipe.name, f"slot {rule.slot!r} holds {type(current).__name__}"))
+                skipped.append(Skip(path, cp, recipe.name, f"slot {place.slot!r} holds {type(current).__name__}"))
                 continue
-        elif hasattr(block, rule.name):
-            skipped.append(Skip(path, cp, recipe.name, f"attribute {rule.name!r} is taken"))
+        elif hasattr(block, place.name):
+            skipped.append(Skip(path, cp, recipe.name, f"attribute {place.name!r} is taken"))
             continue
-        unmet = None if anchor.startswith("%") else _unmet_requirement(block.get_submodule(anchor), rule.require)
-        if unmet is None and not _block_requirements_met(block, rule.require):
+        unmet = None if anchor.startswith("%") else _unmet_requirement(block.get_submodule(anchor), place.require)
+        if unmet is None and not _block_requirements_met(block, place.require):
             unmet = "its structure fits none of the recipe's rules for its class"
         if unmet:
             skipped.append(Skip(path, cp, recipe.name, unmet))
             continue
-        pending.append((path, recipe, rule, cp, anchor, pattern))
+        pending.append(Pending(path, recipe, place, cp, anchor, candidate.pattern))
 
     if not pending:  # nothing to measure: skip the forward pass
         return _findings(model, (), skipped, recipes, input_size, ())
@@ -282,22 +327,21 @@ def find_sites(
 
         return hook
 
-    for path, _recipe, rule, _cp, anchor, _pattern in pending:
-        handles.append(probe.get_submodule(path).register_forward_pre_hook(recorder(path), with_kwargs=True))
-        record = seen.setdefault(path, [])
-        if anchor.startswith("%"):
-            inputs = node_inputs.setdefault(path, [])
-            handles.append(probe.get_submodule(path).register_forward_pre_hook(
+    for p in pending:
+        handles.append(probe.get_submodule(p.path).register_forward_pre_hook(recorder(p.path), with_kwargs=True))
+        record = seen.setdefault(p.path, [])
+        if p.anchor.startswith("%"):
+            inputs = node_inputs.setdefault(p.path, [])
+            handles.append(probe.get_submodule(p.path).register_forward_pre_hook(
                 lambda _m, args, inputs=inputs: inputs.append(args)))
             continue
-        target = probe.get_submodule(f"{path}.{anchor}" if path and anchor else path or anchor)
-        if rule.position == "before":
+        target = probe.get_submodule(f"{p.path}.{p.anchor}" if p.path and p.anchor else p.path or p.anchor)
+        if p.place.position == "before":
             handles.append(target.register_forward_pre_hook(lambda _m, args, rec=record: rec.append(_shape(args))))
         else:
             handles.append(target.register_forward_hook(lambda _m, _a, out, rec=record: rec.append(_shape(out))))
     try:
         if count_base:
-
             counts = count(probe, input_size)
             shapes = counts.output_shapes
         else:
@@ -306,30 +350,27 @@ def find_sites(
         for h in handles:
             h.remove()
 
-    if node_inputs:
-
-        for path, inputs in node_inputs.items():
-            block = probe.get_submodule(path)
-            anchor = next(a for p, _r, _ru, _c, a, _pt in pending if p == path)
-            seen[path] = [node_output_shape(block, anchor[1:], args) for args in inputs]
+    anchors = {p.path: p.anchor for p in pending}
+    for path, inputs in node_inputs.items():
+        seen[path] = [node_output_shape(probe.get_submodule(path), anchors[path][1:], args) for args in inputs]
     matches: list[Match] = []
-    for path, recipe, rule, cp, anchor, pattern in pending:
-        places = seen[path]
+    for p in pending:
+        places = seen[p.path]
         if not places:
-            skipped.append(Skip(path, cp, recipe.name, "not executed by the model's forward"))
+            skipped.append(Skip(p.path, p.block, p.recipe.name, "not executed by the model's forward"))
         elif len(places) > 1:
-            skipped.append(Skip(path, cp, recipe.name, f"its SE place runs {len(places)} times per forward"))
+            skipped.append(Skip(p.path, p.block, p.recipe.name, f"its SE place runs {len(places)} times per forward"))
         elif places[0] is None or not 3 <= len(places[0]) <= 5:
-            skipped.append(Skip(path, cp, recipe.name,
+            skipped.append(Skip(p.path, p.block, p.recipe.name,
                                 f"expects an (N, C, ...) feature map of 1 to 3 spatial dimensions, got {places[0]}"))
         else:
-            call = calls.get(path)
-            fixed = call.fixed(probe.get_submodule(path).forward) if call is not None else {}
+            call = calls.get(p.path)
+            fixed = call.fixed(probe.get_submodule(p.path).forward) if call is not None else {}
             first = call.first_tensor() if call is not None else None
-            defaults = rule.settings(recipe.defaults_for(class_path(model)))
+            defaults = p.place.settings(p.recipe.defaults_for(class_path(model)))
             if defaults.act == "block":
-                defaults = replace(defaults, act=block_activation(model.get_submodule(path)) or "relu")
-            matches.append(Match(path, recipe, rule, cp, anchor, places[0], pattern, call, fixed,
+                defaults = replace(defaults, act=block_activation(model.get_submodule(p.path)) or "relu")
+            matches.append(Match(p.path, p.recipe, p.place, p.block, p.anchor, places[0], p.pattern, call, fixed,
                                  first.shape[1] if first is not None and 3 <= len(first.shape) <= 5 else None,
                                  defaults))
     return _findings(model, _like_own(model, matches, skipped), skipped, recipes, input_size, shapes, counts)

@@ -7,11 +7,14 @@ elementwise operations (one per output element of a pointwise op, one per input 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -29,6 +32,26 @@ _NORMS = {  # affine normalisation: one op per output element, like a pointwise 
     torch.ops.aten._native_batch_norm_legit.no_stats,
     torch.ops.aten.native_batch_norm.default,
 }
+
+
+# Normalisations have no MACs. FlopCounterMode decomposes every op it does not count into prims, whose meta functions
+# are Python: one batch norm costs about as much as the rest of its block. Outside the modules whose elementwise work
+# is tallied, a norm on the meta device is answered with its output's shape alone (`_ShapeOnlyNorms`).
+_NORM_FUNCTIONS = frozenset({F.batch_norm, torch.batch_norm, F.layer_norm, torch.layer_norm, F.group_norm,
+                             torch.group_norm, F.instance_norm, torch.instance_norm, F.rms_norm, torch.rms_norm})
+
+
+class _ShapeOnlyNorms(TorchFunctionMode):
+    def __init__(self, tallying: Callable[[], bool]):
+        super().__init__()
+        self.tallying = tallying
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        x = args[0] if args else None
+        if func in _NORM_FUNCTIONS and isinstance(x, torch.Tensor) and x.is_meta and not self.tallying():
+            nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            return torch.empty_like(x, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass(frozen=True)
@@ -114,7 +137,8 @@ def count(model: nn.Module, input_size: tuple[int, int, int]) -> Counts:
     """Params, MACs and attention elementwise ops of `model` at batch 1, measured on a meta copy."""
     probe = as_meta(model)
     modules = attention_modules(probe)
-    with FlopCounterMode(display=False) as flops, ElementwiseCounter(modules) as elementwise:
+    with FlopCounterMode(display=False) as flops, ElementwiseCounter(modules) as elementwise, \
+            _ShapeOnlyNorms(lambda: bool(elementwise._active)):
         out = run_meta(probe, input_size)
     per_module = flops.get_flop_counts()
     root = type(probe).__name__
