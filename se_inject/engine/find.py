@@ -271,49 +271,49 @@ def _structural(
                 break
 
 
-def find_sites(
-    model: nn.Module, recipes: list[Recipe], input_size: tuple[int, int, int], *, count_base: bool = False
-) -> Findings:
-    """Match the recipes' block classes and measure the feature map at each SE place. Changes nothing.
+def _check(candidate: Candidate) -> Pending | Skip:
+    """A candidate whose place exists and is free (`Pending`), or why it is skipped."""
+    path, block, recipe, place = candidate.path, candidate.block, candidate.recipe, candidate.place
+    cp = class_path(block)
 
-    With `count_base`, the same forward pass also counts the model's params and MACs (``Findings.counts``).
-    """
-    pending: list[Pending] = []
-    skipped: list[Skip] = []
-    for candidate in _candidates(model, recipes):
-        path, block, recipe, place = candidate.path, candidate.block, candidate.recipe, candidate.place
-        cp = class_path(block)
-        attention = find_attention(block)
-        if attention is not None:
-            at = type(block.get_submodule("" if attention == "." else attention)).__name__
-            skipped.append(Skip(path, cp, recipe.name, f"already has channel attention ({at} at {attention})", True))
-            continue
-        anchor = place.anchor if place.anchor.startswith("%") else resolve_child(block, place.anchor)
-        if anchor is None:
-            skipped.append(Skip(path, cp, recipe.name, f"no child {place.anchor!r}"))
-            continue
-        if place.slot is not None:
-            if not hasattr(block, place.slot):
-                skipped.append(Skip(path, cp, recipe.name, f"no attribute {place.slot!r} to fill"))
-                continue
-            current = getattr(block, place.slot)
-            if current is not None and not isinstance(current, nn.Identity):
-                skipped.append(Skip(path, cp, recipe.name, f"slot {place.slot!r} holds {type(current).__name__}"))
-                continue
-        elif hasattr(block, place.name):
-            skipped.append(Skip(path, cp, recipe.name, f"attribute {place.name!r} is taken"))
-            continue
-        unmet = None if anchor.startswith("%") else _unmet_requirement(block.get_submodule(anchor), place.require)
-        if unmet is None and not _block_requirements_met(block, place.require):
-            unmet = "its structure fits none of the recipe's rules for its class"
-        if unmet:
-            skipped.append(Skip(path, cp, recipe.name, unmet))
-            continue
-        pending.append(Pending(path, recipe, place, cp, anchor, candidate.pattern))
+    def skip(reason: str, existing: bool = False) -> Skip:
+        return Skip(path, cp, recipe.name, reason, existing)
 
-    if not pending:  # nothing to measure: skip the forward pass
-        return _findings(model, (), skipped, recipes, input_size, ())
+    attention = find_attention(block)
+    if attention is not None:
+        at = type(block.get_submodule("" if attention == "." else attention)).__name__
+        return skip(f"already has channel attention ({at} at {attention})", True)
+    anchor = place.anchor if place.anchor.startswith("%") else resolve_child(block, place.anchor)
+    if anchor is None:
+        return skip(f"no child {place.anchor!r}")
+    if place.slot is not None:
+        if not hasattr(block, place.slot):
+            return skip(f"no attribute {place.slot!r} to fill")
+        current = getattr(block, place.slot)
+        if current is not None and not isinstance(current, nn.Identity):
+            return skip(f"slot {place.slot!r} holds {type(current).__name__}")
+    elif hasattr(block, place.name):
+        return skip(f"attribute {place.name!r} is taken")
+    unmet = None if anchor.startswith("%") else _unmet_requirement(block.get_submodule(anchor), place.require)
+    if unmet is None and not _block_requirements_met(block, place.require):
+        unmet = "its structure fits none of the recipe's rules for its class"
+    return skip(unmet) if unmet else Pending(path, recipe, place, cp, anchor, candidate.pattern)
 
+
+@dataclass
+class _Probe:
+    """What one forward of a meta copy saw."""
+
+    model: nn.Module  # the meta copy
+    places: dict[str, list[Any]]  # the map's shape at each pending place, per call, by block path
+    calls: dict[str, Any]  # each block's first call (`record.Call`), by path
+    counts: Counts | None  # the model's counts, with count_base
+    output_shapes: tuple[tuple[int, ...], ...]
+
+
+def _measure(model: nn.Module, pending: list[Pending], input_size: tuple[int, ...], count_base: bool) -> _Probe:
+    """One forward of a meta copy: the shapes at each pending place, each block's call, the output shapes, and with
+    `count_base` the model's counts."""
     probe = as_meta(model)
     seen: dict[str, list[tuple[int, ...]]] = {}
     node_inputs: dict[str, list[tuple[Any, ...]]] = {}  # block inputs, for anchors that are graph nodes
@@ -353,9 +353,29 @@ def find_sites(
     anchors = {p.path: p.anchor for p in pending}
     for path, inputs in node_inputs.items():
         seen[path] = [node_output_shape(probe.get_submodule(path), anchors[path][1:], args) for args in inputs]
+    return _Probe(probe, seen, calls, counts, shapes)
+
+
+def find_sites(
+    model: nn.Module, recipes: list[Recipe], input_size: tuple[int, int, int], *, count_base: bool = False
+) -> Findings:
+    """Match the recipes' block classes and measure the feature map at each SE place. Changes nothing.
+
+    With `count_base`, the same forward pass also counts the model's params and MACs (``Findings.counts``).
+    """
+    pending: list[Pending] = []
+    skipped: list[Skip] = []
+    for candidate in _candidates(model, recipes):
+        checked = _check(candidate)
+        (pending if isinstance(checked, Pending) else skipped).append(checked)
+
+    if not pending:  # nothing to measure: skip the forward pass
+        return _findings(model, (), skipped, recipes, input_size, ())
+
+    probe = _measure(model, pending, input_size, count_base)
     matches: list[Match] = []
     for p in pending:
-        places = seen[p.path]
+        places = probe.places[p.path]
         if not places:
             skipped.append(Skip(p.path, p.block, p.recipe.name, "not executed by the model's forward"))
         elif len(places) > 1:
@@ -364,8 +384,8 @@ def find_sites(
             skipped.append(Skip(p.path, p.block, p.recipe.name,
                                 f"expects an (N, C, ...) feature map of 1 to 3 spatial dimensions, got {places[0]}"))
         else:
-            call = calls.get(p.path)
-            fixed = call.fixed(probe.get_submodule(p.path).forward) if call is not None else {}
+            call = probe.calls.get(p.path)
+            fixed = call.fixed(probe.model.get_submodule(p.path).forward) if call is not None else {}
             first = call.first_tensor() if call is not None else None
             defaults = p.place.settings(p.recipe.defaults_for(class_path(model)))
             if defaults.act == "block":
@@ -373,7 +393,8 @@ def find_sites(
             matches.append(Match(p.path, p.recipe, p.place, p.block, p.anchor, places[0], p.pattern, call, fixed,
                                  first.shape[1] if first is not None and 3 <= len(first.shape) <= 5 else None,
                                  defaults))
-    return _findings(model, _like_own(model, matches, skipped), skipped, recipes, input_size, shapes, counts)
+    return _findings(model, _like_own(model, matches, skipped), skipped, recipes, input_size, probe.output_shapes,
+                     probe.counts)
 
 
 # The width rules a family's own SE may follow, tried in this order after the recipe's own: (the width r divides,
