@@ -347,26 +347,11 @@ def inject(
     seed = _seed(seed)
     recipes = [r.for_placement(settings.placement) for r in resolve_recipes(recipe, tuple(recipe_files))]
     source = _Source.open(model, weights=weights, pretrained=pretrained, inplace=inplace)
-    task = model_task(source.planning)
-    if task == "quantization":
-        raise NoSitesError(QUANTIZABLE_REFUSAL, "quantizable")
-    if images is not None and task in ("video", "optical_flow"):
-        raise UsageError(f"--images takes single images; a {task.replace('_', ' ')} model needs "
-                         f"{'clips' if task == 'video' else 'pairs of frames'}: leave it out for random inputs")
-    default_size = default_input_size(source.spec, source.planning)
-    size = parse_input_size(input_size, task, default_size) or default_size
-    if task == "detection":
-        source.notes += ("detection: planning and MACs cover the model's transform and backbone (model.backbone), "
-                         "where SE goes; the heads' work depends on the detections. Parameters cover the whole model",)
+    task, size = _task_and_size(source, input_size, images)
     if str(device) != "meta":  # the saved model will run at this size: refuse one no machine here can hold
         check_forward_memory(source.planning, size)
     findings = find_sites(source.planning, recipes, size, count_base=True)  # one forward: shapes and base counts
-    try:
-        plan, notes = make_plan(findings, settings, model=source.spec, seed=seed)
-    except NoSitesError as e:
-        if e.reason != "no-match":
-            raise
-        raise NoSitesError(_no_match_message(source.planning, findings), e.reason, e.existing) from None
+    plan, notes = _plan_found(source, findings, settings, seed)
     first = next(m for m in findings.matches if m.path == plan.sites[0].path)
     reduction = settings.reduction or first.recipe.defaults.reduction
     if before_build is not None:
@@ -405,6 +390,32 @@ def inject(
         drift=drifted,
         pretrained=source.located.weights if source.located else None,
     )
+
+
+def _task_and_size(source: _Source, input_size: int | str | tuple[int, ...] | None,
+                   images: str | Path | None) -> tuple[str, tuple[int, ...]]:
+    """The model's task and its planning input size; refuses what the task cannot take."""
+    task = model_task(source.planning)
+    if task == "quantization":
+        raise NoSitesError(QUANTIZABLE_REFUSAL, "quantizable")
+    if images is not None and task in ("video", "optical_flow"):
+        raise UsageError(f"--images takes single images; a {task.replace('_', ' ')} model needs "
+                         f"{'clips' if task == 'video' else 'pairs of frames'}: leave it out for random inputs")
+    default_size = default_input_size(source.spec, source.planning)
+    if task == "detection":
+        source.notes += ("detection: planning and MACs cover the model's transform and backbone (model.backbone), "
+                         "where SE goes; the heads' work depends on the detections. Parameters cover the whole model",)
+    return task, parse_input_size(input_size, task, default_size) or default_size
+
+
+def _plan_found(source: _Source, findings: Findings, settings: Settings, seed: int) -> tuple[Plan, tuple[str, ...]]:
+    """`make_plan`, with a no-match error that says what the model is (a transformer, ...)."""
+    try:
+        return make_plan(findings, settings, model=source.spec, seed=seed)
+    except NoSitesError as e:
+        if e.reason != "no-match":
+            raise
+        raise NoSitesError(_no_match_message(source.planning, findings), e.reason, e.existing) from None
 
 
 def resolve_settings(settings: Settings | None, options: dict[str, Any]) -> Settings:
