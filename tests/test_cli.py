@@ -317,6 +317,7 @@ def test_compare_table_says_which_statistic_and_warns_when_noisy(capsys, monkeyp
     assert "too noisy to conclude for se b8" in err and "se b1" not in err
 
 
+@pytest.mark.slow
 def test_closed_pipe_exits_141_and_python_dash_m(tmp_path):
     """`se-inject ... | head -1`: the reader goes away; the writer stops quietly with 141, as Unix tools do."""
     proc = subprocess.Popen([sys.executable, "-m", "se_inject", "timm:test_resnet", "--dry-run"],

@@ -186,6 +186,7 @@ def sec_saved(tmp_path_factory):
     return model.eval(), report.plan, directory
 
 
+@pytest.mark.slow
 def test_a_second_forward_path_runs_every_module():
     """timm's aligned Xception has ``forward_with_tap`` (forward_intermediates, feature extraction): it must run
     every SE, so the intermediates' final map equals forward_features'."""
@@ -198,6 +199,7 @@ def test_a_second_forward_path_runs_every_module():
         torch.testing.assert_close(final, model.forward_features(x))
 
 
+@pytest.mark.slow
 def test_a_site_skipped_by_a_second_forward_path_is_refused(tmp_path):
     """A recipe putting SE on the whole stack, which forward_with_tap does not call, has those sites refused (the
     modules whose tap feeds forward_intermediates), not shipped; the rest run on both paths."""

@@ -44,25 +44,32 @@ def assert_matches_eager(model, loaded, batch, size=64):
     torch.testing.assert_close(got, expected, rtol=0, atol=RELATIVE_TOLERANCE * scale)
 
 
+class _Exports(dict):
+    """Each format exported once, when first asked for, with the defaults (ONNX at opset 18): ``{format: (path,
+    result)}``; the folder holds nothing else (no temporaries)."""
+
+    def __init__(self, model, plan, folder):
+        super().__init__()
+        self.model, self.plan, self.folder = model, plan, folder
+
+    def __missing__(self, fmt):
+        if fmt == "onnx":
+            pytest.importorskip("onnx")
+        path = self.folder / f"m.{EXTENSIONS[fmt]}"
+        self[fmt] = path, export(self.model, self.plan, fmt, path, opset=18 if fmt == "onnx" else None)
+        assert sorted(p.name for p in self.folder.iterdir()) == sorted(p.name for p, _ in self.values())
+        return self[fmt]
+
+
 @pytest.fixture(scope="module")
 def dynamic_exports(injected_test_resnet, tmp_path_factory):
-    """Each format exported once with the defaults (ONNX at opset 18): ``{format: (path, result)}``."""
     model, report = injected_test_resnet
-    folder = tmp_path_factory.mktemp("exports")
-    files = {}
-    for fmt in FORMATS:
-        if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
-            continue
-        path = folder / f"m.{EXTENSIONS[fmt]}"
-        files[fmt] = (path, export(model, report.plan, fmt, path, opset=18 if fmt == "onnx" else None))
-    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p, _ in files.values())  # no temporaries
-    return files
+    return _Exports(model, report.plan, tmp_path_factory.mktemp("exports"))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+# TorchScript in the fast suite; torch.export and ONNX (each a minute-long export on a CPU) behind `slow`.
+@pytest.mark.parametrize("fmt", [f if f == "torchscript" else pytest.param(f, marks=pytest.mark.slow) for f in FORMATS])
 def test_export_runs_at_batch_1_and_3(injected_test_resnet, dynamic_exports, fmt):
-    if fmt not in dynamic_exports:
-        pytest.skip("onnx is not installed")
     model, _ = injected_test_resnet
     path, result = dynamic_exports[fmt]
     assert result.batch == "dynamic" and result.checked_batches == (1, 3)
@@ -73,6 +80,7 @@ def test_export_runs_at_batch_1_and_3(injected_test_resnet, dynamic_exports, fmt
         assert result.relative_diff <= RELATIVE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_onnx_batch_axis_is_symbolic_and_opset_as_asked(dynamic_exports):
     onnx = pytest.importorskip("onnx")
     proto = onnx.load(str(dynamic_exports["onnx"][0]))
@@ -83,6 +91,7 @@ def test_onnx_batch_axis_is_symbolic_and_opset_as_asked(dynamic_exports):
     assert dynamic_exports["onnx"][1].opset == 18
 
 
+@pytest.mark.slow
 def test_static_batch(injected_test_resnet, tmp_path):
     model, report = injected_test_resnet
     result = export(model, report.plan, "exported", tmp_path / "m.pt2", batch=2)
@@ -101,6 +110,7 @@ def test_static_batch(injected_test_resnet, tmp_path):
     assert scripted.batch == "dynamic" and "does not apply" in scripted.note  # said, not ignored
 
 
+@pytest.mark.slow
 def test_torchscript_of_named_tuple_outputs(tmp_path):
     """Scripted torchvision GoogLeNet returns GoogLeNetOutputs(logits, aux1=None, aux2=None), eager a tensor."""
     base = torchvision.models.googlenet(init_weights=False, aux_logits=True).eval()
@@ -189,6 +199,7 @@ def test_invalid_export_options(injected_test_resnet, tmp_path, kwargs, text):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_export_options(tmp_path):
     runner = CliRunner()
     out = tmp_path / "o"

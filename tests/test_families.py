@@ -21,11 +21,11 @@ def _real(source: str, name: str) -> nn.Module:
 
 
 @pytest.mark.parametrize(("source", "name", "recipe", "size"), [
-    ("torchvision", "googlenet", "inception", 96),
+    pytest.param("torchvision", "googlenet", "inception", 96, marks=pytest.mark.slow),
     ("torchvision", "mobilenet_v2", "inverted-residual", 64),
-    ("torchvision", "mnasnet0_5", "inverted-residual", 64),
+    pytest.param("torchvision", "mnasnet0_5", "inverted-residual", 64, marks=pytest.mark.slow),
     ("timm", "test_efficientnet", "inverted-residual", 64),
-    ("timm", "mobilenetv2_050", "inverted-residual", 64),
+    pytest.param("timm", "mobilenetv2_050", "inverted-residual", 64, marks=pytest.mark.slow),
     ("torchvision", "mobilenet_v3_small", "inverted-residual", 64),
 ])
 def test_recipe_invariants_on_small_models(source, name, recipe, size):
@@ -59,6 +59,7 @@ def test_torchvision_inception_v3_sites():
     assert all(s.recipe == "inception" for s in report.plan.sites)
 
 
+@pytest.mark.slow
 def test_timm_inception_v3_matches_torchvision_sites():
     _, tv = se_inject.inject("torchvision:inception_v3", device="meta", seed=0)
     _, tm = se_inject.inject("timm:inception_v3", device="meta", seed=0)
@@ -82,6 +83,7 @@ def test_googlenet_has_nine_inception_sites_and_no_aux():
         "inception5a", "inception5b"]
 
 
+@pytest.mark.slow
 def test_inception_v4_and_inception_resnet_v2_modules():
     _, v4 = se_inject.inject("timm:inception_v4", device="meta", seed=0)
     kinds = [s.block.rsplit(".", 1)[1] for s in v4.plan.sites]
@@ -122,6 +124,7 @@ def test_mobilenet_v2_se_sits_between_depthwise_and_projection():
     assert torch.equal(seen["conv.2"][0], seen["se"][1])  # output: into the pointwise projection
 
 
+@pytest.mark.slow
 def test_inception_se_takes_the_concatenated_output():
     model = _real("torchvision", "googlenet")
     injected, _ = se_inject.inject(model, seed=0)
@@ -233,7 +236,13 @@ PARTIAL = {"timm:tresnet_m", "timm:mobilenetv3_small_050", "timm:mnasnet_small",
            "timm:lcnet_050", "timm:semnasnet_050", "torchvision:mobilenet_v3_small", "torchvision:efficientnet_v2_s"}
 
 
-@pytest.mark.parametrize("name", SAMPLE)
+# The sample's cheapest model of each kind runs in the fast suite, the rest behind `slow`.
+FAST_SAMPLE = {"timm:resnet10t", "torchvision:resnet18", "timm:convnext_atto", "torchvision:shufflenet_v2_x1_0",
+               "timm:mobilenetv4_conv_small", "torchvision:mobilenet_v3_small", "torchvision:squeezenet1_0",
+               "torchvision:vgg11", "torchvision:regnet_x_400mf", "timm:resnest26d", *NO_SITES}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_SAMPLE else pytest.param(n, marks=pytest.mark.slow) for n in SAMPLE])
 def test_sample_across_families(name):
     """Each model gets SE at every eligible block (output shape kept, exact counts), or the no-sites answer pinned
     for it in NO_SITES; partial-SE models only with fill."""

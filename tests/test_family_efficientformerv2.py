@@ -43,6 +43,7 @@ def test_when_names_a_child_module_or_none_by_class():
     assert not identity.applies_to(block)
 
 
+@pytest.mark.slow
 def test_identity_init_reproduces_the_base_model_and_se_takes_the_depthwise_output():
     model = real_model("efficientformerv2_s0", img_size=64)  # the attention biases are sized for this input
     injected, report = assert_identity_reproduces(model, 64)

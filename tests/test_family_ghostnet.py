@@ -33,7 +33,8 @@ def _own_width(channels: int) -> int:
 
 
 @pytest.mark.parametrize("name", [
-    "ghostnet_050", "ghostnetv3_050", "repghostnet_050", pytest.param("ghostnetv2_100", marks=pytest.mark.slow)])
+    "ghostnet_050", *(pytest.param(n, marks=pytest.mark.slow) for n in ("ghostnetv3_050", "repghostnet_050",
+                                                                         "ghostnetv2_100"))])
 def test_partial_se_refused_by_default_and_filled_with_ghostnets_own_se(name):
     model = timm.create_model(name, device="meta")
     has, lacks = _blocks(model)
@@ -53,7 +54,7 @@ def test_partial_se_refused_by_default_and_filled_with_ghostnets_own_se(name):
     assert {s.attention.gate for s in report.plan.sites} == {"hard-sigmoid"}
 
 
-@pytest.mark.parametrize("name", ["ghostnet_050", "repghostnet_050"])
+@pytest.mark.parametrize("name", ["repghostnet_050", pytest.param("ghostnet_050", marks=pytest.mark.slow)])
 def test_identity_init_reproduces_the_base_model(name):
     injected, report = assert_identity_reproduces(real_model(name), 64, fill=True)
     # the filled slots sit where the designers' own SE sits: the blocks' `se` attribute

@@ -22,6 +22,7 @@ def test_every_conv_block_takes_se_at_the_end_of_its_branch():
     assert {SHMABlock, FFN, RepCPE} <= {type(m) for m in model.modules()}
 
 
+@pytest.mark.slow
 def test_identity_init_reproduces_the_base_model():
     assert_identity_reproduces(real_model("iformer_t"), 32)
 

@@ -30,6 +30,7 @@ def test_every_mbconv_takes_se_before_its_projection():
                                                                 for _, m in blocks]
 
 
+@pytest.mark.slow
 def test_identity_init_reproduces_the_base_model():
     assert_identity_reproduces(real_model("lowformer_b0"), 32)
 

@@ -39,6 +39,7 @@ def test_partial_se_refused_by_default_and_filled_before_layer_scale():
         (p, "layers", "after", c, make_divisible(c / 16, 8)) for p, c in lacks]
 
 
+@pytest.mark.slow
 def test_identity_init_reproduces_the_base_model():
     for attention in ("se", "ese"):
         assert_identity_reproduces(real_model("rdnet_tiny", **SMALL), 64, fill=True, attention=attention)

@@ -65,7 +65,8 @@ def test_vovnet39a_with_ese_in_each_stages_last_block_has_ese_vovnet39b_keys():
 
 
 @pytest.mark.parametrize(("name", "fill", "attention"), [
-    ("vovnet39a", False, "se"), ("ese_vovnet39b", True, "se"), ("eca_vovnet39b", True, "eca")])
+    ("ese_vovnet39b", True, "se"), pytest.param("vovnet39a", False, "se", marks=pytest.mark.slow),
+    pytest.param("eca_vovnet39b", True, "eca", marks=pytest.mark.slow)])
 def test_identity_init_reproduces_the_base_model(name, fill, attention):
     assert_identity_reproduces(real_model(name, **SMALL), 64, fill=fill, attention=attention)
 

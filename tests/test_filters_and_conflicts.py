@@ -91,6 +91,7 @@ def test_conflicting_recipes_are_a_usage_error_naming_both(tmp_path):
     assert "one" in result.stderr and "two" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_recipes_at_different_places_of_one_block_are_each_applied(tmp_path):
     files = [_recipe_file(tmp_path, "one", BASIC, "bn2"), _recipe_file(tmp_path, "two", BASIC, "bn1")]
     model = torchvision.models.resnet18().eval()

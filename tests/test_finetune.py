@@ -20,14 +20,14 @@ from se_inject.api import save_injected
 from se_inject.io.export import export
 from se_inject.layers.squeeze_excite import SqueezeExcite
 
-CASES = [  # one small model per recipe and library
+CASES = [  # one small model per recipe and library; the bigger ones behind `slow`
     ("timm", "test_resnet", 64),
     ("torchvision", "resnet18", 64),
-    ("torchvision", "googlenet", 96),
-    ("timm", "inception_v3", 96),
-    ("torchvision", "mobilenet_v2", 64),
+    pytest.param("torchvision", "googlenet", 96, marks=pytest.mark.slow),
+    pytest.param("timm", "inception_v3", 96, marks=pytest.mark.slow),
+    pytest.param("torchvision", "mobilenet_v2", 64, marks=pytest.mark.slow),
     ("timm", "test_efficientnet", 64),
-    ("torchvision", "mnasnet0_5", 64),
+    pytest.param("torchvision", "mnasnet0_5", 64, marks=pytest.mark.slow),
 ]
 
 
@@ -97,6 +97,7 @@ def small():
     return model.eval(), report
 
 
+@pytest.mark.slow
 def test_torchscript_loads_without_se_inject(small, tmp_path):
     model, report = small
     export(model, report.plan, "torchscript", tmp_path / "m.pt")
@@ -114,6 +115,7 @@ def test_torchscript_loads_without_se_inject(small, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120)
 
 
+@pytest.mark.slow
 def test_plain_timm_loads_the_folder(tmp_path):
     model, report = se_inject.inject("timm:resnet18", seed=0)  # by name, as the CLI does
     randomize_norm_stats(model)  # timm's zero-init-last would make the comparison trivial
@@ -142,6 +144,7 @@ def test_no_timm_config_when_not_a_timm_architecture(tmp_path):
     assert not (tmp_path / "out" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_captures(small):
     model, _ = small
     x = torch.randn(2, 3, 64, 64)
@@ -170,6 +173,7 @@ def test_channels_last_and_trace(small):
         assert torch.allclose(traced(x), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_export_command(tmp_path):
     from typer.testing import CliRunner
 

@@ -68,8 +68,11 @@ def test_caller_model_untouched_unless_inplace():
     assert isinstance(model.layer1[0], torchvision.models.resnet.BasicBlock)  # class swap keeps isinstance
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                                  "resnet50t", "resnet152d", "resnetaa50d"])
+DEEPER = ("resnet101", "resnet152", "resnet50t", "resnet152d", "resnetaa50d")  # slow
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnext50_32x4d",
+                                  *(pytest.param(n, marks=pytest.mark.slow) for n in DEEPER)])
 def test_timm_resnet_becomes_exactly_seresnet_keys(name):
     injected, _ = se_inject.inject(f"timm:{name}", device="meta", seed=0, reduction=16)
     assert _shapes(injected) == _shapes(_meta(f"se{name}"))

@@ -19,7 +19,8 @@ import se_inject
 
 
 @pytest.fixture(scope="module", params=[
-    "timm:test_resnet", pytest.param("torchvision:resnet18", marks=pytest.mark.slow), "torchvision:mobilenet_v2"])
+    "timm:test_resnet", *(pytest.param(n, marks=pytest.mark.slow) for n in ("torchvision:resnet18",
+                                                                             "torchvision:mobilenet_v2"))])
 def injected(request):
     model, report = se_inject.inject(request.param, seed=0, input_size=32)
     return model.eval(), report
@@ -42,6 +43,7 @@ def test_pickle_deepcopy_and_torch_save_round_trip(injected):
         assert type(other).__name__ == type(model).__name__
 
 
+@pytest.mark.slow
 def test_a_fresh_process_rebuilds_the_pickled_model(tmp_path):
     model, _ = se_inject.inject("torchvision:mobilenet_v2", seed=0, input_size=32)  # rewritten and fused blocks
     model.eval()

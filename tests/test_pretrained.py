@@ -141,6 +141,7 @@ def test_a_tag_without_pretrained_says_the_weights_are_random():
     assert any("random weights" in note and "--pretrained" in note for note in report.notes)
 
 
+@pytest.mark.slow
 def test_hf_home_is_the_cache_in_a_fresh_process(tmp_path):
     """End to end, as a user configures it: HF_HOME names the cache, HF_HUB_OFFLINE=1 keeps the hub quiet."""
     state = timm.create_model("test_resnet").state_dict()

@@ -7,6 +7,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 import torchvision
@@ -134,6 +135,7 @@ def _generated_recipes_on_random_models(specs, recipe, attention, init):
         assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5 * (1 + expected.abs().max().item()))
 
 
+@pytest.mark.slow
 def test_generated_recipes_on_random_models():
     """The core invariants hold for every generated recipe the engine accepts; and it accepts many."""
     OUTCOMES.clear()

@@ -47,7 +47,7 @@ def round_trip(name: str, out: Path, *extra: str, trust: bool = False) -> dict:
     ("test_resnet", "timm:test_resnet"),
     pytest.param("timm:test_resnet", "timm:test_resnet", marks=pytest.mark.slow),
     pytest.param("test_resnet.r160_in1k", "timm:test_resnet.r160_in1k", marks=pytest.mark.slow),
-    ("timm:test_resnet.r160_in1k", "timm:test_resnet.r160_in1k"),
+    pytest.param("timm:test_resnet.r160_in1k", "timm:test_resnet.r160_in1k", marks=pytest.mark.slow),
     ("torchvision:resnet18.IMAGENET1K_V1", "torchvision:resnet18.IMAGENET1K_V1"),
     pytest.param("torchvision:resnet18", "torchvision:resnet18", marks=pytest.mark.slow),
     pytest.param("torchvision:resnet18.DEFAULT", "torchvision:resnet18.IMAGENET1K_V1", marks=pytest.mark.slow),
@@ -59,6 +59,7 @@ def test_registry_spellings_round_trip(tmp_path, name, model):
     assert se_inject.io.checkpoint.read_plan(tmp_path / "o").model.name == model.split(":", 1)[1]
 
 
+@pytest.mark.slow
 def test_code_spellings_round_trip_with_trust_code(tmp_path, monkeypatch):
     (tmp_path / "mynets_rt.py").write_text(FACTORY)
     monkeypatch.chdir(tmp_path)

@@ -42,6 +42,7 @@ def test_scan_one_never_raises():
     assert row.status == "error" and "unknown model" in row.reason
 
 
+@pytest.mark.slow
 def test_scan_parallel_matches_serial():
     names = ["timm:test_resnet", "timm:test_efficientnet", "torchvision:resnet18"]
     serial = scan(names)

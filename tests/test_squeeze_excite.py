@@ -138,8 +138,8 @@ def test_scriptable():
     assert torch.equal(scripted(x), se(x))
 
 
-@pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:resnet18", "torchvision:mobilenet_v2",
-                                  "torchvision:googlenet", "timm:inception_resnet_v2"])
+@pytest.mark.parametrize("name", ["timm:resnet18", *(pytest.param(n, marks=pytest.mark.slow) for n in (
+    "torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:googlenet", "timm:inception_resnet_v2"))])
 def test_in_place_scaling_without_autograd_gives_the_same_outputs(name):
     """With autograd off, SE scales its input in place where the graph shows nothing else reads it; the outputs
     (and the training path) must not change."""

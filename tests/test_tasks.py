@@ -384,6 +384,7 @@ def _tiny_ssdlite() -> nn.Module:
                      detections_per_img=10, topk_candidates=20).eval()
 
 
+@pytest.mark.slow
 def test_detection_identity_gives_identical_boxes_scores_and_labels():
     base = _tiny_ssdlite()
     injected, report = se_inject.inject(base, init="identity", fill=True, seed=0)

@@ -102,7 +102,9 @@ def _variant_model(kind: str, source: str, name: str) -> tuple[torch.nn.Module, 
 
 
 @pytest.mark.parametrize("kind", list(VARIANTS))
-@pytest.mark.parametrize(("source", "name"), MODELS_BY_RECIPE)
+@pytest.mark.parametrize(("source", "name"), [  # GoogLeNet (a minute on a CPU for the four variants): slow
+    pytest.param(source, name, marks=[pytest.mark.slow] if name == "googlenet" else [])
+    for source, name in MODELS_BY_RECIPE])
 def test_every_variant_with_every_recipe(kind, source, name):
     model, injected, x = _variant_model(kind, source, name)
     with torch.no_grad():
@@ -256,6 +258,7 @@ def test_compare_rows():
     assert all(r.sites == 4 and not r.latency for r in rows)
 
 
+@pytest.mark.slow
 def test_compare_bench_cli():
     result = runner.invoke(app, ["compare", "timm:test_resnet", "--attention", "se", "--attention", "eca", "--bench",
                                  "--rounds", "2", "--json"])
