@@ -1,4 +1,5 @@
-"""The three recipes on models from both libraries: places, exact site lists, invariants, auto-detection."""
+"""The class recipes (ResNet, Inception, inverted residual and their relatives) on models from both libraries:
+places, exact site lists, invariants, auto-detection."""
 
 from __future__ import annotations
 
