@@ -69,6 +69,7 @@ def test_identity_init_learns():
     assert all(m.fc1.weight.grad.norm() > 0 for m in se_modules)
 
 
+@pytest.mark.slow
 def test_drift_moves_the_right_way(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(_model("timm", "resnet18").state_dict(), str(path))
@@ -161,6 +162,7 @@ def test_torch_compile_inductor(small):
         assert torch.allclose(torch.compile(model, fullgraph=True)(x), model(x), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_channels_last_and_trace(small):
     model, _ = small
     x = torch.randn(2, 3, 64, 64)

@@ -68,6 +68,7 @@ def test_fused_gradients_equal_the_unfused_ones(fused_and_plain):
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.slow
 def test_compiled_fused_model_uses_the_narrow_squeeze_and_agrees(fused_and_plain):
     fused, plain = fused_and_plain
     graphs = []

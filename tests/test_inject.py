@@ -78,7 +78,7 @@ def test_timm_resnet_becomes_exactly_seresnet_keys(name):
     assert _shapes(injected) == _shapes(_meta(f"se{name}"))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_seresnet_weights_load_strictly_and_give_identical_outputs(name):
     injected, _ = se_inject.inject(f"timm:{name}", seed=0)
     reference = randomize_norm_stats(timm.create_model(f"se{name}")).eval()

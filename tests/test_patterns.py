@@ -252,7 +252,7 @@ def _fire(module: nn.Module) -> int:
     ("torchvision:convnext_tiny", "convnext", {"CNBlock"}, _last_conv),
     ("timm:gernet_s", "byobnet", {"BasicBlock", "BottleneckBlock"}, _byob),
     ("timm:repvgg_a0", "byobnet", {"RepVggBlock"}, _last_conv),
-    ("timm:mobileone_s0", "byobnet", {"MobileOneBlock"}, _last_conv),
+    pytest.param("timm:mobileone_s0", "byobnet", {"MobileOneBlock"}, _last_conv, marks=pytest.mark.slow),
     ("timm:mobilevit_xxs", "byobnet", {"BottleneckBlock"}, _byob),
     ("timm:cspresnet50", "cspnet", {"BottleneckBlock"}, _last_conv),
     ("timm:cs3darknet_s", "cspnet", {"DarkBlock"}, _last_conv),

@@ -89,6 +89,7 @@ def test_missing_file(tmp_path):
         load_recipe_file(tmp_path / "nope.toml")
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_recipes(tmp_path):
     """The top-level recipes/ folder travels inside the package, for wheel installs too (not only editable)."""
     import subprocess

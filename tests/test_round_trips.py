@@ -48,7 +48,7 @@ def round_trip(name: str, out: Path, *extra: str, trust: bool = False) -> dict:
     pytest.param("timm:test_resnet", "timm:test_resnet", marks=pytest.mark.slow),
     pytest.param("test_resnet.r160_in1k", "timm:test_resnet.r160_in1k", marks=pytest.mark.slow),
     pytest.param("timm:test_resnet.r160_in1k", "timm:test_resnet.r160_in1k", marks=pytest.mark.slow),
-    ("torchvision:resnet18.IMAGENET1K_V1", "torchvision:resnet18.IMAGENET1K_V1"),
+    pytest.param("torchvision:resnet18.IMAGENET1K_V1", "torchvision:resnet18.IMAGENET1K_V1", marks=pytest.mark.slow),
     pytest.param("torchvision:resnet18", "torchvision:resnet18", marks=pytest.mark.slow),
     pytest.param("torchvision:resnet18.DEFAULT", "torchvision:resnet18.IMAGENET1K_V1", marks=pytest.mark.slow),
     pytest.param("resnet18.IMAGENET1K_V1", "torchvision:resnet18.IMAGENET1K_V1", marks=pytest.mark.slow),

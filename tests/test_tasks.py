@@ -441,6 +441,7 @@ def test_an_se_resnet50_backbone_works_in_torchvisions_detection_builders():
 # --- segmentation, optical flow, quantization --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_segmentation_identity_gives_identical_mask_logits():
     base = get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None).eval()
     injected, report = se_inject.inject(base, init="identity", fill=True, seed=0, input_size=64, drift=True)

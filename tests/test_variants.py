@@ -68,7 +68,7 @@ def test_eca_kernel_size(channels, k):
     assert eca_kernel_size(channels) == k
 
 
-@pytest.mark.parametrize("name", ["resnet50d", "resnet26t"])
+@pytest.mark.parametrize("name", ["resnet26t", pytest.param("resnet50d", marks=pytest.mark.slow)])
 def test_eca_on_timm_resnet_is_timms_ecaresnet(name):
     injected, report = se_inject.inject(f"timm:{name}", attention="eca", device="meta", seed=0)
     with torch.device("meta"):
@@ -101,7 +101,7 @@ def _variant_model(kind: str, source: str, name: str) -> tuple[torch.nn.Module, 
     return model, injected.eval(), torch.randn(1, 3, 64, 64)
 
 
-@pytest.mark.parametrize("kind", list(VARIANTS))
+@pytest.mark.parametrize("kind", ["se", "cbam", *(pytest.param(k, marks=pytest.mark.slow) for k in ("eca", "ese"))])
 @pytest.mark.parametrize(("source", "name"), [  # GoogLeNet (a minute on a CPU for the four variants): slow
     pytest.param(source, name, marks=[pytest.mark.slow] if name == "googlenet" else [])
     for source, name in MODELS_BY_RECIPE])
@@ -112,7 +112,7 @@ def test_every_variant_with_every_recipe(kind, source, name):
         assert torch.allclose(injected(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("kind", list(VARIANTS))
+@pytest.mark.parametrize("kind", ["se", *(pytest.param(k, marks=pytest.mark.slow) for k in VARIANTS if k != "se")])
 @pytest.mark.parametrize(("source", "name"), EXPORT_CASES)
 def test_every_variant_exports_with_every_recipe(kind, source, name):
     _, injected, x = _variant_model(kind, source, name)
@@ -126,6 +126,7 @@ def test_every_variant_exports_with_every_recipe(kind, source, name):
         assert torch.allclose(program.module()(x), injected(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_stage_ablation_on_resnet50():
     """SE paper, Table 9-style ablations: one stage only, or all but the last (~10% -> ~4% extra parameters)."""
     _, everywhere = se_inject.inject("timm:resnet50", device="meta", seed=0)
