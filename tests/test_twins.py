@@ -288,6 +288,50 @@ def test_cbam_follows_the_cbam_authors_code():
     assert any(s.channels // 16 % 8 for s in report.plan.sites)
 
 
+class _Residual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+def test_cbam_timm_is_timms_cbam_module():
+    """`--attention cbam-timm` builds timm's CbamModule exactly: its width (C / 16 rounded half up: 24 -> 2, where the
+    authors' C // 16 gives 1), no MLP biases, its keys; given its weights, its outputs."""
+    from timm.layers.cbam import CbamModule
+
+    from se_inject.layers.attention import create_attention
+
+    model = nn.Sequential(nn.Conv2d(3, 24, 1), _Residual(24), nn.Conv2d(24, 56, 1), _Residual(56))
+    _, report = se_inject.inject(model, device="meta", seed=0, attention="cbam-timm", input_size=16)
+    widths = {s.channels for s in report.plan.sites}
+    assert widths == {24, 56}  # C / 16 = 1.5 and 3.5: half up is not floor
+    for channels in sorted(widths):
+        site = next(s for s in report.plan.sites if s.channels == channels)
+        ours, reference = create_attention(site.attention).eval(), randomize_norm_stats(CbamModule(channels)).eval()
+        assert _shapes(ours) == _shapes(reference)
+        ours.load_state_dict(reference.state_dict(), strict=True)
+        x = torch.randn(2, channels, 5, 7)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), reference(x))
+
+
+@pytest.mark.slow
+def test_cbam_timm_on_a_timm_model_built_with_cbam():
+    reference = randomize_norm_stats(timm.create_model("test_resnet", block_args={"attn_layer": "cbam"})).eval()
+    assert type(reference.layer1[0].se).__name__ == "CbamModule"
+    injected, _ = se_inject.inject("timm:test_resnet", seed=0, attention="cbam-timm", input_size=64)
+    injected.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(injected.eval()(x), reference(x))
+    authors, _ = se_inject.inject("timm:test_resnet", device="meta", seed=0, attention="cbam", input_size=64)
+    assert _shapes(authors) != _shapes(reference)  # the default CBAM has the authors' MLP biases
+
+
 def test_plain_timm_loads_the_folder_as_the_twin(tmp_path):
     """regnetx_002 + SE is exactly regnety_002: the folder's config.json names it and plain timm loads it."""
     from se_inject.api import save_injected
