@@ -347,13 +347,14 @@ def find_sites(
 # The width rules a family's own SE may follow, tried in this order after the recipe's own: (the width r divides,
 # rounding, divisor, round_limit). timm's EfficientNet (round of the input or expanded width), MobileNetV3
 # (round_channels: to 8, round_limit 0.9), FBNetV3 (round_channels with round_limit 0.95 of the input width),
-# GhostNet (to 4), SEModule (to 8), torchvision (floor), wide ReXNet-R (ch_div 16).
+# GhostNet (to 4), SEModule (to 8), torchvision (floor), wide ReXNet-R (ch_div 16), TResNet's BasicBlock
+# (max(C / 4, 64), which to a multiple of 64 equals on TResNet's widths, C / 4 < 96).
 _WIDTH_RULES = tuple(
     (source, rounding, divisor, limit)
     for source in ("output", "input")
     for rounding, divisor, limit in (("round", 1, 0.0), ("divisible", 8, 0.9), ("divisible", 8, 0.95),
                                      ("divisible", 4, 0.9), ("divisible", 8, 0.0), ("floor", 1, 0.0),
-                                     ("divisible", 16, 0.9))
+                                     ("divisible", 16, 0.9), ("divisible", 64, 0.0))
 )
 _REDUCTIONS = (4, 16, 8, 12, 2)
 _GATE_NAMES = {"Sigmoid": "sigmoid", "Hardsigmoid": "hard-sigmoid", "HardSigmoid": "hard-sigmoid"}
@@ -405,8 +406,8 @@ def own_design(blocks: list[nn.Module], defaults: Any, rules: tuple[tuple[str, s
     else:
         return None
     first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
-    for reduction in dict.fromkeys((defaults.reduction, *_REDUCTIONS)):
-        for source, rounding, divisor, limit in dict.fromkeys(rules or (first, *_WIDTH_RULES)):
+    for source, rounding, divisor, limit in dict.fromkeys(rules or (first, *_WIDTH_RULES)):
+        for reduction in dict.fromkeys((defaults.reduction, *_REDUCTIONS)):
             if all(squeeze_channels(c_in if source == "input" else c, reduction, divisor, limit, rounding) == rd
                    for *_, c, c_in, rd in seen):
                 return replace(defaults, reduction=reduction, squeeze_from=source, rounding=rounding, divisor=divisor,
