@@ -181,7 +181,7 @@ def _signature(model: nn.Module) -> tuple[tuple[str, str, tuple[tuple[int, ...],
 
 
 # timm's attention modules by the `--attention` variant that makes them
-_VARIANT_OF = {"SEModule": "se", "SqueezeExcite": "se", "EcaModule": "eca", "CbamModule": "cbam",
+_VARIANT_OF = {"SEModule": "se", "SqueezeExcite": "se", "EcaModule": "eca", "CbamModule": "cbam-timm",
                "EffectiveSEModule": "ese"}
 
 
@@ -270,13 +270,18 @@ def _strip_half(name: str, device: str = "meta") -> tuple[nn.Module, list[str]]:
     return model, _take_out(model, _own_attention(model)[1::2])
 
 
+def _variant(model: nn.Module) -> str:
+    """The se-inject variant of the model's own attention ("" where it has several or one se-inject does not make)."""
+    variants = {_VARIANT_OF.get(type(model.get_submodule(p)).__name__, "") for p in _own_attention(model)}
+    return variants.pop() if len(variants) == 1 else ""
+
+
 def _strip_all(name: str, device: str = "meta") -> tuple[nn.Module, list[str], str]:
     """The plain sibling of a timm model whose blocks all have the family's SE: the model with its attention taken
     out; and the se-inject variant of that attention."""
     model = build_model(resolve_model(f"timm:{name}"), device=device)
-    paths = _own_attention(model)
-    variants = {_VARIANT_OF.get(type(model.get_submodule(p)).__name__, "") for p in paths}
-    return model, _take_out(model, paths), variants.pop() if len(variants) == 1 else ""
+    variant = _variant(model)
+    return model, _take_out(model, _own_attention(model)), variant
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FILL[:1] else pytest.mark.slow) for n in FILL])
@@ -528,12 +533,14 @@ def test_sweep_own_se_families(family):
                 failures.append((name, "default"))
             elif exact and _own_not_exact(name):
                 listed_but_exact.append(name)
+        variant = _variant(_meta(name))
         stripped, blocks = _strip_half(name)
         if not blocks:
             continue
         try:
-            filled, _ = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64)
-            exact = _shapes(filled) == _shapes(_meta(name))
+            filled, _ = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64,
+                                         attention=variant or "se")
+            exact = bool(variant) and _shapes(filled) == _shapes(_meta(name))
         except Exception as e:
             exact = False
             print(name, f"{type(e).__name__}: {e}"[:200])
