@@ -288,10 +288,13 @@ def _strip_all(name: str, device: str = "meta") -> tuple[nn.Module, list[str], s
 def test_fill_adds_exactly_the_models_own_se(name):
     stripped, blocks = _strip_half(name)
     assert blocks
-    filled, report = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64)
+    variant = _variant(_meta(name))
+    filled, report = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64,
+                                      attention=variant)
     assert [s.path for s in report.plan.sites] == blocks
     assert _shapes(filled) == _shapes(_meta(name))
-    assert any("the model's own SE" in note for note in report.notes)
+    if variant == "se":  # the width read from the model's own SE layers (ESE and ECA have none)
+        assert any("the model's own SE" in note for note in report.notes)
 
 
 def test_fill_computes_what_the_models_own_se_computes():
@@ -460,9 +463,11 @@ def _own_not_exact(name: str) -> str | None:
 
 
 def _default_on_plain_sibling(name: str) -> tuple[nn.Module, se_inject.api.Report, list[str]]:
+    """se-inject's default result on the plain sibling, with the model's own attention variant (SE where se-inject
+    makes no variant of it, HGNet v1's ESE)."""
     stripped, blocks, variant = _strip_all(name)
-    assert blocks and variant, name
-    injected, report = se_inject.inject(stripped, device="meta", seed=0, attention=variant, input_size=64)
+    assert blocks, name
+    injected, report = se_inject.inject(stripped, device="meta", seed=0, attention=variant or "se", input_size=64)
     return injected, report, blocks
 
 
