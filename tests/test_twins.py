@@ -232,6 +232,7 @@ FILL_NOT_EXACT = {
     "hgnet_*": "HGNet v1's ESE is inside its aggregation Sequential, not a block's attention slot",
     "nf_regnet_*": "NF-RegNet's SE sits mid-block in the `attn` slot; the NF recipe fills `attn_last`",
     "*_pruned": "pruned channel counts: timm sizes the SE from the unpruned network's widths",
+    "gc_*": "global context attention: not a variant se-inject makes",
     "fbnetv3_g": "the SE left in the model fits block input / 4 to 8 with round_limit 0.9 as well as FBNetV3's "
     "0.95; the first found (0.9) gives the first block of stage 4 24 channels where FBNetV3 has 32",
 }
@@ -451,8 +452,9 @@ OWN_NOT_EXACT = {
     "hgnet_*": "HGNet v1's ESE sits inside its aggregation Sequential (`aggregation.1`: one 1x1 conv named `conv` "
     "with bias, sigmoid); se-inject's HGNet place is after the aggregation, and its ESE (timm's EffectiveSEModule: "
     "`fc`, hard-sigmoid) has other names",
-    "*nfnet_[fl]*": "NFNet-F/L SE is rd_ratio 0.5 / 0.25; the NF family's default follows nf_seresnet (r = 16, the "
+    "nfnet_[fl]*": "NFNet-F/L SE is rd_ratio 0.5 / 0.25; the NF family's default follows nf_seresnet (r = 16, the "
     "twin of the plain nf_resnet); `--fill` reads their own width",
+    "dm_nfnet_f*": "NFNet-F SE is rd_ratio 0.5; the NF family's default follows nf_seresnet (r = 16)",
     "test_nfnet": "rd_ratio 0.25 (as NFNet-L); the NF family's default follows nf_seresnet (r = 16)",
     "nf_regnet_*": "NF-RegNet's SE sits mid-block in the `attn` slot (rd_ratio 0.5); the NF recipe fills `attn_last`",
 }
