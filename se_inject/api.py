@@ -184,16 +184,18 @@ def validate_settings(settings: Settings) -> Settings:
 def _site(match: Match, settings: Settings) -> Site:
     defaults = match.defaults or match.recipe.defaults
     from_input = defaults.squeeze_from == "input" and match.input_channels is not None
+    variant = VARIANTS[settings.attention]  # its own rounding and bias replace the recipe's (timm's CbamModule)
+    rounding = variant.rounding if defaults.rounding == "divisible" and variant.rounding else defaults.rounding
     spec = attention_spec(
         settings.attention,
         match.channels,
         reduction=settings.reduction or defaults.reduction,
-        divisor=settings.divisor or (VARIANTS[settings.attention].divisor if defaults.rounding == "divisible" else None)
+        divisor=settings.divisor or (variant.divisor if defaults.rounding == "divisible" else None)
         or defaults.divisor,
         round_limit=defaults.round_limit,
         squeeze_base=match.input_channels if from_input else None,
-        rounding=defaults.rounding if settings.divisor is None else "divisible",
-        bias=defaults.bias if settings.bias is None else settings.bias,
+        rounding=rounding if settings.divisor is None else "divisible",
+        bias=next(b for b in (settings.bias, variant.bias, defaults.bias) if b is not None),
         gate=settings.gate,
         recipe_gate=defaults.gate,
         init=settings.init,

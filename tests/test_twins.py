@@ -5,6 +5,8 @@ every model of the other families and pairs those whose module trees are equal o
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 import pytest
 import timm
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 
 import se_inject
 from se_inject.engine.models import build_model, resolve_model
-from se_inject.io.twins import CHANNEL_ATTENTION, Twin, config_twins
+from se_inject.io.twins import CHANNEL_ATTENTION, Twin, config_families, config_twins
 from se_inject.layers.attention import is_attention
 
 # Pairs that cannot be exact with default options, and why. The test below checks that each still differs.
@@ -179,7 +181,7 @@ def _signature(model: nn.Module) -> tuple[tuple[str, str, tuple[tuple[int, ...],
 
 
 # timm's attention modules by the `--attention` variant that makes them
-_VARIANT_OF = {"SEModule": "se", "SqueezeExcite": "se", "EcaModule": "eca", "CbamModule": "cbam",
+_VARIANT_OF = {"SEModule": "se", "SqueezeExcite": "se", "EcaModule": "eca", "CbamModule": "cbam-timm",
                "EffectiveSEModule": "ese"}
 
 
@@ -194,6 +196,8 @@ def structural_twins(pattern: str = "*") -> list[tuple[str, str, str]]:
             model = _meta(name)
         except Exception:  # needs arguments, or fails to build on meta: not part of the pairing
             continue
+        if type(model).__module__.rpartition(".")[2] in config_families():
+            continue  # paired by their configuration tables (vovnet39a's tree equals ese_vovnet39b's, its forward not)
         kinds = {_VARIANT_OF.get(type(m).__name__, "") for m in model.modules() if is_attention(m)}
         groups[(type(model).__module__, _signature(model))].append((name, kinds))
     return [(p, t, next(iter(tk)) if len(tk) == 1 else "") for members in groups.values()
@@ -221,29 +225,77 @@ def test_sweep_every_structural_twin():
 # timm models with their own SE in some blocks. Half of their SE modules are taken out; `--fill` on those blocks
 # must give back the model itself (keys, shapes; outputs on the first).
 FILL = ("lcnet_050", "fbnetv3_b", "mobilenetv3_large_100", "hardcorenas_a", "mobilenetv3_rw", "tinynet_a",
-        "efficientnetv2_rw_t", "semnasnet_050", "ghostnet_100", "rexnet_100")
+        "efficientnetv2_rw_t", "semnasnet_050", "ghostnet_100", "rexnet_100", "mixnet_s", "rexnetr_300",
+        "ese_vovnet39b", "nfnet_l0", "tresnet_m")
+# Models (globs) where `--fill` on half of their own SE does not give the model back, and why.
 FILL_NOT_EXACT = {
-    "mixnet_s": "two SE widths in one model (se0.5 and se0.25 stages of the same block class): no one width rule "
-    "gives both",
+    "hgnet_*": "HGNet v1's ESE is inside its aggregation Sequential, not a block's attention slot",
+    "nf_regnet_*": "NF-RegNet's SE sits mid-block in the `attn` slot; the NF recipe fills `attn_last`",
+    "*_pruned": "pruned channel counts: timm sizes the SE from the unpruned network's widths",
+    "gc_*": "global context attention: not a variant se-inject makes",
+    "fbnetv3_g": "the SE left in the model fits block input / 4 to 8 with round_limit 0.9 as well as FBNetV3's "
+    "0.95; the first found (0.9) gives the first block of stage 4 24 channels where FBNetV3 has 32",
 }
+FILL_NOT_EXACT_EXAMPLES = ("fbnetv3_g", "efficientnet_b1_pruned")
+
+
+def _fill_not_exact(name: str) -> str | None:
+    return next((reason for glob, reason in FILL_NOT_EXACT.items() if fnmatchcase(name, glob)), None)
+
+
+def _take_out(model: nn.Module, paths: list[str]) -> list[str]:
+    """Take the attention modules at `paths` out as their blocks build them absent (None where the forward tests for
+    None, else Identity); return the blocks' paths."""
+    import inspect
+
+    blocks = []
+    for path in paths:
+        parent, _, attr = path.rpartition(".")
+        block = model.get_submodule(parent)
+        absent = f"self.{attr} is not None" in inspect.getsource(type(block).forward)
+        setattr(block, attr, None) if absent else model.set_submodule(path, nn.Identity())
+        blocks.append(parent)
+    return blocks
+
+
+def _own_attention(model: nn.Module) -> list[str]:
+    found: list[str] = []
+    for path, m in model.named_modules():
+        if is_attention(m) and not any(path.startswith(f"{p}.") for p in found):
+            found.append(path)
+    return found
 
 
 def _strip_half(name: str, device: str = "meta") -> tuple[nn.Module, list[str]]:
     model = build_model(resolve_model(f"timm:{name}"), device=device)
-    owned = [p for p, m in model.named_modules() if is_attention(m) and p.endswith(".se")][1::2]
-    for path in owned:
-        model.set_submodule(path, nn.Identity())
-    return model, [p.rsplit(".", 1)[0] for p in owned]
+    return model, _take_out(model, _own_attention(model)[1::2])
+
+
+def _variant(model: nn.Module) -> str:
+    """The se-inject variant of the model's own attention ("" where it has several or one se-inject does not make)."""
+    variants = {_VARIANT_OF.get(type(model.get_submodule(p)).__name__, "") for p in _own_attention(model)}
+    return variants.pop() if len(variants) == 1 else ""
+
+
+def _strip_all(name: str, device: str = "meta") -> tuple[nn.Module, list[str], str]:
+    """The plain sibling of a timm model whose blocks all have the family's SE: the model with its attention taken
+    out; and the se-inject variant of that attention."""
+    model = build_model(resolve_model(f"timm:{name}"), device=device)
+    variant = _variant(model)
+    return model, _take_out(model, _own_attention(model)), variant
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FILL[:1] else pytest.mark.slow) for n in FILL])
 def test_fill_adds_exactly_the_models_own_se(name):
     stripped, blocks = _strip_half(name)
     assert blocks
-    filled, report = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64)
+    variant = _variant(_meta(name))
+    filled, report = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64,
+                                      attention=variant)
     assert [s.path for s in report.plan.sites] == blocks
     assert _shapes(filled) == _shapes(_meta(name))
-    assert any("the model's own SE" in note for note in report.notes)
+    if variant == "se":  # the width read from the model's own SE layers (ESE and ECA have none)
+        assert any("the model's own SE" in note for note in report.notes)
 
 
 def test_fill_computes_what_the_models_own_se_computes():
@@ -257,8 +309,9 @@ def test_fill_computes_what_the_models_own_se_computes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(FILL_NOT_EXACT))
+@pytest.mark.parametrize("name", FILL_NOT_EXACT_EXAMPLES)
 def test_fill_models_listed_as_not_exact_still_differ(name):
+    assert _fill_not_exact(name)
     stripped, blocks = _strip_half(name)
     filled, _ = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64)
     assert _shapes(filled) != _shapes(_meta(name))
@@ -286,6 +339,50 @@ def test_cbam_follows_the_cbam_authors_code():
         mlp = injected.get_submodule(site.module_path).channel
         assert mlp.fc1.bias is not None and mlp.fc2.bias is not None
     assert any(s.channels // 16 % 8 for s in report.plan.sites)
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+def test_cbam_timm_is_timms_cbam_module():
+    """`--attention cbam-timm` builds timm's CbamModule exactly: its width (C / 16 rounded half up: 24 -> 2, where the
+    authors' C // 16 gives 1), no MLP biases, its keys; given its weights, its outputs."""
+    from timm.layers.cbam import CbamModule
+
+    from se_inject.layers.attention import create_attention
+
+    model = nn.Sequential(nn.Conv2d(3, 24, 1), _Residual(24), nn.Conv2d(24, 56, 1), _Residual(56))
+    _, report = se_inject.inject(model, device="meta", seed=0, attention="cbam-timm", input_size=16)
+    widths = {s.channels for s in report.plan.sites}
+    assert widths == {24, 56}  # C / 16 = 1.5 and 3.5: half up is not floor
+    for channels in sorted(widths):
+        site = next(s for s in report.plan.sites if s.channels == channels)
+        ours, reference = create_attention(site.attention).eval(), randomize_norm_stats(CbamModule(channels)).eval()
+        assert _shapes(ours) == _shapes(reference)
+        ours.load_state_dict(reference.state_dict(), strict=True)
+        x = torch.randn(2, channels, 5, 7)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), reference(x))
+
+
+@pytest.mark.slow
+def test_cbam_timm_on_a_timm_model_built_with_cbam():
+    reference = randomize_norm_stats(timm.create_model("test_resnet", block_args={"attn_layer": "cbam"})).eval()
+    assert type(reference.layer1[0].se).__name__ == "CbamModule"
+    injected, _ = se_inject.inject("timm:test_resnet", seed=0, attention="cbam-timm", input_size=64)
+    injected.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(injected.eval()(x), reference(x))
+    authors, _ = se_inject.inject("timm:test_resnet", device="meta", seed=0, attention="cbam", input_size=64)
+    assert _shapes(authors) != _shapes(reference)  # the default CBAM has the authors' MLP biases
 
 
 def test_plain_timm_loads_the_folder_as_the_twin(tmp_path):
@@ -339,3 +436,124 @@ def test_plans_from_before_the_design_fields_still_load():
     assert (site.placement, site.source) == ("paper", "")
     assert (site.attention.act, site.attention.layout, site.attention.norm) == ("relu", "fc", False)
     assert site.to_dict() == old
+
+
+# --- families timm builds from code: each SE model and its plain sibling --------------------------------------------
+
+# timm's EfficientNet, MobileNetV3, VoVNet, HGNet, GhostNet, ReXNet, DPN, TResNet and NFNet modules register no plain
+# model whose architecture equals an SE model's but for its attention (efficientnet_lite0's blocks, stem and head
+# differ from efficientnet_b0's; vovnet39a is not residual). Each SE model's plain sibling is the model with its
+# attention taken out: where every block the recipes match has SE ("already SE"), se-inject's default result on that
+# sibling must be the model; where some blocks lack it (partial SE), `--fill` must give back the half taken out.
+OWN_SE_FAMILIES = ("efficientnet", "mobilenetv3", "vovnet", "hgnet", "ghostnet", "rexnet", "dpn", "tresnet", "nfnet")
+# Default results on a plain sibling that are not the model, by model name glob, and why.
+OWN_NOT_EXACT = {
+    "*_pruned": "pruned channel counts: timm sizes the SE from the unpruned network's widths",
+    "hgnet_*": "HGNet v1's ESE sits inside its aggregation Sequential (`aggregation.1`: one 1x1 conv named `conv` "
+    "with bias, sigmoid); se-inject's HGNet place is after the aggregation, and its ESE (timm's EffectiveSEModule: "
+    "`fc`, hard-sigmoid) has other names",
+    "nfnet_[fl]*": "NFNet-F/L SE is rd_ratio 0.5 / 0.25; the NF family's default follows nf_seresnet (r = 16, the "
+    "twin of the plain nf_resnet); `--fill` reads their own width",
+    "dm_nfnet_f*": "NFNet-F SE is rd_ratio 0.5; the NF family's default follows nf_seresnet (r = 16)",
+    "test_nfnet": "rd_ratio 0.25 (as NFNet-L); the NF family's default follows nf_seresnet (r = 16)",
+    "nf_regnet_*": "NF-RegNet's SE sits mid-block in the `attn` slot (rd_ratio 0.5); the NF recipe fills `attn_last`",
+}
+
+
+def _own_not_exact(name: str) -> str | None:
+    return next((reason for glob, reason in OWN_NOT_EXACT.items() if fnmatchcase(name, glob)), None)
+
+
+def _default_on_plain_sibling(name: str) -> tuple[nn.Module, se_inject.api.Report, list[str]]:
+    """se-inject's default result on the plain sibling, with the model's own attention variant (SE where se-inject
+    makes no variant of it, HGNet v1's ESE)."""
+    stripped, blocks, variant = _strip_all(name)
+    assert blocks, name
+    injected, report = se_inject.inject(stripped, device="meta", seed=0, attention=variant or "se", input_size=64)
+    return injected, report, blocks
+
+
+OWN_DEFAULT = ("tinynet_e", "ese_vovnet19b_slim_dw", "nf_ecaresnet26", "efficientnet_b0", "eca_nfnet_l0")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in OWN_DEFAULT[:1] else pytest.mark.slow)
+                                  for n in OWN_DEFAULT])
+def test_default_result_on_an_se_models_plain_sibling_is_the_model(name):
+    injected, report, blocks = _default_on_plain_sibling(name)
+    assert [s.path for s in report.plan.sites] == blocks
+    assert _shapes(injected) == _shapes(_meta(name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hgnet_tiny", "nfnet_l0", "nf_regnet_b0", "efficientnet_b1_pruned"])
+def test_plain_siblings_listed_as_not_exact_still_differ(name):
+    assert _own_not_exact(name)
+    injected, _, _ = _default_on_plain_sibling(name)
+    assert _shapes(injected) != _shapes(_meta(name))
+
+
+@pytest.mark.slow
+def test_default_result_on_a_plain_sibling_computes_what_the_model_computes():
+    reference = randomize_norm_stats(timm.create_model("tinynet_e")).eval()
+    stripped, _, _ = _strip_all("tinynet_e", device="cpu")
+    injected, _ = se_inject.inject(stripped, seed=0, input_size=64)
+    injected.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(injected.eval()(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def own_se_models(family: str) -> list[tuple[str, str]]:
+    """(name, "default" or "fill") of every registered model of ``timm.models.<family>`` with channel attention of
+    its own: "default" where every block the recipes match has it, "fill" where some lack it."""
+    from se_inject.errors import NoSitesError
+
+    found = []
+    for name in timm.list_models(module=family):
+        model = _meta(name)
+        if not _own_attention(model):
+            continue
+        try:
+            se_inject.inject(model, device="meta", seed=0, input_size=64)
+        except NoSitesError as e:
+            found.append((name, "default" if e.reason == "already-attention" else "fill"))
+            continue
+        found.append((name, "fill"))  # attention outside the blocks the recipes match: only filling can tell
+    return found
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("family", OWN_SE_FAMILIES)
+def test_sweep_own_se_families(family):
+    """Every SE model of the family: its plain sibling's default result (all-SE models) and `--fill` on half of its
+    SE (every model) give the model back, key for key, unless listed with the reason."""
+    failures, listed_but_exact = [], []
+    for name, kind in own_se_models(family):
+        if kind == "default":
+            try:
+                injected, _, _ = _default_on_plain_sibling(name)
+                exact = _shapes(injected) == _shapes(_meta(name))
+            except Exception as e:
+                exact = False
+                print(name, f"{type(e).__name__}: {e}"[:200])
+            if not exact and not _own_not_exact(name):
+                failures.append((name, "default"))
+            elif exact and _own_not_exact(name):
+                listed_but_exact.append(name)
+        variant = _variant(_meta(name))
+        stripped, blocks = _strip_half(name)
+        if not blocks:
+            continue
+        try:
+            filled, _ = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64,
+                                         attention=variant or "se")
+            exact = bool(variant) and _shapes(filled) == _shapes(_meta(name))
+        except Exception as e:
+            exact = False
+            print(name, f"{type(e).__name__}: {e}"[:200])
+        if not exact and not _fill_not_exact(name):
+            failures.append((name, "fill"))
+        elif exact and _fill_not_exact(name):
+            listed_but_exact.append(name)
+    assert not failures, failures
+    assert not listed_but_exact, listed_but_exact

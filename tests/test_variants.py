@@ -27,6 +27,7 @@ def _analytic_params(kind: str, c: int, rd: int, k: int, bias: bool = True) -> i
         "se": 2 * c * rd + (rd + c if bias else 0),
         "eca": k,
         "cbam": 2 * c * rd + (rd + c if bias else 0) + 2 * 7 * 7 + 2,  # shared MLP, 7x7 conv (no bias), BN affine
+        "cbam-timm": 2 * c * rd + 2 * 7 * 7 + 2,  # timm's CbamModule: no MLP biases
         "ese": c * c + (c if bias else 0),
     }[kind]
 
@@ -37,6 +38,7 @@ def _analytic_elementwise(kind: str, c: int, h: int, w: int, rd: int) -> int:
         "se": chw + rd + c + chw,  # pool, ReLU, sigmoid, scale
         "eca": chw + c + chw,  # pool, sigmoid, scale
         "cbam": (2 * chw + 2 * rd + c + c + chw) + (2 * chw + hw + hw + chw),  # channel part, spatial part
+        "cbam-timm": (2 * chw + 2 * rd + c + c + chw) + (2 * chw + hw + hw + chw),
         "ese": chw + c + chw,
     }[kind]
 
@@ -273,5 +275,5 @@ def test_compare_bench_cli():
 def test_variants_listing():
     result = runner.invoke(app, ["variants", "--json"])
     assert result.exit_code == 0
-    assert [v["name"] for v in json.loads(result.stdout)] == ["se", "eca", "cbam", "ese"]
+    assert [v["name"] for v in json.loads(result.stdout)] == ["se", "eca", "cbam", "cbam-timm", "ese"]
     assert se_inject.list_attention() == list(VARIANTS)

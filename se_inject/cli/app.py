@@ -116,8 +116,8 @@ def inject_command(
                                                      "every recipe that matches.", show_default=False)] = None,
     recipe_file: Annotated[list[Path] | None, typer.Option("--recipe-file", metavar="FILE", help="A recipe file of "
                                                            "your own (repeatable).", show_default=False)] = None,
-    attention: Annotated[str, typer.Option(metavar=_choices(ATTENTION_CHOICES), help="Variant: se, eca, cbam or "
-                                           "ese (see the variants command).")] = "se",
+    attention: Annotated[str, typer.Option(metavar=_choices(ATTENTION_CHOICES), help="Variant: se, eca, cbam, "
+                                           "cbam-timm or ese (see the variants command).")] = "se",
     gate: Annotated[str | None, typer.Option(metavar=_choices(GATE_CHOICES), help="Gate: sigmoid or hard-sigmoid "
                                              "(default: the variant's, else sigmoid).", show_default=False)] = None,
     include: Annotated[list[str] | None, typer.Option("--include", metavar="GLOB", help="Only sites whose path "

@@ -48,6 +48,14 @@ def _first_conv(module: nn.Module) -> nn.Conv2d | None:
     return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
 
 
+def _input_conv(block: nn.Module) -> nn.Module | None:
+    """The module taking the block's input: its first conv, or the mixed conv holding it (MixNet's first conv takes
+    one split of the input)."""
+    conv = _first_conv(block)
+    return next((m for m in block.modules() if m is not block and isinstance(getattr(m, "in_channels", None), int)
+                 and any(c is conv for c in m.modules())), conv)
+
+
 def _has_depthwise(block: nn.Module) -> bool:
     return any(
         isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels and m.kernel_size != (1, 1)
@@ -400,12 +408,14 @@ def find_sites(
 # The width rules a family's own SE may follow, tried in this order after the recipe's own: (the width r divides,
 # rounding, divisor, round_limit). timm's EfficientNet (round of the input or expanded width), MobileNetV3
 # (round_channels: to 8, round_limit 0.9), FBNetV3 (round_channels with round_limit 0.95 of the input width),
-# GhostNet (to 4), SEModule (to 8), torchvision (floor).
+# GhostNet (to 4), SEModule (to 8), torchvision (floor), wide ReXNet-R (ch_div 16), TResNet's BasicBlock
+# (max(C / 4, 64), which to a multiple of 64 equals on TResNet's widths, C / 4 < 96).
 _WIDTH_RULES = tuple(
     (source, rounding, divisor, limit)
     for source in ("output", "input")
     for rounding, divisor, limit in (("round", 1, 0.0), ("divisible", 8, 0.9), ("divisible", 8, 0.95),
-                                     ("divisible", 4, 0.9), ("divisible", 8, 0.0), ("floor", 1, 0.0))
+                                     ("divisible", 4, 0.9), ("divisible", 8, 0.0), ("floor", 1, 0.0),
+                                     ("divisible", 16, 0.9), ("divisible", 64, 0.0))
 )
 _REDUCTIONS = (4, 16, 8, 12, 2)
 _GATE_NAMES = {"Sigmoid": "sigmoid", "Hardsigmoid": "hard-sigmoid", "HardSigmoid": "hard-sigmoid"}
@@ -426,16 +436,16 @@ def _se_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d, nn.Module, nn.Mo
     return reduce, expand, act, gate, parts[4], isinstance(bn, nn.BatchNorm2d)
 
 
-def own_design(blocks: list[nn.Module], defaults: Any) -> Any:
+def own_design(blocks: list[nn.Module], defaults: Any, rules: tuple[tuple[str, str, int, float], ...] = ()) -> Any:
     """The SE design of a model's own SE modules in `blocks` (its partial SE), as settings over `defaults`: their
-    layer names, activation, gate, bias, and the first width rule that gives every one of them its width; None where
-    the modules are not plain SE layers or disagree."""
+    layer names, activation, gate, bias, and the first width rule (of `rules`, default all) that gives every one of
+    them its width; None where the modules are not plain SE layers or disagree."""
 
     seen = []
     for block in blocks:
         at = find_attention(block)
         parts = _se_parts(block if at == "." else block.get_submodule(at)) if at is not None else None
-        conv = _first_conv(block)
+        conv = _input_conv(block)
         if parts is None or conv is None:
             return None
         reduce, _expand, act, gate, layout, norm = parts
@@ -457,8 +467,8 @@ def own_design(blocks: list[nn.Module], defaults: Any) -> Any:
     else:
         return None
     first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
-    for reduction in dict.fromkeys((defaults.reduction, *_REDUCTIONS)):
-        for source, rounding, divisor, limit in dict.fromkeys((first, *_WIDTH_RULES)):
+    for source, rounding, divisor, limit in dict.fromkeys(rules or (first, *_WIDTH_RULES)):
+        for reduction in dict.fromkeys((defaults.reduction, *_REDUCTIONS)):
             if all(squeeze_channels(c_in if source == "input" else c, reduction, divisor, limit, rounding) == rd
                    for *_, c, c_in, rd in seen):
                 return replace(defaults, reduction=reduction, squeeze_from=source, rounding=rounding, divisor=divisor,
@@ -467,6 +477,20 @@ def own_design(blocks: list[nn.Module], defaults: Any) -> Any:
                                f"{'the block activation' if act == 'block' else act} inside, {gate} gate, "
                                f"{_width_text(source, rounding, divisor, limit, reduction)}")
     return None
+
+
+def _staged_designs(owned: list[tuple[str, nn.Module]], key: tuple[Any, ...], defaults: Any) -> dict[Any, Any]:
+    """One width rule for every stage (parent module) of a class's own SE modules, with a reduction per stage: the
+    design of each stage's blocks, keyed by `key` + the stage's path. Empty where no one rule fits every stage."""
+    stages: dict[str, list[nn.Module]] = {}
+    for path, block in owned:
+        stages.setdefault(path.rpartition(".")[0], []).append(block)
+    first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
+    for rule in dict.fromkeys((first, *_WIDTH_RULES)):
+        designs = {(*key, stage): own_design(blocks, defaults, (rule,)) for stage, blocks in stages.items()}
+        if all(d is not None for d in designs.values()):
+            return designs
+    return {(*key, stage): None for stage in stages}
 
 
 def _width_text(source: str, rounding: str, divisor: int, limit: float, reduction: int) -> str:
@@ -479,21 +503,27 @@ def _width_text(source: str, rounding: str, divisor: int, limit: float, reductio
 
 def _like_own(model: nn.Module, matches: list[Match], skipped: list[Skip]) -> list[Match]:
     """In a model with partial SE, a match whose block class has the model's own SE in other blocks takes that SE's
-    design (`own_design`): filling them gives the blocks what the family's SE blocks of that class have."""
-    owned: dict[str, list[tuple[str, nn.Module]]] = {}
+    design (`own_design`): filling them gives the blocks what the family's SE blocks of that class have. Where those
+    blocks follow no one width rule (MixNet's se0.5 and se0.25 stages), the SE of the block's siblings (its stage)."""
+    owned: dict[str, list[tuple[str, str, nn.Module]]] = {}
     for skip in skipped:
         if skip.already_attention:
-            owned.setdefault(skip.recipe, []).append((skip.block, model.get_submodule(skip.path)))
+            owned.setdefault(skip.recipe, []).append((skip.block, skip.path, model.get_submodule(skip.path)))
     if not owned:
         return matches
-    designs: dict[tuple[str, str, Any], Any] = {}
+    designs: dict[tuple[str, str, Any, str | None], Any] = {}
     result = []
     for m in matches:
-        key = (m.recipe.name, m.block, m.defaults)
+        key = (m.recipe.name, m.block, m.defaults, None)
         if key not in designs:  # the SE of the model's blocks of the same class
-            same = [b for cp, b in owned.get(m.recipe.name, []) if cp == m.block]
+            same = [b for cp, _, b in owned.get(m.recipe.name, []) if cp == m.block]
             designs[key] = own_design(same, m.defaults) if same else None
-        design = designs[key]
+        if designs[key] is None:
+            key = (m.recipe.name, m.block, m.defaults, m.path.rpartition(".")[0])
+            if key not in designs:
+                designs.update(_staged_designs([(p, b) for cp, p, b in owned.get(m.recipe.name, []) if cp == m.block],
+                                               key[:3], m.defaults))
+        design = designs.get(key)
         if design is not None and design.act == "block":
             design = replace(design, act=block_activation(model.get_submodule(m.path)) or "relu")
         result.append(replace(m, defaults=design) if design is not None else m)

@@ -111,8 +111,9 @@ def _attention(field: str, data: Any) -> AttentionSpec:
     # A squeeze wider than its site exists only where a divisor rounded a narrow site up (at most MAX_DIVISOR).
     rd_channels = _int(f"{field}.rd_channels", data["rd_channels"], 1 if VARIANTS[kind].uses_reduction else 0,
                        max(channels, MAX_DIVISOR))
-    kernel_size = _int(f"{field}.kernel_size", data["kernel_size"], 1 if kind in ("eca", "cbam") else 0, 255)
-    if kind in ("eca", "cbam") and kernel_size % 2 == 0:
+    kernelled = kind in ("eca", "cbam", "cbam-timm")
+    kernel_size = _int(f"{field}.kernel_size", data["kernel_size"], 1 if kernelled else 0, 255)
+    if kernelled and kernel_size % 2 == 0:
         raise _fail(f"{field}.kernel_size", f"expected an odd kernel size, got {kernel_size}")
     if not isinstance(data["bias"], bool):
         raise _fail(f"{field}.bias", f"expected true or false, got {data['bias']!r}")

@@ -1,10 +1,11 @@
 """timm's SE twins, read from timm itself: models whose configuration equals another's but for channel attention.
 
-timm builds its ByobNet, RegNet and CSPNet models from configuration tables (``model_cfgs``); where two registered
-models' tables differ only in their attention layer (``attn_layer``/``attn_kwargs``, RegNet's ``se_ratio``), the one
-with attention is the family's own SE design of the other: ``regnetx_002`` -> ``regnety_002``, ``resnet33ts`` ->
-``seresnet33ts``, ``darknet21`` -> ``sedarknet21``. The save step names such a twin in ``config.json`` once the
-result is checked to compute exactly what the twin computes.
+timm builds its ByobNet, RegNet, CSPNet, NFNet and VoVNet models from configuration tables (``model_cfgs``); where two
+registered models' tables differ only in their attention layer (``attn_layer``/``attn_kwargs``, RegNet's ``se_ratio``,
+VoVNet's ``attn``), the one with attention is the family's own SE design of the other: ``regnetx_002`` ->
+``regnety_002``, ``resnet33ts`` -> ``seresnet33ts``, ``darknet21`` -> ``sedarknet21``, ``nf_resnet26`` ->
+``nf_seresnet26``. The save step names such a twin in ``config.json`` once the result is checked to compute exactly
+what the twin computes. (VoVNet's tables have no pair: ``vovnet39a`` is not residual, ``ese_vovnet39b`` is.)
 """
 
 from __future__ import annotations
@@ -47,11 +48,25 @@ def _strip_csp(cfg: Any) -> tuple[Any, set[str]]:
     return dataclasses.replace(cfg, stages=stripped), kinds
 
 
+def _strip_nfnet(cfg: Any) -> tuple[Any, set[str]]:
+    return dataclasses.replace(cfg, attn_layer=None, attn_kwargs={}), {cfg.attn_layer} if cfg.attn_layer else set()
+
+
+def _strip_vovnet(cfg: dict[str, Any]) -> tuple[Any, set[str]]:
+    return tuple(sorted({**cfg, "attn": ""}.items())), {cfg["attn"]} if cfg["attn"] else set()
+
+
 def _families() -> dict[str, tuple[dict[str, Any], Any]]:
-    from timm.models import byobnet, cspnet, regnet
+    from timm.models import byobnet, cspnet, nfnet, regnet, vovnet
 
     return {"byobnet": (byobnet.model_cfgs, _strip_byob), "regnet": (regnet.model_cfgs, _strip_regnet),
-            "cspnet": (cspnet.model_cfgs, _strip_csp)}
+            "cspnet": (cspnet.model_cfgs, _strip_csp), "nfnet": (nfnet.model_cfgs, _strip_nfnet),
+            "vovnet": (vovnet.model_cfgs, _strip_vovnet)}
+
+
+def config_families() -> tuple[str, ...]:
+    """The timm model modules (``timm.models.<name>``) whose twins come from their configuration tables."""
+    return tuple(_families())
 
 
 @dataclasses.dataclass(frozen=True)

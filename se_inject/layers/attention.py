@@ -105,6 +105,11 @@ def _build_cbam(spec: AttentionSpec, **dd: Any) -> nn.Module:
                               gate=spec.gate, gain=spec.module_gain, **dd)
 
 
+@register_attention("cbam-timm", ConvBlockAttention)
+def _build_cbam_timm(spec: AttentionSpec, **dd: Any) -> nn.Module:
+    return _build_cbam(spec, **dd)  # the same module: the variant differs in its width and bias (`attention_spec`)
+
+
 @register_attention("ese", EffectiveSqueezeExcite)
 def _build_ese(spec: AttentionSpec, **dd: Any) -> nn.Module:
     return EffectiveSqueezeExcite(spec.channels, bias=spec.bias, gate=spec.gate, gain=spec.module_gain, **dd)
@@ -135,7 +140,7 @@ def attention_spec(
         channels=channels,
         rd_channels=squeeze_channels(squeeze_base or channels, reduction, divisor, round_limit, rounding)
         if variant.uses_reduction else 0,
-        kernel_size={"eca": eca_kernel_size(channels), "cbam": 7}.get(kind, 0),
+        kernel_size={"eca": eca_kernel_size(channels), "cbam": 7, "cbam-timm": 7}.get(kind, 0),
         bias=bias,
         gate=gate,
         gain=identity_gain(gate) if init == "identity" else host_gain,
@@ -159,8 +164,12 @@ def squeeze_channels(
       even divisor this equals timm's ``make_divisible(C / r, divisor)`` (``seresnet*``; with ``round_limit`` 0.9
       MobileNetV3's ``_make_divisible(C // 4, 8)``); with divisor 1 it is the seed document's ``C // r``;
     - "round": ``round(C / r)``, timm's EfficientNet ``SqueezeExcite`` (``rd_round_fn`` defaults to ``round``);
-    - "floor": ``max(1, C // r)``, torchvision's EfficientNet (``max(1, input_channels // 4)``).
+    - "floor": ``max(1, C // r)``, torchvision's EfficientNet (``max(1, input_channels // 4)``);
+    - "half-up": C / r rounded half up, at least 1: timm's ``make_divisible(C * (1 / r), 1, round_limit=0)``, as
+      timm's ``CbamModule`` sizes its MLP.
     """
+    if rounding == "half-up":
+        return make_divisible(channels * (1.0 / reduction), 1, round_limit=0.0)
     if rounding == "round":
         return max(1, round(channels / reduction))
     if rounding == "floor":
