@@ -245,7 +245,7 @@ def test_help_conventions():
     assert short.exit_code == 0 and short.stdout == run("--help").stdout
     assert "--install-completion" in short.stdout  # typer's shell completion
     text = run("inject", "-h").stdout
-    for values in ("[se|eca|cbam|ese]", "[sigmoid|hard-sigmoid]", "[paper|identity]", "[torchscript|exported|onnx]"):
+    for values in ("[se|eca|cbam|cbam-timm|ese]", "[sigmoid|hard-sigmoid]", "[paper|identity]", "[torchscript|exported|onnx]"):
         assert values in text
     assert "<list[str]>" not in text and "<int>" not in text  # readable option types
     assert "[torchscript|exported|onnx]" in run("export", "-h").stdout

@@ -95,7 +95,7 @@ def test_no_eligible_blocks_writes_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("args", "text"), [
-    (["--attention", "gc"], "se, eca, cbam, ese"),
+    (["--attention", "gc"], "se, eca, cbam, cbam-timm, ese"),
     (["--gate", "tanh"], "sigmoid, hard-sigmoid"),
     (["--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'; choose from"),
     (["--reduction", "x"], "reduction"),
