@@ -180,8 +180,11 @@ def _candidates(model: nn.Module, recipes: list[Recipe]) -> Iterator[Candidate]:
     recipes putting SE at different places are each applied (see `_places`)."""
     taken: list[str] = []
     classes = {path: class_path(m) for path, m in model.named_modules()}
+    named = frozenset(c for recipe in recipes for c in recipe.classes)  # class rules name exact class paths
     for path, module in model.named_modules():
         cp = classes[path]
+        if cp not in named:
+            continue
         ancestors = _ancestors(path, classes)
         found = [(recipe, place_of(rule)) for recipe in recipes
                  if (rule := _rule_for(recipe, cp, module, ancestors)) is not None]

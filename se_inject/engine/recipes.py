@@ -32,7 +32,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +119,15 @@ def _in_scope(within: tuple[str, ...], not_within: tuple[str, ...], ancestors: t
               excluded: tuple[str, ...]) -> bool:
     """Some class of `ancestors` matches a glob of `within` (when given), and none of `excluded` one of
     `not_within`."""
-    return (not within or any(fnmatchcase(a, g) for a in ancestors for g in within)) and not any(
-        fnmatchcase(a, g) for a in excluded for g in not_within)
+    return (not within or any(_matches(within, a) for a in ancestors)) and not (
+        not_within and any(_matches(not_within, a) for a in excluded))
+
+
+@lru_cache(maxsize=1 << 16)
+def _matches(globs: tuple[str, ...], name: str) -> bool:
+    """Whether `name` matches one of the fnmatch `globs` (case-sensitive). Cached: finding asks this of every
+    module's class and ancestors, for every rule, and the pairs repeat."""
+    return any(fnmatchcase(name, g) for g in globs)
 
 
 _MISSING = object()
@@ -157,14 +164,14 @@ class PatternRule:
     def accepts(self, class_path: str, ancestors: tuple[str, ...], path: str = "") -> bool:
         """Whether a block of class `class_path` at `path` under ancestors of these classes (outermost first, one per
         leading part of `path`) is in this rule's scope."""
-        return any(fnmatchcase(class_path, g) for g in self.classes) and _in_scope(
+        return _matches(self.classes, class_path) and _in_scope(
             self.within, self.not_within, ancestors, (*ancestors, class_path)) and self._on_paths(ancestors, path)
 
     def _on_paths(self, ancestors: tuple[str, ...], path: str) -> bool:
         if not self.paths:
             return True
         parts = path.split(".")
-        start = max((i for i, a in enumerate(ancestors) if any(fnmatchcase(a, g) for g in self.within)), default=0)
+        start = max((i for i, a in enumerate(ancestors) if _matches(self.within, a)), default=0)
         return any(fnmatchcase(".".join(parts[start:]), g) for g in self.paths)
 
 
