@@ -1,6 +1,6 @@
 """``python -m se_inject``: the same command line as ``se-inject``."""
 
-from .cli.app import main
+from .cli import main
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import SEInjectError, UsageError, WeightsError
 from ..io.preflight import check_export_options, check_output_file, check_output_folder
 from ..names import EXPORT_FORMATS, GATES, INITS, MAX_DIVISOR, MODEL_SOURCES, PLACEMENTS, VARIANTS
-from .process import error, error_funnel, error_funnel_exit, exit_now, printable_streams
+from .process import error, error_funnel, exit_now, printable_streams
 from .render import (
     console,
     export_line,
@@ -32,6 +32,7 @@ from .render import (
     render_compare,
     render_report,
     render_scan,
+    run_listing,
     status_line,
 )
 
@@ -430,16 +431,8 @@ def variants_command(
         print_variants(as_json=as_json)
 
 
-def run_listing(argv: tuple[str, ...]) -> None:
-    """`recipes`/`variants` [--json] without typer's machinery (its command tree and pydantic-based option coercion
-    cost more than the listing); returns for anything else."""
-    if argv in _FAST:
-        with error_funnel_exit():
-            _FAST[argv](as_json=argv[-1] == "--json")
-        sys.exit(0)
-
-
 def main() -> None:
+    """The `se-inject` entry point (see `se_inject.cli.main`, which answers the listings before importing this)."""
     code: Any = 0
     try:
         printable_streams()
@@ -452,12 +445,6 @@ def main() -> None:
     exit_now(code)
 
 
-_FAST = {
-    ("recipes",): print_recipes,
-    ("recipes", "--json"): print_recipes,
-    ("variants",): print_variants,
-    ("variants", "--json"): print_variants,
-}
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from .process import error
+from .process import error, error_funnel_exit
 
 
 def print_json(data: Any) -> None:
@@ -325,3 +325,20 @@ def print_variants(*, as_json: bool) -> None:
         uses = "uses --reduction/--divisor" if v.uses_reduction else "no reduction"
         typer.echo(f"  gate {v.gate or 'sigmoid (the recipe default)'}; {uses}; params per site: {v.params}")
         typer.echo(f"  {v.reference}")
+
+
+def run_listing(argv: tuple[str, ...]) -> None:
+    """`recipes`/`variants` [--json] without typer's machinery (its command tree and pydantic-based option coercion
+    cost more than the listing); returns for anything else."""
+    if argv in _FAST:
+        with error_funnel_exit():
+            _FAST[argv](as_json=argv[-1] == "--json")
+        sys.exit(0)
+
+
+_FAST = {
+    ("recipes",): print_recipes,
+    ("recipes", "--json"): print_recipes,
+    ("variants",): print_variants,
+    ("variants", "--json"): print_variants,
+}
