@@ -596,10 +596,11 @@ def test_compare_cli_on_a_video_model_leaves_cbam_out():
                                       "--rounds", "1", "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["attention"]: r for r in json.loads(result.stdout)}
-    assert list(rows) == ["se", "eca", "cbam", "ese"]
-    assert "defined for 2-D maps" in rows["cbam"]["skipped"] and not rows["cbam"]["latency"]
+    assert list(rows) == ["se", "eca", "cbam", "cbam-timm", "ese"]
+    for cbam in ("cbam", "cbam-timm"):  # both spatial maps are 2-D
+        assert "defined for 2-D maps" in rows[cbam]["skipped"] and not rows[cbam]["latency"]
     assert all(r["sites"] == 8 and [t["batch"] for t in r["latency"]] == [1, 8] for k, r in rows.items()
-               if k != "cbam")
+               if not k.startswith("cbam"))
     result = CliRunner().invoke(app, ["compare", "torchvision:mc3_18", "--input-size", "2,16,16", "--attention",
                                       "cbam"])
     assert result.exit_code == 2 and "defined for 2-D maps" in result.output
