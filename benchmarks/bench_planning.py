@@ -19,7 +19,7 @@ start = time.perf_counter()
 code = 0
 try:
     if sys.argv[1:]:
-        from se_inject.cli.app import app
+        from se_inject.cli.commands import app
         app(sys.argv[1:])
     else:
         import timm, se_inject.api  # the floor: imports only

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from se_inject.cli.app import app
+from se_inject.cli.commands import app
 from se_inject.errors import UsageError
 
 runner = CliRunner()
@@ -123,7 +123,7 @@ def test_version_and_help():
 def test_fast_paths_do_not_import_torch(args):
     code = (
         "import sys\n"
-        "from se_inject.cli.app import app\n"
+        "from se_inject.cli.commands import app\n"
         f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
@@ -245,7 +245,8 @@ def test_help_conventions():
     assert short.exit_code == 0 and short.stdout == run("--help").stdout
     assert "--install-completion" in short.stdout  # typer's shell completion
     text = run("inject", "-h").stdout
-    for values in ("[se|eca|cbam|cbam-timm|ese]", "[sigmoid|hard-sigmoid]", "[paper|identity]", "[torchscript|exported|onnx]"):
+    for values in ("[se|eca|cbam|cbam-timm|ese]", "[sigmoid|hard-sigmoid]", "[paper|identity]",
+                   "[torchscript|exported|onnx]"):
         assert values in text
     assert "<list[str]>" not in text and "<int>" not in text  # readable option types
     assert "[torchscript|exported|onnx]" in run("export", "-h").stdout
@@ -332,7 +333,7 @@ def test_closed_pipe_exits_141_and_python_dash_m(tmp_path):
 def test_the_process_exits_fast_but_completely(argv, code):
     """`main` skips the interpreter's module teardown (a second once torch is imported) but keeps what a normal exit
     does: running threads are waited for, exit handlers run, output is flushed, the status is the command's."""
-    script = ("import atexit, sys, threading, time\nfrom se_inject.cli.app import main\n"
+    script = ("import atexit, sys, threading, time\nfrom se_inject.cli.commands import main\n"
               "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
               "class Torn:\n    def __del__(self):\n        print('torn down', file=sys.stderr)\n"
               "torn = Torn()\n"  # a module global: collected only by the interpreter's teardown

@@ -13,7 +13,7 @@ import torchvision
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.cli.app import app
+from se_inject.cli.commands import app
 from se_inject.errors import ExportError, UsageError
 from se_inject.io import export as export_module
 from se_inject.io.export import RELATIVE_TOLERANCE, compare_outputs, export, output_tensors

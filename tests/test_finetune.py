@@ -179,7 +179,7 @@ def test_channels_last_and_trace(small):
 def test_cli_export_command(tmp_path):
     from typer.testing import CliRunner
 
-    from se_inject.cli.app import app
+    from se_inject.cli.commands import app
 
     runner = CliRunner()
     out = tmp_path / "o"

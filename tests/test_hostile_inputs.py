@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject import CheckpointError, OutputExistsError, SurgeryError
-from se_inject.cli.app import app
+from se_inject.cli.commands import app
 from se_inject.engine.plan import Plan, Site
 from se_inject.engine.schema import MAX_SITES_PER_BLOCK
 from se_inject.engine.surgery import apply_plan
@@ -232,7 +232,7 @@ def test_image_limit_follows_pillows(tmp_path, monkeypatch):
 def test_crafted_widths_stay_within_memory(good, tmp_path):
     """The attack's plan (2^20 squeeze channels on every site) exits 1 without allocating it."""
     folder = craft(good, tmp_path / "f", lambda p: [s["attention"].update(rd_channels=2**20) for s in p["sites"]])
-    body = ("from typer.testing import CliRunner\nfrom se_inject.cli.app import app\n"
+    body = ("from typer.testing import CliRunner\nfrom se_inject.cli.commands import app\n"
             f"r = CliRunner().invoke(app, ['export', {str(folder)!r}, '-f', 'torchscript'])\n"
             "print(r.exit_code, r.stderr)")
     result = under_memory_limit(body)
@@ -378,7 +378,7 @@ def test_option_values_are_checked_before_torch_is_imported():
     cases = [["timm:test_resnet", "--attention", "foo"], ["timm:test_resnet", "--gate", "tanh"],
              ["timm:test_resnet", "--init", "zeros"], ["timm:test_resnet", "--divisor", "4096"],
              ["timm:test_resnet", "--reduction", "0"], ["compare", "timm:test_resnet", "--attention", "foo"]]
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom se_inject.cli.app import app\n"
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom se_inject.cli.commands import app\n"
             f"for args in {cases!r}:\n"
             "    r = CliRunner().invoke(app, args)\n"
             "    print(r.exit_code, r.stderr.count(chr(10)))\n"

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject import NoSitesError
-from se_inject.cli.app import app
+from se_inject.cli.commands import app
 from se_inject.tools.scan import scan_one
 
 

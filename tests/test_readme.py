@@ -16,7 +16,7 @@ import torch
 import torchvision
 from typer.testing import CliRunner
 
-from se_inject.cli.app import app
+from se_inject.cli.commands import app
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SUBSTITUTIONS = (("torchvision:resnet50.IMAGENET1K_V2", "torchvision:resnet18.IMAGENET1K_V1"), ("resnet50", "resnet18"))

@@ -119,7 +119,7 @@ def test_recipes_listing_tells_rules_of_one_class_apart():
     """Two byobnet rules name BottleneckBlock; the listing says which blocks each one takes."""
     from typer.testing import CliRunner
 
-    from se_inject.cli.app import app
+    from se_inject.cli.commands import app
 
     result = CliRunner().invoke(app, ["recipes"])
     assert result.exit_code == 0, result.output

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.cli.app import app
+from se_inject.cli.commands import app
 
 runner = CliRunner()
 ENV = {"COLUMNS": "200"}
@@ -148,7 +148,7 @@ def _digest(path: Path) -> str:
 
 def _kill_while_writing(args: list[str], watch: Path, pattern: str) -> None:
     """Start se-inject, SIGKILL it as soon as a temporary matching `pattern` appears in `watch`."""
-    process = subprocess.Popen([sys.executable, "-m", "se_inject.cli.app", *args], stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([sys.executable, "-m", "se_inject.cli.commands", *args], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     try:
@@ -167,14 +167,14 @@ def _kill_while_writing(args: list[str], watch: Path, pattern: str) -> None:
 def test_sigkill_during_save_keeps_the_previous_output(tmp_path):
     out = tmp_path / "o"
     base = ["timm:wide_resnet50_2", "-o", str(out)]
-    assert subprocess.run([sys.executable, "-m", "se_inject.cli.app", *base, "--seed", "0"],
+    assert subprocess.run([sys.executable, "-m", "se_inject.cli.commands", *base, "--seed", "0"],
                           capture_output=True).returncode == 0
     previous = {f: _digest(out / f) for f in ("model.safetensors", "report.json")}
     _kill_while_writing([*base, "--seed", "1", "--force"], tmp_path, ".se-inject-*/model.safetensors")
     assert {f: _digest(out / f) for f in previous} == previous  # the complete previous output
     se_inject.load(out)
     # the killed run's temporary is cleared by the next run, which completes
-    assert subprocess.run([sys.executable, "-m", "se_inject.cli.app", *base, "--seed", "1", "--force"],
+    assert subprocess.run([sys.executable, "-m", "se_inject.cli.commands", *base, "--seed", "1", "--force"],
                           capture_output=True).returncode == 0
     assert sorted(p.name for p in out.iterdir()) == [".se-inject.json", "model.safetensors", "report.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
@@ -186,7 +186,7 @@ def test_sigkill_during_first_save_leaves_no_output(tmp_path):
     out = tmp_path / "o"
     _kill_while_writing(["timm:wide_resnet50_2", "-o", str(out), "--seed", "0"], tmp_path, ".se-inject-*")
     assert not out.exists()  # nothing that looks like a checkpoint
-    assert subprocess.run([sys.executable, "-m", "se_inject.cli.app", "timm:test_resnet", "-o", str(out)],
+    assert subprocess.run([sys.executable, "-m", "se_inject.cli.commands", "timm:test_resnet", "-o", str(out)],
                           capture_output=True).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # the staging folder is gone too
 

@@ -14,7 +14,7 @@ import torchvision
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.cli.app import app
+from se_inject.cli.commands import app
 from se_inject.layers.attention import attention_classes
 
 runner = CliRunner()

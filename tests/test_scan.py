@@ -9,7 +9,7 @@ import pytest
 import timm
 from typer.testing import CliRunner
 
-from se_inject.cli.app import app
+from se_inject.cli.commands import app
 from se_inject.tools.scan import model_names, scan, scan_one, summarize, write_rows
 
 runner = CliRunner()

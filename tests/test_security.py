@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject import CheckpointError, SurgeryError
-from se_inject.cli.app import app
+from se_inject.cli.commands import app
 from se_inject.engine.plan import Plan, Site
 from se_inject.engine.surgery import apply_plan
 from se_inject.io import atomic

@@ -11,7 +11,7 @@ from torchvision.models._utils import _make_divisible
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.cli.app import app
+from se_inject.cli.commands import app
 from se_inject.engine.models import build_model, resolve_model
 
 

@@ -235,7 +235,7 @@ def test_1d_model_identity_save_load_from_the_cli(tmp_path):
     """FILE.py:factory -> --init identity: the base's outputs exactly; the saved folder loads back (and exports)."""
     from typer.testing import CliRunner
 
-    from se_inject.cli.app import app
+    from se_inject.cli.commands import app
 
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [f"{NET1D}:make", "--input-size", "2,100", "--init", "identity", "--seed", "0",
@@ -590,7 +590,7 @@ def test_compare_bench_on_the_smallest_model_of_each_task(name, options):
 def test_compare_cli_on_a_video_model_leaves_cbam_out():
     from typer.testing import CliRunner
 
-    from se_inject.cli.app import app
+    from se_inject.cli.commands import app
 
     result = CliRunner().invoke(app, ["compare", "torchvision:mc3_18", "--input-size", "2,16,16", "--bench",
                                       "--rounds", "1", "--json"])

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject import NoSitesError
-from se_inject.cli.app import app
+from se_inject.cli.commands import app
 from se_inject.io.export import timm_architecture
 from se_inject.layers.eca import eca_kernel_size
 from se_inject.names import VARIANTS

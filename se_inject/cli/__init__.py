@@ -8,7 +8,7 @@ from typing import Any
 
 def main() -> None:
     """The `se-inject` entry point. `recipes` and `variants` [--json] are answered before the Typer app and its
-    commands are imported; anything else goes to `app.main`."""
+    commands are imported; anything else goes to `commands.main`."""
     from .process import exit_now, printable_streams
     from .render import run_listing
 
@@ -17,15 +17,15 @@ def main() -> None:
         run_listing(tuple(sys.argv[1:]))
     except SystemExit as e:
         exit_now(e.code)
-    from .app import main as app_main
+    from .commands import main as commands_main
 
-    app_main()
+    commands_main()
 
 
 def __getattr__(name: str) -> Any:
-    """`se_inject.cli.app` (the Typer app) on first use."""
+    """`se_inject.cli.app`: the Typer app (in `commands`), imported on first use."""
     if name == "app":
-        from .app import app
+        from .commands import app
 
         return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
