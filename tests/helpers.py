@@ -3,6 +3,8 @@ something."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -25,3 +27,16 @@ def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model
+
+
+def hf_cache(root: Path, repo: str, state: dict[str, torch.Tensor]) -> Path:
+    """A huggingface_hub cache holding `repo`'s model.safetensors (the layout try_to_load_from_cache reads)."""
+    from safetensors.torch import save_file
+
+    commit = "0" * 40
+    base = root / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    (base / "snapshots" / commit).mkdir(parents=True)
+    save_file(state, str(base / "snapshots" / commit / "model.safetensors"))
+    return root

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import hf_cache
 from typer.testing import CliRunner
 
 from se_inject.cli.commands import app
@@ -45,17 +46,6 @@ def blocks() -> list[tuple[int, str, str]]:
     return found
 
 
-def _hf_cache(root: Path, repo: str, state: dict[str, torch.Tensor]) -> str:
-    from safetensors.torch import save_file
-
-    commit = "0" * 40
-    base = root / f"models--{repo.replace('/', '--')}"
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(commit)
-    (base / "snapshots" / commit).mkdir(parents=True)
-    save_file(state, str(base / "snapshots" / commit / "model.safetensors"))
-    return str(root)
-
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
@@ -65,7 +55,7 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     state = {k: v.clone() for k, v in torchvision.models.resnet18().state_dict().items()}
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", _hf_cache(tmp_path / "hf", "timm/resnet18.a1_in1k", state))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache(tmp_path / "hf", "timm/resnet18.a1_in1k", state)))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url

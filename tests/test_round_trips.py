@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from helpers import hf_cache
 from typer.testing import CliRunner
 
 import se_inject
@@ -71,25 +72,13 @@ def test_code_spellings_round_trip_with_trust_code(tmp_path, monkeypatch):
     assert refused.exit_code == 1 and "--trust-code" in refused.stderr
 
 
-def _hf_cache(root: Path, repo: str, state: dict[str, torch.Tensor]) -> Path:
-    """A huggingface_hub cache holding `repo`'s model.safetensors (the layout try_to_load_from_cache reads)."""
-    from safetensors.torch import save_file
-
-    commit = "0" * 40
-    base = root / f"models--{repo.replace('/', '--')}"
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(commit)
-    (base / "snapshots" / commit).mkdir(parents=True)
-    save_file(state, str(base / "snapshots" / commit / "model.safetensors"))
-    return root
-
 
 def test_pretrained_timm_tag_from_a_local_cache(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     weights = {k: torch.rand(v.shape) + 0.5 if v.is_floating_point() else v  # positive: BN variances
                for k, v in timm.create_model("test_resnet").state_dict().items()}
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(_hf_cache(tmp_path / "hf", "timm/test_resnet.r160_in1k",
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache(tmp_path / "hf", "timm/test_resnet.r160_in1k",
                                                                  weights)))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a miss fails at once instead of downloading
     report = round_trip("timm:test_resnet.r160_in1k", tmp_path / "o", "--pretrained")

@@ -109,6 +109,10 @@ class ElementwiseCounter:
         if self._active and self._active[-1][0] is module:
             self._active.pop()[1].__exit__(None, None, None)
 
+    def tallying(self) -> bool:
+        """Whether a counted module's forward is running now."""
+        return bool(self._active)
+
     def __enter__(self) -> ElementwiseCounter:
         return self
 
@@ -138,7 +142,7 @@ def count(model: nn.Module, input_size: tuple[int, int, int]) -> Counts:
     probe = as_meta(model)
     modules = attention_modules(probe)
     with FlopCounterMode(display=False) as flops, ElementwiseCounter(modules) as elementwise, \
-            _ShapeOnlyNorms(lambda: bool(elementwise._active)):
+            _ShapeOnlyNorms(elementwise.tallying):
         out = run_meta(probe, input_size)
     per_module = flops.get_flop_counts()
     root = type(probe).__name__
