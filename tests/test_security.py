@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -410,15 +411,15 @@ def _state(directory: Path) -> dict[str, bytes]:
 
 
 # The steps of a write that change the file system; a fault is injected after any one of them.
-STEPS = (("atomic", "_create"), ("atomic", "_finish"), ("atomic", "_link"), ("atomic", "exchange"),
-         ("os", "rename"), ("os", "replace"), ("os", "unlink"))
+STEPS = (("tempfile", "mkdtemp"), ("atomic", "_create"), ("atomic", "_link"), ("atomic", "exchange"),
+         ("atomic", "_move"), ("os", "rename"), ("os", "replace"), ("os", "unlink"), ("os", "rmdir"))
 
 
 def _patch_steps(setattr_, after) -> None:
     """Wrap each step so that `after(name)` runs once it returned (`setattr_`: monkeypatch.setattr, or setattr in a
     forked child)."""
     for owner, name in STEPS:
-        target = atomic if owner == "atomic" else os
+        target = {"atomic": atomic, "os": os, "tempfile": tempfile}[owner]
         real = getattr(target, name)
 
         def step(*args, _real=real, _name=f"{owner}.{name}", **kwargs):
@@ -466,7 +467,7 @@ def test_killed_between_any_two_steps_leaves_one_complete_run(tmp_path, monkeypa
     (out / "data").mkdir()
     (out / "data" / "x.txt").write_text("mine too")
     steps = _steps(monkeypatch, lambda: write_atomically(out, _writers(new), force=True, outputs=True))
-    assert "atomic.exchange" in steps and "os.rename" in steps, steps  # swapped, then the user's folder moved over
+    assert "atomic.exchange" in steps and "atomic._move" in steps, steps  # swapped, then the user's folder moved over
     for step, name in enumerate(steps):
         out = tmp_path / f"k{step}"
         write_atomically(out, _writers(old), outputs=True)
