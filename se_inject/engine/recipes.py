@@ -48,6 +48,7 @@ from ..names import (
     SQUEEZE_FROM,
     attribute_name_problem,
 )
+from .files import read_regular
 
 # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection; "depthwise" / "no-depthwise": the
 # block has (has not) a depthwise convolution, so one class can take SE at different places by its structure.
@@ -439,16 +440,16 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     return Recipe(name, description, rules, defaults, reference, source, tuple(conventions), pattern_rules)
 
 
+MAX_RECIPE_BYTES = 1 << 20  # the shipped recipes are a few KiB each
+
+
 def load_recipe_file(path: str | Path) -> Recipe:
     """Read and validate one recipe file."""
     path = Path(path)
+    data = read_regular(path, lambda why: RecipeFileError(str(path), why), limit=MAX_RECIPE_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeFileError(str(path), "no such file") from None
-    except PermissionError:
-        raise RecipeFileError(str(path), "permission denied") from None
-    except (OSError, UnicodeDecodeError) as e:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise RecipeFileError(str(path), f"cannot read: {e}") from None
     try:
         data = tomllib.loads(text)

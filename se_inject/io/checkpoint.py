@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,28 @@ def read_plan(path: str | Path) -> Plan:
         raise CheckpointError(f"{file}: {e}") from None
 
 
+def check_file_size(path: str | Path) -> None:
+    """The file is exactly its header and the tensor bytes the header places: a longer one (padding, or a sparse
+    file claiming terabytes) is refused before a byte of it is hashed."""
+    file = _model_file(path)
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= MAX_HEADER_BYTES:
+                raise CheckpointError(f"{file}: not a valid safetensors file (header size {size})")
+            header = json.loads(f.read(size))
+            length = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{file}: cannot read its header ({_reason(e)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a valid safetensors file (the header is not an object)")
+    ends = [v.get("data_offsets", [0, 0])[-1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    needed = 8 + size + max([e for e in ends if isinstance(e, int)], default=0)
+    if length != needed:
+        raise CheckpointError(f"{file}: the file is {length:,} bytes, its header places {needed:,} (truncated, "
+                              "padded or damaged)")
+
+
 def check_weights_digest(path: str | Path) -> None:
     """Check the tensors' bytes against the digest the writer stored (streamed in 16 MiB chunks). A file saved by
     an se-inject without weight digests passes; a damaged header, a changed byte or a swapped tensor raises."""
@@ -309,14 +332,23 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -
 
 
 def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    """Integer and bool tensors have the model's dtype; floating-point ones may all be saved in another precision
+    (a model saved after ``.half()``), but one precision for each of the model's: a single F16 tensor among F32 ones
+    would load, then fail the first forward."""
     own = model.state_dict(keep_vars=True)
+    saved_as: dict[torch.dtype, tuple[str, torch.dtype]] = {}
     for key, tensor in state.items():
         expected = own[key]
+        first = saved_as.setdefault(expected.dtype, (key, tensor.dtype))
         if tensor.is_floating_point() != expected.is_floating_point() or (
             not tensor.is_floating_point() and tensor.dtype != expected.dtype
         ):
             raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype} in the file, the model expects "
                                   f"{expected.dtype} (a damaged header?)")
+        if tensor.dtype != first[1]:
+            raise CheckpointError(f"{file}: tensor {key[:80]!r} is {tensor.dtype} in the file, {first[0][:80]!r} "
+                                  f"(also {expected.dtype} in the model) is {first[1]}: mixed precisions (a damaged "
+                                  "or edited file?)")
 
 
 def _check_calls(model: nn.Module, plan: Plan, file: Path) -> None:
@@ -366,10 +398,10 @@ def load(
     if model is None:
         assert plan.model is not None
         _check_model_spec(plan.model, file, read_metadata(file), trust_code)
-    if verify_weights:
-        check_weights_digest(file)
+    check_file_size(file)
     # Everything the plan says is checked against the model on the meta device first (its anchors, its channels,
-    # every tensor's shape and dtype in the file): nothing is allocated for a plan that does not fit.
+    # every tensor's shape and dtype in the file): nothing is allocated, and nothing but the header read, for a plan
+    # that does not fit.
 
     try:
         if model is None:
@@ -385,6 +417,8 @@ def load(
     except SEInjectError as e:
         raise CheckpointError(f"{file}: the plan does not fit the model: {e}") from None
     _check_state(probe, _header_tensors(file), file)
+    if verify_weights:
+        check_weights_digest(file)
     try:
         with safe_open(str(file), "pt") as f:
             # Cloned into torch's own (64-byte aligned) memory: kernels then take the same paths as for the saved

@@ -1,0 +1,122 @@
+"""Every input gets bounded work: a file the user names is a regular file of a size it can legitimately have, or a
+typed one-line error at once; a saved folder is checked from its header before a byte of its weights is hashed."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_hostile_inputs import within
+from test_security import cli, contents, craft, one_line
+
+import se_inject
+from se_inject import CheckpointError
+from se_inject.io.checkpoint import write_safetensors_file
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    model, report = se_inject.inject("timm:test_resnet", seed=1)
+    directory = tmp_path_factory.mktemp("good") / "out"
+    se_inject.save(model, report.plan, directory, report=report.to_dict())
+    return directory
+
+
+# --- files the user names -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "folder", "too large"])
+def test_a_recipe_file_that_is_not_a_small_regular_file_is_refused_at_once(tmp_path, kind):
+    path = tmp_path / "r.toml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "/dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        with open(path, "wb") as f:
+            f.truncate(1 << 30)  # sparse: a GiB of nothing
+    result = within(60, cli, "timm:test_resnet", "--dry-run", "--recipe-file", str(path))
+    one_line(result, 2, str(path), "regular file" if kind != "too large" else "more than")
+
+
+def _animated_gif(path: Path, frames: int, side: int) -> None:
+    from PIL import Image
+
+    images = [Image.new("L", (side, side), i) for i in range(frames)]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=10)
+
+
+def test_an_animated_image_is_skipped_from_its_header(tmp_path):
+    from torchvision.io import write_png
+
+    from se_inject.engine.drift import image_batch
+
+    (tmp_path / "i").mkdir()
+    _animated_gif(tmp_path / "i" / "a.png", 3, 64)  # a GIF named .png: torchvision would decode every frame
+    write_png(torch.zeros(3, 40, 50, dtype=torch.uint8), str(tmp_path / "i" / "ok.png"))
+    x, text = within(60, image_batch, tmp_path / "i", (3, 32, 32))
+    assert tuple(x.shape) == (1, 3, 32, 32)
+    assert "a.png" in text
+
+
+def test_an_image_file_longer_than_its_pixels_need_is_skipped(tmp_path):
+    from torchvision.io import write_png
+
+    from se_inject.engine.drift import _read_image
+
+    write_png(torch.zeros(3, 4, 5, dtype=torch.uint8), str(tmp_path / "a.png"))
+    os.truncate(tmp_path / "a.png", 16 << 30)  # a valid PNG header, then 16 GiB of (sparse) nothing
+    start = time.perf_counter()
+    with pytest.raises(se_inject.SEInjectError, match="more than a 5x4 image needs"):
+        _read_image(tmp_path / "a.png")
+    assert time.perf_counter() - start < 5
+
+
+# --- a saved folder: the header first -----------------------------------------------------------------------------
+
+
+def _with_header_edit(good: Path, target: Path, edit) -> Path:
+    metadata, tensors = contents(good)
+    edit(tensors)
+    target.mkdir(parents=True, exist_ok=True)
+    write_safetensors_file(target / "model.safetensors", tensors, metadata)
+    return target
+
+
+def test_a_huge_sparse_tensor_is_refused_before_it_is_hashed(good, tmp_path):
+    folder = craft(good, tmp_path / "f")
+    file = folder / "model.safetensors"
+    raw = file.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    header["zzz.huge"] = {"dtype": "F32", "shape": [4 << 30], "data_offsets": [end, end + (16 << 30)]}
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    file.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + size :])
+    os.truncate(file, 8 + len(blob) + end + (16 << 30))  # a sparse 16 GiB file the header accounts for
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="unexpected keys"):
+        se_inject.load(folder)
+    assert time.perf_counter() - start < 10  # hashed first, it took 85 s
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.float8_e4m3fn])
+def test_a_single_tensor_in_another_precision_is_refused_at_load(good, tmp_path, dtype):
+    folder = _with_header_edit(good, tmp_path / "f",
+                               lambda t: t.update({"fc.weight": t["fc.weight"].to(dtype)}))
+    with pytest.raises(CheckpointError, match="mixed precisions"):
+        se_inject.load(folder, verify_weights=False)
+
+
+def test_a_model_saved_in_half_precision_still_loads(tmp_path):
+    model, report = se_inject.inject("timm:test_resnet", seed=1)
+    se_inject.save(model.half(), report.plan, tmp_path / "h")
+    loaded = se_inject.load(tmp_path / "h")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
