@@ -15,6 +15,7 @@ from test_security import cli, contents, craft, one_line
 
 import se_inject
 from se_inject import CheckpointError
+from se_inject.errors import ExportError
 from se_inject.io.checkpoint import write_safetensors_file
 
 
@@ -120,3 +121,30 @@ def test_a_model_saved_in_half_precision_still_loads(tmp_path):
     se_inject.save(model.half(), report.plan, tmp_path / "h")
     loaded = se_inject.load(tmp_path / "h")
     assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+
+
+# --- memory: what the work keeps, before it allocates -------------------------------------------------------------
+
+
+def test_a_dry_run_at_a_huge_video_size_is_refused_before_any_work(monkeypatch):
+    import se_inject.engine.memory
+
+    monkeypatch.setattr(se_inject.engine.memory, "machine_memory", lambda: 8 * 2**30)
+    start = time.perf_counter()
+    result = cli("torchvision:r3d_18", "--dry-run", "--input-size", "16384,112,112")
+    one_line(result, 2, "3x16384x112x112", "GiB, more than")  # it verified blocks on real tensors: 26 GB and more
+    assert time.perf_counter() - start < 60
+
+
+def test_export_checks_memory_for_every_batch_it_keeps(tmp_path, monkeypatch):
+    import se_inject.engine.memory
+    from se_inject.engine.memory import forward_bytes
+    from se_inject.io.export import export
+
+    model, report = se_inject.inject("timm:test_resnet", seed=0, input_size=1100, device="meta")
+    one_batch = forward_bytes(model, report.plan.input_size)
+    monkeypatch.setattr(se_inject.engine.memory, "machine_memory", lambda: int(one_batch * 1.5))
+    se_inject.engine.memory.check_forward_memory(model, report.plan.input_size)  # one batch fits ...
+    with pytest.raises(ExportError, match=r"exporting \(batches 2, 1, 3, inputs kept\) needs about"):
+        export(model, report.plan, "torchscript", tmp_path / "m.pt")  # ... the three export keeps do not
+    assert list(tmp_path.iterdir()) == []

@@ -583,7 +583,10 @@ def test_input_size_no_machine_can_hold(tmp_path, monkeypatch):
     monkeypatch.setattr(se_inject.engine.memory, "machine_memory", lambda: 2**30)  # a 1 GiB machine
     one_line(cli("timm:test_resnet", "--input-size", "4096", "-o", str(tmp_path / "o")), 2, "GiB, more than")
     assert not (tmp_path / "o").exists()
-    assert cli("timm:test_resnet", "--input-size", "4096", "--dry-run").exit_code == 0  # planning needs no memory
+    # A dry run verifies each rewrite on real tensors of its block's input size: the same guard
+    one_line(cli("timm:test_resnet", "--input-size", "4096", "--dry-run"), 2, "GiB, more than")
+    monkeypatch.setattr(se_inject.engine.memory, "machine_memory", lambda: 2**40)
+    assert cli("timm:test_resnet", "--input-size", "1100", "--dry-run").exit_code == 0
 
 
 def test_unreadable_files_say_permission_denied(saved, tmp_path, monkeypatch):
