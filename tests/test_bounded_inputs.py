@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,3 +150,55 @@ def test_export_checks_memory_for_every_batch_it_keeps(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match=r"exporting \(batches 2, 1, 3, inputs kept\) needs about"):
         export(model, report.plan, "torchscript", tmp_path / "m.pt")  # ... the three export keeps do not
     assert list(tmp_path.iterdir()) == []
+
+
+# --- typed one-line errors ----------------------------------------------------------------------------------------
+
+
+def test_a_recipe_when_on_a_tensor_attribute_is_a_usage_error(tmp_path):
+    (tmp_path / "tensor_model.py").write_text(
+        "import timm\nimport torch\n\n\ndef build():\n    model = timm.create_model('test_resnet')\n"
+        "    for block in model.modules():\n        if type(block).__name__ == 'BasicBlock':\n"
+        "            block.scale = torch.ones(2)\n    return model\n")
+    (tmp_path / "r.toml").write_text('name = "when-tensor"\ndescription = "x"\n\n[[blocks]]\n'
+                                     'classes = ["timm.models.resnet.BasicBlock"]\nafter = "bn2"\nslot = "se"\n'
+                                     "when = { scale = 1 }\n")
+    result = cli(f"{tmp_path / 'tensor_model.py'}:build", "--dry-run", "--recipe-file", str(tmp_path / "r.toml"),
+                 "--recipe", "when-tensor")
+    one_line(result, 2, "BasicBlock.scale is a Tensor")
+
+
+@pytest.mark.parametrize(("factory", "text"), [("builtins:exit", "raised SystemExit"),
+                                               ("builtins:breakpoint", "debugger")])
+def test_a_factory_that_exits_or_debugs_is_a_one_line_error(factory, text):
+    """In a process of its own: pytest replaces the debugger hook. No input: the debugger reads end of file."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONBREAKPOINT", "SE_INJECT_DEBUG")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    result = subprocess.run([sys.executable, "-m", "se_inject", factory, "--dry-run"], capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, env=env, timeout=120, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and text in lines[0], result.stderr
+
+
+def test_several_sites_on_one_block_each_run_once_and_round_trip(tmp_path):
+    import dataclasses
+
+    from se_inject.engine.models import build_model
+    from se_inject.engine.surgery import apply_plan
+
+    _, report = se_inject.inject("timm:test_resnet", seed=1, device="meta")
+    first = report.plan.sites[0]
+    width = build_model(report.plan.model, device="meta").get_submodule(first.path).bn1.num_features
+    extra = [dataclasses.replace(first, name=f"attn{i}", slot=None, anchor="bn1", position="after",
+                                 attention=dataclasses.replace(first.attention, channels=width)) for i in range(2)]
+    plan = dataclasses.replace(report.plan, sites=(first, *extra, *report.plan.sites[1:]))
+    model = apply_plan(build_model(plan.model, seed=1), plan).eval()
+    calls: dict[str, int] = {}
+    for name in (first.path, first.module_path, *(s.module_path for s in extra)):
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, _a, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    x = torch.randn(1, 3, 32, 32)
+    y = model(x)
+    assert set(calls.values()) == {1}, calls  # one module per site, each called once per call of its block
+    se_inject.save(model, plan, tmp_path / "o")
+    assert torch.equal(se_inject.load(tmp_path / "o")(x), y)

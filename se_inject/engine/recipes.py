@@ -36,7 +36,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeFileError, UnknownRecipeError
+from ..errors import RecipeFileError, UnknownRecipeError, UsageError
 from ..names import (
     GATES,
     LAYOUTS,
@@ -109,7 +109,7 @@ class BlockRule:
         return replace(defaults, **dict(self.se)) if self.se else defaults
 
     def applies_to(self, block: Any) -> bool:
-        return all(_attribute_matches(getattr(block, attr, _MISSING), value) for attr, value in self.when)
+        return all(_attribute_matches(block, attr, value) for attr, value in self.when)
 
     def in_scope(self, ancestors: tuple[str, ...]) -> bool:
         """Whether a block under ancestors of these classes (outermost first) is in this rule's scope."""
@@ -135,10 +135,19 @@ _MISSING = object()
 _PLAIN = (bool, int, float, str)
 
 
-def _attribute_matches(actual: Any, value: Any) -> bool:
+def _attribute_matches(block: Any, attr: str, value: Any) -> bool:
     """A plain attribute equals `value`; a child module (or None) matches a string naming its class, "None" for
-    None: ``when = { mixer = "Identity" }`` picks the blocks built without a token mixer."""
-    if actual == value:
+    None: ``when = { mixer = "Identity" }`` picks the blocks built without a token mixer. Anything else (a tensor,
+    whose ``==`` is elementwise) is a `UsageError`."""
+    actual = getattr(block, attr, _MISSING)
+    try:
+        equal = actual == value
+        if not isinstance(equal, bool):
+            raise TypeError
+    except Exception:
+        raise UsageError(f"recipe field 'when': {type(block).__name__}.{attr} is a {type(actual).__name__}, not a "
+                         "plain value (bool, int, float, string) or a child module; 'when' cannot compare it") from None
+    if equal:
         return True
     if actual is _MISSING or isinstance(actual, _PLAIN) or not isinstance(value, str):
         return False
