@@ -202,3 +202,37 @@ def test_several_sites_on_one_block_each_run_once_and_round_trip(tmp_path):
     assert set(calls.values()) == {1}, calls  # one module per site, each called once per call of its block
     se_inject.save(model, plan, tmp_path / "o")
     assert torch.equal(se_inject.load(tmp_path / "o")(x), y)
+
+
+# --- exports replace only a regular file, never one of the folder they read ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "report.json", ".se-inject.json"])
+def test_an_export_never_replaces_the_folder_it_reads(good, tmp_path, name):
+    import shutil
+
+    folder = tmp_path / "o"
+    shutil.copytree(good, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    one_line(cli("export", str(folder), "-f", "torchscript", "-o", str(folder / name), "--force"), 1,
+             "part of the saved folder")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("kind", ["character device", "symlink", "fifo"])
+def test_an_export_never_replaces_anything_but_a_regular_file(good, tmp_path, kind):
+    import stat
+
+    target = tmp_path / "m.pt"
+    if kind == "character device":
+        os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # what /dev/null is
+    elif kind == "symlink":
+        (tmp_path / "mine.pt").write_bytes(b"mine")
+        target.symlink_to(tmp_path / "mine.pt")
+    else:
+        os.mkfifo(target)
+    before = os.lstat(target)
+    one_line(within(120, cli, "export", str(good), "-f", "torchscript", "-o", str(target), "--force"), 1,
+             "not a regular file")
+    after = os.lstat(target)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)

@@ -394,6 +394,10 @@ def check_names(directory: Path, names: dict[str, Writer] | list[str] | tuple[st
     owned = owned_files(directory)
     recorded = outputs or _lstat(directory / RECORD_FILE) is not None
     existing = [name for name in names if _lstat(directory / name) is not None]
+    odd = [name for name in existing if not stat.S_ISREG(os.lstat(directory / name).st_mode)]
+    if odd:  # a folder, symlink, device, FIFO or socket: never replaced
+        raise OutputExistsError(f"{directory / odd[0]} already exists and is not a regular file: se-inject never "
+                                "replaces it, even with --force; move it away or choose another output")
     theirs = [name for name in existing if name not in owned] if recorded else []
     if theirs:
         raise OutputExistsError(f"{directory / theirs[0]} already exists and is not a file se-inject wrote (or it was "
