@@ -236,3 +236,20 @@ def test_an_export_never_replaces_anything_but_a_regular_file(good, tmp_path, ki
              "not a regular file")
     after = os.lstat(target)
     assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)
+
+
+# --- round trips: what save writes, load reads ----------------------------------------------------------------------
+
+
+def test_a_plan_load_would_refuse_is_refused_at_save_naming_the_limit(tmp_path, good):
+    recipe = tmp_path / "long.toml"
+    recipe.write_text('name = "long-source"\ndescription = "x"\n\n[[blocks]]\n'
+                      'classes = ["timm.models.resnet.BasicBlock"]\nafter = "bn2"\nslot = "se"\n'
+                      f'source = "{"x" * 1500}"\n')
+    model, report = se_inject.inject("timm:test_resnet", seed=0, recipe="long-source", recipe_files=[recipe])
+    with pytest.raises(se_inject.SEInjectError, match="at most 1,000 characters, got 1,500"):
+        se_inject.save(model, report.plan, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    folder = craft(good, tmp_path / "f", lambda p: p["sites"][0].update(source="x" * 1500))
+    with pytest.raises(CheckpointError, match=r"sites\[0\]\.source': expected at most 1,000 characters"):
+        se_inject.load(folder)

@@ -124,6 +124,13 @@ def write_safetensors_file(path: Path, tensors: dict[str, torch.Tensor], metadat
 
 
 def write_checkpoint(model: nn.Module, plan: Plan) -> Callable[[Path], None]:
+    """A writer of `model`'s weights with `plan` in the metadata; refuses, before anything is written, a plan that
+    `load` would refuse (the same schema and limits apply at save as at load)."""
+    try:
+        plan_from_data(json.loads(plan.to_json()))
+    except CheckpointError as e:
+        raise SEInjectError(f"cannot save: a folder with this plan would not load ({e})") from None
+
     def write(path: Path) -> None:
         write_safetensors_file(path, state_for_saving(model), checkpoint_metadata(plan))
 
