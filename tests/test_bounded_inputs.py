@@ -253,3 +253,22 @@ def test_a_plan_load_would_refuse_is_refused_at_save_naming_the_limit(tmp_path, 
     folder = craft(good, tmp_path / "f", lambda p: p["sites"][0].update(source="x" * 1500))
     with pytest.raises(CheckpointError, match=r"sites\[0\]\.source': expected at most 1,000 characters"):
         se_inject.load(folder)
+
+
+def test_a_site_in_a_detectors_heads_is_refused_at_load(tmp_path):
+    import dataclasses
+
+    from se_inject.engine.models import build_model
+    from se_inject.engine.surgery import apply_plan
+
+    _, report = se_inject.inject("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", seed=0, fill=True,
+                                 device="meta")
+    first = report.plan.sites[0]
+    head = dataclasses.replace(first, path="rpn.head.conv.0", block="torchvision.ops.misc.Conv2dNormActivation",
+                               anchor="0", position="after", slot=None, name="attn", source="",
+                               attention=dataclasses.replace(first.attention, channels=256, rd_channels=64))
+    plan = dataclasses.replace(report.plan, sites=(*report.plan.sites, head))
+    model = apply_plan(build_model(plan.model, seed=0), plan)  # the run-check stops at the backbone: unseen
+    se_inject.save(model, plan, tmp_path / "o")
+    with pytest.raises(CheckpointError, match=r"sites\[7\]\.path'.*outside the detector's backbone"):
+        se_inject.load(tmp_path / "o")

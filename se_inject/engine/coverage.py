@@ -21,7 +21,7 @@ from torch import nn
 
 from .meta import as_meta
 from .plan import Plan, Site
-from .tasks import example_inputs, forward
+from .tasks import example_inputs, forward, planning_scope
 
 
 class Problem(str):
@@ -48,6 +48,14 @@ def check_calls(model: nn.Module, plan: Plan, input_size: tuple[int, ...] | None
     """Problems by site path (empty when every inserted module runs as the plan says). `model` is the applied
     model (a meta copy is used unless it is on the meta device already)."""
     probe = as_meta(model)
+    scope = planning_scope(probe)  # a detector's heads depend on its detections: only its backbone is checked
+    if scope is not None:
+        where = next(name for name, m in probe.named_modules() if m is scope)
+        outside = {site.path: Problem(f"{site.path or 'the model'} is outside the detector's backbone ({where!r}), "
+                                      "the only part of a detector whose calls are checked", "path")
+                   for site in plan.sites if not (site.path + ".").startswith(where + ".")}
+        if outside:
+            return outside
     size = tuple(input_size or plan.input_size)
     dtype = next((t.dtype for t in probe.parameters() if t.is_floating_point()), torch.get_default_dtype())
     with CallWatch(probe, plan) as watch:  # the task's example input; a detector up to its backbone (engine.tasks)
