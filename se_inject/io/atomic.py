@@ -193,7 +193,8 @@ def _discard(folder: Path, directory: Path) -> None:
         if entry.name == _MARKER or st is None:
             continue
         name = entry.name
-        written = stat.S_ISREG(st.st_mode) and (name == RECORD_FILE or (name in record and _proven(entry, record[name]))
+        ours = name == RECORD_FILE and isinstance(_read_json(entry, MAX_RECORD_BYTES), dict)
+        written = stat.S_ISREG(st.st_mode) and (ours or (name in record and _proven(entry, record[name]))
                                                 or (marker["role"] != "previous" and name in marker["files"]))
         twin = live is not None and not stat.S_ISDIR(st.st_mode) and live[1:3] == st[1:3]  # same inode and device
         if written or twin:
@@ -403,6 +404,9 @@ def check_names(directory: Path, names: dict[str, Writer] | list[str] | tuple[st
         raise OutputExistsError(f"{directory / theirs[0]} already exists and is not a file se-inject wrote (or it was "
                                 "changed since): se-inject never replaces it, even with --force; move it away or "
                                 "choose another output")
+    record = directory / RECORD_FILE
+    if outputs and _lstat(record) is not None and not isinstance(_read_json(record, MAX_RECORD_BYTES), dict):
+        raise OutputExistsError(f"{record} is in the way of se-inject's record and is not se-inject's; move it away")
     if outputs and _lstat(directory / _MARKER) is not None and _marker(directory, None) is None:
         raise OutputExistsError(f"{directory / _MARKER} is in the way of se-inject's staging marker and is not "
                                 "se-inject's; move it away")
