@@ -227,8 +227,8 @@ def check_file_size(path: str | Path) -> None:
         raise CheckpointError(f"{file}: cannot read its header ({_reason(e)})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: not a valid safetensors file (the header is not an object)")
-    ends = [v.get("data_offsets", [0, 0])[-1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    needed = 8 + size + max([e for e in ends if isinstance(e, int)], default=0)
+    offsets = [v.get("data_offsets") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    needed = 8 + size + max([o[-1] for o in offsets if isinstance(o, list) and o and type(o[-1]) is int], default=0)
     if length != needed:
         raise CheckpointError(f"{file}: the file is {length:,} bytes, its header places {needed:,} (truncated, "
                               "padded or damaged)")
