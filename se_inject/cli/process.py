@@ -4,6 +4,7 @@ and the fast exit that skips the interpreter's module teardown."""
 from __future__ import annotations
 
 import atexit
+import bdb
 import os
 import sys
 from collections.abc import Iterator
@@ -53,6 +54,9 @@ def error_funnel() -> Iterator[None]:
     except KeyboardInterrupt:
         error("interrupted")
         raise typer.Exit(130) from None
+    except bdb.BdbQuit:  # the model's own code started a debugger (breakpoint()) and it was quit, or read no input
+        error("error: a debugger started by the model's code (breakpoint()) was quit; nothing was written")
+        raise typer.Exit(1) from None
     except BrokenPipeError:  # the reader went away (`se-inject recipes | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141) from None

@@ -21,7 +21,7 @@ from torch import nn
 
 from .meta import as_meta
 from .plan import Plan, Site
-from .tasks import example_inputs, forward
+from .tasks import example_inputs, forward, planning_scope
 
 
 class Problem(str):
@@ -48,6 +48,14 @@ def check_calls(model: nn.Module, plan: Plan, input_size: tuple[int, ...] | None
     """Problems by site path (empty when every inserted module runs as the plan says). `model` is the applied
     model (a meta copy is used unless it is on the meta device already)."""
     probe = as_meta(model)
+    scope = planning_scope(probe)  # a detector's heads depend on its detections: only its backbone is checked
+    if scope is not None:
+        where = next(name for name, m in probe.named_modules() if m is scope)
+        outside = {site.path: Problem(f"{site.path or 'the model'} is outside the detector's backbone ({where!r}), "
+                                      "the only part of a detector whose calls are checked", "path")
+                   for site in plan.sites if not (site.path + ".").startswith(where + ".")}
+        if outside:
+            return outside
     size = tuple(input_size or plan.input_size)
     dtype = next((t.dtype for t in probe.parameters() if t.is_floating_point()), torch.get_default_dtype())
     with CallWatch(probe, plan) as watch:  # the task's example input; a detector up to its backbone (engine.tasks)
@@ -144,14 +152,15 @@ class CallWatch:
             except AttributeError:
                 self.missing[site.path] = Problem(f"no inserted module at {site.module_path!r}", "name")
                 continue
-            self._watch(module, f"module {site.path}", outputs=True, channels=site.channels)
-            self._watch(host, f"host {site.path}")
+            key = site.module_path  # by site: several sites can share a block
+            self._watch(module, f"module {key}", outputs=True, channels=site.channels)
+            self._watch(host, f"host {key}")
             for name, child in host.named_children():
                 if child is not module:
-                    self._watch(child, f"child {site.path} {name}")
+                    self._watch(child, f"child {key} {name}")
             anchor = _anchor(host, site)
             if anchor is not None:
-                self._watch(anchor, f"anchor {site.path}", outputs=True)
+                self._watch(anchor, f"anchor {key}", outputs=True)
         if self.watch_paths:
             for name in FORWARD_PATHS:
                 method = getattr(self.model, name, None)
@@ -206,12 +215,12 @@ def _anchor(host: nn.Module, site: Site) -> nn.Module | None:
 
 def _problem(site: Site, counts: Counter[str], inputs: dict[str, list[Any]], outputs: dict[str, list[Any]]
              ) -> Problem | None:
-    host_calls = counts[f"host {site.path}"]
-    children = [n for k, n in counts.items() if k.startswith(f"child {site.path} ")]
-    expected = host_calls or max(children, default=0)
-    got = counts[f"module {site.path}"]
     where = site.module_path
-    for x in inputs.get(f"module {site.path}", []):  # first: a wrong map stops the run there
+    host_calls = counts[f"host {where}"]
+    children = [n for k, n in counts.items() if k.startswith(f"child {where} ")]
+    expected = host_calls or max(children, default=0)
+    got = counts[f"module {where}"]
+    for x in inputs.get(f"module {where}", []):  # first: a wrong map stops the run there
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != site.channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             return Problem(f"{where} is planned for {site.channels} channels but takes a {shape} map",
@@ -219,15 +228,15 @@ def _problem(site: Site, counts: Counter[str], inputs: dict[str, list[Any]], out
     if got != expected:
         return Problem(f"{where} runs {got} time(s) where its block runs {expected} time(s): the inserted module "
                        "must run exactly once per call of its block", "slot" if site.slot else "anchor")
-    anchor = f"anchor {site.path}"
+    anchor = f"anchor {where}"
     if counts[anchor] and site.position == "after":
-        taken = inputs.get(f"module {site.path}", [])
+        taken = inputs.get(f"module {where}", [])
         made = outputs.get(anchor, [])
         if not all(any(t is m for m in made) for t in taken):
             return Problem(f"{where} does not take the output of {site.anchor!r}, where the plan puts it", "anchor")
     elif counts[anchor] and site.position == "before":
         fed = inputs.get(anchor, [])
-        made = outputs.get(f"module {site.path}", [])
+        made = outputs.get(f"module {where}", [])
         if not all(any(f is m for m in made) for f in fed):
             return Problem(f"{site.anchor!r} does not take the output of {where}, where the plan puts it", "anchor")
     return None

@@ -6,6 +6,7 @@ preprocessed with the model's own resize/crop/normalisation settings).
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import SEInjectError, describe
+from .files import open_regular
 from .tasks import example_inputs, model_task, planning_scope
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -28,26 +30,36 @@ def max_image_pixels() -> int:
     return int(Image.MAX_IMAGE_PIXELS or 0) or 89_478_485
 
 
-def _too_large(file: Path) -> str | None:
-    """Why `file` is not decoded, from its header alone (its pixel count), or None. A small file may declare an
-    image of gigabytes (a decompression bomb): its size is read before a byte of pixels is."""
+def _read_image(file: Path) -> bytes:
+    """The bytes of one image file, refused (`SEInjectError`) from its header alone before its pixels are read: not a
+    regular file, more than one frame (torchvision decodes every frame of an animation, e.g. an animated GIF named
+    .png), more pixels than `max_image_pixels` (a decompression bomb: a small file declaring gigabytes), or more bytes
+    than its pixels can need (16 bits in each of 4 channels, uncompressed, plus 1 MiB: padding, or a sparse file)."""
     import warnings
 
     from PIL import Image
 
     limit = max_image_pixels()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(file) as image:
-                width, height = image.size
-    except Image.DecompressionBombError:
-        return f"more than {limit:,} pixels"
-    except (OSError, ValueError, SyntaxError) as e:  # Pillow cannot read its header: torchvision will not either
-        return describe(e, 120) or "not an image"
-    if width * height > limit:
-        return f"{width}x{height} pixels, more than {limit:,}"
-    return None
+    with os.fdopen(open_regular(file, SEInjectError), "rb") as f:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(f) as image:
+                    (width, height), frames = image.size, getattr(image, "n_frames", 1)
+        except Image.DecompressionBombError:
+            raise SEInjectError(f"more than {limit:,} pixels") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow cannot read its header: nor torchvision
+            raise SEInjectError(describe(e, 120) or "not an image") from None
+        if frames != 1:
+            raise SEInjectError(f"{frames} frames; only single images are read")
+        if width * height > limit:
+            raise SEInjectError(f"{width}x{height} pixels, more than {limit:,}")
+        cap = width * height * 8 + (1 << 20)
+        if os.fstat(f.fileno()).st_size > cap:
+            raise SEInjectError(f"{os.fstat(f.fileno()).st_size:,} bytes, more than a {width}x{height} image needs")
+        f.seek(0)
+        return f.read(cap)
+
 
 @dataclass(frozen=True)
 class Drift:
@@ -102,13 +114,10 @@ def image_batch(
     _, height, width = input_size
     images, undecodable = [], []
     for file in files:
-        problem = "not a regular file" if not file.is_file() else _too_large(file)
-        if problem:
-            undecodable.append((file.name, problem))
-            continue
         try:
-            image = decode_image(str(file), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError) as e:
+            data = _read_image(file)
+            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except (SEInjectError, RuntimeError, ValueError) as e:
             undecodable.append((file.name, describe(e, 120)))
             continue
         image = F.resize(image, [int(min(height, width) / crop_pct)], antialias=True)

@@ -291,7 +291,7 @@ def _construct(spec: ModelSpec) -> nn.Module:
             model = factory()
         except SEInjectError:
             raise
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # exit() too: the factory's, not the run's, way to end
             raise SEInjectError(f"{spec.name}: the factory raised {type(e).__name__}: {e}") from None
         if not isinstance(model, nn.Module):
             raise SEInjectError(f"{spec.name}: the factory returned a {type(model).__name__}, not an nn.Module")

@@ -36,7 +36,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeFileError, UnknownRecipeError
+from ..errors import RecipeFileError, UnknownRecipeError, UsageError
 from ..names import (
     GATES,
     LAYOUTS,
@@ -48,6 +48,7 @@ from ..names import (
     SQUEEZE_FROM,
     attribute_name_problem,
 )
+from .files import read_regular
 
 # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection; "depthwise" / "no-depthwise": the
 # block has (has not) a depthwise convolution, so one class can take SE at different places by its structure.
@@ -108,7 +109,7 @@ class BlockRule:
         return replace(defaults, **dict(self.se)) if self.se else defaults
 
     def applies_to(self, block: Any) -> bool:
-        return all(_attribute_matches(getattr(block, attr, _MISSING), value) for attr, value in self.when)
+        return all(_attribute_matches(block, attr, value) for attr, value in self.when)
 
     def in_scope(self, ancestors: tuple[str, ...]) -> bool:
         """Whether a block under ancestors of these classes (outermost first) is in this rule's scope."""
@@ -134,10 +135,19 @@ _MISSING = object()
 _PLAIN = (bool, int, float, str)
 
 
-def _attribute_matches(actual: Any, value: Any) -> bool:
+def _attribute_matches(block: Any, attr: str, value: Any) -> bool:
     """A plain attribute equals `value`; a child module (or None) matches a string naming its class, "None" for
-    None: ``when = { mixer = "Identity" }`` picks the blocks built without a token mixer."""
-    if actual == value:
+    None: ``when = { mixer = "Identity" }`` picks the blocks built without a token mixer. Anything else (a tensor,
+    whose ``==`` is elementwise) is a `UsageError`."""
+    actual = getattr(block, attr, _MISSING)
+    try:
+        equal = actual == value
+        if not isinstance(equal, bool):
+            raise TypeError
+    except Exception:
+        raise UsageError(f"recipe field 'when': {type(block).__name__}.{attr} is a {type(actual).__name__}, not a "
+                         "plain value (bool, int, float, string) or a child module; 'when' cannot compare it") from None
+    if equal:
         return True
     if actual is _MISSING or isinstance(actual, _PLAIN) or not isinstance(value, str):
         return False
@@ -439,16 +449,16 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     return Recipe(name, description, rules, defaults, reference, source, tuple(conventions), pattern_rules)
 
 
+MAX_RECIPE_BYTES = 1 << 20  # the shipped recipes are a few KiB each
+
+
 def load_recipe_file(path: str | Path) -> Recipe:
     """Read and validate one recipe file."""
     path = Path(path)
+    data = read_regular(path, lambda why: RecipeFileError(str(path), why), limit=MAX_RECIPE_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeFileError(str(path), "no such file") from None
-    except PermissionError:
-        raise RecipeFileError(str(path), "permission denied") from None
-    except (OSError, UnicodeDecodeError) as e:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise RecipeFileError(str(path), f"cannot read: {e}") from None
     try:
         data = tomllib.loads(text)

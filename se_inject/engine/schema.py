@@ -79,12 +79,17 @@ def _int(field: str, value: Any, lo: int, hi: int) -> int:
     return value
 
 
+MAX_TEXT = 1000  # any string field of a plan
+
+
 def _str(field: str, value: Any, pattern: re.Pattern[str] | None = None, what: str = "", empty: bool = False) -> str:
     if not isinstance(value, str):
         raise _fail(field, f"expected a string, got {type(value).__name__}")
     if empty and value == "":
         return value
-    if len(value) > 1000 or (pattern is not None and not pattern.fullmatch(value)):
+    if len(value) > MAX_TEXT:
+        raise _fail(field, f"expected at most {MAX_TEXT:,} characters, got {len(value):,}")
+    if pattern is not None and not pattern.fullmatch(value):
         raise _fail(field, f"expected {what}, got {value[:80]!r}")
     return value
 

@@ -57,19 +57,19 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mod
             raise SurgeryError(f"plan site {site.path!r}: expected a {site.block}, found a {class_path(block)}")
         check_site_name(block, site)  # before any name reaches generated code
     real = [site for site in plan.sites if not _is_meta(model.get_submodule(site.path))]
-    modules: dict[str, nn.Module] = {}
+    modules: list[nn.Module] = []  # one per site: several sites can share a block
     with seeded(plan.seed) if real else nullcontext():
         for site in plan.sites:
             block = model.get_submodule(site.path)
             device, dtype = _device_dtype(block, model)
             if device.type == "meta":
-                modules[site.path] = create_attention(site.attention, device="meta", dtype=dtype)
+                modules.append(create_attention(site.attention, device="meta", dtype=dtype))
             else:  # built on the CPU so values do not depend on the device's RNG
                 module = create_attention(site.attention)
                 init_attention(module, plan.init)
-                modules[site.path] = module.to(device=device, dtype=dtype)
-    for site in plan.sites:
-        insert(model.get_submodule(site.path), site, modules[site.path])
+                modules.append(module.to(device=device, dtype=dtype))
+    for site, module in zip(plan.sites, modules, strict=True):
+        insert(model.get_submodule(site.path), site, module)
     return model
 
 

@@ -1,51 +1,45 @@
 """All-or-nothing writes of an output folder, touching only what se-inject itself wrote.
 
-A folder is written complete in a staging folder next to it, then swapped in with one atomic step (Linux
-``renameat2(RENAME_EXCHANGE)``; a new folder is renamed into place). The folder path therefore always holds one
-complete run, whenever the writer is killed. The user's own entries in the folder are never copied: files (and
-symlinks, FIFOs, ...) are hard-linked into the new folder before the swap, so they keep their inode and owner and are
-never missing; subfolders are moved (renamed) into the new folder right after the swap. Where an entry cannot be
-hard-linked (another filesystem), the files are replaced one by one in place instead.
+The rule (docs/security.md): se-inject deletes or replaces only entries it created and can prove it created. A file
+is proven by ``.se-inject.json``, the record in its folder: a regular file whose size, modification time and SHA-256
+match what was recorded when se-inject wrote it. A temporary folder (``tempfile.mkdtemp`` beside the target, or in
+it) is proven by its marker, which names the folder's own inode, and is left alone while its writer holds its lock.
+Nothing else is ever removed: no ``rmtree``, no descent into a folder se-inject did not make, and an entry that cannot
+be given back stops the run with the entry where it is.
 
-Ownership comes from a record, not from names: ``.se-inject.json`` in the folder lists each file se-inject wrote with
-its size and modification time. ``--force`` replaces and removes only recorded files that are unchanged since; a
-file the user put there or changed is theirs and survives, and a name this run must write that is taken by such a
-file is refused (`OutputExistsError` naming it), with or without ``--force``.
-
-Temporaries are named ``.se-inject-<32 hex>`` (a random token no user picks); a staging folder also holds a marker
-naming its target. A later run removes such leftovers only when they are what se-inject makes (a regular file, or a
-folder with a valid marker; never a symlink, FIFO, device or socket) and their writer is gone: each writer holds an
-exclusive ``flock`` on its temporaries while it runs. Paths se-inject did not create are only ever examined with
-``lstat`` or opened with ``O_NOFOLLOW | O_NONBLOCK`` after it, so a FIFO or a device with our naming cannot block a
-run; such foreign entries are left alone and reported (`foreign_entries`).
+A folder is staged complete beside the target and swapped in with one atomic step (Linux
+``renameat2(RENAME_EXCHANGE)``; a new folder is one rename), so the target always holds one complete run. The user's
+entries come along: files as hard links (same inode), subfolders renamed back right after the swap. Where a swap would
+move something that cannot move (a mount point in or at the folder, the working directory, a file that cannot be
+hard-linked), the files are replaced one by one with ``os.replace`` from a temporary folder inside the target.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 import stat
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import OutputExistsError, SEInjectError, UsageError
 
 RECORD_FILE = ".se-inject.json"
 RECORD_FORMAT = "se-inject.files/1"
+MAX_RECORD_BYTES = 1 << 20
 _PREFIX = ".se-inject-"
 _MARKER = ".se-inject-staging"
-_TEMPORARY = re.compile(r"\.se-inject-[0-9a-f]{32}(\.tmp(\.[A-Za-z0-9]+)?)?")
-MAX_RECORD_BYTES = 1 << 20
+_MKDTEMP = re.compile(r"\.se-inject-[a-z0-9_]{8}")  # what tempfile.mkdtemp names with our prefix
 
 Writer = Callable[[Path], None]
 
 
-# --- reading paths se-inject did not create ------------------------------------------------------------------------
+# --- looking at entries se-inject may not have made: lstat first, then regular files only, never blocking --------
 
 
 def _lstat(path: Path) -> os.stat_result | None:
@@ -55,49 +49,44 @@ def _lstat(path: Path) -> os.stat_result | None:
         return None
 
 
-def _open_checked(path: Path, kind: int) -> int | None:
-    """A read-only descriptor of `path` if it is (still) of `kind` (``stat.S_IFREG`` or ``stat.S_IFDIR``), else None.
-    Never follows a symlink, never blocks on a FIFO, never opens a device."""
+@contextlib.contextmanager
+def _regular(path: Path) -> Iterator[int | None]:
+    """A read-only descriptor of `path` while it is a regular file (never a symlink, FIFO or device), else None."""
     st = _lstat(path)
-    if st is None or stat.S_IFMT(st.st_mode) != kind:
-        return None
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_DIRECTORY if kind == stat.S_IFDIR else 0)
+    fd = None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if fd is not None and (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)  # swapped meanwhile
+            fd = None
     try:
-        fd = os.open(path, flags)
-    except OSError:
-        return None
-    now = os.fstat(fd)
-    if stat.S_IFMT(now.st_mode) != kind or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):  # swapped meanwhile
-        os.close(fd)
-        return None
-    return fd
-
-
-def _read_small(path: Path, limit: int) -> bytes | None:
-    """The bytes of a regular file of at most `limit` bytes, or None (missing, too large, not a regular file)."""
-    fd = _open_checked(path, stat.S_IFREG)
-    if fd is None:
-        return None
-    try:
-        data = os.read(fd, limit + 1)
-    except OSError:
-        return None
+        yield fd
     finally:
-        os.close(fd)
-    return data if len(data) <= limit else None
+        if fd is not None:
+            os.close(fd)
 
 
 def _read_json(path: Path, limit: int) -> object:
-    data = _read_small(path, limit)
-    if data is None:
-        return None
+    with _regular(path) as fd:
+        data = os.read(fd, limit + 1) if fd is not None else b""
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8")) if 0 < len(data) <= limit else None
     except (ValueError, RecursionError):
         return None
 
 
-def _create(path: Path, text: str, mode: int = 0o600) -> None:
+def _digest(path: Path) -> str | None:
+    with _regular(path) as fd:
+        if fd is None:
+            return None
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+
+def _create(path: Path, text: str, mode: int = 0o666) -> None:
     """Write a new file; fails (FileExistsError) rather than write through whatever already has that name."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
@@ -106,234 +95,242 @@ def _create(path: Path, text: str, mode: int = 0o600) -> None:
         os.close(fd)
 
 
-# --- the record of what se-inject wrote ---------------------------------------------------------------------------
+# --- the record: which files are se-inject's -----------------------------------------------------------------------
 
 
-def _stamp(path: Path) -> dict[str, int]:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def read_record(directory: Path) -> dict[str, dict[str, int]]:
-    """Files se-inject wrote into `directory` (name -> size and mtime then); empty when there is no valid record."""
+def read_record(directory: Path) -> dict[str, dict[str, object]]:
+    """Files se-inject wrote into `directory` (name -> size, mtime and digest then); empty without a valid record."""
     data = _read_json(directory / RECORD_FILE, MAX_RECORD_BYTES)
     files = data.get("files") if isinstance(data, dict) and data.get("format") == RECORD_FORMAT else None
     if not isinstance(files, dict):
         return {}
-    return {
-        name: {"size": v["size"], "mtime_ns": v["mtime_ns"]}
-        for name, v in files.items()
-        if isinstance(name, str) and "/" not in name and name not in ("", ".", "..") and isinstance(v, dict)
-        and isinstance(v.get("size"), int) and isinstance(v.get("mtime_ns"), int)
-    }
+    return {name: stamp for name, stamp in files.items()
+            if isinstance(name, str) and "/" not in name and name not in ("", ".", "..", RECORD_FILE, _MARKER)
+            and isinstance(stamp, dict) and type(stamp.get("size")) is int and type(stamp.get("mtime_ns")) is int
+            and isinstance(stamp.get("sha256"), str)}  # records from before the digest prove nothing
+
+
+def _proven(path: Path, stamp: dict[str, object]) -> bool:
+    """Whether `path` is the regular file se-inject recorded: same size, mtime and SHA-256."""
+    st = _lstat(path)
+    if st is None or not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (stamp["size"], stamp["mtime_ns"]):
+        return False
+    return _digest(path) == stamp["sha256"]
 
 
 def owned_files(directory: Path) -> set[str]:
-    """Recorded files that are still as se-inject wrote them (regular files, same size and mtime): ours to replace
-    or remove."""
-    owned = set()
-    for name, stamp in read_record(directory).items():
-        st = _lstat(directory / name)
-        if st is not None and stat.S_ISREG(st.st_mode) and {"size": st.st_size, "mtime_ns": st.st_mtime_ns} == stamp:
-            owned.add(name)
-    return owned
+    """Recorded files still exactly as se-inject wrote them: ours to replace or remove."""
+    return {name for name, stamp in read_record(directory).items() if _proven(directory / name, stamp)}
 
 
-def _record_text(directory: Path, names: list[str]) -> str:
-    files = {name: _stamp(directory / name) for name in sorted(names)}
-    return json.dumps({"format": RECORD_FORMAT, "files": files}, indent=1, sort_keys=True) + "\n"
+def _write_record(folder: Path, stamped_in: Path, names: Iterable[str]) -> None:
+    """Write the record of `names` (stamped as they are in `stamped_in`) into `folder`."""
+    files = {}
+    for name in sorted(names):
+        st = os.lstat(stamped_in / name)
+        files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _digest(stamped_in / name)}
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folder / RECORD_FILE)
+    _create(folder / RECORD_FILE, json.dumps({"format": RECORD_FORMAT, "files": files}, indent=1) + "\n")
 
 
-# --- temporaries ----------------------------------------------------------------------------------------------------
+# --- temporaries: made by mkdtemp, proven by a marker naming their inode, locked while their writer lives ---------
 
 
 def _lock(fd: int) -> bool:
-    """Take an exclusive, non-blocking lock on `fd`; False when another live process holds it."""
+    """An exclusive lock on `fd`; False when a live process holds it (or the system has no flock)."""
     try:
         import fcntl
-    except ImportError:  # no flock (Windows): never judge another run dead
-        return False
-    try:
+
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def _marker(folder: Path, target: str | None) -> dict | None:
+    """The marker of `folder` when se-inject made the folder (for `target`, when given), else None."""
+    st = _lstat(folder)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        return None
+    marker = _read_json(folder / _MARKER, 1 << 16)
+    if (not isinstance(marker, dict) or marker.get("inode") != st.st_ino
+            or marker.get("role") not in ("staging", "previous", "files")
+            or not isinstance(marker.get("target"), str) or target not in (None, marker["target"])
+            or not isinstance(marker.get("files"), list) or not all(isinstance(n, str) for n in marker["files"])):
+        return None
+    return marker
+
+
+def _marker_text(folder: Path, target: str, role: str, files: Iterable[str]) -> str:
+    return json.dumps({"target": target, "role": role, "inode": os.lstat(folder).st_ino, "files": sorted(files)})
+
+
+@contextlib.contextmanager
+def _temporary(where: Path, target: str, role: str, files: Iterable[str]) -> Iterator[Path]:
+    """A folder of ours in `where`, locked and marked, for the life of the block."""
+    folder = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=where))
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _lock(fd)
+        _create(folder / _MARKER, _marker_text(folder, target, role, files), 0o600)
+        yield folder
+    finally:
+        os.close(fd)
+
+
+def _discard(folder: Path, directory: Path) -> None:
+    """Empty and remove a temporary of ours: unlink what it provably holds of ours (files it wrote, the record, hard
+    links whose twin is in `directory`), give everything else back to `directory` (renamed, never over an entry).
+    Raises, leaving the rest where it is, when something cannot be given back."""
+    marker = _marker(folder, None)
+    if marker is None:
+        return
+    record = read_record(folder)
+    kept = []
+    for entry in sorted(folder.iterdir(), key=lambda e: (e.name == RECORD_FILE, e.name)):  # the record: last
+        st, live = _lstat(entry), _lstat(directory / entry.name)
+        if entry.name == _MARKER or st is None:
+            continue
+        name = entry.name
+        ours = name == RECORD_FILE and isinstance(_read_json(entry, MAX_RECORD_BYTES), dict)
+        written = stat.S_ISREG(st.st_mode) and (ours or (name in record and _proven(entry, record[name]))
+                                                or (marker["role"] != "previous" and name in marker["files"]))
+        twin = live is not None and not stat.S_ISDIR(st.st_mode) and live[1:3] == st[1:3]  # same inode and device
+        if written or twin:
+            os.unlink(entry)
+        elif not (directory.is_dir() and folder.parent != directory and _move(entry, directory / entry.name)):
+            kept.append(entry.name)
+    if kept:
+        raise SEInjectError(f"{directory}: {len(kept)} of your entries ({', '.join(kept[:3])}) could not be put back "
+                            f"after an interrupted run (the name is taken, or it cannot move): they are in {folder}, "
+                            "untouched. Move them where you want them, then remove that folder and run again")
+    os.unlink(folder / _MARKER)
+    os.rmdir(folder)
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Remove what killed runs left for `directory`: a marker in it, our temporaries in it and beside it (proven by
+    their marker, their writer gone), giving the user's entries back first; empty folders named by mkdtemp."""
+    if _marker(directory, directory.name) is not None:
+        os.unlink(directory / _MARKER)
+    for place in (directory, directory.parent):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in sorted(place.iterdir()):
+                marker = _marker(entry, directory.name) if entry.name.startswith(_PREFIX) else None
+                empty = marker is None and _MKDTEMP.fullmatch(entry.name) is not None
+                if (marker is None and not empty) or (marker and (marker["role"] == "files") != (place == directory)):
+                    continue
+                try:
+                    fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                except OSError:
+                    continue
+                try:
+                    if not _lock(fd):
+                        continue
+                    if marker is not None:
+                        _discard(entry, directory)
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.rmdir(entry)  # only when empty: it holds nothing
+                finally:
+                    os.close(fd)
+
+
+def foreign_entries(directory: str | Path) -> list[str]:
+    """Entries with se-inject's naming that se-inject did not make (or cannot prove it made): left alone by every
+    run; reported so the user knows."""
+    directory = Path(directory)
+    found = []
+    for place in (directory, directory.parent):
+        with contextlib.suppress(OSError):
+            for entry in sorted(place.iterdir()):
+                if (entry.name.startswith(_PREFIX) and entry.name != RECORD_FILE
+                        and _marker(entry, None) is None and not (entry.name == _MARKER and place == directory
+                                                                  and _marker(directory, None) is not None)):
+                    found.append(str(entry))
+    return found
+
+
+# --- moving entries ----------------------------------------------------------------------------------------------
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool | None:
+    """Linux renameat2; None where the system or the filesystem lacks it."""
+    import ctypes
+
+    try:
+        call = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if call(-100, os.fsencode(a), -100, os.fsencode(b), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return None
+    if code in (errno.EEXIST, errno.ENOTEMPTY, errno.EBUSY, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (RENAME_EXCHANGE). False where the system cannot."""
+    return bool(_renameat2(a, b, 2))
+
+
+def _move(source: Path, target: Path) -> bool:
+    """Rename `source` to `target` unless `target` exists (RENAME_NOREPLACE; elsewhere checked just before)."""
+    done = _renameat2(source, target, 1)
+    if done is None and _lstat(target) is None:
+        try:
+            os.rename(source, target)
+        except OSError:
+            return False
+        return True
+    return bool(done)
+
+
+def _link(source: Path, target: Path) -> bool:
+    """Hard-link `source` itself (a symlink or FIFO is linked, never followed); False where it cannot be."""
+    try:
+        os.link(source, target, follow_symlinks=False)
     except OSError:
         return False
     return True
 
 
-def _marker(entry: Path, target: str | None) -> dict[str, object] | None:
-    """The staging marker in folder `entry` when it is se-inject's (for `target`, when given), else None."""
-    marker = _read_json(entry / _MARKER, 4096)
-    if not isinstance(marker, dict) or not isinstance(marker.get("target"), str):
-        return None
-    if target is not None and marker["target"] != target:
-        return None
-    return marker
-
-
-def _is_ours(entry: Path, target: str | None) -> bool:
-    """Whether `entry` has the shape of an se-inject temporary: our name, and a regular ``.tmp`` file or a folder
-    holding our marker (for `target`, when given). A symlink, FIFO, device or socket never is."""
-    if not _TEMPORARY.fullmatch(entry.name):
-        return False
-    st = _lstat(entry)
-    if st is None:
-        return False
-    if stat.S_ISDIR(st.st_mode):  # empty: a staging folder removed up to its last step (nothing to lose)
-        return _marker(entry, target) is not None or _empty(entry)
-    return stat.S_ISREG(st.st_mode) and ".tmp" in entry.name
-
-
-def _empty(folder: Path) -> bool:
+def _mount_points() -> set[str]:
     try:
-        with os.scandir(folder) as entries:
-            return next(entries, None) is None
+        text = Path("/proc/self/mountinfo").read_bytes()
     except OSError:
-        return False
+        return set()
+    fields = [line.split(b" ") for line in text.splitlines()]
+    return {os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), f[4])) for f in fields if len(f) > 4}
 
 
-def _is_our_leftover(entry: Path, target: str | None) -> bool:
-    """Whether `entry` is a temporary of a killed se-inject run: ours (see `_is_ours`) and no live writer holds its
-    lock."""
-    if not _is_ours(entry, target):
-        return False
-    st = _lstat(entry)
-    fd = _open_checked(entry, stat.S_IFMT(st.st_mode)) if st is not None else None
-    if fd is None:
-        return False
-    try:
-        return _lock(fd)
-    finally:
-        os.close(fd)
-
-
-def foreign_entries(directory: str | Path) -> list[str]:
-    """Entries with se-inject's temporary naming that se-inject did not make (symlinks, FIFOs, devices, sockets,
-    folders without our marker, a foreign staging marker): left alone by every run; reported so the user knows."""
-    directory = Path(directory)
-    found = []
-    marker = directory / _MARKER
-    if _lstat(marker) is not None and not _is_our_marker_file(marker):
-        found.append(str(marker))
-    for place, target in ((directory, None), (directory.parent, directory.name)):
-        with contextlib.suppress(OSError):
-            for entry in sorted(place.iterdir()):
-                if not _TEMPORARY.fullmatch(entry.name) or _is_ours(entry, target):
-                    continue
-                st = _lstat(entry)
-                if place == directory or (st is not None and not stat.S_ISDIR(st.st_mode)):
-                    found.append(str(entry))  # a folder next to it with another target is another run's
-    return found
-
-
-def _is_our_marker_file(path: Path) -> bool:
-    """Whether `path` is a marker se-inject wrote (a small regular file holding its JSON; the folder it names may
-    have been renamed since)."""
-    marker = _read_json(path, 4096)
-    return isinstance(marker, dict) and isinstance(marker.get("target"), str)
-
-
-def remove_leftovers(directory: Path) -> None:
-    """Remove what killed se-inject runs left: temporaries inside `directory`, and staging folders for it next to it
-    (recognised by their shape, their marker and a free lock, never by a name alone). A previous folder that a run
-    swapped out and was killed before moving the user's subfolders back gives them back first."""
-    marker = directory / _MARKER
-    if _is_our_marker_file(marker):  # a run killed just before its swap
-        with contextlib.suppress(OSError):
-            marker.unlink()
-    for place, target in ((directory, None), (directory.parent, directory.name)):
-        with contextlib.suppress(OSError):
-            for entry in list(place.iterdir()):
-                if not entry.name.startswith(_PREFIX) or not _is_our_leftover(entry, target):
-                    continue
-                if stat.S_ISDIR(os.lstat(entry).st_mode):
-                    if place != directory and (_marker(entry, target) or {}).get("role") == "previous":
-                        _give_back(entry, directory)
-                    _remove_staging(entry)
-                else:
-                    with contextlib.suppress(OSError):
-                        entry.unlink()
-
-
-def _give_back(previous: Path, directory: Path) -> None:
-    """Entries of a swapped-out folder that are not se-inject's recorded files and are missing from `directory` (the
-    user's subfolders, entries added meanwhile) are moved back: renamed, so they keep their inode and owner."""
-    if not directory.is_dir():
-        return
-    recorded = set(read_record(previous))
-    for entry in previous.iterdir():
-        if entry.name in recorded or entry.name in (RECORD_FILE, _MARKER):
-            continue
-        if _lstat(directory / entry.name) is None:
-            with contextlib.suppress(OSError):
-                os.rename(entry, directory / entry.name)
-
-
-@contextlib.contextmanager
-def _held(path: Path) -> Iterator[None]:
-    """Hold the lock that marks `path` (created by this run) as being written by a live process."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        _lock(fd)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _finish(path: Path, mode: int) -> None:
-    """Give a written file its final permissions and flush it to disk before it is renamed."""
-    os.chmod(path, mode)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _swappable(directory: Path) -> bool:
+    """Whether a swap moves only what can move: the folder is no mount point and holds none, is on its parent's
+    filesystem, and holds no process's working directory (ours: the same test)."""
+    real = os.path.realpath(directory)
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-# --- the atomic swap ------------------------------------------------------------------------------------------------
-
-_RENAME_EXCHANGE = 2
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where the system cannot."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+        cwd = os.path.realpath(os.getcwd())
+        if cwd == real or cwd.startswith(real + os.sep):
+            return False
+    if os.lstat(directory).st_dev != os.lstat(directory.parent).st_dev:
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd = -100
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBUSY, errno.EPERM,
-                errno.EXDEV):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
+    return not any(m == real or m.startswith(real + os.sep) for m in _mount_points())
 
 
-def _contains_cwd(directory: Path) -> bool:
-    with contextlib.suppress(OSError):
-        cwd = Path.cwd().resolve()
-        return cwd == directory or directory in cwd.parents
-    return False
+def _default_mode() -> int:
+    """0o777 less the umask, read without changing it."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        return 0o777 & ~int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    return 0o755
+
+
+# --- writing --------------------------------------------------------------------------------------------------------
 
 
 def write_folder(
@@ -342,11 +339,11 @@ def write_folder(
     """Write `files` (name -> writer) into `directory`, all or nothing.
 
     Raises OutputExistsError, touching nothing, when a file to write exists and `force` is off, or (with or without
-    `force`) when a name to write is taken by an entry se-inject did not write in a folder it keeps a record of (or
-    in any existing folder, with `outputs`). With `outputs` (a whole se-inject output folder) the folder is replaced
-    in one atomic step, and the files se-inject recorded there that this write does not produce count too (they are
-    removed as stale with `force`); other entries in the folder are the user's and are kept as they are. Without
-    `outputs` (one file, e.g. an export) each file is renamed into place, and the folder's record gains it.
+    `force`) when a name to write is taken by an entry se-inject cannot prove it wrote, in a folder it keeps a record
+    of (or in any existing folder, with `outputs`). With `outputs` (a whole se-inject output folder) the folder is
+    replaced in one atomic step, and its recorded files this write does not produce are removed as stale (`force`);
+    other entries are the user's and are kept as they are. Without `outputs` (one file, e.g. an export) each file is
+    replaced in place, and the folder's record, if any, gains it.
     """
     directory = Path(directory)
     try:
@@ -358,151 +355,105 @@ def write_folder(
     if directory.exists() and not directory.is_dir():
         raise OutputExistsError(f"{directory} exists and is not a directory")
     directory = directory.absolute()
-    check_names(directory, files, force=force, outputs=outputs)
-    owned = owned_files(directory) if outputs and directory.is_dir() else set()
     try:
         remove_leftovers(directory)
-        if outputs or not directory.is_dir():
-            _swap_in(directory, files, owned, record=outputs)
-        else:
-            _replace_files(directory, files)
+        owned = check_names(directory, files, force=force, outputs=outputs)
+        exists = directory.is_dir()
+        swap = not exists or (outputs and _swappable(directory))
+        if not exists:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+        names = [*files, *([RECORD_FILE] if outputs else [])]
+        with _temporary(directory.parent if swap else directory, directory.name,
+                        "staging" if swap else "files", names) as staging:
+            try:
+                for name, write in files.items():
+                    write(staging / name)
+                if not (swap and _swap(staging, directory, files, owned, record=outputs)):
+                    _put(staging, directory, files, owned, outputs=outputs)
+            except BaseException as error:
+                with contextlib.suppress(FileNotFoundError):
+                    try:
+                        _discard(staging, directory)
+                    except SEInjectError as lost:
+                        raise lost from error
+                raise
+            _discard(staging, directory)  # after a swap: the previous folder
     except OSError as e:
+        if isinstance(e, SEInjectError):
+            raise
         reason = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e))
         raise SEInjectError(f"cannot write {directory}: {reason}") from None
     return directory
 
 
 def check_names(directory: Path, names: dict[str, Writer] | list[str] | tuple[str, ...], *, force: bool,
-                outputs: bool) -> None:
-    """The names a write needs in `directory`: refused when taken by an entry that is not se-inject's (whatever
-    `force` says), or by one that is and `force` is off. See `write_folder`."""
+                outputs: bool) -> set[str]:
+    """The names a write needs in `directory`: refused when taken by an entry se-inject cannot prove it wrote
+    (whatever `force` says), or by one it wrote and `force` is off. Returns the folder's proven files."""
     if not directory.is_dir():
-        return
+        return set()
     owned = owned_files(directory)
     recorded = outputs or _lstat(directory / RECORD_FILE) is not None
     existing = [name for name in names if _lstat(directory / name) is not None]
+    odd = [name for name in existing if not stat.S_ISREG(os.lstat(directory / name).st_mode)]
+    if odd:  # a folder, symlink, device, FIFO or socket: never replaced
+        raise OutputExistsError(f"{directory / odd[0]} already exists and is not a regular file: se-inject never "
+                                "replaces it, even with --force; move it away or choose another output")
     theirs = [name for name in existing if name not in owned] if recorded else []
     if theirs:
         raise OutputExistsError(f"{directory / theirs[0]} already exists and is not a file se-inject wrote (or it was "
                                 "changed since): se-inject never replaces it, even with --force; move it away or "
                                 "choose another output")
-    marker = directory / _MARKER
-    if outputs and _lstat(marker) is not None and not _is_our_marker_file(marker):
-        raise OutputExistsError(f"{marker} is in the way of se-inject's staging marker and is not se-inject's; "
-                                "move it away")
+    record = directory / RECORD_FILE
+    if outputs and _lstat(record) is not None and not isinstance(_read_json(record, MAX_RECORD_BYTES), dict):
+        raise OutputExistsError(f"{record} is in the way of se-inject's record and is not se-inject's; move it away")
+    if outputs and _lstat(directory / _MARKER) is not None and _marker(directory, None) is None:
+        raise OutputExistsError(f"{directory / _MARKER} is in the way of se-inject's staging marker and is not "
+                                "se-inject's; move it away")
     conflicts = sorted(set(existing) | (owned if outputs else set()), key=lambda n: (n not in names, n))
     if conflicts and not force:
         raise OutputExistsError(f"{directory / conflicts[0]} already exists; pass --force to overwrite it")
+    return owned
 
 
-def _link(source: Path, target: Path) -> bool:
-    """Hard-link `source` itself (a symlink, FIFO or socket is linked, never followed or opened); False where the
-    filesystem cannot."""
-    try:
-        os.link(source, target, follow_symlinks=False)
-    except OSError:
+def _swap(staging: Path, directory: Path, files: dict[str, Writer], owned: set[str], *, record: bool) -> bool:
+    """Make `staging` the complete new folder (the user's files hard-linked in) and swap it in; False, having swapped
+    nothing, where an entry cannot come along. The user's subfolders are given back from the previous folder, which
+    `staging` names afterwards."""
+    if record:
+        _write_record(staging, staging, files)
+    st = _lstat(directory)
+    if st is None:
+        os.chmod(staging, _default_mode())
+        if not _move(staging, directory):
+            raise FileExistsError(errno.EEXIST, "created meanwhile", str(directory))
+        os.unlink(directory / _MARKER)
+        return True
+    for entry in os.scandir(directory):
+        kind = entry.stat(follow_symlinks=False)
+        if entry.name in files or entry.name in owned or entry.name in (RECORD_FILE, _MARKER):
+            continue
+        if stat.S_ISDIR(kind.st_mode) and kind.st_dev != st.st_dev:
+            return False
+        if not stat.S_ISDIR(kind.st_mode) and not _link(Path(entry.path), staging / entry.name):
+            return False
+    os.chmod(staging, stat.S_IMODE(st.st_mode))
+    _create(directory / _MARKER, _marker_text(directory, directory.name, "previous", []), 0o600)
+    if not exchange(staging, directory):
+        os.unlink(directory / _MARKER)
         return False
+    os.unlink(directory / _MARKER)  # the new folder's: it was the staging folder's marker
     return True
 
 
-def _swap_in(directory: Path, files: dict[str, Writer], owned: set[str], *, record: bool = True) -> None:
-    """Stage `files` (plus hard links of the user's files already in `directory`, and with `record` the record of
-    what se-inject wrote) in a folder next to `directory`, then swap it in and move the user's subfolders over."""
-    umask = _umask()
-    parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = parent / f"{_PREFIX}{secrets.token_hex(16)}"
-    staging.mkdir(mode=0o700)
-    swapped = False
-    try:
-        with _held(staging):
-            _create(staging / _MARKER, json.dumps({"target": directory.name, "role": "staging"}) + "\n")
-            for name, write in files.items():
-                write(staging / name)
-                _finish(staging / name, 0o666 & ~umask)
-            old_mode = None
-            folders: list[str] = []  # the user's subfolders: moved after the swap (a folder has no hard link)
-            linked = True
-            if directory.is_dir():
-                old_mode = stat.S_IMODE(directory.stat().st_mode)
-                for entry in directory.iterdir():  # the user's own entries come along (same inode: no copy)
-                    if entry.name in files or entry.name in owned or entry.name in (RECORD_FILE, _MARKER):
-                        continue
-                    if stat.S_ISDIR(os.lstat(entry).st_mode):
-                        folders.append(entry.name)
-                    elif not _link(entry, staging / entry.name):
-                        linked = False  # another filesystem: no swap, the files are replaced in place
-                        break
-            if record:  # an output folder; a folder made for one file (an export, scan rows) gets none
-                (staging / RECORD_FILE).write_text(_record_text(staging, list(files)), encoding="utf-8")
-                _finish(staging / RECORD_FILE, 0o666 & ~umask)
-            os.chmod(staging, old_mode if old_mode is not None else 0o777 & ~umask)
-            _fsync_dir(staging)
-            if old_mode is None:
-                os.rename(staging, directory)  # a new folder: appears complete
-            else:
-                # The previous folder gets a marker before the swap, so a run killed right after it leaves a staging
-                # folder that the next run recognises, gives the user's subfolders back from, and removes.
-                _create(directory / _MARKER, json.dumps({"target": directory.name, "role": "previous"}) + "\n")
-                if linked and not _contains_cwd(directory) and exchange(staging, directory):
-                    swapped = True  # `staging` now holds the previous folder
-                    _give_back(staging, directory)
-                else:  # no atomic swap here (another OS or filesystem, the working directory): file by file
-                    for name in [*files, *([RECORD_FILE] if record else [])]:
-                        os.replace(staging / name, directory / name)
-                    for name in owned - set(files):
-                        with contextlib.suppress(FileNotFoundError):
-                            (directory / name).unlink()
-            with contextlib.suppress(FileNotFoundError):
-                (directory / _MARKER).unlink()  # the marker the new folder (or the kept one) still carries
-            _fsync_dir(parent)
-    finally:
-        if _lstat(staging) is not None:  # the unfinished new folder, or the previous one after the swap
-            if swapped:
-                _give_back(staging, directory)  # nothing of the user's goes with it, whatever failed
-            _remove_staging(staging)
-
-
-def _remove_staging(staging: Path) -> None:
-    """Remove a staging folder, its marker last: one killed midway is still recognised and removed next time."""
-    with contextlib.suppress(OSError):
-        for entry in staging.iterdir():
-            if entry.name == _MARKER:
-                continue
-            if stat.S_ISDIR(os.lstat(entry).st_mode):
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace_files(directory: Path, files: dict[str, Writer]) -> None:
-    umask = _umask()
-    temporaries: dict[str, Path] = {}
-    try:
-        for name, write in files.items():
-            ext = Path(name).suffix  # kept: some writers check it (.pt2)
-            ext = ext if re.fullmatch(r"\.[A-Za-z0-9]+", ext) else ""
-            tmp = directory / f"{_PREFIX}{secrets.token_hex(16)}.tmp{ext}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            os.close(fd)
-            temporaries[name] = tmp
-            with _held(tmp):
-                write(tmp)
-                _finish(tmp, 0o666 & ~umask)
-        for name, tmp in temporaries.items():
-            os.replace(tmp, directory / name)
-        temporaries.clear()
-        if _lstat(directory / RECORD_FILE) is not None:  # an se-inject output folder: the new file is ours too
-            names = sorted(owned_files(directory) | set(files))
-            tmp = directory / f"{_PREFIX}{secrets.token_hex(16)}.tmp"
-            temporaries[RECORD_FILE] = tmp
-            _create(tmp, _record_text(directory, names), 0o666 & ~umask)
-            _finish(tmp, 0o666 & ~umask)
-            os.replace(tmp, directory / RECORD_FILE)
-            temporaries.clear()
-    finally:
-        for tmp in temporaries.values():
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+def _put(staging: Path, directory: Path, files: dict[str, Writer], owned: set[str], *, outputs: bool) -> None:
+    """Replace the files one by one (os.replace), remove stale ones still proven ours, then the record."""
+    for name in files:
+        os.replace(staging / name, directory / name)
+    record = read_record(directory)
+    for name in sorted(owned - set(files)) if outputs else ():
+        if name in record and _proven(directory / name, record[name]):
+            os.unlink(directory / name)
+    if outputs or _lstat(directory / RECORD_FILE) is not None:
+        _write_record(staging, directory, set(files) | (set() if outputs else owned_files(directory)))
+        os.replace(staging / RECORD_FILE, directory / RECORD_FILE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,13 @@ def write_safetensors_file(path: Path, tensors: dict[str, torch.Tensor], metadat
 
 
 def write_checkpoint(model: nn.Module, plan: Plan) -> Callable[[Path], None]:
+    """A writer of `model`'s weights with `plan` in the metadata; refuses, before anything is written, a plan that
+    `load` would refuse (the same schema and limits apply at save as at load)."""
+    try:
+        plan_from_data(json.loads(plan.to_json()))
+    except CheckpointError as e:
+        raise SEInjectError(f"cannot save: a folder with this plan would not load ({e})") from None
+
     def write(path: Path) -> None:
         write_safetensors_file(path, state_for_saving(model), checkpoint_metadata(plan))
 
@@ -202,6 +210,28 @@ def read_plan(path: str | Path) -> Plan:
         return plan_from_data(data)
     except CheckpointError as e:
         raise CheckpointError(f"{file}: {e}") from None
+
+
+def check_file_size(path: str | Path) -> None:
+    """The file is exactly its header and the tensor bytes the header places: a longer one (padding, or a sparse
+    file claiming terabytes) is refused before a byte of it is hashed."""
+    file = _model_file(path)
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= MAX_HEADER_BYTES:
+                raise CheckpointError(f"{file}: not a valid safetensors file (header size {size})")
+            header = json.loads(f.read(size))
+            length = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{file}: cannot read its header ({_reason(e)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a valid safetensors file (the header is not an object)")
+    offsets = [v.get("data_offsets") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    needed = 8 + size + max([o[-1] for o in offsets if isinstance(o, list) and o and type(o[-1]) is int], default=0)
+    if length != needed:
+        raise CheckpointError(f"{file}: the file is {length:,} bytes, its header places {needed:,} (truncated, "
+                              "padded or damaged)")
 
 
 def check_weights_digest(path: str | Path) -> None:
@@ -309,14 +339,23 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -
 
 
 def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    """Integer and bool tensors have the model's dtype; floating-point ones may all be saved in another precision
+    (a model saved after ``.half()``), but one precision for each of the model's: a single F16 tensor among F32 ones
+    would load, then fail the first forward."""
     own = model.state_dict(keep_vars=True)
+    saved_as: dict[torch.dtype, tuple[str, torch.dtype]] = {}
     for key, tensor in state.items():
         expected = own[key]
+        first = saved_as.setdefault(expected.dtype, (key, tensor.dtype))
         if tensor.is_floating_point() != expected.is_floating_point() or (
             not tensor.is_floating_point() and tensor.dtype != expected.dtype
         ):
             raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype} in the file, the model expects "
                                   f"{expected.dtype} (a damaged header?)")
+        if tensor.dtype != first[1]:
+            raise CheckpointError(f"{file}: tensor {key[:80]!r} is {tensor.dtype} in the file, {first[0][:80]!r} "
+                                  f"(also {expected.dtype} in the model) is {first[1]}: mixed precisions (a damaged "
+                                  "or edited file?)")
 
 
 def _check_calls(model: nn.Module, plan: Plan, file: Path) -> None:
@@ -366,10 +405,10 @@ def load(
     if model is None:
         assert plan.model is not None
         _check_model_spec(plan.model, file, read_metadata(file), trust_code)
-    if verify_weights:
-        check_weights_digest(file)
+    check_file_size(file)
     # Everything the plan says is checked against the model on the meta device first (its anchors, its channels,
-    # every tensor's shape and dtype in the file): nothing is allocated for a plan that does not fit.
+    # every tensor's shape and dtype in the file): nothing is allocated, and nothing but the header read, for a plan
+    # that does not fit.
 
     try:
         if model is None:
@@ -385,6 +424,8 @@ def load(
     except SEInjectError as e:
         raise CheckpointError(f"{file}: the plan does not fit the model: {e}") from None
     _check_state(probe, _header_tensors(file), file)
+    if verify_weights:
+        check_weights_digest(file)
     try:
         with safe_open(str(file), "pt") as f:
             # Cloned into torch's own (64-byte aligned) memory: kernels then take the same paths as for the saved

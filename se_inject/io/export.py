@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.memory import check_forward_memory
 from ..engine.models import ModelSpec, build_model, split_tag, torchvision_weights_enum
 from ..engine.plan import Plan
 from ..engine.surgery import apply_plan
@@ -138,6 +139,9 @@ def export_writer(model: nn.Module, plan: Plan, fmt: str, final: Path, results: 
     if fmt == "torchscript" and batch is not None:
         batch, note = None, f"TorchScript has no fixed shapes: static batch {batch} does not apply; dynamic"
     trace_batch, check_batches = (DYNAMIC_TRACE_BATCH, DYNAMIC_CHECK_BATCHES) if batch is None else (batch, (batch,))
+    check_forward_memory(model, plan.input_size, batches=(trace_batch, *check_batches), error=ExportError,
+                         what=f"exporting (batches {', '.join(map(str, dict.fromkeys((trace_batch, *check_batches))))}"
+                              ", inputs kept)")
 
     def write(target: Path) -> None:
         training = model.training

@@ -6,13 +6,15 @@ Torch-free on purpose (the CLI calls these first); the names here are the ones t
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from ..errors import OutputExistsError, UsageError
 from ..names import EXPORT_FORMATS
-from .atomic import check_names
+from .atomic import RECORD_FILE, check_names
 
 OUTPUT_FILES = ("model.safetensors", "report.json", "config.json", "model.pt", "model.pt2", "model.onnx")
+SAVED_FILES = (*OUTPUT_FILES[:3], RECORD_FILE)  # what a saved folder is made of; exports are written beside
 MIN_OPSET = 18  # the oldest opset torch's dynamo-based ONNX exporter writes directly
 
 
@@ -50,9 +52,28 @@ def check_output_folder(directory: str | Path, *, force: bool) -> None:
 
 
 def check_output_file(path: str | Path, *, force: bool) -> None:
-    """Raise OutputExistsError if the file exists (and `force` is off) or is a folder."""
+    """Raise OutputExistsError unless `path` is missing, or (with `force`) a regular file that is not part of a saved
+    folder: an export never replaces the weights, report, config or record it may have been read from, nor a
+    folder, symlink, device, FIFO or socket."""
     path = Path(path)
-    if path.is_dir():
+    st = _lstat(path)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
         raise OutputExistsError(f"{path} is a directory; name a file")
-    if path.exists() and not force:
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a device, FIFO or socket"
+        raise OutputExistsError(f"{path} is not a regular file ({kind}): se-inject replaces only regular files, even "
+                                "with --force; choose another output")
+    if path.name in SAVED_FILES and any(_lstat(path.parent / n) is not None for n in (RECORD_FILE, OUTPUT_FILES[0])):
+        raise OutputExistsError(f"{path} is part of the saved folder {path.parent}: an export never replaces it, "
+                                "even with --force; choose another output")
+    if not force:
         raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
