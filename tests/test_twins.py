@@ -1,6 +1,6 @@
 """timm's SE twins: where timm ships a model and the same model with channel attention, se-inject's default result
 on the plain one IS the twin: the same parameters, state_dict keys and shapes, and, given the twin's weights, the
-same outputs. The pairs come from timm itself (its configuration tables: `se_inject.io.twins`; the sweep also builds
+same outputs. The pairs come from timm itself (its configuration tables: `se_inject.engine.twins`; the sweep also builds
 every model of the other families and pairs those whose module trees are equal once attention is taken out)."""
 
 from __future__ import annotations
@@ -15,21 +15,14 @@ from torch import nn
 
 import se_inject
 from se_inject.engine.models import build_model, resolve_model
-from se_inject.io.twins import CHANNEL_ATTENTION, Twin, config_families, config_twins
+from se_inject.engine.twins import CHANNEL_ATTENTION, Twin, config_families, config_twins
 from se_inject.layers.attention import is_attention
 
-# Pairs that cannot be exact with default options, and why. The test below checks that each still differs.
-NOT_EXACT = {
-    ("cs3darknet_l", "cs3sedarknet_l"): "timm's twin uses r = 4 (rd_ratio .25) where its siblings sedarknet21 and "
-    "cs3sedarknet_x use SEModule's r = 16; `--reduction 4` gives exactly cs3sedarknet_l",
-    ("cs3edgenet_x", "cs3se_edgenet_x"): "timm's twin uses r = 4 (rd_ratio .25), the CSPNet family's other twins "
-    "r = 16; `--reduction 4` gives exactly cs3se_edgenet_x",
-}
 # Twins whose attention is not a variant se-inject makes (global context, bottleneck attention).
 OTHER_ATTENTION = {"gca": "global context attention", "bat": "bottleneck attention (BAT)"}
 # The smallest pair of each family is checked in the fast suite, the rest behind `slow`; the forward pass with the
 # twin's weights runs on the smallest model in the fast suite.
-FAST = ("regnetx_002", "resnet33ts", "darknet21")
+FAST = ("regnetx_002", "resnet33ts", "darknet21", "cs3darknet_l")
 FORWARD = ("regnetx_002", "resnext26ts", "darknet21")
 
 
@@ -47,7 +40,7 @@ def _inject(twin: Twin, device: str = "meta", **options) -> tuple[nn.Module, se_
 
 
 def _exact_pairs() -> list[Twin]:
-    return [t for t in config_twins() if (t.plain, t.twin) not in NOT_EXACT and t.attention in CHANNEL_ATTENTION]
+    return [t for t in config_twins() if t.attention in CHANNEL_ATTENTION]
 
 
 def _params(pairs: list[Twin], fast: tuple[str, ...]) -> list[object]:
@@ -77,14 +70,20 @@ def test_default_result_has_the_twins_parameters_keys_and_shapes(twin):
     assert {s.placement for s in report.plan.sites} == {"family"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("pair", sorted(NOT_EXACT), ids="->".join)
-def test_pairs_listed_as_not_exact_still_differ(pair):
-    twin = next(t for t in config_twins() if (t.plain, t.twin) == pair)
-    injected, _ = _inject(twin)
-    assert _shapes(injected) != _shapes(_meta(twin.twin))
-    fixed, _ = _inject(twin, reduction=4)  # what the reason says reproduces it
-    assert _shapes(fixed) == _shapes(_meta(twin.twin))
+@pytest.mark.parametrize(("plain", "twin"), [("cs3darknet_l", "cs3sedarknet_l"), ("darknet21", "sedarknet21")])
+def test_cspnet_default_takes_each_twins_rd_ratio_from_timms_configuration(plain, twin):
+    """CSPNet's SE twins differ in r: cs3sedarknet_l and cs3se_edgenet_x are built with attn_kwargs rd_ratio 0.25,
+    sedarknet21 and cs3sedarknet_x with SEModule's default 1/16. The default result takes its twin's."""
+    from timm.models.cspnet import model_cfgs
+
+    rd_ratio = (model_cfgs[twin].stages.attn_kwargs[0] or {}).get("rd_ratio", 1 / 16)
+    _, report = se_inject.inject(f"timm:{plain}", device="meta", seed=0, input_size=64)
+    reference = _meta(twin)
+    for site in report.plan.sites:
+        own = reference.get_submodule(site.path)
+        assert site.slot is not None and site.squeeze_channels == own.get_submodule(site.slot).fc1.out_channels
+        assert site.squeeze_channels == timm.layers.make_divisible(site.channels * rd_ratio, 8, round_limit=0.0)
+    assert {s.placement for s in report.plan.sites} == {"family"}
 
 
 def _same_outputs(plain: str, twin: str, **options) -> tuple[nn.Module, nn.Module]:
@@ -208,7 +207,7 @@ def structural_twins(pattern: str = "*") -> list[tuple[str, str, str]]:
 def test_sweep_every_structural_twin():
     failures = []
     for plain, twin, variant in structural_twins():
-        if not variant or (plain, twin) in NOT_EXACT:
+        if not variant:
             continue
         try:
             injected, _ = se_inject.inject(f"timm:{plain}", device="meta", seed=0, attention=variant)
@@ -482,6 +481,22 @@ def test_default_result_on_an_se_models_plain_sibling_is_the_model(name):
     injected, report, blocks = _default_on_plain_sibling(name)
     assert [s.path for s in report.plan.sites] == blocks
     assert _shapes(injected) == _shapes(_meta(name))
+
+
+# Partial-SE models with every SE taken out: the default result puts SE in every block, and in the blocks where the
+# model has SE it is the model's own (layer names, widths, activation), read from timm's architecture of the model.
+PARTIAL_DEFAULT = ("ghostnet_100", "repghostnet_100", "tresnet_m", "rexnetr_100", "mobilenetv3_rw", "fbnetv3_b",
+                   "lcnet_035")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in PARTIAL_DEFAULT[:1] else pytest.mark.slow)
+                                  for n in PARTIAL_DEFAULT])
+def test_default_on_a_model_with_its_se_taken_out_gives_the_models_own_se(name):
+    injected, report, blocks = _default_on_plain_sibling(name)
+    reference = _shapes(_meta(name))
+    ours = _shapes(injected)
+    assert set(blocks) < {s.path for s in report.plan.sites}  # SE in every block, the model's SE blocks among them
+    assert {k: ours.get(k) for k in reference} == reference
 
 
 @pytest.mark.slow

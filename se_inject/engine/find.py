@@ -15,13 +15,14 @@ from torch import nn
 
 from ..errors import UsageError
 from ..layers.attention import class_path, find_attention
+from .designs import with_own_designs
 from .measure import Counts, count
 from .meta import as_meta, output_shapes, run_meta
 from .patterns import conv_chain, match_block, node_output_shape
 from .plan import Skip
 from .recipes import BlockRule, PatternRule, Recipe
 from .record import record_call
-from .widths import block_activation, with_own_designs
+from .widths import block_activation
 
 
 def resolve_child(block: nn.Module, path: str) -> str | None:

@@ -1,13 +1,11 @@
-"""Width inference: the SE design of a model's own SE modules (layer names, activation, gate, bias, and the width rule
-that gives every one of them its width), and each block's own activation.
-
-`--fill` gives the blocks of a partial-SE model what the model's other blocks of the same class have
-(`with_own_designs`). Nothing here changes the model.
+"""Width inference: the SE design of SE modules a family built (layer names, activation, gate, bias, and the width
+rules that give every one of them its width), and each block's own activation. Which modules are read, and which
+of several fitting rules is taken, is `engine.designs`'. Nothing here changes a model.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -54,61 +52,93 @@ def _se_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d, nn.Module, nn.Mo
     return reduce, expand, act, gate, parts[4], isinstance(bn, nn.BatchNorm2d)
 
 
-def own_design(blocks: list[nn.Module], defaults: Any, rules: tuple[tuple[str, str, int, float], ...] = ()) -> Any:
-    """The SE design of a model's own SE modules in `blocks` (its partial SE), as settings over `defaults`: their
-    layer names, activation, gate, bias, and the first width rule (of `rules`, default all) that gives every one of
-    them its width; None where the modules are not plain SE layers or disagree."""
+@dataclass(frozen=True)
+class OwnSE:
+    """One of a model's own SE modules, as width inference reads it."""
 
-    seen = []
-    for block in blocks:
-        at = find_attention(block)
-        parts = _se_parts(block if at == "." else block.get_submodule(at)) if at is not None else None
-        conv = _input_conv(block)
-        if parts is None or conv is None:
-            return None
-        reduce, _expand, act, gate, layout, norm = parts
-        act_name = block_activation(act) if not isinstance(act, nn.Identity) else None
-        gate_name = _GATE_NAMES.get(type(gate).__name__)
-        if act_name is None or gate_name is None:
-            return None
-        own_act = "block" if act_name == block_activation(nn.ModuleList(
-            m for name, m in block.named_children() if name != at)) else act_name
-        seen.append(((layout, norm), gate_name, reduce.bias is not None, act_name, own_act,
-                     reduce.in_channels, conv.in_channels, reduce.out_channels))
-    if not seen or len({row[:3] for row in seen}) != 1:
+    block: str  # the block's path
+    place: str  # the SE module's path in the block
+    design: tuple[str, bool, str, bool]  # (layout, norm, gate, bias)
+    act: str  # the activation between its layers
+    block_act: bool  # ... which is the block's own
+    channels: int  # of the map it scales
+    input_channels: int  # of the block's input
+    rd_channels: int
+
+
+# (the width r divides: "output" or "input", rounding, divisor, round_limit, r)
+WidthRule = tuple[str, str, int, float, int]
+
+
+def read_own_se(path: str, block: nn.Module, place: str | None = None) -> OwnSE | None:
+    """The SE module at `place` in `block` (default: its first channel attention), or None where it is not a plain SE
+    layer of timm's or torchvision's with an activation and a gate se-inject builds."""
+    at = place if place is not None else find_attention(block)
+    parts = _se_parts(block if at == "." else block.get_submodule(at)) if at is not None else None
+    conv = _input_conv(block)
+    if parts is None or conv is None:
         return None
-    (layout, norm), gate, bias = seen[0][:3]
-    if len({row[3] for row in seen}) == 1:  # one activation throughout (MobileNetV3 forces ReLU)
-        act = seen[0][3]
-    elif {row[4] for row in seen} == {"block"}:  # each block's own (it changes along the network)
+    reduce, _expand, act, gate, layout, norm = parts
+    act_name = block_activation(act) if not isinstance(act, nn.Identity) else None
+    gate_name = _GATE_NAMES.get(type(gate).__name__)
+    if act_name is None or gate_name is None:
+        return None
+    own = act_name == block_activation(nn.ModuleList(m for name, m in block.named_children() if name != at))
+    return OwnSE(path, at, (layout, norm, gate_name, reduce.bias is not None), act_name, own, reduce.in_channels,
+                 conv.in_channels, reduce.out_channels)
+
+
+def width(rule: WidthRule, channels: int, input_channels: int | None) -> int:
+    source, rounding, divisor, limit, reduction = rule
+    base = input_channels if source == "input" and input_channels is not None else channels
+    return squeeze_channels(base, reduction, divisor, limit, rounding)
+
+
+def fits(rule: WidthRule, ses: list[OwnSE]) -> bool:
+    return all(width(rule, se.channels, se.input_channels) == se.rd_channels for se in ses)
+
+
+def fitting_rules(ses: list[OwnSE], defaults: Any, rules: tuple[tuple[str, str, int, float], ...] = ()) -> list[
+        WidthRule]:
+    """Every width rule (of `rules`, default all) and r that gives each module its width, in se-inject's order: the
+    recipe's own rule and r first (the family's documented rule), then `_WIDTH_RULES` and `_REDUCTIONS`."""
+    first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
+    return [(*rule, r) for rule in dict.fromkeys(rules or (first, *_WIDTH_RULES))
+            for r in dict.fromkeys((defaults.reduction, *_REDUCTIONS)) if fits((*rule, r), ses)]
+
+
+def design_of(ses: list[OwnSE], defaults: Any, rule: WidthRule, source: str = "the model") -> Any:
+    """The settings over `defaults` that build these SE modules with width `rule`: their layer names, activation,
+    gate, bias; None where they disagree."""
+    if not ses or len({se.design for se in ses}) != 1:
+        return None
+    layout, norm, gate, bias = ses[0].design
+    if len({se.act for se in ses}) == 1:  # one activation throughout (MobileNetV3 forces ReLU)
+        act = ses[0].act
+    elif all(se.block_act for se in ses):  # each block's own (it changes along the network)
         act = "block"
     else:
         return None
-    first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
-    for source, rounding, divisor, limit in dict.fromkeys(rules or (first, *_WIDTH_RULES)):
-        for reduction in dict.fromkeys((defaults.reduction, *_REDUCTIONS)):
-            if all(squeeze_channels(c_in if source == "input" else c, reduction, divisor, limit, rounding) == rd
-                   for *_, c, c_in, rd in seen):
-                return replace(defaults, reduction=reduction, squeeze_from=source, rounding=rounding, divisor=divisor,
-                               round_limit=limit, act=act, gate=gate, bias=bias, layout=layout, norm=norm,
-                               convention=f"the model's own SE ({len(seen)} modules): "
-                               f"{'the block activation' if act == 'block' else act} inside, {gate} gate, "
-                               f"{_width_text(source, rounding, divisor, limit, reduction)}")
-    return None
+    squeeze_from, rounding, divisor, limit, reduction = rule
+    return replace(defaults, reduction=reduction, squeeze_from=squeeze_from, rounding=rounding, divisor=divisor,
+                   round_limit=limit, act=act, gate=gate, bias=bias, layout=layout, norm=norm,
+                   convention=f"{source}'s own SE ({len(ses)} modules): "
+                   f"{'the block activation' if act == 'block' else act} inside, {gate} gate, "
+                   f"{_width_text(*rule)}")
 
 
-def _staged_designs(owned: list[tuple[str, nn.Module]], key: tuple[Any, ...], defaults: Any) -> dict[Any, Any]:
-    """One width rule for every stage (parent module) of a class's own SE modules, with a reduction per stage: the
-    design of each stage's blocks, keyed by `key` + the stage's path. Empty where no one rule fits every stage."""
-    stages: dict[str, list[nn.Module]] = {}
-    for path, block in owned:
-        stages.setdefault(path.rpartition(".")[0], []).append(block)
+def staged_rules(ses: list[OwnSE], defaults: Any) -> dict[str, WidthRule]:
+    """One width rule for every stage (the blocks' parent module) of these SE modules, with an r per stage (MixNet's
+    se0.5 and se0.25 stages of one block class): each stage's rule, by the stage's path. Empty where none fits."""
+    stages: dict[str, list[OwnSE]] = {}
+    for se in ses:
+        stages.setdefault(se.block.rpartition(".")[0], []).append(se)
     first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
     for rule in dict.fromkeys((first, *_WIDTH_RULES)):
-        designs = {(*key, stage): own_design(blocks, defaults, (rule,)) for stage, blocks in stages.items()}
-        if all(d is not None for d in designs.values()):
-            return designs
-    return {(*key, stage): None for stage in stages}
+        found = {stage: fitting_rules(group, defaults, (rule,)) for stage, group in stages.items()}
+        if all(found.values()):
+            return {stage: rules[0] for stage, rules in found.items()}
+    return {}
 
 
 def _width_text(source: str, rounding: str, divisor: int, limit: float, reduction: int) -> str:
@@ -117,35 +147,6 @@ def _width_text(source: str, rounding: str, divisor: int, limit: float, reductio
         return f"{width} channels / {reduction} to a multiple of {divisor}" + (
             f" (round_limit {limit:g})" if limit else "")
     return f"{'round' if rounding == 'round' else 'floor'}({width} channels / {reduction})"
-
-
-def with_own_designs(model: nn.Module, matches: list[Any], skipped: list[Any]) -> list[Any]:
-    """In a model with partial SE, a match whose block class has the model's own SE in other blocks takes that SE's
-    design (`own_design`): filling them gives the blocks what the family's SE blocks of that class have. Where those
-    blocks follow no one width rule (MixNet's se0.5 and se0.25 stages), the SE of the block's siblings (its stage)."""
-    owned: dict[str, list[tuple[str, str, nn.Module]]] = {}
-    for skip in skipped:
-        if skip.already_attention:
-            owned.setdefault(skip.recipe, []).append((skip.block, skip.path, model.get_submodule(skip.path)))
-    if not owned:
-        return matches
-    designs: dict[tuple[str, str, Any, str | None], Any] = {}
-    result = []
-    for m in matches:
-        key = (m.recipe.name, m.block, m.defaults, None)
-        if key not in designs:  # the SE of the model's blocks of the same class
-            same = [b for cp, _, b in owned.get(m.recipe.name, []) if cp == m.block]
-            designs[key] = own_design(same, m.defaults) if same else None
-        if designs[key] is None:
-            key = (m.recipe.name, m.block, m.defaults, m.path.rpartition(".")[0])
-            if key not in designs:
-                designs.update(_staged_designs([(p, b) for cp, p, b in owned.get(m.recipe.name, []) if cp == m.block],
-                                               key[:3], m.defaults))
-        design = designs.get(key)
-        if design is not None and design.act == "block":
-            design = replace(design, act=block_activation(model.get_submodule(m.path)) or "relu")
-        result.append(replace(m, defaults=design) if design is not None else m)
-    return result
 
 
 # Activation modules by class name (torch's and timm's own), as `SEDefaults.act` names them.
