@@ -499,6 +499,17 @@ def test_default_on_a_model_with_its_se_taken_out_gives_the_models_own_se(name):
     assert {k: ours.get(k) for k in reference} == reference
 
 
+def test_ghostnet_recipe_alone_has_ghostnets_se_layer():
+    """Without timm's architecture to read (a GhostNet built from its class), the recipe's own design is GhostNet's
+    SE: timm's `_SE_LAYER` names and widths."""
+    stripped, blocks, _ = _strip_all("ghostnet_100")
+    del stripped.pretrained_cfg, stripped.default_cfg
+    injected, report = se_inject.inject(stripped, device="meta", seed=0, input_size=64)
+    reference = _shapes(_meta("ghostnet_100"))
+    assert {k: _shapes(injected).get(k) for k in reference} == reference
+    assert "own SE" not in " ".join(report.notes)  # the recipe's, not read from SE modules
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["hgnet_tiny", "nfnet_l0", "nf_regnet_b0", "efficientnet_b1_pruned"])
 def test_plain_siblings_listed_as_not_exact_still_differ(name):
