@@ -28,10 +28,10 @@ from dataclasses import replace
 from functools import cache, lru_cache
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..layers.attention import class_path, is_attention
+from .models import ModelSpec, build_model
 from .twins import config_twins
 from .widths import OwnSE, WidthRule, block_activation, design_of, fits, fitting_rules, read_own_se, staged_rules, width
 
@@ -123,11 +123,8 @@ def _references(model: nn.Module) -> list[tuple[str, Evidence, bool]]:
 def _evidence(name: str) -> Evidence:
     """The SE modules of a registered timm model, built on the meta device: those a block holds as a child, by the
     block's class."""
-    import timm
-
     try:
-        with torch.device("meta"):
-            model = timm.create_model(name)
+        model = build_model(ModelSpec("timm", name), device="meta")
     except Exception:  # a model that needs arguments or cannot be built on meta: nothing to read
         return {}
     found: dict[str, list[OwnSE]] = {}
