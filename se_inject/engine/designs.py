@@ -74,9 +74,9 @@ def _designs(members: list[Any], sources: list[tuple[str, Evidence, bool]],
         if not ses:
             continue
         rules = fitting_rules(ses, m.defaults)
-        if rules:
-            rule = _choose(rules, sites, lambda: generator(m.block))
-            return {None: design_of(ses, m.defaults, rule, label)}
+        design = design_of(ses, m.defaults, _choose(rules, sites, lambda: generator(m.block)), label) if rules else None
+        if design is not None:
+            return {None: design}
         staged = staged_rules(ses, m.defaults)
         if staged:
             return {stage: design_of([se for se in ses if se.block.rpartition(".")[0] == stage], m.defaults, rule,
