@@ -451,10 +451,6 @@ OWN_NOT_EXACT = {
     "hgnet_*": "HGNet v1's ESE sits inside its aggregation Sequential (`aggregation.1`: one 1x1 conv named `conv` "
     "with bias, sigmoid); se-inject's HGNet place is after the aggregation, and its ESE (timm's EffectiveSEModule: "
     "`fc`, hard-sigmoid) has other names",
-    "nfnet_[fl]*": "NFNet-F/L SE is rd_ratio 0.5 / 0.25; the NF family's default follows nf_seresnet (r = 16, the "
-    "twin of the plain nf_resnet); `--fill` reads their own width",
-    "dm_nfnet_f*": "NFNet-F SE is rd_ratio 0.5; the NF family's default follows nf_seresnet (r = 16)",
-    "test_nfnet": "rd_ratio 0.25 (as NFNet-L); the NF family's default follows nf_seresnet (r = 16)",
     "nf_regnet_*": "NF-RegNet's SE sits mid-block in the `attn` slot (rd_ratio 0.5); the NF recipe fills `attn_last`",
 }
 
@@ -472,7 +468,10 @@ def _default_on_plain_sibling(name: str) -> tuple[nn.Module, se_inject.api.Repor
     return injected, report, blocks
 
 
-OWN_DEFAULT = ("tinynet_e", "ese_vovnet19b_slim_dw", "nf_ecaresnet26", "efficientnet_b0", "eca_nfnet_l0")
+# nfnet_l0 and test_nfnet: rd_ratio 0.25 (NFNet-F: 0.5), read from timm's architecture of the model, where the NF
+# family's recipe follows nf_seresnet (r = 16, the twin of the plain nf_resnet).
+OWN_DEFAULT = ("tinynet_e", "ese_vovnet19b_slim_dw", "nf_ecaresnet26", "efficientnet_b0", "eca_nfnet_l0", "nfnet_l0",
+               "test_nfnet")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in OWN_DEFAULT[:1] else pytest.mark.slow)
@@ -511,7 +510,7 @@ def test_ghostnet_recipe_alone_has_ghostnets_se_layer():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["hgnet_tiny", "nfnet_l0", "nf_regnet_b0", "efficientnet_b1_pruned"])
+@pytest.mark.parametrize("name", ["hgnet_tiny", "nf_regnet_b0", "efficientnet_b1_pruned"])
 def test_plain_siblings_listed_as_not_exact_still_differ(name):
     assert _own_not_exact(name)
     injected, _, _ = _default_on_plain_sibling(name)
