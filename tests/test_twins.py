@@ -501,7 +501,7 @@ def test_default_on_a_model_with_its_se_taken_out_gives_the_models_own_se(name):
 def test_ghostnet_recipe_alone_has_ghostnets_se_layer():
     """Without timm's architecture to read (a GhostNet built from its class), the recipe's own design is GhostNet's
     SE: timm's `_SE_LAYER` names and widths."""
-    stripped, blocks, _ = _strip_all("ghostnet_100")
+    stripped, _, _ = _strip_all("ghostnet_100")
     del stripped.pretrained_cfg, stripped.default_cfg
     injected, report = se_inject.inject(stripped, device="meta", seed=0, input_size=64)
     reference = _shapes(_meta("ghostnet_100"))
