@@ -16,8 +16,8 @@ width rule, one rule with each stage's own r (MixNet's se0.5 and se0.25 stages).
 
 Several width rules can give every module read its width (LCNet's 128 and 256 channels: round(C / 4) and C / 4 to
 a multiple of 8 both give 32 and 64). Where those rules give the match's blocks different widths, the rule is the
-first that also fits the SE modules of every model timm builds with the same generator function (``_gen_lcnet``:
-``lcnet_035``'s 88 channels -> 22 is round(C / 4), not 24); where the generator's models leave several, the first in
+one that gives their widths to the SE modules of the most registered models timm builds with the same generator
+function (``_gen_lcnet``: ``lcnet_035``'s 88 channels -> 22 is round(C / 4), not 24); among equals, the first in
 se-inject's order, which starts with the recipe's own rule (the family's documented rule, `widths.fitting_rules`).
 """
 
@@ -64,7 +64,7 @@ def with_own_designs(model: nn.Module, matches: list[Any], skipped: list[Any]) -
 
 
 def _designs(members: list[Any], sources: list[tuple[str, Evidence, bool]],
-             generator: Callable[[str], list[OwnSE]]) -> dict[str | None, Any]:
+             generator: Callable[[str], list[list[OwnSE]]]) -> dict[str | None, Any]:
     """The design of a group of matches (one class, one slot, one recipe setting): {None: design} or, one per
     stage, {stage path: design}; empty where no source has SE modules for them."""
     m = members[0]
@@ -91,12 +91,14 @@ def _designs(members: list[Any], sources: list[tuple[str, Evidence, bool]],
     return {}
 
 
-def _choose(rules: list[WidthRule], sites: list[tuple[int, int | None]], more: Callable[[], list[OwnSE]]) -> WidthRule:
-    """The first of `rules` unless they give the sites different widths: then the first that also fits `more`."""
+def _choose(rules: list[WidthRule], sites: list[tuple[int, int | None]],
+            more: Callable[[], list[list[OwnSE]]]) -> WidthRule:
+    """The first of `rules` unless they give the sites different widths: then the one that fits every SE module of
+    the most models of `more` (the first of those, in `rules`' order)."""
     if len({tuple(width(rule, c, c_in) for c, c_in in sites) for rule in rules}) <= 1:
         return rules[0]
-    extra = more()
-    return next((rule for rule in rules if extra and fits(rule, extra)), rules[0])
+    models = [ses for ses in more() if ses]
+    return max(rules, key=lambda rule: sum(fits(rule, ses) for ses in models))  # max keeps the first of equals
 
 
 def _architecture(model: nn.Module) -> str | None:
@@ -135,11 +137,11 @@ def _evidence(name: str) -> Evidence:
     return {cp: tuple(ses) for cp, ses in found.items()}
 
 
-def _generator_evidence(model: nn.Module, block: str) -> list[OwnSE]:
-    """The SE modules in blocks of class `block` of every registered model timm builds with the generator function
+def _generator_evidence(model: nn.Module, block: str) -> list[list[OwnSE]]:
+    """The SE modules in blocks of class `block` of each registered model timm builds with the generator function
     (``_gen_*``) that builds the model's architecture."""
     name = _architecture(model)
-    return [se for other in (_generator_models(name) if name else ()) for se in _evidence(other).get(block, ())]
+    return [list(_evidence(other).get(block, ())) for other in (_generator_models(name) if name else ())]
 
 
 @cache
