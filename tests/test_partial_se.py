@@ -57,20 +57,49 @@ def test_fill_adds_se_only_where_it_is_missing():
     assert [s["path"] for s in data["sites"]] == lacks
 
 
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
 def test_fill_follows_lcnets_own_place_and_width():
-    """LCNet's own SE sits after the depthwise conv (timm's `se` slot), squeezing the block's channels / 4 to a
-    multiple of 8; the blocks LCNet leaves without SE get the same (not SE-MobileNet's place on the block output)."""
-    from timm.layers import make_divisible
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+    """LCNet's own SE sits after the depthwise conv (timm's `se` slot) and is timm's `SqueezeExcite` as `_gen_lcnet`
+    builds it: ReLU forced inside, hard-sigmoid, width round(C / 4) (`rd_round_fn` left at its default, `round`).
+    The two SE modules of lcnet_050 (128 and 256 channels) fit a multiple of 8 as well; lcnet_035's (88 -> 22) do
+    not, and the blocks LCNet leaves without SE get timm's module, 2 and 4 channels at C = 8 and 16 (not 8)."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, SqueezeExcite
+
+    from se_inject.layers.attention import create_attention
 
     model = timm.create_model("lcnet_050")
     blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, DepthwiseSeparableConv)]
     lacks = [(p, m.conv_dw.out_channels) for p, m in blocks if isinstance(m.se, torch.nn.Identity)]
-    own = [m.se.conv_reduce for _, m in blocks if not isinstance(m.se, torch.nn.Identity)]
-    assert lacks and own and all(c.out_channels == make_divisible(c.in_channels / 4, 8) for c in own)
+    assert lacks and len(lacks) < len(blocks)
     _, report = se_inject.inject("lcnet_050", device="meta", seed=0, fill=True)
-    assert [(s.path, s.slot, s.channels, s.squeeze_channels) for s in report.plan.sites] == [
-        (p, "se", c, make_divisible(c / 4, 8)) for p, c in lacks]
+    assert [(s.path, s.slot, s.channels) for s in report.plan.sites] == [(p, "se", c) for p, c in lacks]
+    for site in report.plan.sites:  # timm's LCNet SE layer (mobilenetv3._gen_lcnet's se_layer) at the block's width
+        reference = SqueezeExcite(site.channels, gate_layer="hard_sigmoid", force_act_layer=torch.nn.ReLU)
+        ours = create_attention(site.attention)
+        assert _shapes(ours) == _shapes(reference), site.path
+        assert type(ours.act1) is type(reference.act1) and type(ours.gate) is type(reference.gate)
+    assert [s.squeeze_channels for s in report.plan.sites[:2]] == [2, 4]
+
+
+def test_fill_gives_fbnetv3s_depthwise_separable_blocks_its_hard_swish_se():
+    """FBNetV3's first blocks are depthwise-separable and have no SE; its SE (in its inverted residuals) has the
+    blocks' own hard-swish inside. Filled, those blocks get that SE: hard-swish, not the MobileNetV3 class's ReLU."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, SqueezeExcite
+
+    model = timm.create_model("fbnetv3_b")
+    own = [m.se for m in model.modules() if isinstance(getattr(m, "se", None), SqueezeExcite)]
+    assert own and {type(se.act1) for se in own} == {torch.nn.Hardswish}  # timm's FBNetV3 SE
+    separable = [p for p, m in model.named_modules() if isinstance(m, DepthwiseSeparableConv)]
+    assert separable == ["blocks.0.0", "blocks.0.1"]
+    filled, report = se_inject.inject("timm:fbnetv3_b", device="meta", fill=True, seed=0)
+    for site in report.plan.sites:
+        block = model.get_submodule(site.path)
+        assert site.attention.act == "hard-swish"
+        assert type(filled.get_submodule(site.module_path).act1) is type(block.bn1.act) is torch.nn.Hardswish
+    assert [s.path for s in report.plan.sites[:2]] == separable
 
 
 def test_cli_fill(tmp_path):

@@ -1,6 +1,6 @@
 """timm's SE twins: where timm ships a model and the same model with channel attention, se-inject's default result
 on the plain one IS the twin: the same parameters, state_dict keys and shapes, and, given the twin's weights, the
-same outputs. The pairs come from timm itself (its configuration tables: `se_inject.io.twins`; the sweep also builds
+same outputs. The pairs come from timm itself (its configuration tables: `se_inject.engine.twins`; the sweep also builds
 every model of the other families and pairs those whose module trees are equal once attention is taken out)."""
 
 from __future__ import annotations
@@ -15,21 +15,14 @@ from torch import nn
 
 import se_inject
 from se_inject.engine.models import build_model, resolve_model
-from se_inject.io.twins import CHANNEL_ATTENTION, Twin, config_families, config_twins
+from se_inject.engine.twins import CHANNEL_ATTENTION, Twin, config_families, config_twins
 from se_inject.layers.attention import is_attention
 
-# Pairs that cannot be exact with default options, and why. The test below checks that each still differs.
-NOT_EXACT = {
-    ("cs3darknet_l", "cs3sedarknet_l"): "timm's twin uses r = 4 (rd_ratio .25) where its siblings sedarknet21 and "
-    "cs3sedarknet_x use SEModule's r = 16; `--reduction 4` gives exactly cs3sedarknet_l",
-    ("cs3edgenet_x", "cs3se_edgenet_x"): "timm's twin uses r = 4 (rd_ratio .25), the CSPNet family's other twins "
-    "r = 16; `--reduction 4` gives exactly cs3se_edgenet_x",
-}
 # Twins whose attention is not a variant se-inject makes (global context, bottleneck attention).
 OTHER_ATTENTION = {"gca": "global context attention", "bat": "bottleneck attention (BAT)"}
 # The smallest pair of each family is checked in the fast suite, the rest behind `slow`; the forward pass with the
 # twin's weights runs on the smallest model in the fast suite.
-FAST = ("regnetx_002", "resnet33ts", "darknet21")
+FAST = ("regnetx_002", "resnet33ts", "darknet21", "cs3darknet_l")
 FORWARD = ("regnetx_002", "resnext26ts", "darknet21")
 
 
@@ -47,7 +40,7 @@ def _inject(twin: Twin, device: str = "meta", **options) -> tuple[nn.Module, se_
 
 
 def _exact_pairs() -> list[Twin]:
-    return [t for t in config_twins() if (t.plain, t.twin) not in NOT_EXACT and t.attention in CHANNEL_ATTENTION]
+    return [t for t in config_twins() if t.attention in CHANNEL_ATTENTION]
 
 
 def _params(pairs: list[Twin], fast: tuple[str, ...]) -> list[object]:
@@ -77,14 +70,20 @@ def test_default_result_has_the_twins_parameters_keys_and_shapes(twin):
     assert {s.placement for s in report.plan.sites} == {"family"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("pair", sorted(NOT_EXACT), ids="->".join)
-def test_pairs_listed_as_not_exact_still_differ(pair):
-    twin = next(t for t in config_twins() if (t.plain, t.twin) == pair)
-    injected, _ = _inject(twin)
-    assert _shapes(injected) != _shapes(_meta(twin.twin))
-    fixed, _ = _inject(twin, reduction=4)  # what the reason says reproduces it
-    assert _shapes(fixed) == _shapes(_meta(twin.twin))
+@pytest.mark.parametrize(("plain", "twin"), [("cs3darknet_l", "cs3sedarknet_l"), ("darknet21", "sedarknet21")])
+def test_cspnet_default_takes_each_twins_rd_ratio_from_timms_configuration(plain, twin):
+    """CSPNet's SE twins differ in r: cs3sedarknet_l and cs3se_edgenet_x are built with attn_kwargs rd_ratio 0.25,
+    sedarknet21 and cs3sedarknet_x with SEModule's default 1/16. The default result takes its twin's."""
+    from timm.models.cspnet import model_cfgs
+
+    rd_ratio = (model_cfgs[twin].stages.attn_kwargs[0] or {}).get("rd_ratio", 1 / 16)
+    _, report = se_inject.inject(f"timm:{plain}", device="meta", seed=0, input_size=64)
+    reference = _meta(twin)
+    for site in report.plan.sites:
+        own = reference.get_submodule(site.path)
+        assert site.slot is not None and site.squeeze_channels == own.get_submodule(site.slot).fc1.out_channels
+        assert site.squeeze_channels == timm.layers.make_divisible(site.channels * rd_ratio, 8, round_limit=0.0)
+    assert {s.placement for s in report.plan.sites} == {"family"}
 
 
 def _same_outputs(plain: str, twin: str, **options) -> tuple[nn.Module, nn.Module]:
@@ -208,7 +207,7 @@ def structural_twins(pattern: str = "*") -> list[tuple[str, str, str]]:
 def test_sweep_every_structural_twin():
     failures = []
     for plain, twin, variant in structural_twins():
-        if not variant or (plain, twin) in NOT_EXACT:
+        if not variant:
             continue
         try:
             injected, _ = se_inject.inject(f"timm:{plain}", device="meta", seed=0, attention=variant)
@@ -223,20 +222,20 @@ def test_sweep_every_structural_twin():
 # --- --fill: the blocks a partial-SE model lacks SE in get the model's own SE --------------------------------------
 
 # timm models with their own SE in some blocks. Half of their SE modules are taken out; `--fill` on those blocks
-# must give back the model itself (keys, shapes; outputs on the first).
+# must give back the model itself (keys, shapes; outputs on the first). fbnetv3_g: the SE left in it fits block
+# input / 4 to 8 with round limit 0.9 as well as FBNetV3's 0.95, which give other widths; the SE of fbnetv3_b and
+# fbnetv3_d (timm's same generator, `_gen_fbnetv3`) tells them apart.
 FILL = ("lcnet_050", "fbnetv3_b", "mobilenetv3_large_100", "hardcorenas_a", "mobilenetv3_rw", "tinynet_a",
         "efficientnetv2_rw_t", "semnasnet_050", "ghostnet_100", "rexnet_100", "mixnet_s", "rexnetr_300",
-        "ese_vovnet39b", "nfnet_l0", "tresnet_m")
+        "ese_vovnet39b", "nfnet_l0", "tresnet_m", "fbnetv3_g")
 # Models (globs) where `--fill` on half of their own SE does not give the model back, and why.
 FILL_NOT_EXACT = {
     "hgnet_*": "HGNet v1's ESE is inside its aggregation Sequential, not a block's attention slot",
     "nf_regnet_*": "NF-RegNet's SE sits mid-block in the `attn` slot; the NF recipe fills `attn_last`",
     "*_pruned": "pruned channel counts: timm sizes the SE from the unpruned network's widths",
     "gc_*": "global context attention: not a variant se-inject makes",
-    "fbnetv3_g": "the SE left in the model fits block input / 4 to 8 with round_limit 0.9 as well as FBNetV3's "
-    "0.95; the first found (0.9) gives the first block of stage 4 24 channels where FBNetV3 has 32",
 }
-FILL_NOT_EXACT_EXAMPLES = ("fbnetv3_g", "efficientnet_b1_pruned")
+FILL_NOT_EXACT_EXAMPLES = ("nf_regnet_b0", "efficientnet_b1_pruned")
 
 
 def _fill_not_exact(name: str) -> str | None:
@@ -452,10 +451,6 @@ OWN_NOT_EXACT = {
     "hgnet_*": "HGNet v1's ESE sits inside its aggregation Sequential (`aggregation.1`: one 1x1 conv named `conv` "
     "with bias, sigmoid); se-inject's HGNet place is after the aggregation, and its ESE (timm's EffectiveSEModule: "
     "`fc`, hard-sigmoid) has other names",
-    "nfnet_[fl]*": "NFNet-F/L SE is rd_ratio 0.5 / 0.25; the NF family's default follows nf_seresnet (r = 16, the "
-    "twin of the plain nf_resnet); `--fill` reads their own width",
-    "dm_nfnet_f*": "NFNet-F SE is rd_ratio 0.5; the NF family's default follows nf_seresnet (r = 16)",
-    "test_nfnet": "rd_ratio 0.25 (as NFNet-L); the NF family's default follows nf_seresnet (r = 16)",
     "nf_regnet_*": "NF-RegNet's SE sits mid-block in the `attn` slot (rd_ratio 0.5); the NF recipe fills `attn_last`",
 }
 
@@ -473,7 +468,10 @@ def _default_on_plain_sibling(name: str) -> tuple[nn.Module, se_inject.api.Repor
     return injected, report, blocks
 
 
-OWN_DEFAULT = ("tinynet_e", "ese_vovnet19b_slim_dw", "nf_ecaresnet26", "efficientnet_b0", "eca_nfnet_l0")
+# nfnet_l0 and test_nfnet: rd_ratio 0.25 (NFNet-F: 0.5), read from timm's architecture of the model, where the NF
+# family's recipe follows nf_seresnet (r = 16, the twin of the plain nf_resnet).
+OWN_DEFAULT = ("tinynet_e", "ese_vovnet19b_slim_dw", "nf_ecaresnet26", "efficientnet_b0", "eca_nfnet_l0", "nfnet_l0",
+               "test_nfnet")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in OWN_DEFAULT[:1] else pytest.mark.slow)
@@ -484,8 +482,35 @@ def test_default_result_on_an_se_models_plain_sibling_is_the_model(name):
     assert _shapes(injected) == _shapes(_meta(name))
 
 
+# Partial-SE models with every SE taken out: the default result puts SE in every block, and in the blocks where the
+# model has SE it is the model's own (layer names, widths, activation), read from timm's architecture of the model.
+PARTIAL_DEFAULT = ("ghostnet_100", "repghostnet_100", "tresnet_m", "rexnetr_100", "mobilenetv3_rw", "fbnetv3_b",
+                   "lcnet_035")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in PARTIAL_DEFAULT[:1] else pytest.mark.slow)
+                                  for n in PARTIAL_DEFAULT])
+def test_default_on_a_model_with_its_se_taken_out_gives_the_models_own_se(name):
+    injected, report, blocks = _default_on_plain_sibling(name)
+    reference = _shapes(_meta(name))
+    ours = _shapes(injected)
+    assert set(blocks) < {s.path for s in report.plan.sites}  # SE in every block, the model's SE blocks among them
+    assert {k: ours.get(k) for k in reference} == reference
+
+
+def test_ghostnet_recipe_alone_has_ghostnets_se_layer():
+    """Without timm's architecture to read (a GhostNet built from its class), the recipe's own design is GhostNet's
+    SE: timm's `_SE_LAYER` names and widths."""
+    stripped, _, _ = _strip_all("ghostnet_100")
+    del stripped.pretrained_cfg, stripped.default_cfg
+    injected, report = se_inject.inject(stripped, device="meta", seed=0, input_size=64)
+    reference = _shapes(_meta("ghostnet_100"))
+    assert {k: _shapes(injected).get(k) for k in reference} == reference
+    assert "own SE" not in " ".join(report.notes)  # the recipe's, not read from SE modules
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["hgnet_tiny", "nfnet_l0", "nf_regnet_b0", "efficientnet_b1_pruned"])
+@pytest.mark.parametrize("name", ["hgnet_tiny", "nf_regnet_b0", "efficientnet_b1_pruned"])
 def test_plain_siblings_listed_as_not_exact_still_differ(name):
     assert _own_not_exact(name)
     injected, _, _ = _default_on_plain_sibling(name)

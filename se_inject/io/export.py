@@ -26,11 +26,11 @@ from ..engine.models import ModelSpec, build_model, split_tag, torchvision_weigh
 from ..engine.plan import Plan
 from ..engine.surgery import apply_plan
 from ..engine.tasks import example_inputs, model_task
+from ..engine.twins import config_twins
 from ..errors import ExportError, describe
 from ..names import EXPORT_FORMATS
 from .checkpoint import write_atomically
 from .preflight import check_export_options, check_output_file
-from .twins import config_twins
 
 FORMATS = EXPORT_FORMATS
 RELATIVE_TOLERANCE = 1e-4  # float32 kernels differ by ~1e-6 of the output's magnitude; a broken export by far more
@@ -260,7 +260,7 @@ def timm_architecture(plan: Plan) -> str | None:
 
     Candidates are ``<attention><base name>`` (``resnet50`` -> ``seresnet50``), for a family prefix
     ``<prefix>_<attention><rest>`` (``nf_resnet26`` -> ``nf_seresnet26``), and the models timm's configuration
-    tables make of the base plus attention (``regnetx_002`` -> ``regnety_002``, see `se_inject.twins`); a candidate
+    tables make of the base plus attention (``regnetx_002`` -> ``regnety_002``, see `engine.twins`); a candidate
     counts when its state_dict has the same keys and shapes and, given the same random weights and norm statistics,
     it computes the same outputs (checked on fresh CPU builds, independent of any model's own, possibly degenerate,
     weights).

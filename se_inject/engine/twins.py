@@ -4,8 +4,10 @@ timm builds its ByobNet, RegNet, CSPNet, NFNet and VoVNet models from configurat
 registered models' tables differ only in their attention layer (``attn_layer``/``attn_kwargs``, RegNet's ``se_ratio``,
 VoVNet's ``attn``), the one with attention is the family's own SE design of the other: ``regnetx_002`` ->
 ``regnety_002``, ``resnet33ts`` -> ``seresnet33ts``, ``darknet21`` -> ``sedarknet21``, ``nf_resnet26`` ->
-``nf_seresnet26``. The save step names such a twin in ``config.json`` once the result is checked to compute exactly
-what the twin computes. (VoVNet's tables have no pair: ``vovnet39a`` is not residual, ``ese_vovnet39b`` is.)
+``nf_seresnet26``. Finding reads the twin's SE as the plain model's family design (`engine.designs`: ``cs3darknet_l``
+takes ``cs3sedarknet_l``'s rd_ratio 0.25), and the save step names the twin in ``config.json`` once the result is
+checked to compute exactly what the twin computes. (VoVNet's tables have no pair: ``vovnet39a`` is not residual,
+``ese_vovnet39b`` is.)
 """
 
 from __future__ import annotations
