@@ -34,8 +34,8 @@ _LAZY = {
     "count": "engine.measure",
     "Plan": "engine.plan",
     "Site": "engine.plan",
-    "Settings": "engine.plan",
-    "AttentionSpec": "layers.attention",
+    "Settings": "settings",
+    "SESettings": "settings",
     "create_attention": "layers.attention",
     "list_attention": "layers.attention",
     "SqueezeExcite": "layers.squeeze_excite",
@@ -53,12 +53,13 @@ if TYPE_CHECKING:
     from .engine.find import find_sites
     from .engine.measure import count
     from .engine.models import ModelSpec, build_model, resolve_model
-    from .engine.plan import Plan, Settings, Site
+    from .engine.plan import Plan, Site
     from .engine.recipes import get_recipe, list_recipes, load_recipe_file
     from .engine.surgery import apply_plan
     from .io.checkpoint import load, read_plan, save
-    from .layers.attention import AttentionSpec, create_attention, list_attention
+    from .layers.attention import create_attention, list_attention
     from .layers.squeeze_excite import SqueezeExcite
+    from .settings import SESettings, Settings
     from .tools.finetune import new_parameters
 
 
@@ -70,8 +71,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The module's names, the lazily loaded ones included (tab completion)."""
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
-    "AttentionSpec",
     "CheckpointError",
     "ModelSpec",
     "NoSitesError",
@@ -80,6 +85,7 @@ __all__ = [
     "RecipeFileError",
     "Report",
     "SEInjectError",
+    "SESettings",
     "Settings",
     "Site",
     "SqueezeExcite",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from .engine.models import (
     seeded,
 )
 from .engine.patterns import architecture_category
-from .engine.plan import Plan, Settings, Site, Skip
+from .engine.plan import Plan, Site, Skip
 from .engine.recipes import resolve_recipes
 from .engine.surgery import apply_plan
 from .engine.tasks import model_task
@@ -42,8 +42,9 @@ from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_chec
 from .io.export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
 from .io.features import refuse_feature_extractor, wrap_features
 from .io.pretrained import build_pretrained, locate_pretrained
-from .layers.attention import attention_spec, list_attention
-from .names import GATES, INITS, MAX_DIVISOR, MAX_SEED, PLACEMENTS, VARIANTS
+from .layers.attention import site_attention
+from .names import MAX_SEED, VARIANTS
+from .settings import OPTION_KEYS, Settings, site_settings
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class Report:
                 "placement": s.placement,
                 "source": s.source or ("paper" if s.placement == "paper" else ""),
                 "block": s.block,
-                "attention": s.attention.kind,
+                "attention": s.attention.attn_layer,
                 "channels": s.channels,
                 "squeeze_channels": s.squeeze_channels,
                 "feature_map": list(self.feature_maps[s.path]),
@@ -152,58 +153,14 @@ def default_output_name(plan: Plan, reduction: int, model: str = "model") -> str
         name = f"torchvision-{plan.model.short_name}"
     else:
         name = plan.model.short_name
-    kind = plan.sites[0].attention.kind
+    kind = plan.sites[0].attention.attn_layer
     return f"{name}-{kind}{reduction if VARIANTS[kind].uses_reduction else ''}"
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"invalid {name} {value!r}: expected an integer >= {minimum}")
-    return value
-
-
-def validate_settings(settings: Settings) -> Settings:
-    """Raise UsageError (exit 2) for option values that cannot work."""
-    _positive_int("reduction", settings.reduction)
-    if (_positive_int("divisor", settings.divisor) or 0) > MAX_DIVISOR:
-        raise UsageError(f"invalid divisor {settings.divisor}: expected an integer in [1, {MAX_DIVISOR}]")
-    _positive_int("min-channels", settings.min_channels, minimum=0)
-    if settings.attention not in list_attention():
-        raise UsageError(f"unknown attention {settings.attention!r}; choose from {', '.join(list_attention())}")
-    if settings.gate is not None and settings.gate not in GATES:
-        raise UsageError(f"unknown gate {settings.gate!r}; choose from {', '.join(GATES)}")
-    if settings.init not in INITS:
-        raise UsageError(f"unknown init {settings.init!r}; choose from {', '.join(INITS)}")
-    if settings.placement not in PLACEMENTS:
-        raise UsageError(f"unknown placement {settings.placement!r}; choose from {', '.join(PLACEMENTS)}")
-    return settings
-
-
 def _site(match: Match, settings: Settings) -> Site:
-    defaults = match.defaults or match.recipe.defaults
-    from_input = defaults.squeeze_from == "input" and match.input_channels is not None
-    variant = VARIANTS[settings.attention]  # its own rounding and bias replace the recipe's (timm's CbamModule)
-    rounding = variant.rounding if defaults.rounding == "divisible" and variant.rounding else defaults.rounding
-    spec = attention_spec(
-        settings.attention,
-        match.channels,
-        reduction=settings.reduction or defaults.reduction,
-        divisor=settings.divisor or (variant.divisor if defaults.rounding == "divisible" else None)
-        or defaults.divisor,
-        round_limit=defaults.round_limit,
-        squeeze_base=match.input_channels if from_input else None,
-        rounding=rounding if settings.divisor is None else "divisible",
-        bias=next(b for b in (settings.bias, variant.bias, defaults.bias) if b is not None),
-        gate=settings.gate,
-        recipe_gate=defaults.gate,
-        init=settings.init,
-        host_gain=match.place.slot_gain,
-        act=defaults.act,
-        layout=defaults.layout,
-        norm=defaults.norm,
-    )
+    composed = site_settings(match.defaults or match.recipe.defaults, settings)  # the one rule: `site_settings`
+    spec = site_attention(composed, match.channels, input_channels=match.input_channels,
+                          host_gain=match.place.slot_gain, init=settings.init)
     return Site(
         path=match.path,
         recipe=match.recipe.name,
@@ -263,10 +220,11 @@ def make_plan(
     if not kept:
         removed = ", ".join(m.path for m in findings.matches[:6]) + (", ..." if len(findings.matches) > 6 else "")
         raise NoSitesError(f"the filters removed all {len(findings.matches)} sites ({removed})", "filtered")
+    kind = settings.attn_layer or "se"
     flat = next((m for m in kept if len(m.shape) != 4), None)
-    if flat is not None and not VARIANTS[settings.attention].any_rank:
+    if flat is not None and not VARIANTS[kind].any_rank:
         raise UsageError(
-            f"--attention {settings.attention} is defined for 2-D maps (its spatial attention is a 2-D map over H, W), "
+            f"--attention {kind} is defined for 2-D maps (its spatial attention is a 2-D map over H, W), "
             f"but {flat.path} takes a {len(flat.shape) - 2}-D map {tuple(flat.shape[1:])}; use "
             f"{', '.join(k for k, v in VARIANTS.items() if v.any_rank)}"
         )
@@ -281,7 +239,7 @@ def make_plan(
         )
     conventions = {m.recipe.name: (m.defaults or m.recipe.defaults).convention for m in kept}
     for name, convention in conventions.items():
-        if convention and settings.divisor is None and settings.attention in ("se", "cbam"):
+        if convention and settings.rd_divisor is None and kind in ("se", "cbam"):
             notes.append(f"squeeze width ({name}): {convention}")
     if len(kept) < len(findings.matches):
         notes.append(f"filters removed {len(findings.matches) - len(kept)} of {len(findings.matches)} sites")
@@ -291,7 +249,7 @@ def make_plan(
         input_size=findings.input_size,
         init=settings.init,
         seed=seed,
-        settings=settings.to_dict(),
+        settings=settings,
     )
     return plan, tuple(notes)
 
@@ -421,13 +379,10 @@ def _plan_found(source: _Source, findings: Findings, settings: Settings, seed: i
 
 
 def resolve_settings(settings: Settings | None, options: dict[str, Any]) -> Settings:
-    """`settings` (default `Settings()`) with `options` named like its fields, validated (UsageError, exit 2)."""
-    names = {f.name for f in fields(Settings)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise UsageError(f"unknown option {unknown[0]!r}; settings are {', '.join(sorted(names))}")
-    lists = {k: tuple(v) for k, v in options.items() if k in ("include", "exclude") and v is not None}
-    return validate_settings(replace(settings or Settings(), **{**options, **lists}))
+    """`settings` (default `Settings()`) with `options` named like its fields or the CLI's options."""
+    given = Settings.parse(options, OPTION_KEYS)
+    return replace(settings or Settings(), **{OPTION_KEYS.get(k, k): getattr(given, OPTION_KEYS.get(k, k))
+                                              for k in options})
 
 
 def _seed(seed: int | None) -> int:

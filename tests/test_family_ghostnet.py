@@ -51,7 +51,7 @@ def test_partial_se_refused_by_default_and_filled_with_ghostnets_own_se(name):
     assert report.to_dict()["already_attention"] == [p for p, _ in has]
     assert [(s.path, s.slot, s.channels, s.squeeze_channels) for s in report.plan.sites] == [
         (p, "se", c, _own_width(c)) for p, c in lacks]
-    assert {s.attention.gate for s in report.plan.sites} == {"hard-sigmoid"}
+    assert {s.attention.gate_layer for s in report.plan.sites} == {"hard-sigmoid"}
 
 
 @pytest.mark.parametrize("name", ["repghostnet_050", pytest.param("ghostnet_050", marks=pytest.mark.slow)])

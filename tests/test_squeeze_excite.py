@@ -10,8 +10,9 @@ from family_checks import scales_in_place
 from timm.layers import SEModule
 from torch import nn
 
-from se_inject.layers.attention import AttentionSpec, create_attention, identity_gain, squeeze_channels
+from se_inject.layers.attention import create_attention, identity_gain, squeeze_channels
 from se_inject.layers.squeeze_excite import SqueezeExcite
+from se_inject.settings import SESettings
 
 
 class SELayer(nn.Module):
@@ -120,7 +121,7 @@ def test_squeeze_channels_round_and_floor_match_timm_and_torchvision():
 
 @pytest.mark.parametrize("gate", ["sigmoid", "hard-sigmoid"])
 def test_identity_init_is_exact_and_learns(gate):
-    spec = AttentionSpec("se", channels=32, rd_channels=8, gate=gate, gain=identity_gain(gate))
+    spec = SESettings(attn_layer="se", channels=32, rd_channels=8, bias=True, gate_layer=gate, gain=identity_gain(gate))
     se = create_attention(spec)
     se.init_identity()
     x = torch.randn(2, 32, 5, 5, requires_grad=True)

@@ -115,7 +115,7 @@ def test_paper_placement_is_the_se_paper_place_and_not_the_twin():
         assert f.squeeze_channels == round(block.conv1.conv.in_channels / 4)  # RegNetY: 0.25 x block input
         assert (p.anchor, p.name, p.placement) == ("conv3", "attn_last", "paper")
         assert p.squeeze_channels == max(8, round(block.conv3.conv.out_channels / 16 / 8) * 8)  # SE-ResNet: C/16
-    assert paper.plan.settings["placement"] == "paper"
+    assert paper.plan.settings.placement == "paper"
 
 
 def test_cspnet_family_se_takes_the_blocks_own_activation():
@@ -123,7 +123,7 @@ def test_cspnet_family_se_takes_the_blocks_own_activation():
     model = _meta("darknet21")
     for site in report.plan.sites:
         block_act = model.get_submodule(site.path).conv1.bn.act
-        assert isinstance(block_act, nn.LeakyReLU) and site.attention.act == "leaky-relu"
+        assert isinstance(block_act, nn.LeakyReLU) and site.attention.act_layer == "leaky-relu"
         assert block_act.negative_slope == nn.LeakyReLU().negative_slope
 
 
@@ -133,7 +133,7 @@ def test_efficientnet_family_se_has_the_families_names_and_activation():
     ours = {k: v for k, v in _shapes(injected).items() if ".se." in k}
     assert ours == {k: v for k, v in _shapes(b0).items() if ".se." in k} and len(ours) == 64
     for site in report.plan.sites:  # lite0's blocks use ReLU6, so their SE does (b0's blocks and SE: SiLU)
-        assert site.attention.act == "relu6"
+        assert site.attention.act_layer == "relu6"
     assert all(type(injected.get_submodule(f"{s.path}.se").act1) is nn.ReLU6 for s in report.plan.sites)
 
 
@@ -149,7 +149,7 @@ def test_torchvision_regnet_x_gets_the_regnet_y_design():
         block_input = transform.a[0].in_channels
         assert (site.anchor, site.position, site.name) == ("b", "after", "se")
         assert site.channels == transform.b[0].out_channels
-        assert site.squeeze_channels == round(block_input / 4) and site.attention.act == "relu"
+        assert site.squeeze_channels == round(block_input / 4) and site.attention.act_layer == "relu"
 
 
 def test_options_that_change_the_twin_make_a_non_twin(tmp_path):
@@ -434,7 +434,7 @@ def test_plans_from_before_the_design_fields_still_load():
                            "input_size": [3, 224, 224], "init": "paper", "seed": 0, "sites": [old]})
     site = plan.sites[0]
     assert (site.placement, site.source) == ("paper", "")
-    assert (site.attention.act, site.attention.layout, site.attention.norm) == ("relu", "fc", False)
+    assert (site.attention.act_layer, site.attention.layout, site.attention.norm_layer) == ("relu", "fc", None)
     assert site.to_dict() == old
 
 

@@ -82,9 +82,9 @@ def test_eca_on_timm_resnet_is_timms_ecaresnet(name):
 
 def test_ese_defaults_to_hard_sigmoid_and_gate_overrides():
     _, ese = se_inject.inject("timm:test_resnet", attention="ese", device="meta", seed=0)
-    assert {s.attention.gate for s in ese.plan.sites} == {"hard-sigmoid"}
+    assert {s.attention.gate_layer for s in ese.plan.sites} == {"hard-sigmoid"}
     _, se = se_inject.inject("timm:test_resnet", gate="hard-sigmoid", device="meta", seed=0)
-    assert {s.attention.gate for s in se.plan.sites} == {"hard-sigmoid"}
+    assert {s.attention.gate_layer for s in se.plan.sites} == {"hard-sigmoid"}
     injected, _ = se_inject.inject("timm:test_resnet", gate="hard-sigmoid", seed=0)
     assert isinstance(injected.layer1[0].se.gate, torch.nn.Hardsigmoid)
 
