@@ -27,8 +27,9 @@ _LAZY = {
     "list_recipes": "engine.recipes",
     "load_recipe_file": "engine.recipes",
     "inject": "api",
-    "Report": "api",
-    "make_plan": "api",
+    "Report": "report",
+    "make_plan": "engine.planning",
+    "wrap_features": "io.features",
     "find_sites": "engine.find",
     "apply_plan": "engine.surgery",
     "count": "engine.measure",
@@ -49,16 +50,19 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .api import Report, inject, make_plan
+    from .api import inject
     from .engine.find import find_sites
     from .engine.measure import count
     from .engine.models import ModelSpec, build_model, resolve_model
     from .engine.plan import Plan, Site
+    from .engine.planning import make_plan
     from .engine.recipes import get_recipe, list_recipes, load_recipe_file
     from .engine.surgery import apply_plan
     from .io.checkpoint import load, read_plan, save
+    from .io.features import wrap_features
     from .layers.attention import create_attention, list_attention
     from .layers.squeeze_excite import SqueezeExcite
+    from .report import Report
     from .settings import SESettings, Settings
     from .tools.finetune import new_parameters
 
@@ -111,4 +115,5 @@ __all__ = [
     "read_plan",
     "resolve_model",
     "save",
+    "wrap_features",
 ]

@@ -185,7 +185,7 @@ def test_no_in_place_when_the_input_has_other_readers(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), SharedInput()).eval()
     path = tmp_path / "r.toml"
     path.write_text(f'name = "shared"\n[[blocks]]\nclasses = ["{__name__}.SharedInput"]\nbefore = "proj"\n')
-    injected, _ = se_inject.inject(model, recipe_files=[path], recipe="shared", input_size=16, seed=0)
+    injected, _ = se_inject.inject(model, recipes=["shared", path], input_size=16, seed=0)
     assert "inplace" not in inspect.getsource(type(injected[1]).forward)
     x = torch.randn(1, 3, 16, 16)
     with torch.enable_grad():

@@ -186,19 +186,9 @@ def inject_command(
                 check_output_folder(output or Path(default_output), force=force)  # before the costly build
                 status(f"building {model} ({'pretrained' if pretrained else 'random'} weights) and inserting SE")
 
-        injected, report = inject(
-            model,
-            settings,
-            recipe=recipe or "auto",
-            recipe_files=tuple(recipe_file or ()),
-            input_size=input_size,
-            weights=weights,
-            images=images,
-            seed=seed,
-            device="meta" if dry_run else "cpu",
-            pretrained=pretrained,
-            before_build=before_build,
-        )
+        injected, report = inject(model, settings, recipes=[*(recipe or ["auto"]), *(recipe_file or ())],
+                                  input_size=input_size, weights=weights, pretrained=pretrained, seed=seed,
+                                  device="meta" if dry_run else "cpu", drift=images, before_build=before_build)
         if not dry_run:
             status(f"saving{' and exporting ' + ', '.join(formats) if formats else ''}")
             report = save_injected(injected, report, output or Path(report.default_output), force=force,

@@ -218,7 +218,7 @@ def _ancestors(path: str, classes: dict[str, str]) -> tuple[str, ...]:
 
 def _conflict(first: Recipe, other: Recipe, path: str, cp: str, how: str) -> None:
     raise UsageError(f"recipes {first.name!r} ({first.source}) and {other.name!r} ({other.source}) both take "
-                     f"{path or 'the model'} ({cp}) at {how}; keep one (--recipe NAME)")
+                     f"{path or 'the model'} ({cp}) at {how}; keep one (recipes=NAME, --recipe NAME)")
 
 
 def _places(path: str, block: nn.Module, found: list[tuple[Recipe, Place]]) -> Iterator[Candidate]:
