@@ -265,19 +265,21 @@ def test_help_lists_every_value_the_library_accepts():
 
 def test_the_vocabulary_is_what_the_library_implements():
     """The names --help lists (`se_inject.names`, torch-free) are the library's implementations: the attention
-    builders' registry, the export writers, the gate layers, the inits `init_attention` accepts."""
+    builders' registry, the export writers, the gate and activation layers (timm's names), the inits
+    `init_attention` accepts."""
     from se_inject.io.export import _WRITERS
     from se_inject.layers.attention import init_attention, list_attention
-    from se_inject.layers.squeeze_excite import GATE_LAYERS, SqueezeExcite
-    from se_inject.names import EXPORT_FORMATS, GATES, INITS, VARIANTS
+    from se_inject.layers.squeeze_excite import SqueezeExcite, create_act
+    from se_inject.names import ACTIVATIONS, EXPORT_FORMATS, GATES, INITS, VARIANTS
 
     assert tuple(list_attention()) == tuple(VARIANTS)
     assert tuple(_WRITERS) == tuple(EXPORT_FORMATS)
-    assert tuple(GATE_LAYERS) == tuple(GATES)
+    for name in (*GATES, *ACTIVATIONS):
+        assert isinstance(create_act(name), nn.Module), name
     for init in INITS:
-        init_attention(SqueezeExcite(8, 2), init)
+        init_attention(SqueezeExcite(8, rd_channels=2), init)
     with pytest.raises(UsageError, match="unknown init"):
-        init_attention(SqueezeExcite(8, 2), "zeros")
+        init_attention(SqueezeExcite(8, rd_channels=2), "zeros")
 
 
 def test_factory_next_to_its_file(tmp_path, monkeypatch):

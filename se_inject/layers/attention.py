@@ -17,14 +17,7 @@ from ..names import INITS, VARIANTS
 from ..settings import KERNELLED, LIBRARY, SESettings, compose
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention, eca_kernel_size
-from .squeeze_excite import GATE_LAYERS, EffectiveSqueezeExcite, SqueezeExcite, SqueezeExciteConv
-
-# Module structures of an SE layer (names.LAYOUTS), named as the families whose state_dict they reproduce.
-LAYOUTS: dict[str, type[SqueezeExcite]] = {
-    "fc": SqueezeExcite,  # fc1/fc2: timm SEModule (ResNet, RegNetY, ByobNet, CSPNet, ...)
-    "conv": SqueezeExciteConv,  # conv_reduce/conv_expand: timm EfficientNet/MobileNetV3 SqueezeExcite
-}
-
+from .squeeze_excite import EffectiveSqueezeExcite, SqueezeExcite, create_act
 
 Builder = Callable[..., nn.Module]
 _BUILDERS: dict[str, Builder] = {}
@@ -46,20 +39,21 @@ def register_attention(kind: str, cls: type[nn.Module]) -> Callable[[Builder], B
 
 @register_attention("se", SqueezeExcite)
 def _build_se(spec: SESettings, **dd: Any) -> nn.Module:
-    return LAYOUTS[spec.layout](spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate_layer,
-                                gain=spec.module_gain, act=spec.act_layer,
-                                **({"norm": True} if spec.norm_layer else {}), **dd)
+    return SqueezeExcite(spec.channels, rd_channels=spec.rd_channels, bias=spec.bias, act_layer=spec.act_layer,
+                         gate_layer=spec.gate_layer, norm_layer=spec.norm_layer, layout=spec.layout,
+                         gain=spec.module_gain, **dd)
 
 
 @register_attention("eca", EfficientChannelAttention)
 def _build_eca(spec: SESettings, **dd: Any) -> nn.Module:
-    return EfficientChannelAttention(spec.channels, spec.kernel_size, gate=spec.gate_layer, gain=spec.module_gain, **dd)
+    return EfficientChannelAttention(spec.channels, spec.kernel_size, gate_layer=spec.gate_layer,
+                                     gain=spec.module_gain, **dd)
 
 
 @register_attention("cbam", ConvBlockAttention)
 def _build_cbam(spec: SESettings, **dd: Any) -> nn.Module:
     return ConvBlockAttention(spec.channels, spec.rd_channels, kernel_size=spec.kernel_size, bias=spec.bias,
-                              gate=spec.gate_layer, gain=spec.module_gain, **dd)
+                              gate_layer=spec.gate_layer, gain=spec.module_gain, **dd)
 
 
 @register_attention("cbam-timm", ConvBlockAttention)
@@ -69,7 +63,8 @@ def _build_cbam_timm(spec: SESettings, **dd: Any) -> nn.Module:
 
 @register_attention("ese", EffectiveSqueezeExcite)
 def _build_ese(spec: SESettings, **dd: Any) -> nn.Module:
-    return EffectiveSqueezeExcite(spec.channels, bias=spec.bias, gate=spec.gate_layer, gain=spec.module_gain, **dd)
+    return EffectiveSqueezeExcite(spec.channels, bias=spec.bias, gate_layer=spec.gate_layer, gain=spec.module_gain,
+                                  **dd)
 
 
 def list_attention() -> list[str]:
@@ -147,7 +142,7 @@ def squeeze_channels(
 def identity_gain(gate: str) -> float:
     """The gain that turns gate(0) into exactly 1."""
 
-    return 1.0 / float(GATE_LAYERS[gate]()(torch.zeros(())))
+    return 1.0 / float(create_act(gate)(torch.zeros(())))
 
 
 def create_attention(
