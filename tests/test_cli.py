@@ -275,7 +275,7 @@ def test_the_vocabulary_is_what_the_library_implements():
     assert tuple(list_attention()) == tuple(VARIANTS)
     assert tuple(_WRITERS) == tuple(EXPORT_FORMATS)
     for name in (*GATES, *ACTIVATIONS):
-        assert isinstance(create_act(name), nn.Module), name
+        assert isinstance(create_act(name), torch.nn.Module), name
     for init in INITS:
         init_attention(SqueezeExcite(8, rd_channels=2), init)
     with pytest.raises(UsageError, match="unknown init"):
