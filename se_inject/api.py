@@ -38,12 +38,12 @@ from .engine.surgery import apply_plan
 from .engine.tasks import model_task
 from .engine.verify import verify_plan
 from .errors import NoSitesError, SurgeryError, UsageError
-from .io.atomic import foreign_entries
-from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
-from .io.export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
+from .io.atomic import foreign_entries, write_folder
+from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_checkpoint, write_text
+from .io.export import export_writer, timm_architecture, timm_config, validate_export_options
 from .io.features import refuse_feature_extractor
 from .io.pretrained import build_pretrained, locate_pretrained
-from .names import MAX_SEED
+from .names import EXPORT_FORMATS, MAX_SEED
 from .report import Report, default_output_name
 from .settings import Settings
 
@@ -297,43 +297,48 @@ def _in_model_order(model: nn.Module, skipped: tuple[Skip, ...]) -> tuple[Skip, 
     return tuple(sorted(skipped, key=lambda s: order.get(s.path, -1)))
 
 
-def save_injected(
+def save(
     model: nn.Module,
-    report: Report,
+    result: Report | Plan,
     directory: str | Path,
     *,
     force: bool = False,
-    exports: tuple[str, ...] = (),
+    exports: tuple[str, ...] | list[str] = (),
     export_batch: int | None = None,
     opset: int | None = None,
-) -> Report:
-    """The save step: checkpoint and report, ``config.json`` where the result is exactly a timm architecture (so
-    plain timm loads the folder), and the requested exports (batch axis dynamic unless `export_batch` fixes it;
-    `opset` for ONNX), all written atomically. Returns the final report."""
-
-    validate_export_options(exports, batch=export_batch, opset=opset)
+) -> Report | None:
+    """Save `model` into the folder `directory`, all or nothing (the CLI writes the same folder): the checkpoint
+    (weights and plan), ``config.json`` where the result is exactly a timm architecture (so plain timm loads the
+    folder), the `exports` asked for (``torchscript``, ``exported``, ``onnx``; batch axis dynamic unless
+    `export_batch` fixes it, `opset` for ONNX), and ``report.json`` when `result` is `inject`'s report rather than a
+    bare plan. An existing folder is replaced only with ``force=True``. Returns the final report (its output folder,
+    timm architecture and exports), or None for a plan."""
+    report, plan = (result, result.plan) if isinstance(result, Report) else (None, result)
+    validate_export_options(tuple(exports), batch=export_batch, opset=opset)
     directory = Path(directory)
-    architecture = timm_architecture(report.plan)
+    architecture = timm_architecture(plan)
     results: list[Any] = []
-    files = {MODEL_FILE: write_checkpoint(model, report.plan)}
+    files = {MODEL_FILE: write_checkpoint(model, plan)}
     if architecture:
-        files["config.json"] = write_text(timm_config(architecture, base=report.plan.model,
-                                                      pretrained=report.pretrained is not None))
+        pretrained = report is not None and report.pretrained is not None
+        files["config.json"] = write_text(timm_config(architecture, base=plan.model, pretrained=pretrained))
     for fmt in dict.fromkeys(exports):
-        name = f"model{FORMATS[fmt]}"
-        files[name] = export_writer(model, report.plan, fmt, directory / name, results, batch=export_batch,
+        name = f"model{EXPORT_FORMATS[fmt]}"
+        files[name] = export_writer(model, plan, fmt, directory / name, results, batch=export_batch,
                                     opset=opset if fmt == "onnx" else None)
     final: list[Report] = []
+    if report is not None:
+        foreign = foreign_entries(directory)
+        if foreign:  # our naming, not ours: left alone, and said
+            names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            report = replace(report, notes=(*report.notes, f"left alone: {len(foreign)} entries named like "
+                                            f"se-inject's temporaries that se-inject did not make ({names})"))
 
-    def write_report(path: Path) -> None:  # runs last: the exports' results are in by then
-        final.append(replace(report, output=str(directory), timm_architecture=architecture, exports=tuple(results)))
-        path.write_text(json.dumps(final[0].to_dict(), indent=2) + "\n", encoding="utf-8")
+        def write_report(path: Path, report: Report = report) -> None:  # runs last: the exports' results are in
+            final.append(replace(report, output=str(directory), timm_architecture=architecture,
+                                 exports=tuple(results)))
+            path.write_text(json.dumps(final[0].to_dict(), indent=2) + "\n", encoding="utf-8")
 
-    files[REPORT_FILE] = write_report
-    foreign = foreign_entries(directory)
-    if foreign:  # our naming, not ours: left alone, and said
-        names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        report = replace(report, notes=(*report.notes, f"left alone: {len(foreign)} entries named like se-inject's "
-                                        f"temporaries that se-inject did not make ({names})"))
-    write_atomically(directory, files, force=force, outputs=True)
-    return final[0]
+        files[REPORT_FILE] = write_report
+    write_folder(directory, files, force=force, outputs=True)
+    return final[0] if final else None

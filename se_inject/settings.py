@@ -220,6 +220,7 @@ class Settings(SESettings):
     """What a user chooses: SE settings over the recipes' (None keeps the recipe's), which sites, and the init.
 
     Attributes:
+        attn_layer: The attention variant ("se" unless chosen; see `SESettings`).
         init: "paper" (PyTorch's default init) or "identity" (the model computes exactly what it did before).
         include, exclude: fnmatch globs over site paths: only sites matching one of `include` (when given), none
             matching one of `exclude`.
@@ -228,6 +229,7 @@ class Settings(SESettings):
         placement: "family" (a family's own SE design where it has one) or "paper" (the SE paper's place).
     """
 
+    attn_layer: str | None = "se"  # the user's variant: SE unless chosen
     init: str = "paper"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()

@@ -359,3 +359,23 @@ def load_recipe_listing_tail() -> str:
     with contextlib.redirect_stdout(buffer):
         print_recipes(as_json=False)
     return buffer.getvalue().rstrip().splitlines()[-1]
+
+
+def test_cli_and_python_write_the_same_folder(tmp_path):
+    """One save function: the CLI's folder and `se_inject.save`'s hold the same files and bytes (the report differs
+    only in where it was written), `config.json` included where the result is a timm architecture."""
+    import json
+
+    import se_inject
+
+    result = run("timm:resnet18", "--seed", "0", "--output", str(tmp_path / "cli"))
+    assert result.exit_code == 0, result.output
+    model, report = se_inject.inject("timm:resnet18", seed=0)
+    final = se_inject.save(model, report, tmp_path / "python")
+    cli, python = (sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("cli", "python"))
+    assert cli == python and "config.json" in cli and final.timm_architecture == "seresnet18"
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "python" / name).read_bytes()
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("cli", "python")]
+    assert [{k: v for k, v in r.items() if k != "output"} for r in reports][0] == {
+        k: v for k, v in reports[1].items() if k != "output"}
