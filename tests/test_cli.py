@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from se_inject.cli.commands import app
 from se_inject.errors import UsageError
+from se_inject.settings import Settings
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
@@ -279,7 +280,7 @@ def test_the_vocabulary_is_what_the_library_implements():
     for init in INITS:
         init_attention(SqueezeExcite(8, rd_channels=2), init)
     with pytest.raises(UsageError, match="unknown init"):
-        init_attention(SqueezeExcite(8, rd_channels=2), "zeros")
+        Settings(init="zeros")
 
 
 def test_factory_next_to_its_file(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from timm.layers import make_divisible
 from torch import nn
 
 from ..errors import UsageError
-from ..names import INITS, VARIANTS
+from ..names import VARIANTS
 from ..settings import KERNELLED, LIBRARY, SESettings, compose
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention, eca_kernel_size
@@ -157,11 +157,10 @@ def create_attention(
 
 
 def init_attention(module: nn.Module, init: str) -> None:
-    """Initialise a freshly built module: "paper" keeps PyTorch's default init; "identity" makes it compute x."""
+    """Initialise a freshly built module: "paper" keeps PyTorch's default init; "identity" makes it compute x (the
+    init is a `Settings`' or a plan's, checked there)."""
     if init == "identity":
         module.init_identity()
-    elif init != "paper":
-        raise UsageError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
 
 
 # Channel-attention modules already in timm/torchvision models: a block holding one "already has SE".
