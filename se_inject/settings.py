@@ -59,7 +59,9 @@ def _int(value: Any, lo: int, hi: int) -> str | None:
 
 
 def _number(value: Any, lo: float, hi: float, *, open_low: bool = True) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
+    """A number in the range; integers are compared as integers (10**400 has no float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)) or not (
             (lo < value if open_low else lo <= value) and value <= hi):
         return f"expected a finite number in {'(' if open_low else '['}{lo:g}, {hi:g}], got {str(value)[:40]}"
     return None
