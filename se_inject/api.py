@@ -68,11 +68,8 @@ def inject(
     drift: bool | str | Path | None = None,
     before_build: Callable[[Plan, str], None] | None = None,
 ) -> tuple[nn.Module, Report]:
-    """Insert SE blocks where the recipes put them and return ``(model, report)``.
-
-    The steps, each usable on its own: open the model (`resolve_model`, `build_model`), find the sites on a meta
-    twin (`find_sites`), plan (`make_plan`), verify the rewrites (`verify_plan`), apply and prove that every module
-    runs once (`apply_plan`, `check_other_paths`), measure (`count`, drift). Save with `se_inject.save`.
+    """Insert SE blocks where the recipes put them and return ``(model, report)``: open the model, find the sites on
+    a meta twin (`find_sites`), plan (`make_plan`), verify (`verify_plan`), apply and check (`apply_plan`), measure.
 
     Args:
         model: An ``nn.Module``, or a model name (``resnet50``, ``timm:NAME``, ``torchvision:NAME``,
@@ -80,15 +77,13 @@ def inject(
         settings: SE settings over the recipes' and which sites (`Settings`; default: the recipes' own).
         recipes: "auto" (every shipped recipe), recipe names, and recipe files (a ``Path`` or a ``.toml`` name).
         input_size: Planning and counting size: N, "HxW" or (C, H, W) (video: (C, T, H, W)). Default: the model's.
-        weights: A local checkpoint loaded into the named model before surgery.
-        pretrained: Load the pretrained weights the name's tag names, through timm's or torchvision's cache.
+        weights, pretrained: A local checkpoint, or the pretrained weights the name's tag names, for a named model.
         seed: Seed of the random weights and of the SE initialisation (default: drawn, and recorded in the plan).
-        device: Where the named model is built.
-        inplace: Insert into the caller's module itself instead of a copy.
-        drift: Compare the outputs before and after surgery: True on random inputs, a folder of images, False
-            not at all; default: when `weights` or `pretrained`.
-        before_build: Called with the plan and the default output folder name once planning (on the meta device)
-            is done, before the model is built with real weights: a caller's last chance to refuse cheaply.
+        device, inplace: Where a named model is built; insert into the caller's module itself, not a copy.
+        drift: Compare the outputs before and after: True (random inputs), a folder of images, False; default:
+            with `weights` or `pretrained`.
+        before_build: Called with the plan and the default output folder name before the real build: a caller's
+            last chance to refuse cheaply.
     """
     settings, seed = settings or Settings(), _seed(seed)
     source = _Source.open(model, weights=weights, pretrained=pretrained, inplace=inplace)
@@ -97,19 +92,15 @@ def inject(
         check_forward_memory(source.planning, size)
     findings = find_sites(source.planning, _recipes(recipes, settings), size, count_base=True)
     plan, notes = _plan_found(source, findings, settings, seed)
-    reduction = settings.reduction or next(m for m in findings.matches if m.path == plan.sites[0].path
-                                           ).recipe.defaults.reduction or 16
+    first = next(m for m in findings.matches if m.path == plan.sites[0].path)
+    reduction = settings.reduction or first.recipe.defaults.reduction or 16  # names the default output folder
     if before_build is not None:
         before_build(plan, default_output_name(plan, reduction, source.display_name))
     base = source.build(device, seed, weights)
     plan, refused = _verified(base, plan, findings)
-    planning, plan, after, unrun = _apply_checked(source.planning, plan, size, source.fresh_planning)
-    if after.output_shapes != findings.counts.output_shapes:
-        raise SurgeryError(f"surgery changed the output shapes: {findings.counts.output_shapes} -> "
-                           f"{after.output_shapes}")
-    if base is source.planning:  # a meta run: the applied planning model is the result
-        injected, drifted = planning, None
-    else:
+    planning, plan, after, unrun = _apply_checked(source.planning, plan, size, source.fresh_planning, findings)
+    injected, drifted = planning, None  # a meta run: the applied planning model is the result
+    if base is not source.planning:
         measure = (weights is not None or pretrained) if drift is None else drift is not False
         injected, drifted = _apply_measuring_drift(base, plan, size, inplace=inplace or source.spec is not None,
                                                    drift=measure, images=drift if _is_folder(drift) else None,
@@ -257,18 +248,22 @@ def _apply_measuring_drift(
 
 
 def _apply_checked(
-    planning: nn.Module, plan: Plan, size: tuple[int, ...], fresh: Callable[[], nn.Module]
+    planning: nn.Module, plan: Plan, size: tuple[int, ...], fresh: Callable[[], nn.Module], findings: Findings
 ) -> tuple[nn.Module, Plan, Counts, tuple[Skip, ...]]:
     """Apply `plan` to the meta model `planning`, count it, and prove that every inserted module runs exactly once
     per call of its block, on every forward path (`se_inject.engine.coverage`: the counting forward is watched, the
     other paths run once more); sites that do not are refused, and the plan is applied again to a `fresh` meta
-    model without them. Returns the applied model, the plan, its counts and the refused sites."""
+    model without them; the output shapes must be the base model's (`findings`). Returns the applied model, the
+    plan, its counts and the refused sites."""
     refused: list[Skip] = []
     while True:
         apply_plan(planning, plan, inplace=True)
         with CallWatch(planning, plan) as watch:
             after = count(planning, size)
         problems = watch.problems() or check_other_paths(planning, plan, size, watch)
+        if not problems and after.output_shapes != findings.counts.output_shapes:
+            raise SurgeryError(f"surgery changed the output shapes: {findings.counts.output_shapes} -> "
+                               f"{after.output_shapes}")
         if not problems:
             return planning, plan, after, tuple(refused)
         refused += [Skip(s.path, s.block, s.recipe, problems[s.path]) for s in plan.sites if s.path in problems]
