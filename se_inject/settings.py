@@ -38,6 +38,10 @@ from .names import (
     VARIANTS,
 )
 
+# Activation and gate classes (torch's, timm's) by class name, as the record names them.
+LAYER_NAMES = {"ReLU": "relu", "ReLU6": "relu6", "SiLU": "silu", "Swish": "silu", "LeakyReLU": "leaky-relu",
+               "Hardswish": "hard-swish", "HardSwish": "hard-swish", "GELU": "gelu", "Mish": "mish",
+               "Sigmoid": "sigmoid", "Hardsigmoid": "hard-sigmoid", "HardSigmoid": "hard-sigmoid"}
 NORM_LAYERS = ("batchnorm",)  # a norm between SE's layers (ReXNet's SE: timm ``SEModule(norm_layer=BatchNorm2d)``)
 KERNELLED = ("eca", "cbam", "cbam-timm")  # variants with a kernel size (ECA's 1-D conv, CBAM's spatial conv)
 
@@ -118,8 +122,8 @@ class SESettings:
             EfficientNet and RegNetY size their SE).
         bias: Bias in the FC layers.
         act_layer: The activation between the FC layers, delta in eq. 3 of the SE paper ("relu"; "block": the
-            block's own activation, resolved when planning).
-        gate_layer: The gate, sigma in eq. 3 ("sigmoid", "hard-sigmoid").
+            block's own activation, resolved when planning); a class (``nn.SiLU``) becomes its name.
+        gate_layer: The gate, sigma in eq. 3 ("sigmoid", "hard-sigmoid"; or the class).
         norm_layer: A norm between the FC layers ("batchnorm": ReXNet's SE), or None.
         layout: The names of SE's layers (`se_inject.names.LAYOUTS`): "fc" (``fc1``/``fc2``, timm ``SEModule``) or
             "conv" (``conv_reduce``/``conv_expand``, timm EfficientNet).
@@ -148,6 +152,10 @@ class SESettings:
     convention: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("act_layer", "gate_layer"):  # a layer class becomes its name: the record stays JSON
+            value = getattr(self, name)
+            if isinstance(value, type) and value.__name__ in LAYER_NAMES:
+                object.__setattr__(self, name, LAYER_NAMES[value.__name__])
         for f in fields(SESettings):
             value = getattr(self, f.name)
             problem = None if value is None else _CHECKS[f.name](value)
