@@ -59,7 +59,7 @@ def checks(device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     base = copy.deepcopy(base_cpu).to(device)
     x = torch.randn(4, 3, 224, 224, device=device)
 
-    ident, _ = se_inject.inject(base, init="identity", seed=0)
+    ident, _ = se_inject.inject(base, se_inject.Settings(init="identity"), seed=0)
     devices = {p.device.type for p in ident.parameters()} | {b.device.type for b in ident.buffers()}
     check("new modules on the model's device", devices == {"cuda"}, f"devices {sorted(devices)}")
     with torch.inference_mode():

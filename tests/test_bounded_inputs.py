@@ -246,7 +246,7 @@ def test_a_plan_load_would_refuse_is_refused_at_save_naming_the_limit(tmp_path, 
     recipe.write_text('name = "long-source"\ndescription = "x"\n\n[[blocks]]\n'
                       'classes = ["timm.models.resnet.BasicBlock"]\nafter = "bn2"\nslot = "se"\n'
                       f'source = "{"x" * 1500}"\n')
-    model, report = se_inject.inject("timm:test_resnet", seed=0, recipe="long-source", recipe_files=[recipe])
+    model, report = se_inject.inject("timm:test_resnet", seed=0, recipes=["long-source", recipe])
     with pytest.raises(se_inject.SEInjectError, match="at most 1,000 characters, got 1,500"):
         se_inject.save(model, report.plan, tmp_path / "o")
     assert not (tmp_path / "o").exists()
@@ -261,8 +261,8 @@ def test_a_site_in_a_detectors_heads_is_refused_at_load(tmp_path):
     from se_inject.engine.models import build_model
     from se_inject.engine.surgery import apply_plan
 
-    _, report = se_inject.inject("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", seed=0, fill=True,
-                                 device="meta")
+    _, report = se_inject.inject("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", se_inject.Settings(fill=True),
+                                 seed=0, device="meta")
     first = report.plan.sites[0]
     head = dataclasses.replace(first, path="rpn.head.conv.0", block="torchvision.ops.misc.Conv2dNormActivation",
                                anchor="0", position="after", slot=None, name="attn", source="",

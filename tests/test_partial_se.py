@@ -43,14 +43,14 @@ def test_one_block_with_se_makes_the_model_partial():
     with pytest.raises(NoSitesError, match="partial SE: 1 matching blocks") as info:
         se_inject.inject(model, seed=0, input_size=32)
     assert info.value.reason == "partial-attention" and info.value.existing == 1
-    _, report = se_inject.inject(model, seed=0, input_size=32, fill=True)
+    _, report = se_inject.inject(model, se_inject.Settings(fill=True), seed=0, input_size=32)
     assert [s.path for s in report.plan.sites] == [p for p in blocks if p != "layer2.0"]
     assert [s.path for s in report.skipped if s.already_attention] == ["layer2.0"]
 
 
 def test_fill_adds_se_only_where_it_is_missing():
     has, lacks = _mobilenet_v3_small_blocks()
-    _, report = se_inject.inject("torchvision:mobilenet_v3_small", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("torchvision:mobilenet_v3_small", se_inject.Settings(fill=True), device="meta", seed=0)
     data = report.to_dict()
     assert data["already_attention"] == has
     # every block without SE gets one, except where the recipe finds no 1x1 projection (none in this model)
@@ -74,7 +74,7 @@ def test_fill_follows_lcnets_own_place_and_width():
     blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, DepthwiseSeparableConv)]
     lacks = [(p, m.conv_dw.out_channels) for p, m in blocks if isinstance(m.se, torch.nn.Identity)]
     assert lacks and len(lacks) < len(blocks)
-    _, report = se_inject.inject("lcnet_050", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("lcnet_050", se_inject.Settings(fill=True), device="meta", seed=0)
     assert [(s.path, s.slot, s.channels) for s in report.plan.sites] == [(p, "se", c) for p, c in lacks]
     for site in report.plan.sites:  # timm's LCNet SE layer (mobilenetv3._gen_lcnet's se_layer) at the block's width
         reference = SqueezeExcite(site.channels, gate_layer="hard_sigmoid", force_act_layer=torch.nn.ReLU)
@@ -94,10 +94,10 @@ def test_fill_gives_fbnetv3s_depthwise_separable_blocks_its_hard_swish_se():
     assert own and {type(se.act1) for se in own} == {torch.nn.Hardswish}  # timm's FBNetV3 SE
     separable = [p for p, m in model.named_modules() if isinstance(m, DepthwiseSeparableConv)]
     assert separable == ["blocks.0.0", "blocks.0.1"]
-    filled, report = se_inject.inject("timm:fbnetv3_b", device="meta", fill=True, seed=0)
+    filled, report = se_inject.inject("timm:fbnetv3_b", se_inject.Settings(fill=True), device="meta", seed=0)
     for site in report.plan.sites:
         block = model.get_submodule(site.path)
-        assert site.attention.act == "hard-swish"
+        assert site.attention.act_layer == "hard-swish"
         assert type(filled.get_submodule(site.module_path).act1) is type(block.bn1.act) is torch.nn.Hardswish
     assert [s.path for s in report.plan.sites[:2]] == separable
 

@@ -26,7 +26,7 @@ def _timm_seresnet50(r: int):
 def test_se_resnet50_params_at_each_reduction_are_timms(r):
     reference = _timm_seresnet50(r)
     params = sum(p.numel() for p in reference.parameters())
-    _, report = se_inject.inject("timm:resnet50", device="meta", seed=0, reduction=r)
+    _, report = se_inject.inject("timm:resnet50", se_inject.Settings(rd_ratio=1 / r), device="meta", seed=0)
     assert report.after.params == params
     biases = sum(p.numel() for n, p in reference.named_parameters() if ".se." in n and n.endswith(".bias"))
     rounded = {round(params / 1e6, 1), round((params - biases) / 1e6, 1)}  # with and without the SE's biases

@@ -48,8 +48,8 @@ class Inline(nn.Module):
         return self.blocks(torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))))
 
 
-def sites(model: nn.Module, **options) -> list[tuple[str, str]]:
-    _, report = se_inject.inject(model, input_size="32", device="meta", seed=0, **options)
+def sites(model: nn.Module, settings: se_inject.Settings | None = None) -> list[tuple[str, str]]:
+    _, report = se_inject.inject(model, settings, input_size="32", device="meta", seed=0)
     return [(s.path, s.pattern) for s in report.plan.sites]
 
 
@@ -63,7 +63,7 @@ def test_a_sequential_stem_of_conv_units_takes_se_after_each_activation():
 
 def test_exclude_leaves_the_stem_out():
     stem = nn.Sequential(*unit(3, 16), *unit(16, 32))
-    assert sites(Net(stem), exclude=["stem.*"]) == BLOCKS
+    assert sites(Net(stem), se_inject.Settings(exclude=("stem.*",))) == BLOCKS
 
 
 def test_a_one_conv_stem_or_an_inline_stem_takes_none():

@@ -57,8 +57,8 @@ def with_own_designs(model: nn.Module, matches: list[Any], skipped: list[Any]) -
     for m in matches:
         found = designs[(m.recipe.name, m.block, m.defaults, m.place.slot)]
         design = found.get(m.path.rpartition(".")[0], found.get(None))
-        if design is not None and design.act == "block":
-            design = replace(design, act=block_activation(model.get_submodule(m.path)) or "relu")
+        if design is not None and design.act_layer == "block":
+            design = replace(design, act_layer=block_activation(model.get_submodule(m.path)) or "relu")
         result.append(replace(m, defaults=design) if design is not None else m)
     return result
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..layers.attention import class_path, find_attention
+from ..settings import SESettings, compose
 from .designs import with_own_designs
 from .measure import Counts, count
 from .meta import as_meta, output_shapes, run_meta
@@ -90,10 +91,10 @@ class Place:
     in_child: bool = False
     placement: str = "paper"
     source: str = ""
-    se: tuple[tuple[str, Any], ...] = ()  # SE settings over the recipe's
+    se: SESettings = field(default_factory=SESettings)  # SE settings over the recipe's
 
-    def settings(self, defaults: Any) -> Any:
-        return replace(defaults, **dict(self.se)) if self.se else defaults
+    def settings(self, defaults: SESettings) -> SESettings:
+        return compose(defaults, self.se)
 
 
 def place_of(rule: BlockRule) -> Place:
@@ -212,7 +213,7 @@ def _ancestors(path: str, classes: dict[str, str]) -> tuple[str, ...]:
 
 def _conflict(first: Recipe, other: Recipe, path: str, cp: str, how: str) -> None:
     raise UsageError(f"recipes {first.name!r} ({first.source}) and {other.name!r} ({other.source}) both take "
-                     f"{path or 'the model'} ({cp}) at {how}; keep one (--recipe NAME)")
+                     f"{path or 'the model'} ({cp}) at {how}; keep one (recipes=NAME, --recipe NAME)")
 
 
 def _places(path: str, block: nn.Module, found: list[tuple[Recipe, Place]]) -> Iterator[Candidate]:
@@ -394,8 +395,8 @@ def find_sites(
             fixed = call.fixed(probe.model.get_submodule(p.path).forward) if call is not None else {}
             first = call.first_tensor() if call is not None else None
             defaults = p.place.settings(p.recipe.defaults_for(class_path(model)))
-            if defaults.act == "block":
-                defaults = replace(defaults, act=block_activation(model.get_submodule(p.path)) or "relu")
+            if defaults.act_layer == "block":
+                defaults = replace(defaults, act_layer=block_activation(model.get_submodule(p.path)) or "relu")
             matches.append(Match(p.path, p.recipe, p.place, p.block, p.anchor, places[0], p.pattern, call, fixed,
                                  first.shape[1] if first is not None and 3 <= len(first.shape) <= 5 else None,
                                  defaults))

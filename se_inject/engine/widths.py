@@ -102,7 +102,7 @@ def fitting_rules(ses: list[OwnSE], defaults: Any, rules: tuple[tuple[str, str, 
         WidthRule]:
     """Every width rule (of `rules`, default all) and r that gives each module its width, in se-inject's order: the
     recipe's own rule and r first (the family's documented rule), then `_WIDTH_RULES` and `_REDUCTIONS`."""
-    first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
+    first = (defaults.rd_from, defaults.rd_round, defaults.rd_divisor, defaults.round_limit)
     return [(*rule, r) for rule in dict.fromkeys(rules or (first, *_WIDTH_RULES))
             for r in dict.fromkeys((defaults.reduction, *_REDUCTIONS)) if fits((*rule, r), ses)]
 
@@ -120,8 +120,9 @@ def design_of(ses: list[OwnSE], defaults: Any, rule: WidthRule, source: str = "t
     else:
         return None
     squeeze_from, rounding, divisor, limit, reduction = rule
-    return replace(defaults, reduction=reduction, squeeze_from=squeeze_from, rounding=rounding, divisor=divisor,
-                   round_limit=limit, act=act, gate=gate, bias=bias, layout=layout, norm=norm,
+    return replace(defaults, rd_ratio=1 / reduction, rd_from=squeeze_from, rd_round=rounding, rd_divisor=divisor,
+                   round_limit=limit, act_layer=act, gate_layer=gate, bias=bias, layout=layout,
+                   norm_layer="batchnorm" if norm else None,
                    convention=f"{source}'s own SE ({len(ses)} modules): "
                    f"{'the block activation' if act == 'block' else act} inside, {gate} gate, "
                    f"{_width_text(*rule)}")
@@ -133,7 +134,7 @@ def staged_rules(ses: list[OwnSE], defaults: Any) -> dict[str, WidthRule]:
     stages: dict[str, list[OwnSE]] = {}
     for se in ses:
         stages.setdefault(se.block.rpartition(".")[0], []).append(se)
-    first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
+    first = (defaults.rd_from, defaults.rd_round, defaults.rd_divisor, defaults.round_limit)
     for rule in dict.fromkeys((first, *_WIDTH_RULES)):
         found = {stage: fitting_rules(group, defaults, (rule,)) for stage, group in stages.items()}
         if all(found.values()):
@@ -149,7 +150,7 @@ def _width_text(source: str, rounding: str, divisor: int, limit: float, reductio
     return f"{'round' if rounding == 'round' else 'floor'}({width} channels / {reduction})"
 
 
-# Activation modules by class name (torch's and timm's own), as `SEDefaults.act` names them.
+# Activation modules by class name (torch's and timm's own), as `SESettings.act_layer` names them.
 _ACTIVATION_NAMES = {
     "ReLU": "relu", "ReLU6": "relu6", "SiLU": "silu", "Swish": "silu", "LeakyReLU": "leaky-relu",
     "Hardswish": "hard-swish", "HardSwish": "hard-swish", "GELU": "gelu", "Mish": "mish",
