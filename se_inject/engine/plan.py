@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..layers.attention import AttentionSpec
-from .models import ModelSpec
+from .resolve import ModelSpec
 
 PLAN_FORMAT = "se-inject.plan/1"
 

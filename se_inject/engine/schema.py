@@ -33,8 +33,8 @@ from ..names import (
     VARIANTS,
     attribute_name_problem,
 )
-from .models import ModelSpec
 from .plan import PLAN_FORMAT, Plan, Site
+from .resolve import ModelSpec
 
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
 _CHILD_PATH = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")

@@ -34,9 +34,9 @@ from torch import nn
 from ..errors import SurgeryError, describe
 from ..layers.attention import class_path, create_attention, init_attention
 from ..names import attribute_name_problem
+from .build import seeded
 from .fusion import fuse, fused_class, layer_class
 from .keys import BoundedCache, freeze, module_key
-from .models import seeded
 from .plan import Plan, Site
 
 

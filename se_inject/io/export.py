@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.models import ModelSpec, build_model, split_tag, torchvision_weights_enum
+from ..engine.build import build_model
 from ..engine.plan import Plan
+from ..engine.resolve import ModelSpec, split_tag, torchvision_weights_enum
 from ..engine.surgery import apply_plan
 from ..engine.tasks import example_inputs, model_task
 from ..errors import ExportError, describe
