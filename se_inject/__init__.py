@@ -27,39 +27,44 @@ _LAZY = {
     "list_recipes": "engine.recipes",
     "load_recipe_file": "engine.recipes",
     "inject": "api",
-    "Report": "api",
-    "make_plan": "api",
+    "Report": "report",
+    "make_plan": "engine.planning",
+    "wrap_features": "io.features",
     "find_sites": "engine.find",
     "apply_plan": "engine.surgery",
     "count": "engine.measure",
     "Plan": "engine.plan",
     "Site": "engine.plan",
-    "Settings": "engine.plan",
-    "AttentionSpec": "layers.attention",
+    "Settings": "settings",
+    "SESettings": "settings",
     "create_attention": "layers.attention",
     "list_attention": "layers.attention",
     "SqueezeExcite": "layers.squeeze_excite",
     "build_model": "engine.build",
     "resolve_model": "engine.resolve",
     "ModelSpec": "engine.resolve",
-    "save": "io.checkpoint",
+    "save": "api",
     "load": "io.checkpoint",
     "read_plan": "io.checkpoint",
     "new_parameters": "tools.finetune",
 }
 
 if TYPE_CHECKING:
-    from .api import Report, inject, make_plan
+    from .api import inject, save
     from .engine.build import build_model
     from .engine.find import find_sites
     from .engine.measure import count
-    from .engine.plan import Plan, Settings, Site
+    from .engine.plan import Plan, Site
+    from .engine.planning import make_plan
     from .engine.recipes import get_recipe, list_recipes, load_recipe_file
     from .engine.resolve import ModelSpec, resolve_model
     from .engine.surgery import apply_plan
-    from .io.checkpoint import load, read_plan, save
-    from .layers.attention import AttentionSpec, create_attention, list_attention
+    from .io.checkpoint import load, read_plan
+    from .io.features import wrap_features
+    from .layers.attention import create_attention, list_attention
     from .layers.squeeze_excite import SqueezeExcite
+    from .report import Report
+    from .settings import SESettings, Settings
     from .tools.finetune import new_parameters
 
 
@@ -71,8 +76,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The module's names, the lazily loaded ones included (tab completion)."""
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
-    "AttentionSpec",
     "CheckpointError",
     "ModelSpec",
     "NoSitesError",
@@ -81,6 +90,7 @@ __all__ = [
     "RecipeFileError",
     "Report",
     "SEInjectError",
+    "SESettings",
     "Settings",
     "Site",
     "SqueezeExcite",
@@ -106,4 +116,5 @@ __all__ = [
     "read_plan",
     "resolve_model",
     "save",
+    "wrap_features",
 ]

@@ -117,7 +117,7 @@ def test_pattern_rules_narrow_by_path_below_their_within_class(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('name = "mine"\n[[patterns]]\npattern = "residual"\n'
                     f'within = ["{__name__}.Net"]\npaths = ["sca*"]\n')
-    _, report = se_inject.inject(nn.Sequential(Net()), seed=0, input_size=16, recipe="mine", recipe_files=[path])
+    _, report = se_inject.inject(nn.Sequential(Net()), seed=0, input_size=16, recipes=["mine", path])
     assert [s.path for s in report.plan.sites] == ["0.scaled"]  # "0.scaled" is "scaled" below the Net
 
 
@@ -134,7 +134,7 @@ def test_matching_changes_nothing_and_traces_once_per_configuration():
 def test_user_model_gets_se_by_structure_without_a_recipe_file():
     net = randomize_norm_stats(Net()).eval()
     before = state_snapshot(net)
-    injected, report = se_inject.inject(net, seed=0, init="identity", input_size=16)
+    injected, report = se_inject.inject(net, se_inject.Settings(init="identity"), seed=0, input_size=16)
     sites = {s.path: (s.pattern, s.anchor, s.channels) for s in report.plan.sites}
     assert sites == {
         "res": ("residual", "bn", 16),
@@ -193,10 +193,10 @@ def test_pattern_rules_narrow_by_class_and_model(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('name = "mine"\n[[patterns]]\npattern = "residual"\nclasses = ["*.ToyBlock"]\n'
                     f'within = ["{__name__}.Net"]\n')
-    _, report = se_inject.inject(Net(), seed=0, input_size=16, recipe="mine", recipe_files=[path])
+    _, report = se_inject.inject(Net(), seed=0, input_size=16, recipes=["mine", path])
     assert [s.path for s in report.plan.sites] == ["res"]
     with pytest.raises(se_inject.NoSitesError):
-        se_inject.inject(nn.Sequential(ToyBlock(8)), seed=0, input_size=16, recipe="mine", recipe_files=[path])
+        se_inject.inject(nn.Sequential(ToyBlock(8)), seed=0, input_size=16, recipes=["mine", path])
 
 
 # --- the SE paper's networks -----------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def _fire(module: nn.Module) -> int:
 def test_family_sites_equal_an_independent_count(name, recipe, blocks, width):
     """One SE per block of the family, on the width the SE paper's place has (counted from the block's own layers;
     families with their own design, ByobNet and CSPNet, put it elsewhere by default: tests/test_twins.py)."""
-    model, report = se_inject.inject(name, device="meta", seed=0, placement="paper")
+    model, report = se_inject.inject(name, se_inject.Settings(placement="paper"), device="meta", seed=0)
     expected = [(p, m) for p, m in model.named_modules() if type(m).__name__ in blocks]
     assert report.plan.recipes == (recipe,)
     assert [s.path for s in report.plan.sites] == [p for p, _ in expected]
@@ -295,7 +295,7 @@ def test_identity_init_reproduces_real_models(source, name, size):
     model = timm.create_model(name) if source == "timm" else torchvision.models.get_model(name)
     model = randomize_norm_stats(model).eval()
     before = state_snapshot(model)
-    injected, _ = se_inject.inject(model, seed=0, init="identity", input_size=size)
+    injected, _ = se_inject.inject(model, se_inject.Settings(init="identity"), seed=0, input_size=size)
     after = injected.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     x = torch.randn(2, 3, size, size)
@@ -346,7 +346,7 @@ def test_structural_sites_save_and_load(tmp_path):
     """The checkpoint's plan keeps each site's pattern and graph-node anchor; load replays them exactly."""
     net = randomize_norm_stats(Net()).eval()
     injected, report = se_inject.inject(net, seed=0, input_size=16)
-    se_inject.save(injected, report.plan, tmp_path / "out", report=report.to_dict())
+    se_inject.save(injected, report, tmp_path / "out")
     back = se_inject.load(tmp_path / "out", model=Net())
     assert [s.pattern for s in se_inject.read_plan(tmp_path / "out").sites] == [s.pattern for s in report.plan.sites]
     x = torch.randn(1, 3, 16, 16)

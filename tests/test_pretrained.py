@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.api import save_injected
 from se_inject.cli.commands import app
 from se_inject.engine.resolve import ModelSpec, resolve_model
 from se_inject.errors import UnknownModelError, WeightsError
@@ -77,7 +76,8 @@ def test_names_carry_weights_tags():
 def test_timm_weights_from_the_hub_cache(hf_cache):
     source = randomize_norm_stats(timm.create_model("test_resnet"))
     place_in_hf_cache(hf_cache, "timm/test_resnet.r160_in1k", source.state_dict())
-    model, report = se_inject.inject("test_resnet", pretrained=True, seed=0, input_size=64, init="identity")
+    model, report = se_inject.inject("test_resnet", se_inject.Settings(init="identity"), pretrained=True, seed=0,
+                                     input_size=64)
     assert report.model == "timm:test_resnet.r160_in1k"  # the default tag, resolved and recorded
     assert report.pretrained == "timm/test_resnet.r160_in1k"
     for key, value in source.state_dict().items():
@@ -124,7 +124,7 @@ def test_config_json_describes_torchvision_weights(tmp_path):
     """A torchvision ResNet + SE is timm's seresnet architecture, but not its preprocessing: the config says
     what torchvision's weights use (bilinear, resize 256 -> crop 224) and nothing of seresnet's weights."""
     model, report = se_inject.inject("torchvision:resnet18", seed=0)
-    final = save_injected(model, report, tmp_path / "out")
+    final = se_inject.save(model, report, tmp_path / "out")
     assert final.timm_architecture == "seresnet18"
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())["pretrained_cfg"]
     assert cfg["interpolation"] == "bilinear" and cfg["crop_pct"] == pytest.approx(224 / 256)

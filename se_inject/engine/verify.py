@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from ..errors import SEInjectError, describe
-from ..layers.attention import AttentionSpec, create_attention, identity_gain, init_attention
+from ..layers.attention import create_attention, identity_gain, init_attention
+from ..settings import SESettings
 from .keys import config_key, freeze
-from .meta import meta_copy
+from .meta import meta_copy, training_flags
 from .plan import Plan, Site, Skip
 from .record import Call, TensorArg, leaves, map_values
 from .surgery import insert
@@ -98,16 +99,12 @@ def check_site(block: nn.Module, site: Site, call: Call) -> str | None:
     kind = call.opaque()
     if kind is not None:
         return f"cannot verify the rewrite: the block is called with a {kind} argument"
-    modes = [(m, m.training) for m in block.modules()]
-    try:
-        work = _real_copy(block)
-    except Exception as e:  # any failure refuses the site
-        return f"cannot verify the rewrite ({type(e).__name__}: {describe(e)})"
-    try:
+    with training_flags(block):  # a block of the caller's model, run as it is: leave its modes as they were
+        try:
+            work = _real_copy(block)
+        except Exception as e:  # any failure refuses the site
+            return f"cannot verify the rewrite ({type(e).__name__}: {describe(e)})"
         return _compare(work, site, call)
-    finally:
-        for m, training in modes:  # a block of the caller's model, run as it is: leave its modes as they were
-            m.training = training
 
 
 def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
@@ -123,7 +120,7 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
     if original is None:
         return f"cannot verify the rewrite: the block fails on recorded inputs ({type(failure).__name__})"
     try:
-        module = create_attention(replace(site.attention, gain=identity_gain(site.attention.gate)))
+        module = create_attention(replace(site.attention, gain=identity_gain(site.attention.gate_layer)))
         init_attention(module, "identity")
         original_block, work = work, _rewritable(work)
         insert(work, site, module)
@@ -243,7 +240,7 @@ def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple
     code), the block's own state exactly and its descendants' with floats by kind (`config_key`), the site and the
     call. A block whose state cannot be keyed exactly is checked on its own."""
     verdicts: dict[Hashable, str | None] = {}
-    probes: dict[AttentionSpec, nn.Module] = {}  # one meta module per spec for the class probes
+    probes: dict[SESettings, nn.Module] = {}  # one meta module per spec for the class probes
     kept: list[Site] = []
     refused: list[Skip] = []
     for site in plan.sites:
@@ -266,7 +263,7 @@ def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple
     return replace(plan, sites=tuple(kept)), tuple(refused)
 
 
-def _rewritten_type(block: nn.Module, site: Site, modules: dict[AttentionSpec, nn.Module]) -> Any:
+def _rewritten_type(block: nn.Module, site: Site, modules: dict[SESettings, nn.Module]) -> Any:
     """The class the site's rewrite gives `block` (on a shallow copy with a meta module), or the failure's text."""
     try:
         probe = _rewritable(block)

@@ -11,6 +11,7 @@ from ..engine.build import build_model
 from ..engine.resolve import resolve_model
 from ..errors import UsageError
 from ..names import VARIANTS
+from ..settings import OPTION_KEYS, Settings
 from .bench import Timing, paired_latency
 
 
@@ -61,18 +62,19 @@ def compare_variants(
     step = progress or (lambda text: None)
     explicit = attentions is not None
     attentions = tuple(attentions) if attentions is not None else tuple(VARIANTS)
-    unknown = [a for a in attentions if a not in VARIANTS]
-    if unknown:
-        raise UsageError(f"unknown attention {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    for attention in attentions:  # checked before the base model is built
+        Settings(attn_layer=attention)
     base = None
     if bench:
         step(f"building {model}")
         base = build_model(resolve_model(model), device=device, seed=seed).eval()
     rows = []
+    recipes, input_size = options.pop("recipe", "auto"), options.pop("input_size", None)
     for attention in dict.fromkeys(attentions):
         step(f"planning {attention}")
+        settings = Settings.parse({**options, "attention": attention}, OPTION_KEYS)  # the CLI's option names
         try:
-            _, report = inject(model, attention=attention, device="meta", seed=seed, **options)
+            _, report = inject(model, settings, recipes=recipes, input_size=input_size, device="meta", seed=seed)
         except UsageError as e:
             if explicit or VARIANTS[attention].any_rank:
                 raise
@@ -81,7 +83,7 @@ def compare_variants(
         data = report.to_dict()
         timings: tuple[Timing, ...] = ()
         if base is not None:
-            injected, _ = inject(base, attention=attention, seed=seed, **options)
+            injected, _ = inject(base, settings, recipes=recipes, input_size=input_size, seed=seed)
             timed = []
             for b in batches:
                 step(f"timing {attention} at batch {b} ({rounds} paired rounds)")
