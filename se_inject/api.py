@@ -279,10 +279,12 @@ def _no_match_message(model: nn.Module, findings: Findings) -> str:
     if category in ("transformer", "MLP"):
         return (f"no matching blocks: this is a {category} with no convolutional block (its only convolutions are a "
                 f"stem, patch embedding, positional encoding or attention pooling), and SE recalibrates the channels "
-                f"of a convolutional block's feature map; {len(findings.recipes)} recipes tried. Its blocks: {found}")
+                f"of a convolutional block's feature map; {len(findings.recipes)} recipes tried. Its blocks: {found}. "
+                f"To choose a place yourself, name its blocks in a recipe file (--recipe-file, Python: recipe_files=; "
+                f"docs/recipes.md)")
     return (f"no matching blocks ({category}): none of the {len(findings.recipes)} recipes names its blocks ({found}); "
-            "write a recipe for them (see `se-inject recipes` and the README's recipe format) and pass it: "
-            "recipes=[PATH] (--recipe-file)")
+            "write a recipe for them (see `se-inject recipes` and docs/recipes.md) and pass it: recipes=[PATH] "
+            "(--recipe-file)")
 
 
 def _in_model_order(model: nn.Module, skipped: tuple[Skip, ...]) -> tuple[Skip, ...]:

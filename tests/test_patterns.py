@@ -19,7 +19,7 @@ from se_inject.engine.surgery import apply_plan
 
 
 class ToyBlock(nn.Module):
-    """The README's block: a residual unit with no recipe naming its class."""
+    """docs/recipes.md's block: a residual unit with no recipe naming its class."""
 
     def __init__(self, channels):
         super().__init__()

@@ -77,7 +77,8 @@ app = typer.Typer(
     cls=DefaultCommandGroup,
     name="se-inject",
     help="Insert Squeeze-and-Excitation blocks into timm/torchvision models where the SE paper puts them.\n\n"
-    "Run `se-inject MODEL` (the `inject` command) or one of the commands below.",
+    "Run `se-inject MODEL` (the `inject` command) or one of the commands below. MODEL is a timm or torchvision "
+    "name, or your own code: FILE.py:factory or package.module:factory.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion: typer's shell completion
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -108,7 +109,8 @@ def main_callback(
 def inject_command(
     model: Annotated[str, typer.Argument(metavar="MODEL",
                                          help="Model name: NAME (timm first, then torchvision), timm:NAME, "
-                                         "torchvision:NAME.", show_default=False)],
+                                         "torchvision:NAME; or your own code: FILE.py:factory, "
+                                         "package.module:factory.", show_default=False)],
     reduction: Annotated[int | None, typer.Option("--reduction", "-r", metavar="R",
                                                   help="Reduction ratio r: squeeze width "
                                                    "C/r. Default: the recipe's (16; 4 for inverted residuals).",

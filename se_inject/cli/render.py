@@ -175,7 +175,7 @@ def render_report(report: Any, *, verbose: bool = False, seed_drawn: bool = Fals
 
 
 def export_line(e: dict[str, Any]) -> str:
-    """``exported onnx to out/model.onnx (batch dynamic; opset 20; checked at batch 1, 3: relative error 3e-07, max
+    """``exported ONNX to out/model.onnx (batch dynamic; opset 20; checked at batch 1, 3: relative error 3e-07, max
     |diff| 1.2e-05)``: the verdict is on the relative error."""
     details = [f"batch {e['batch']}"]
     if e.get("opset") is not None:
@@ -188,7 +188,8 @@ def export_line(e: dict[str, Any]) -> str:
                        f"max |diff| {e['max_abs_diff']:.3g}")
     if e["note"]:
         details.append(e["note"])
-    return f"exported {e['format']} to {e['path']} ({'; '.join(details)})"
+    kind = {"torchscript": "TorchScript", "exported": "torch.export", "onnx": "ONNX"}.get(e["format"], e["format"])
+    return f"exported {kind} to {e['path']} ({'; '.join(details)})"
 
 
 def print_recipes(*, as_json: bool) -> None:

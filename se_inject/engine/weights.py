@@ -46,12 +46,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 ) from None
             detail = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
             detail_line = detail[0] if detail else ""
-            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({describe(detail_line, 120)})") from None
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_pickle_detail(detail_line)})") from None
         except Exception as e:  # truncated zip, random bytes, ...
             raise WeightsError(
-                f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({describe(e) or type(e).__name__})"
+                f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({_pickle_detail(e)})"
             ) from None
     return _unwrap_state_dict(data, path)
+
+
+def _pickle_detail(e: BaseException | str) -> str:
+    """What went wrong, in words: the unpickler's bare opcode ("105", "Unsupported operand 105") says nothing."""
+    text = describe(e, 120) or type(e).__name__
+    if re.fullmatch(r"(Unsupported operand )?\d+", text):
+        return "neither the zip archive nor the pickle torch.save writes"
+    return text
 
 
 def check_readable(path: Path, error: type[SEInjectError]) -> None:

@@ -87,7 +87,8 @@ def locate_pretrained(spec: ModelSpec) -> PretrainedWeights:
         else:
             return located
         raise WeightsError(f"pretrained weights {located.weights} are not in the cache {located.cache} and "
-                           f"cannot be downloaded: {reason}")
+                           f"cannot be downloaded: {reason}; put the file in that cache (copied from a machine that "
+                           f"downloaded it), or load a local file with --weights FILE (Python: weights=FILE)")
     return located
 
 
