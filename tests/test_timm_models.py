@@ -22,29 +22,15 @@ FAST = ["test_resnet", "test_efficientnet", "regnetx_002"]
 SLOW = ["mobilenetv2_035", "efficientnet_lite0", "mobileone_s0", "cspdarknet53", "vovnet39a", "fastvit_t8"]
 SIZE = 64
 
-# TorchScript of the SE layer's `unsqueeze_as` fails under timm's JIT settings ("Expected Tensor but got None"); the
-# layer's fix is the `settings` branch's (issue 28, point 7). Models whose SE sits in a block TorchScript compiles
-# through that path fail until it is merged.
-SCRIPT_FAILS = {"test_efficientnet", "regnetx_002", "mobilenetv2_035", "efficientnet_lite0", "mobileone_s0",
-                "cspdarknet53", "vovnet39a"}
+MODELS = [*FAST, *(pytest.param(name, marks=pytest.mark.slow) for name in SLOW)]
 
 
-def _params(names: list[str], xfail: frozenset[str] | set[str] = frozenset(), reason: str = "") -> list:
-    return [pytest.param(name, marks=[*([pytest.mark.slow] if name in SLOW else []),
-                                      *([pytest.mark.xfail(strict=True, raises=RuntimeError, reason=reason)]
-                                        if name in xfail else [])]) for name in names]
-
-
-MODELS = _params([*FAST, *SLOW])
-SCRIPT_MODELS = _params([*FAST, *SLOW], SCRIPT_FAILS, "the SE layer's unsqueeze_as under timm's JIT settings: "
-                        "'Expected Tensor but got None' (fixed in the layer by the settings branch)")
-
-
-def _result(name: str, **kwargs) -> torch.nn.Module:
-    """The SE result of timm model `name` (``fill``: models with SE in some blocks get it in the others)."""
-    model, report = se_inject.inject(f"timm:{name}", seed=0, input_size=SIZE, fill=True, **kwargs)
+def _result(name: str, *, features: bool = False) -> torch.nn.Module:
+    """The SE result of timm model `name` (``fill``: models with SE in some blocks get it in the others), or its
+    feature extractor, the one ``timm.create_model(name, features_only=True)`` builds."""
+    model, report = se_inject.inject(f"timm:{name}", se_inject.Settings(fill=True), seed=0, input_size=SIZE)
     assert report.plan.sites
-    return model
+    return se_inject.wrap_features(model, report.plan) if features else model
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +86,7 @@ def test_model_backward(results, name):
 
 
 @pytest.mark.usefixtures("timm_jit_settings")
-@pytest.mark.parametrize("name", SCRIPT_MODELS)
+@pytest.mark.parametrize("name", MODELS)
 def test_model_forward_torchscript(name):
     with timm.set_scriptable(True):
         model = _result(name).eval()
@@ -135,7 +121,7 @@ def test_model_forward_fx(results, name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_model_forward_features(name):
-    model = _result(name, features_only=True).eval()
+    model = _result(name, features=True).eval()
     expected = model.feature_info.channels()
     assert len(expected) >= 4
     outputs = model(_inputs())
