@@ -1,6 +1,8 @@
 """Building a model from its `ModelSpec` with random weights, on any device (on "meta" without memory or init
-time). Nothing is downloaded and nothing outside the model being built is changed: no process-wide patching, so
-another thread that builds or loads a model meanwhile is not affected."""
+time). Nothing is downloaded and no function or method is replaced (torchvision's weights loading is left out
+through a stand-in for the weights, `_ArchitectureOf`), so another thread that builds or loads a model meanwhile is
+not affected. Process-wide still: a `seed` seeds torch's CPU generator for the build (`seeded`, restored after), and
+the builders' warnings are silenced with `warnings.catch_warnings`."""
 
 from __future__ import annotations
 
