@@ -280,7 +280,7 @@ def _no_match_message(model: nn.Module, findings: Findings) -> str:
         return (f"no matching blocks: this is a {category} with no convolutional block (its only convolutions are a "
                 f"stem, patch embedding, positional encoding or attention pooling), and SE recalibrates the channels "
                 f"of a convolutional block's feature map; {len(findings.recipes)} recipes tried. Its blocks: {found}. "
-                f"To choose a place yourself, name its blocks in a recipe file (--recipe-file, Python: recipe_files=; "
+                f"To choose a place yourself, name its blocks in a recipe file (--recipe-file, Python: recipes=[PATH]; "
                 f"docs/recipes.md)")
     return (f"no matching blocks ({category}): none of the {len(findings.recipes)} recipes names its blocks ({found}); "
             "write a recipe for them (see `se-inject recipes` and docs/recipes.md) and pass it: recipes=[PATH] "
