@@ -40,9 +40,9 @@ _LAZY = {
     "create_attention": "layers.attention",
     "list_attention": "layers.attention",
     "SqueezeExcite": "layers.squeeze_excite",
-    "build_model": "engine.models",
-    "resolve_model": "engine.models",
-    "ModelSpec": "engine.models",
+    "build_model": "engine.build",
+    "resolve_model": "engine.resolve",
+    "ModelSpec": "engine.resolve",
     "save": "api",
     "load": "io.checkpoint",
     "read_plan": "io.checkpoint",
@@ -51,12 +51,13 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .api import inject, save
+    from .engine.build import build_model
     from .engine.find import find_sites
     from .engine.measure import count
-    from .engine.models import ModelSpec, build_model, resolve_model
     from .engine.plan import Plan, Site
     from .engine.planning import make_plan
     from .engine.recipes import get_recipe, list_recipes, load_recipe_file
+    from .engine.resolve import ModelSpec, resolve_model
     from .engine.surgery import apply_plan
     from .io.checkpoint import load, read_plan
     from .io.features import wrap_features

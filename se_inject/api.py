@@ -12,31 +12,24 @@ from typing import Any
 
 from torch import nn
 
+from .engine.build import build_model, seeded
 from .engine.coverage import CallWatch, check_other_paths
 from .engine.drift import Drift, compare, image_batch, random_batch
 from .engine.drift import outputs as drift_outputs
 from .engine.find import Findings, find_sites
+from .engine.inputs import default_input_size, parse_input_size
 from .engine.measure import Counts, count, count_params
 from .engine.memory import check_forward_memory
 from .engine.meta import is_meta, meta_copy
-from .engine.models import (
-    ModelSpec,
-    build_model,
-    check_state_dict,
-    default_input_size,
-    load_weights,
-    parse_input_size,
-    read_state_dict,
-    resolve_model,
-    seeded,
-)
 from .engine.patterns import architecture_category
 from .engine.plan import Plan, Skip
 from .engine.planning import make_plan
 from .engine.recipes import resolve_recipes
+from .engine.resolve import ModelSpec, resolve_model
 from .engine.surgery import apply_plan
 from .engine.tasks import model_task
 from .engine.verify import verify_plan
+from .engine.weights import check_state_dict, load_weights, read_state_dict
 from .errors import NoSitesError, SurgeryError, UsageError
 from .io.atomic import foreign_entries, write_folder
 from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_checkpoint, write_text
@@ -284,7 +277,8 @@ def _no_match_message(model: nn.Module, findings: Findings) -> str:
                 f"To choose a place yourself, name its blocks in a recipe file (--recipe-file, Python: recipes=[PATH]; "
                 f"docs/recipes.md)")
     return (f"no matching blocks ({category}): none of the {len(findings.recipes)} recipes names its blocks ({found}); "
-            "write a recipe for them (see `se-inject recipes` and docs/recipes.md) and pass --recipe-file")
+            "write a recipe for them (see `se-inject recipes` and docs/recipes.md) and pass it: recipes=[PATH] "
+            "(--recipe-file)")
 
 
 def _in_model_order(model: nn.Module, skipped: tuple[Skip, ...]) -> tuple[Skip, ...]:

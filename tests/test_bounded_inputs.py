@@ -183,7 +183,7 @@ def test_a_factory_that_exits_or_debugs_is_a_one_line_error(factory, text):
 def test_several_sites_on_one_block_each_run_once_and_round_trip(tmp_path):
     import dataclasses
 
-    from se_inject.engine.models import build_model
+    from se_inject.engine.build import build_model
     from se_inject.engine.surgery import apply_plan
 
     _, report = se_inject.inject("timm:test_resnet", seed=1, device="meta")
@@ -258,7 +258,7 @@ def test_a_plan_load_would_refuse_is_refused_at_save_naming_the_limit(tmp_path, 
 def test_a_site_in_a_detectors_heads_is_refused_at_load(tmp_path):
     import dataclasses
 
-    from se_inject.engine.models import build_model
+    from se_inject.engine.build import build_model
     from se_inject.engine.surgery import apply_plan
 
     _, report = se_inject.inject("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", se_inject.Settings(fill=True),

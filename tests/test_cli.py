@@ -284,7 +284,7 @@ def test_the_vocabulary_is_what_the_library_implements():
 
 
 def test_factory_next_to_its_file(tmp_path, monkeypatch):
-    from se_inject.engine.models import resolve_model
+    from se_inject.engine.resolve import resolve_model
 
     (tmp_path / "mynets_factory.py").write_text(
         "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 8, 3))\n"

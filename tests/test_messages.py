@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import se_inject
 from se_inject.cli.commands import app
 from se_inject.cli.render import export_line
-from se_inject.engine.models import read_state_dict
+from se_inject.engine.weights import read_state_dict
 from se_inject.errors import NoSitesError, WeightsError
 
 runner = CliRunner()

@@ -11,7 +11,9 @@ from safetensors.torch import save_file
 
 import se_inject
 from se_inject import UnknownModelError, UsageError, WeightsError
-from se_inject.engine.models import ModelSpec, build_model, default_input_size, parse_input_size, resolve_model
+from se_inject.engine.build import build_model
+from se_inject.engine.inputs import default_input_size, parse_input_size
+from se_inject.engine.resolve import ModelSpec, resolve_model
 
 
 def test_bare_names_prefer_timm_and_prefixes_force_the_source():
@@ -73,7 +75,7 @@ def test_meta_build_of_a_constructor_that_computes_with_tensors():
     """torchvision's RegNet computes its widths with tensors: it is built on the CPU with every parameter and buffer
     moved to the meta device as it is registered; afterwards (also after a constructor that raised) modules are
     built as usual again."""
-    from se_inject.engine.models import empty_weights
+    from se_inject.engine.build import empty_weights
 
     spec = resolve_model("torchvision:regnet_y_400mf")
     with pytest.raises(NotImplementedError), torch.device("meta"):  # the direct route fails
@@ -116,3 +118,55 @@ def test_weights_for_another_architecture_name_the_keys(tmp_path):
     assert "layer" in str(info.value)
     with pytest.raises(WeightsError, match="shape mismatches"):
         se_inject.inject("torchvision:resnet50", weights=path, device="meta")
+
+
+def _during_build(monkeypatch, cls, work):
+    """Run `work` in a second thread while `cls` is being constructed (its ``__init__`` has run) and return its
+    result: the window in which a build could disturb the rest of the process."""
+    import threading
+
+    init, results = cls.__init__, []
+
+    def init_then_work(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if threading.current_thread() is threading.main_thread():  # not in the work's own builds
+            thread = threading.Thread(target=lambda: results.append(work()))
+            thread.start()
+            thread.join()
+
+    monkeypatch.setattr(cls, "__init__", init_then_work)
+    return results
+
+
+def test_a_tagged_torchvision_build_leaves_other_threads_loading_weights(tmp_path, monkeypatch):
+    """Building ``squeezenet1_0.IMAGENET1K_V1`` (the architecture of those weights, without them) patches nothing: a
+    second thread that loads those very weights meanwhile gets them, through the real load functions."""
+    from torchvision.models._api import WeightsEnum
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.SqueezeNet1_0_Weights.IMAGENET1K_V1
+    state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v
+             for k, v in torchvision.models.squeezenet1_0().state_dict().items()}
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1])
+    loads, get_state_dict = torch.nn.Module.load_state_dict, WeightsEnum.get_state_dict
+
+    def load():
+        model = torchvision.models.squeezenet1_0(weights=weights)
+        patched = torch.nn.Module.load_state_dict is not loads or WeightsEnum.get_state_dict is not get_state_dict
+        return patched, all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+    results = _during_build(monkeypatch, torchvision.models.SqueezeNet, load)
+    built = build_model(resolve_model("torchvision:squeezenet1_0.IMAGENET1K_V1"), seed=0)
+    assert results == [(False, True)]
+    assert not torch.equal(built.classifier[1].weight, state["classifier.1.weight"])  # random weights here
+    assert built.classifier[1].out_channels == len(weights.meta["categories"])
+
+
+def test_a_meta_build_that_computes_with_tensors_leaves_other_threads_modules_alone(monkeypatch):
+    """torchvision's RegNet is built for the meta device by moving each tensor there as it is registered (torch's
+    process-wide registration hooks): a module another thread builds meanwhile keeps real tensors."""
+    results = _during_build(monkeypatch, torchvision.models.RegNet, lambda: torch.nn.Linear(2, 2).weight.is_meta)
+    meta = build_model(resolve_model("torchvision:regnet_y_400mf"), device="meta")
+    assert all(t.is_meta for t in meta.state_dict().values())
+    assert results[-1] is False  # the last build is the one under the hooks (the direct meta build failed first)

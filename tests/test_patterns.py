@@ -12,8 +12,9 @@ from torch import nn
 
 import se_inject
 from se_inject import RecipeFileError, load_recipe_file
-from se_inject.engine.models import build_model, resolve_model
+from se_inject.engine.build import build_model
 from se_inject.engine.patterns import conv_chain, match_block, trace_block
+from se_inject.engine.resolve import resolve_model
 from se_inject.engine.surgery import apply_plan
 
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject.cli.commands import app
-from se_inject.engine.models import ModelSpec, resolve_model
+from se_inject.engine.resolve import ModelSpec, resolve_model
 from se_inject.errors import UnknownModelError, WeightsError
 
 

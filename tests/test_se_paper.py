@@ -9,8 +9,9 @@ import timm
 from timm.layers import SEModule
 
 import se_inject
+from se_inject.engine.build import build_model
 from se_inject.engine.measure import count
-from se_inject.engine.models import build_model, resolve_model
+from se_inject.engine.resolve import resolve_model
 
 # Hu et al., Squeeze-and-Excitation Networks, Table 10: SE-ResNet-50's parameters (millions) at reduction ratio r.
 PAPER_TABLE_10 = {2: 45.7, 4: 35.7, 8: 30.7, 16: 28.1, 32: 26.9}

@@ -591,7 +591,7 @@ def test_input_size_no_machine_can_hold(tmp_path, monkeypatch):
 def test_unreadable_files_say_permission_denied(saved, tmp_path, monkeypatch):
     import builtins
 
-    import se_inject.engine.models
+    import se_inject.engine.weights
 
     weights = tmp_path / "w.pth"
     torch.save(timm.create_model("test_resnet").state_dict(), weights)
@@ -602,7 +602,7 @@ def test_unreadable_files_say_permission_denied(saved, tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(se_inject.engine.models, "open", denied, raising=False)
+    monkeypatch.setattr(se_inject.engine.weights, "open", denied, raising=False)
     one_line(cli("timm:test_resnet", "--weights", str(weights), "--dry-run"), 1, "permission denied")
     one_line(cli("export", str(saved[2]), "-f", "onnx"), 1, "permission denied")
 

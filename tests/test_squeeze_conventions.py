@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject.cli.commands import app
-from se_inject.engine.models import build_model, resolve_model
+from se_inject.engine.build import build_model
+from se_inject.engine.resolve import resolve_model
 
 
 def _meta(name: str) -> torch.nn.Module:

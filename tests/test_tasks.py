@@ -15,8 +15,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import get_model
 
 import se_inject
+from se_inject.engine.build import build_model
+from se_inject.engine.inputs import default_input_size, parse_input_size
 from se_inject.engine.meta import meta_copy
-from se_inject.engine.models import ModelSpec, build_model, default_input_size, parse_input_size, resolve_model
+from se_inject.engine.resolve import ModelSpec, resolve_model
 from se_inject.engine.tasks import model_task, torchvision_task
 from se_inject.errors import ExportError, NoSitesError, UsageError
 from se_inject.io.export import export
@@ -305,7 +307,7 @@ def test_faster_rcnn_gets_se_resnet50s_16_bottlenecks_with_exact_counts():
     assert [s["path"] for s in sites][:3] == ["backbone.body.layer1.0", "backbone.body.layer1.1",
                                               "backbone.body.layer1.2"]
     assert all(s["path"].startswith("backbone.body.") for s in sites)
-    seresnet = se_inject.engine.models.build_model(ModelSpec("timm", "seresnet50"), device="meta")
+    seresnet = build_model(ModelSpec("timm", "seresnet50"), device="meta")
     widths = [(m.fc1.in_channels, m.fc1.out_channels) for n, m in seresnet.named_modules() if n.endswith(".se")]
     assert [(s["channels"], s["squeeze_channels"]) for s in sites] == widths
     assert report.after.params - report.before.params == 2_530_992  # SE-ResNet-50's increase

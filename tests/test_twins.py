@@ -14,7 +14,8 @@ from conftest import randomize_norm_stats
 from torch import nn
 
 import se_inject
-from se_inject.engine.models import build_model, resolve_model
+from se_inject.engine.build import build_model
+from se_inject.engine.resolve import resolve_model
 from se_inject.engine.twins import CHANNEL_ATTENTION, Twin, config_families, config_twins
 from se_inject.layers.attention import is_attention
 

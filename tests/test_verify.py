@@ -235,8 +235,7 @@ def test_stochastic_depth_rates_do_not_multiply_checks(monkeypatch, rates, check
 
 
 def test_verification_leaves_the_users_model_alone():
-    models = se_inject.engine.models
-    model = randomize_norm_stats(models.build_model(models.resolve_model("timm:test_resnet")))
+    model = randomize_norm_stats(se_inject.build_model(se_inject.resolve_model("timm:test_resnet")))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     se_inject.inject(model, seed=0)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

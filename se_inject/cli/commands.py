@@ -294,7 +294,8 @@ def _base_model(name: str | None, seed: int) -> Any:
     """The model the user names on the command line (their own code runs: they named it)."""
     if name is None:
         return None
-    from ..engine.models import build_model, resolve_model
+    from ..engine.build import build_model
+    from ..engine.resolve import resolve_model
 
     return build_model(resolve_model(name), seed=seed)
 

@@ -31,7 +31,8 @@ from typing import Any
 from torch import nn
 
 from ..layers.attention import class_path, is_attention
-from .models import ModelSpec, build_model
+from .build import build_model
+from .resolve import ModelSpec
 from .twins import config_twins
 from .widths import OwnSE, WidthRule, block_activation, design_of, fits, fitting_rules, read_own_se, staged_rules, width
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..settings import SESettings, Settings
-from .models import ModelSpec
+from .resolve import ModelSpec
 
 PLAN_FORMAT = "se-inject.plan/1"
 

@@ -9,8 +9,8 @@ from ..layers.attention import site_attention
 from ..names import VARIANTS
 from ..settings import Settings, site_settings
 from .find import Findings, Match
-from .models import ModelSpec
 from .plan import Plan, Site
+from .resolve import ModelSpec
 
 
 def _site(match: Match, settings: Settings) -> Site:

@@ -30,8 +30,8 @@ from ..names import (
     attribute_name_problem,
 )
 from ..settings import OPTION_KEYS, PLAN_SITE_KEYS, SESettings, Settings, SettingsError
-from .models import ModelSpec
 from .plan import PLAN_FORMAT, Plan, Site
+from .resolve import ModelSpec
 
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
 _CHILD_PATH = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")

@@ -34,10 +34,10 @@ from torch import nn
 from ..errors import SurgeryError, describe
 from ..layers.attention import class_path, create_attention, init_attention
 from ..names import attribute_name_problem
+from .build import seeded
 from .fusion import fuse, fused_class, layer_class
-from .keys import BoundedCache, freeze, module_key
+from .keys import BoundedCache, code_key, freeze, module_key
 from .meta import is_meta, training_flags
-from .models import seeded
 from .plan import Plan, Site
 
 
@@ -98,7 +98,7 @@ def insert(block: nn.Module, site: Site, module: nn.Module) -> None:
             raise SurgeryError(f"{site.path}: slot {site.slot!r} already holds a {type(current).__name__}")
         block_key = module_key(block, modes=False)  # before the fill: the module is an opaque call, keyed by class
         setattr(block, site.slot, module)
-        cls, fused = _slot_rewrite(block, site.slot, site.fixed_args, block_key, layer_class(module))
+        cls, fused = _slot_rewrite(block, site.slot, site.fixed_args, block_key, code_key(layer_class(module)))
         if fused:
             module.__class__ = fused_class(type(module))
         if cls is not None:
@@ -111,13 +111,14 @@ _slot_rewrites: BoundedCache[Hashable, tuple[type | None, bool]] = BoundedCache(
 
 
 def _slot_rewrite(
-    block: nn.Module, slot: str, fixed: dict[str, Any], block_key: Hashable | None, kind: type
+    block: nn.Module, slot: str, fixed: dict[str, Any], block_key: Hashable | None, kind: Hashable | None
 ) -> tuple[type | None, bool]:
     """For a filled slot: the block's class with its graph fused around the slot's module (`fusion.fuse`), or None
     where fusing changes nothing (or the forward does not trace), and whether the module takes its fused class.
-    Cached by the block's exact state before the fill (`block_key`, traced in both modes), the module's class and
-    the fixed arguments: the graph calls the module opaquely, and fusing depends on its class alone."""
-    key = None if block_key is None else (block_key, slot, kind, freeze(fixed))
+    Cached by the block's exact state before the fill (`block_key`, traced in both modes, its code included), the
+    module's class and code (`kind`) and the fixed arguments: the graph calls the module opaquely, and fusing
+    depends on its class alone."""
+    key = None if block_key is None or kind is None else (block_key, slot, kind, freeze(fixed))
     cached = _slot_rewrites.get(key) if key is not None else None
     if cached is None:
         try:
@@ -234,12 +235,13 @@ def _trace(block: nn.Module, anchor: str, path: str, fixed: dict[str, Any]) -> t
 def rewrite_forward(block: nn.Module, site: Site, module: nn.Module) -> None:
     """Swap `block`'s class for a subclass whose forward also calls `module` (added as child ``site.name``).
 
-    The rewritten class is computed once per exact block state (`module_key`), site place and module class: blocks
-    alike (a stage's repeated blocks) take the class of the first without being traced again. Training flags are not
-    part of the key: the block is traced in both modes, and one that branches on them is refused."""
-    block_key = module_key(block, modes=False)
-    key = None if block_key is None else (block_key, site.anchor, site.position, site.name, freeze(site.fixed_args),
-                                          layer_class(module))
+    The rewritten class is computed once per exact block state (`module_key`: its values and its classes' code),
+    site place and module class and code: blocks alike (a stage's repeated blocks) take the class of the first
+    without being traced again, and a block whose class's forward was patched since is traced anew. Training flags
+    are not part of the key: the block is traced in both modes, and one that branches on them is refused."""
+    block_key, kind = module_key(block, modes=False), code_key(layer_class(module))
+    key = None if block_key is None or kind is None else (
+        block_key, site.anchor, site.position, site.name, freeze(site.fixed_args), kind)
     cached = _rewrites.get(key) if key is not None else None
     if cached is not None:
         cls, fused = cached
@@ -422,8 +424,9 @@ def _wrapped_class(cls: type, name: str, position: str) -> type:
         problem = f"unknown position {position!r}"
     if problem:
         raise SurgeryError(f"invalid module name: {problem}")
-    key = (cls, "wrap", name, position)
-    generated = _classes.get(key)
+    code = code_key(cls)  # the class's own forward is copied into the generated one: keyed by its code
+    key = None if code is None else (code, "wrap", name, position)
+    generated = _classes.get(key) if key is not None else None
     if generated is None:
         base = getattr(cls, "__se_inject_base__", cls)
         params = list(inspect.signature(cls.forward).parameters)[1:]
@@ -440,5 +443,6 @@ def _wrapped_class(cls: type, name: str, position: str) -> type:
         renamed.__annotations__, renamed.__qualname__ = inner.__annotations__, inner.__qualname__
         generated = _generate(cls, ("wrap", _recipe_of(cls), name, position),
                               {"forward": forward, "se_inject_forward": renamed})
-        _classes[key] = generated
+        if key is not None:
+            _classes[key] = generated
     return generated

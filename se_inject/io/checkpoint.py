@@ -18,19 +18,14 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..engine.build import build_model
 from ..engine.coverage import check_calls
 from ..engine.meta import as_meta
-from ..engine.models import (
-    ModelSpec,
-    build_model,
-    check_readable,
-    check_state_dict,
-    load_state,
-    registered,
-)
 from ..engine.plan import Plan
+from ..engine.resolve import ModelSpec, registered
 from ..engine.schema import plan_from_data
 from ..engine.surgery import apply_plan
+from ..engine.weights import check_readable, check_state_dict, load_state
 from ..errors import CheckpointError, SEInjectError, WeightsError, describe
 from .features import feature_options, is_feature_extractor, wrap_features
 

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.build import build_model
 from ..engine.memory import check_forward_memory
-from ..engine.models import ModelSpec, build_model, split_tag, torchvision_weights_enum
 from ..engine.plan import Plan
+from ..engine.resolve import ModelSpec, split_tag, torchvision_weights_enum
 from ..engine.surgery import apply_plan
 from ..engine.tasks import example_inputs, model_task
 from ..engine.twins import config_twins

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.models import ModelSpec, check_state_dict, load_state, split_tag
 from ..engine.plan import Plan
+from ..engine.resolve import ModelSpec, split_tag
 from ..engine.surgery import apply_plan
+from ..engine.weights import check_state_dict, load_state
 from ..errors import UsageError
 from ..layers.attention import attention_classes
 

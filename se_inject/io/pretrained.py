@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ..engine.models import ModelSpec, split_tag, torchvision_weights_enum
+from ..engine.resolve import ModelSpec, split_tag, torchvision_weights_enum
 from ..errors import WeightsError, describe
 
 HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub loader tries, in its order

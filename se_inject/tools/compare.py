@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..api import inject
-from ..engine.models import build_model, resolve_model
+from ..engine.build import build_model
+from ..engine.resolve import resolve_model
 from ..errors import UsageError
 from ..names import VARIANTS
 from ..settings import OPTION_KEYS, Settings

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ..api import inject
-from ..engine.models import build_model, resolve_model, split_tag, timm_names, torchvision_names
+from ..engine.build import build_model
 from ..engine.patterns import architecture_category
+from ..engine.resolve import resolve_model, split_tag, timm_names, torchvision_names
 from ..engine.tasks import TASKS, torchvision_task
 from ..errors import NoSitesError, SEInjectError, UsageError, describe
 from ..io.atomic import write_folder
