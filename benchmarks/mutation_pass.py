@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown module(s): {', '.join(sorted(unknown))}")
     per_module = [args.limit // len(modules) + (i < args.limit % len(modules)) for i in range(len(modules))]
-    chosen = {m: sample(m, (ROOT / TARGETS[m][0]).read_text(), n, args.seed) for m, n in zip(modules, per_module, strict=True)}
+    chosen = {m: sample(m, (ROOT / TARGETS[m][0]).read_text(), n, args.seed)
+              for m, n in zip(modules, per_module, strict=True)}
     if args.list:
         for module, mutants in chosen.items():
             for m in mutants:
