@@ -12,6 +12,7 @@ from ..errors import OutputExistsError, UsageError
 from ..names import EXPORT_FORMATS
 from .atomic import check_names
 
+# Every name the writers (io.checkpoint, io.export) put in an output folder: the names the check guards.
 OUTPUT_FILES = ("model.safetensors", "report.json", "config.json", "model.pt", "model.pt2", "model.onnx")
 MIN_OPSET = 18  # the oldest opset torch's dynamo-based ONNX exporter writes directly
 
