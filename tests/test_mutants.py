@@ -1,7 +1,8 @@
 """Behaviours a mutation pass (benchmarks/mutation_pass.py) found unpinned, each pinned by a fast test: an inserted
-module that runs twice, or takes its anchor's output in one call only; a plan whose checksum does not match; the
-BatchNorm of ReXNet's own SE; a fill width that must fit every one of a model's own SE modules; the --min-channels
-boundary."""
+module that runs twice, or takes (or feeds) its anchor in one call only, or that a second forward path skips; a plan
+whose checksum does not match, a folder saved from a model object, a tensor safetensors cannot store; a norm inside
+an attention module in the counts, and counting stopped by a failure; the BatchNorm of ReXNet's own SE; a fill width
+that must fit every one of a model's own SE modules; the --min-channels boundary."""
 
 from __future__ import annotations
 
@@ -89,6 +90,50 @@ def test_a_module_off_its_anchor_in_one_call_of_two_is_found(hosted):
     assert "does not take the output of 'bn'" in problems[site.path]
 
 
+def test_a_module_before_its_anchor_that_feeds_it_in_one_call_of_two_is_found(tmp_path):
+    """With SE before `bn`, every call of `bn` must take the module's output, not any."""
+    recipe = tmp_path / "before.toml"
+    recipe.write_text(f'name = "before"\n[[blocks]]\nclasses = ["{class_path(Host)}"]\nbefore = "bn"\n')
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Host()).eval()
+    injected, report = se_inject.inject(model, recipe="before", recipe_files=[recipe], input_size=16, seed=0)
+    site = report.plan.sites[0]
+    assert site.position == "before" and check_calls(injected, report.plan) == {}  # control
+    rewritten = type(injected.get_submodule(site.path)).forward
+
+    def alternating(block, x):
+        block.calls = getattr(block, "calls", 0) + 1
+        if block.calls % 2:
+            return rewritten(block, x)
+        return torch.relu(block.bn(block.se(block.conv(x)) + 0) + x)  # bn takes a copy of the module's output
+
+    broken = _misbehaving(injected, site.path, alternating)
+    broken.append(broken.get_submodule(site.path))
+    assert "'bn' does not take the output of" in check_calls(broken, report.plan)[site.path]
+
+
+class Tapped(Host):
+    """timm's ``forward_with_tap``: a second forward of the block, which a model's forward_intermediates runs."""
+
+    def forward_with_tap(self, x):
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+class TappedNet(nn.Sequential):
+    def forward_intermediates(self, x):
+        x = self[0](x)
+        for block in self[1:]:
+            x = block.forward_with_tap(x)
+        return x, []
+
+
+def test_a_site_a_second_forward_path_skips_is_refused(tmp_path):
+    recipe = tmp_path / "tapped.toml"
+    recipe.write_text(f'name = "tapped"\n[[blocks]]\nclasses = ["{class_path(Tapped)}"]\nafter = "bn"\n')
+    model = TappedNet(nn.Conv2d(3, 8, 3, padding=1), Tapped()).eval()
+    with pytest.raises(se_inject.NoSitesError, match="forward_intermediates"):
+        se_inject.inject(model, recipe="tapped", recipe_files=[recipe], input_size=16, seed=0)
+
+
 # --- a saved plan is checked against its checksum ---------------------------------------------------------------
 
 
@@ -117,6 +162,51 @@ def test_an_edited_plan_fails_its_checksum_even_without_the_weights_digest(saved
         se_inject.read_plan(bad)
     with pytest.raises(CheckpointError, match=r"checksum mismatch"):
         se_inject.load(bad, verify_weights=False)
+
+
+def test_a_folder_saved_from_a_model_object_needs_the_model(tmp_path):
+    model, report = se_inject.inject(timm.create_model("test_resnet"), seed=0, input_size=32)
+    se_inject.save(model, report.plan, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="saved from a model object; pass the base model"):
+        se_inject.load(tmp_path / "out")
+
+
+def test_a_tensor_safetensors_cannot_store_is_a_typed_error(tmp_path):
+    model, report = se_inject.inject("timm:test_resnet", seed=0)
+    model.register_buffer("phase", torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(se_inject.SEInjectError, match=r"phase: dtype torch\.complex64 has no safetensors code"):
+        se_inject.save(model, report.plan, tmp_path / "out")
+
+
+# --- counting: every op inside an attention module, its norms included ----------------------------------------
+
+
+def test_a_norm_inside_an_attention_module_is_counted():
+    """timm's SEModule with a BatchNorm on its bottleneck (ReXNet's): the norm's rd outputs add to its count."""
+    from se_inject.engine.measure import count
+
+    def ops(norm_layer):
+        se = timm.layers.SEModule(16, rd_channels=8, norm_layer=norm_layer)
+        return count(nn.Sequential(nn.Conv2d(3, 16, 1), se), (3, 4, 4)).attention_elementwise["1"]
+
+    assert ops(nn.BatchNorm2d) - ops(None) == 8
+
+
+def test_counting_stops_cleanly_when_a_counted_module_fails():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from se_inject.engine.measure import ElementwiseCounter
+
+    class Fails(nn.Module):
+        def forward(self, x):
+            x = x * 2
+            raise RuntimeError("boom")
+
+    module, x = Fails(), torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match="boom"), ElementwiseCounter({"m": module}) as counter:
+        module(x)
+    assert counter.ops == {"m": 6} and not counter.tallying()  # counted up to the failure
+    assert not _get_current_dispatch_mode_stack()
 
 
 # --- fill: the family's own SE, BatchNorm and width included ------------------------------------------------------
