@@ -83,7 +83,7 @@ def checks(device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     check("bfloat16 autocast + channels_last", err < 5e-2, f"relative L2 {err:.2e} vs float32, dtype {amp_out.dtype}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        se_inject.save(ours, report.plan, f"{tmp}/out", report=report.to_dict())
+        se_inject.save(ours, report, f"{tmp}/out")
         loaded = se_inject.load(f"{tmp}/out", model=copy.deepcopy(base_cpu)).to(device)
         with torch.inference_mode():
             err = rel(loaded(x), ours(x))

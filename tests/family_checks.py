@@ -1,6 +1,6 @@
-"""Checks shared by the family tests (tests/test_family_*.py), run on real CPU models: with identity-initialised SE
-a model keeps every weight and computes exactly what it computed; TorchScript and torch.export keep working where
-they worked before."""
+"""Checks shared by the family tests (tests/test_family_recipes.py, tests/test_family_details.py), run on real CPU
+models: with identity-initialised SE a model keeps every weight and computes exactly what it computed; TorchScript
+and torch.export keep working where they worked before."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def assert_identity_reproduces(
     return injected, report
 
 
-def assert_scripts_and_exports(model: nn.Module, size: int, **inject: Any) -> None:
-    """The model with SE scripts (where the base model scripts) and exports, computing what eager mode does."""
+def assert_scripts_and_exports(model: nn.Module, size: int, **inject: Any) -> tuple[nn.Module, bool]:
+    """The model with SE scripts (where the base model scripts) and exports, computing what eager mode does.
+    Returns ``(injected, scripted)``: whether the base model, and so the result, scripted."""
     try:
         torch.jit.script(model)
         scripts = True
@@ -60,6 +61,7 @@ def assert_scripts_and_exports(model: nn.Module, size: int, **inject: Any) -> No
         if scripts:
             torch.testing.assert_close(torch.jit.script(injected)(x), expected)
         torch.testing.assert_close(torch.export.export(injected, (x,)).module()(x), expected)
+    return injected, scripts
 
 
 def se_input(block: nn.Module, name: str, *args: Any) -> torch.Tensor:

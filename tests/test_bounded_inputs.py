@@ -25,7 +25,7 @@ from se_inject.io.checkpoint import write_safetensors_file
 def good(tmp_path_factory):
     model, report = se_inject.inject("timm:test_resnet", seed=1)
     directory = tmp_path_factory.mktemp("good") / "out"
-    se_inject.save(model, report.plan, directory, report=report.to_dict())
+    se_inject.save(model, report, directory)
     return directory
 
 

@@ -100,7 +100,7 @@ def test_load_errors_say_which(saved, tmp_path, damage):
         "missing": "no model.safetensors",
         "not-safetensors": "not a valid safetensors file",
         "no-plan": "no se-inject plan",
-        "tampered-plan": "modified",
+        "tampered-plan": r"plan in its metadata was modified \(checksum mismatch\)",  # not the weights digest's
         "wrong-weights": "do not match the plan",
     }[damage]
     if damage == "not-safetensors":

@@ -225,7 +225,7 @@ SAMPLE = [
 
 # The models of SAMPLE that get no site, and why (every other one gets sites).
 # (resnext26ts, convnext_atto, densenet121, shufflenet_v2_x1_0, squeezenet1_0 and vgg11 are covered by the family
-# recipes; tests/test_patterns.py and tests/test_family_*.py pin their sites.)
+# recipes; tests/test_patterns.py and tests/test_family_recipes.py pin their sites.)
 NO_SITES = {
     "timm:vit_tiny_patch16_224": "no-match", "torchvision:vit_b_16": "no-match",
     "timm:regnetv_040": "already-attention", "timm:efficientnet_b0": "already-attention",

@@ -33,7 +33,6 @@ MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
 PLAN_KEY = "se_inject.plan"
 PLAN_HASH_KEY = "se_inject.plan_sha256"
-OUTPUT_FILES = (MODEL_FILE, REPORT_FILE, "config.json", "model.pt", "model.pt2", "model.onnx")  # names it writes
 
 
 def library_versions() -> dict[str, str]:

@@ -13,6 +13,7 @@ from ..errors import OutputExistsError, UsageError
 from ..names import EXPORT_FORMATS
 from .atomic import RECORD_FILE, check_names
 
+# Every name the writers (io.checkpoint, io.export) put in an output folder: the names the check guards.
 OUTPUT_FILES = ("model.safetensors", "report.json", "config.json", "model.pt", "model.pt2", "model.onnx")
 SAVED_FILES = (*OUTPUT_FILES[:3], RECORD_FILE)  # what a saved folder is made of; exports are written beside
 MIN_OPSET = 18  # the oldest opset torch's dynamo-based ONNX exporter writes directly
