@@ -203,6 +203,8 @@ def _site(match: Match, settings: Settings) -> Site:
         act=defaults.act,
         layout=defaults.layout,
         norm=defaults.norm,
+        channels_last=match.channels_last,
+        prefix_tokens=match.prefix_tokens,
     )
     return Site(
         path=match.path,
@@ -263,6 +265,13 @@ def make_plan(
     if not kept:
         removed = ", ".join(m.path for m in findings.matches[:6]) + (", ..." if len(findings.matches) > 6 else "")
         raise NoSitesError(f"the filters removed all {len(findings.matches)} sites ({removed})", "filtered")
+    sequence = next((m for m in kept if m.channels_last and len(m.shape) == 3), None)
+    if sequence is not None and not VARIANTS[settings.attention].any_rank:
+        raise UsageError(
+            f"--attention {settings.attention} needs 2-D positions for its spatial map, but {sequence.path} takes a "
+            f"token sequence {tuple(sequence.shape[1:])} (tokens, channels); use "
+            f"{', '.join(k for k, v in VARIANTS.items() if v.any_rank)}"
+        )
     flat = next((m for m in kept if len(m.shape) != 4), None)
     if flat is not None and not VARIANTS[settings.attention].any_rank:
         raise UsageError(

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..layers import squeeze_excite
 from ..layers.squeeze_excite import ChannelGate
+from ..layers.tokens import TokenGate, unsqueeze_tokens
 from .keys import BoundedCache
 
 __all__ = ["FusedGate", "fusable", "fuse", "fused_class", "layer_class", "only_reader", "scale", "squeeze_through"]
@@ -101,6 +102,22 @@ class FusedGate:
         return _restore_fused, (type(self).__se_inject_layer__,), self.__dict__
 
 
+class FusedTokenGate(FusedGate):
+    """`FusedGate` for channels-last features (`TokenGate`): the gate broadcasts along the last axis."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: Optional[torch.Tensor] = None,  # noqa: UP045
+        squeezed: Optional[torch.Tensor] = None,  # noqa: UP045
+        inplace: bool = False,
+    ) -> torch.Tensor:
+        s = self.excite(self.squeeze(x) if squeezed is None else squeezed)
+        if self.gain != 1.0:
+            s = s * self.gain
+        return scale(x, unsqueeze_tokens(s, x), inplace, residual)
+
+
 _fused: BoundedCache[type, type] = BoundedCache(64)
 
 
@@ -110,7 +127,8 @@ def fused_class(cls: type) -> type:
         return cls
     fused = _fused.get(cls)
     if fused is None:
-        fused = type(cls.__name__, (FusedGate, cls), {"__se_inject_layer__": cls, "__module__": cls.__module__,
+        mixin = FusedTokenGate if issubclass(cls, TokenGate) else FusedGate
+        fused = type(cls.__name__, (mixin, cls), {"__se_inject_layer__": cls, "__module__": cls.__module__,
                                                       "__qualname__": cls.__qualname__})
         _fused[cls] = fused
     return fused

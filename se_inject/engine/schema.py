@@ -105,7 +105,7 @@ def _choice(field: str, value: Any, choices: tuple[str, ...] | list[str]) -> str
 
 def _attention(field: str, data: Any) -> AttentionSpec:
     names = {"kind", "channels", "rd_channels", "kernel_size", "bias", "gate", "gain"}
-    _keys(field, data, names, {"host_gain", "act", "layout", "norm"})
+    _keys(field, data, names, {"host_gain", "act", "layout", "norm", "channels_last", "prefix_tokens"})
     kind = _choice(f"{field}.kind", data["kind"], list(VARIANTS))
     channels = _int(f"{field}.channels", data["channels"], 1, MAX_CHANNELS)
     # A squeeze wider than its site exists only where a divisor rounded a narrow site up (at most MAX_DIVISOR).
@@ -127,8 +127,14 @@ def _attention(field: str, data: Any) -> AttentionSpec:
         raise _fail(f"{field}.norm", f"expected true (with the 'fc' layout) or false, got {norm!r}")
     if kind != "se" and (act, layout, norm) != ("relu", "fc", False):
         raise _fail(f"{field}.act", f"only the 'se' variant takes an activation, layout and norm, not {kind!r}")
+    channels_last = data.get("channels_last", False)
+    if not isinstance(channels_last, bool):
+        raise _fail(f"{field}.channels_last", f"expected true or false, got {channels_last!r}"[:300])
+    prefix = _int(f"{field}.prefix_tokens", data.get("prefix_tokens", 0), 0, MAX_CHANNELS)
+    if prefix and not channels_last:
+        raise _fail(f"{field}.prefix_tokens", "prefix tokens exist on channels-last (token) features only")
     return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, gain, host_gain, act, layout,
-                         norm)
+                         norm, channels_last, prefix)
 
 
 def _site(field: str, data: Any) -> Any:

@@ -18,6 +18,7 @@ from ..names import INITS, VARIANTS
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention, eca_kernel_size
 from .squeeze_excite import GATE_LAYERS, EffectiveSqueezeExcite, SqueezeExcite, SqueezeExciteConv
+from .tokens import TOKEN_LAYERS
 
 # Module structures of an SE layer (names.LAYOUTS), named as the families whose state_dict they reproduce.
 LAYOUTS: dict[str, type[SqueezeExcite]] = {
@@ -43,6 +44,9 @@ class AttentionSpec:
         act: The activation between SE's FC layers (the paper's ReLU, or the family's block activation).
         layout: The names of SE's layers (`LAYOUTS`): "fc" (timm ``SEModule``) or "conv" (timm EfficientNet).
         norm: A BatchNorm between SE's layers (ReXNet's SE); "fc" layout only.
+        channels_last: The features are channels-last, as a transformer's tokens (B, N, C) or maps (B, H, W, C),
+            (B, T, H, W, C) (`se_inject.layers.tokens`); false for NCHW maps.
+        prefix_tokens: Leading tokens of a sequence left out of the squeeze (class, distillation, register tokens).
     """
 
     kind: str
@@ -56,6 +60,8 @@ class AttentionSpec:
     act: str = "relu"
     layout: str = "fc"
     norm: bool = False
+    channels_last: bool = False
+    prefix_tokens: int = 0
 
     @property
     def module_gain(self) -> float:
@@ -64,7 +70,8 @@ class AttentionSpec:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key, default in (("host_gain", 1.0), ("act", "relu"), ("layout", "fc"), ("norm", False)):
+        for key, default in (("host_gain", 1.0), ("act", "relu"), ("layout", "fc"), ("norm", False),
+                             ("channels_last", False), ("prefix_tokens", 0)):
             if data[key] == default:  # plans with the paper's settings read as they did before these fields
                 del data[key]
         return data
@@ -88,21 +95,32 @@ def register_attention(kind: str, cls: type[nn.Module]) -> Callable[[Builder], B
     return decorator
 
 
+def _layer(cls: type[nn.Module], spec: AttentionSpec, dd: dict[str, Any]) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The layer class for the spec's features (its channels-last form for tokens) and its keyword arguments."""
+    if not spec.channels_last:
+        return cls, dd
+    token = TOKEN_LAYERS[cls]
+    return token, {**dd, "prefix_tokens": spec.prefix_tokens} if cls is not ConvBlockAttention else dd
+
+
 @register_attention("se", SqueezeExcite)
 def _build_se(spec: AttentionSpec, **dd: Any) -> nn.Module:
-    return LAYOUTS[spec.layout](spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate,
-                                gain=spec.module_gain, act=spec.act, **({"norm": True} if spec.norm else {}), **dd)
+    cls, kw = _layer(LAYOUTS[spec.layout], spec, dd)
+    return cls(spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate, gain=spec.module_gain, act=spec.act,
+               **({"norm": True} if spec.norm else {}), **kw)
 
 
 @register_attention("eca", EfficientChannelAttention)
 def _build_eca(spec: AttentionSpec, **dd: Any) -> nn.Module:
-    return EfficientChannelAttention(spec.channels, spec.kernel_size, gate=spec.gate, gain=spec.module_gain, **dd)
+    cls, kw = _layer(EfficientChannelAttention, spec, dd)
+    return cls(spec.channels, spec.kernel_size, gate=spec.gate, gain=spec.module_gain, **kw)
 
 
 @register_attention("cbam", ConvBlockAttention)
 def _build_cbam(spec: AttentionSpec, **dd: Any) -> nn.Module:
-    return ConvBlockAttention(spec.channels, spec.rd_channels, kernel_size=spec.kernel_size, bias=spec.bias,
-                              gate=spec.gate, gain=spec.module_gain, **dd)
+    cls, kw = _layer(ConvBlockAttention, spec, dd)
+    return cls(spec.channels, spec.rd_channels, kernel_size=spec.kernel_size, bias=spec.bias, gate=spec.gate,
+               gain=spec.module_gain, **kw)
 
 
 @register_attention("cbam-timm", ConvBlockAttention)
@@ -112,7 +130,8 @@ def _build_cbam_timm(spec: AttentionSpec, **dd: Any) -> nn.Module:
 
 @register_attention("ese", EffectiveSqueezeExcite)
 def _build_ese(spec: AttentionSpec, **dd: Any) -> nn.Module:
-    return EffectiveSqueezeExcite(spec.channels, bias=spec.bias, gate=spec.gate, gain=spec.module_gain, **dd)
+    cls, kw = _layer(EffectiveSqueezeExcite, spec, dd)
+    return cls(spec.channels, bias=spec.bias, gate=spec.gate, gain=spec.module_gain, **kw)
 
 
 def list_attention() -> list[str]:
@@ -122,7 +141,7 @@ def list_attention() -> list[str]:
 def attention_spec(
     kind: str, channels: int, *, reduction: int, divisor: int, round_limit: float, bias: bool, gate: str | None,
     recipe_gate: str, init: str, squeeze_base: int | None = None, rounding: str = "divisible", host_gain: float = 1.0,
-    act: str = "relu", layout: str = "fc", norm: bool = False,
+    act: str = "relu", layout: str = "fc", norm: bool = False, channels_last: bool = False, prefix_tokens: int = 0,
 ) -> AttentionSpec:
     """The module for one site. The gate is the user's, else the variant's own (ESE: hard-sigmoid), else the
     recipe's. The squeeze width divides `squeeze_base` (default: `channels`) by r, rounded as `rounding` says.
@@ -148,6 +167,8 @@ def attention_spec(
         act=act if kind == "se" else "relu",
         layout=layout if kind == "se" else "fc",
         norm=norm and kind == "se" and layout == "fc",
+        channels_last=channels_last,
+        prefix_tokens=prefix_tokens if channels_last else 0,
     )
 
 
