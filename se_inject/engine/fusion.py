@@ -26,9 +26,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import squeeze_excite
+from ..layers import squeeze_excite, tokens
 from ..layers.squeeze_excite import ChannelGate
-from ..layers.tokens import TokenGate, unsqueeze_tokens
+from ..layers.tokens import TokenGate
 from .keys import BoundedCache
 
 __all__ = ["FusedGate", "fusable", "fuse", "fused_class", "layer_class", "only_reader", "scale", "squeeze_through"]
@@ -115,7 +115,7 @@ class FusedTokenGate(FusedGate):
         s = self.excite(self.squeeze(x) if squeezed is None else squeezed)
         if self.gain != 1.0:
             s = s * self.gain
-        return scale(x, unsqueeze_tokens(s, x), inplace, residual)
+        return scale(x, tokens.unsqueeze_tokens(s, x), inplace, residual)  # the module's name: fx's wrap patches it
 
 
 _fused: BoundedCache[type, type] = BoundedCache(64)

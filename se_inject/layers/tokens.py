@@ -47,9 +47,8 @@ def unsqueeze_tokens(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class TokenGate:
-    """Mixin turning a channel gate (`ChannelGate`: ``excite`` and ``gain``) into its channels-last form."""
-
-    prefix_tokens: int
+    """Mixin turning a channel gate (`ChannelGate`: ``excite`` and ``gain``) into its channels-last form; the
+    subclass sets ``prefix_tokens`` (an int: TorchScript reads it as a constant attribute of the module)."""
 
     def squeeze(self, x: torch.Tensor) -> torch.Tensor:
         return token_mean(x, self.prefix_tokens)
