@@ -27,15 +27,16 @@ _LAZY = {
     "list_recipes": "engine.recipes",
     "load_recipe_file": "engine.recipes",
     "inject": "api",
-    "Report": "api",
-    "make_plan": "api",
+    "Report": "report",
+    "make_plan": "engine.planning",
+    "wrap_features": "io.features",
     "find_sites": "engine.find",
     "apply_plan": "engine.surgery",
     "count": "engine.measure",
     "Plan": "engine.plan",
     "Site": "engine.plan",
-    "Settings": "engine.plan",
-    "AttentionSpec": "layers.attention",
+    "Settings": "settings",
+    "SESettings": "settings",
     "create_attention": "layers.attention",
     "list_attention": "layers.attention",
     "SqueezeExcite": "layers.squeeze_excite",
@@ -49,16 +50,20 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .api import Report, inject, make_plan
+    from .api import inject
     from .engine.find import find_sites
     from .engine.measure import count
     from .engine.models import ModelSpec, build_model, resolve_model
-    from .engine.plan import Plan, Settings, Site
+    from .engine.plan import Plan, Site
+    from .engine.planning import make_plan
     from .engine.recipes import get_recipe, list_recipes, load_recipe_file
     from .engine.surgery import apply_plan
     from .io.checkpoint import load, read_plan, save
-    from .layers.attention import AttentionSpec, create_attention, list_attention
+    from .io.features import wrap_features
+    from .layers.attention import create_attention, list_attention
     from .layers.squeeze_excite import SqueezeExcite
+    from .report import Report
+    from .settings import SESettings, Settings
     from .tools.finetune import new_parameters
 
 
@@ -70,8 +75,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The module's names, the lazily loaded ones included (tab completion)."""
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
-    "AttentionSpec",
     "CheckpointError",
     "ModelSpec",
     "NoSitesError",
@@ -80,6 +89,7 @@ __all__ = [
     "RecipeFileError",
     "Report",
     "SEInjectError",
+    "SESettings",
     "Settings",
     "Site",
     "SqueezeExcite",
@@ -105,4 +115,5 @@ __all__ = [
     "read_plan",
     "resolve_model",
     "save",
+    "wrap_features",
 ]

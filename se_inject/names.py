@@ -57,17 +57,13 @@ def attribute_name_problem(name: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Variant:
-    """What a variant is and its own defaults; `gate` None means the recipe's gate (sigmoid)."""
+    """What a variant is (its own settings are `se_inject.settings.VARIANT_SETTINGS`)."""
 
     name: str
     description: str
     reference: str
-    gate: str | None = None
     uses_reduction: bool = True
     params: str = ""  # per site, C channels, rd squeeze width, k kernel size
-    divisor: int | None = None  # the variant's own squeeze rounding where a recipe rounds C // r to a divisor
-    rounding: str | None = None  # the variant's own squeeze rounding (ROUNDINGS) where a recipe rounds to a divisor
-    bias: bool | None = None  # the variant's own bias in its FC layers; None means the recipe's
     any_rank: bool = True  # defined for maps of 1, 2 or 3 spatial dimensions (video, 1-D), not only (N, C, H, W)
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,13 +81,13 @@ VARIANTS = {
         Variant("cbam", "channel attention (avg- and max-pooled descriptors through one shared MLP with reduction r) "
                 "then spatial attention (channel-wise avg/max maps -> 7x7 conv + BN -> sigmoid)",
                 "Woo et al., CBAM: Convolutional Block Attention Module (the authors' code: rd = C // r, biases)",
-                params="2*C*rd + rd + C (with bias) + 98 + 2", divisor=1, any_rank=False),
+                params="2*C*rd + rd + C (with bias) + 98 + 2", any_rank=False),
         Variant("cbam-timm", "CBAM as timm's CbamModule builds it: the same modules and names as cbam, squeeze width "
                 "C / r rounded half up (at least 1) and no biases in the shared MLP",
                 "Woo et al., CBAM, as timm.layers.CbamModule implements it", params="2*C*rd + 98 + 2",
-                rounding="half-up", bias=False, any_rank=False),
+                any_rank=False),
         Variant("ese", "effective SE: global average pool -> one FC C->C -> hard-sigmoid -> scale",
-                "Lee & Park, CenterMask (VoVNetV2)", gate="hard-sigmoid", uses_reduction=False,
+                "Lee & Park, CenterMask (VoVNetV2)", uses_reduction=False,
                 params="C*C + C (with bias)"),
     )
 }

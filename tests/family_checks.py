@@ -28,7 +28,7 @@ def assert_identity_reproduces(
     kept with its tensor, only the SE modules' keys added, outputs exactly the base model's (in eval mode, and with
     `train` in training mode too). Returns ``(injected, report)`` in eval mode."""
     before = state_snapshot(model)
-    injected, report = se_inject.inject(model, seed=0, init="identity", input_size=size, **inject)
+    injected, report = se_inject.inject(model, se_inject.Settings(init="identity", **inject), seed=0, input_size=size)
     assert report.plan.sites
     assert not [s for s in report.skipped if not s.already_attention], report.skipped
     after = injected.state_dict()
@@ -53,7 +53,7 @@ def assert_scripts_and_exports(model: nn.Module, size: int, **inject: Any) -> No
         scripts = True
     except Exception:  # the base model does not script: nothing to keep
         scripts = False
-    injected, _ = se_inject.inject(model.eval(), seed=0, input_size=size, **inject)
+    injected, _ = se_inject.inject(model.eval(), se_inject.Settings(**inject), seed=0, input_size=size)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         expected = injected.eval()(x)

@@ -85,8 +85,8 @@ def test_blocks_differing_in_one_attribute_get_their_own_rewrite(first, second, 
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 1.5)
-    injected, report = se_inject.inject(net, init="identity", input_size=16, seed=0, recipe="branchy",
-                                      recipe_files=[recipe])
+    injected, report = se_inject.inject(net, se_inject.Settings(init="identity"), input_size=16, seed=0,
+                                        recipes=["branchy", recipe])
     assert [s.path for s in report.plan.sites] == ["blocks.0", "blocks.1"]
     assert not [s for s in report.skipped if not s.existing]
     x = torch.randn(2, 3, 16, 16)
@@ -190,7 +190,7 @@ def sec_saved(tmp_path_factory):
 def test_a_second_forward_path_runs_every_module():
     """timm's aligned Xception has ``forward_with_tap`` (forward_intermediates, feature extraction): it must run
     every SE, so the intermediates' final map equals forward_features'."""
-    model, report = se_inject.inject("xception41", seed=0, input_size=64, init="paper")
+    model, report = se_inject.inject("xception41", se_inject.Settings(init="paper"), seed=0, input_size=64)
     model.eval()
     assert check_calls(model, report.plan) == {}
     x = torch.randn(1, 3, 64, 64)
@@ -206,7 +206,7 @@ def test_a_site_skipped_by_a_second_forward_path_is_refused(tmp_path):
     recipe = tmp_path / "stack.toml"
     recipe.write_text('name = "stack"\n[[blocks]]\nclasses = ["timm.models.xception_aligned.XceptionModule"]\n'
                       'after = "stack"\nwhen = { no_skip = false }\n')
-    model, report = se_inject.inject("xception41", recipe_files=[recipe], recipe="stack", seed=0, input_size=64)
+    model, report = se_inject.inject("xception41", recipes=["stack", recipe], seed=0, input_size=64)
     refused = [s for s in report.skipped if "forward_intermediates" in s.reason]
     assert refused and all("runs 0 time" in s.reason for s in refused)
     model.eval()

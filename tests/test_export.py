@@ -114,7 +114,8 @@ def test_static_batch(injected_test_resnet, tmp_path):
 def test_torchscript_of_named_tuple_outputs(tmp_path):
     """Scripted torchvision GoogLeNet returns GoogLeNetOutputs(logits, aux1=None, aux2=None), eager a tensor."""
     base = torchvision.models.googlenet(init_weights=False, aux_logits=True).eval()
-    model, report = se_inject.inject(base, seed=0, input_size=64, inplace=True, include=["inception3a"])
+    model, report = se_inject.inject(base, se_inject.Settings(include=["inception3a"]), seed=0, input_size=64,
+                                     inplace=True)
     result = export(model.eval(), report.plan, "torchscript", tmp_path / "g.pt")
     loaded = torch.jit.load(str(tmp_path / "g.pt"))
     x = torch.randn(2, 3, 64, 64)

@@ -32,7 +32,7 @@ def _real(source: str, name: str) -> nn.Module:
 def test_recipe_invariants_on_small_models(source, name, recipe, size):
     model = _real(source, name)
     before = state_snapshot(model)
-    injected, report = se_inject.inject(model, seed=0, recipe=recipe, fill=True)
+    injected, report = se_inject.inject(model, se_inject.Settings(fill=True), seed=0, recipes=recipe)
     assert report.plan.recipes == (recipe,)
     after = injected.state_dict()
     for key, value in before.items():
@@ -149,7 +149,7 @@ def test_timm_efficientnet_fills_the_existing_slot():
 
 def test_regnet_paper_placement_leaves_the_mid_block_slot_alone():
     model = timm.create_model("regnetx_002").eval()
-    injected, report = se_inject.inject(model, seed=0, placement="paper")
+    injected, report = se_inject.inject(model, se_inject.Settings(placement="paper"), seed=0)
     block = injected.get_submodule(report.plan.sites[0].path)
     assert isinstance(block.se, nn.Identity)  # RegNet's own mid-block slot untouched
     assert isinstance(block.attn_last, SqueezeExcite)
@@ -167,7 +167,7 @@ def test_models_with_se_everywhere_are_reported():
     with pytest.raises(NoSitesError) as info:
         se_inject.inject("timm:regnety_002", device="meta")
     assert info.value.reason == "already-attention"
-    _, report = se_inject.inject("torchvision:mobilenet_v3_large", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("torchvision:mobilenet_v3_large", se_inject.Settings(fill=True), device="meta", seed=0)
     assert sum(s.already_attention for s in report.skipped) == 8  # the blocks that have SE keep theirs
     assert len(report.plan.sites) == 7
 
@@ -179,7 +179,7 @@ def test_shufflenet_takes_se_on_branch2_in_every_unit():
 
 
 def test_fused_mbconv_without_projection_is_skipped_with_reason():
-    _, report = se_inject.inject("torchvision:efficientnet_v2_s", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("torchvision:efficientnet_v2_s", se_inject.Settings(fill=True), device="meta", seed=0)
     reasons = {s.reason for s in report.skipped}
     assert "no pointwise projection to put SE before" in reasons
     assert all(s.block.endswith("FusedMBConv") for s in report.plan.sites)
@@ -203,7 +203,7 @@ def test_auto_detection_applies_every_matching_recipe_and_recipe_restricts():
     assert {s.path: s.recipe for s in report.plan.sites} == {"res": "resnet-residual", "mbv2": "inverted-residual"}
     # each recipe's convention: 64 // 16 -> 8 (to the divisor); input channels 64 / 4
     assert {s.path: s.squeeze_channels for s in report.plan.sites} == {"res": 8, "mbv2": 16}
-    _, only = se_inject.inject(TwoFamilies(), seed=0, input_size=32, recipe=["inverted-residual"])
+    _, only = se_inject.inject(TwoFamilies(), seed=0, input_size=32, recipes=["inverted-residual"])
     assert [s.path for s in only.plan.sites] == ["mbv2"]
 
 
@@ -249,14 +249,14 @@ def test_sample_across_families(name):
     for it in NO_SITES; partial-SE models only with fill."""
     if name in NO_SITES:
         with pytest.raises(NoSitesError) as info:
-            se_inject.inject(name, device="meta", seed=0, fill=True)
+            se_inject.inject(name, se_inject.Settings(fill=True), device="meta", seed=0)
         assert info.value.reason == NO_SITES[name]
         return
     if name in PARTIAL:
         with pytest.raises(NoSitesError) as info:
             se_inject.inject(name, device="meta", seed=0)
         assert info.value.reason == "partial-attention"
-    injected, report = se_inject.inject(name, device="meta", seed=0, fill=name in PARTIAL)
+    injected, report = se_inject.inject(name, se_inject.Settings(fill=name in PARTIAL), device="meta", seed=0)
     assert any(s.already_attention for s in report.skipped) == (name in PARTIAL)
     assert report.after.output_shapes == report.before.output_shapes
     se_params = sum(p.numel() for s in report.plan.sites for p in injected.get_submodule(s.module_path).parameters())

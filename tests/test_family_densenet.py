@@ -77,7 +77,7 @@ def test_in_child_needs_a_child(tmp_path):
 def test_densenet121_identity_script_and_export(source):
     model = timm.create_model("densenet121") if source == "timm" else torchvision.models.densenet121()
     model = randomize_norm_stats(model).eval()
-    injected, _ = se_inject.inject(model, seed=0, init="identity", input_size=32)
+    injected, _ = se_inject.inject(model, se_inject.Settings(init="identity"), seed=0, input_size=32)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = injected.eval()(x)

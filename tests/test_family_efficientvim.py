@@ -20,7 +20,7 @@ import se_inject
 def test_blocks_take_se_on_the_ffn_and_downsamples_keep_their_own():
     with pytest.raises(se_inject.NoSitesError, match="partial SE"):
         se_inject.inject("timm:efficientvim_m1", device="meta", seed=0)
-    model, report = se_inject.inject("timm:efficientvim_m1", device="meta", seed=0, fill=True)
+    model, report = se_inject.inject("timm:efficientvim_m1", se_inject.Settings(fill=True), device="meta", seed=0)
     blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, EfficientViMBlock)]
     assert report.plan.recipes == ("efficientvim",)
     assert [s.path for s in report.plan.sites] == [p for p, _ in blocks] and blocks

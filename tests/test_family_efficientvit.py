@@ -19,7 +19,7 @@ def test_fused_and_depthwise_mbconv_take_se_before_the_projection():
         expanded = block.point_conv.conv.in_channels
         expected.append((path, expanded, round(first.in_channels / 4)))
     assert any(type(m).__name__ == "FusedMBConv" for _, m in blocks)
-    injected, report = se_inject.inject(model, seed=0, init="identity", input_size=32)
+    injected, report = se_inject.inject(model, se_inject.Settings(init="identity"), seed=0, input_size=32)
     assert [(s.path, s.channels, s.squeeze_channels) for s in report.plan.sites] == expected
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

@@ -46,12 +46,12 @@ def test_partial_se_refused_by_default_and_filled_with_ghostnets_own_se(name):
         se_inject.inject(name, device="meta", seed=0)
     assert info.value.reason == "partial-attention"
 
-    _, report = se_inject.inject(name, device="meta", seed=0, fill=True)
+    _, report = se_inject.inject(name, se_inject.Settings(fill=True), device="meta", seed=0)
     assert report.plan.recipes == ("ghostnet",)
     assert report.to_dict()["already_attention"] == [p for p, _ in has]
     assert [(s.path, s.slot, s.channels, s.squeeze_channels) for s in report.plan.sites] == [
         (p, "se", c, _own_width(c)) for p, c in lacks]
-    assert {s.attention.gate for s in report.plan.sites} == {"hard-sigmoid"}
+    assert {s.attention.gate_layer for s in report.plan.sites} == {"hard-sigmoid"}
 
 
 @pytest.mark.parametrize("name", ["repghostnet_050", pytest.param("ghostnet_050", marks=pytest.mark.slow)])
@@ -72,7 +72,7 @@ def test_script_and_export(name):
 def test_filled_none_slots_save_and_load(tmp_path):
     """GhostNet v1's empty slot is None (not nn.Identity): the saved plan replays onto a fresh model exactly."""
     model = timm.create_model("ghostnet_050").eval()
-    injected, report = se_inject.inject(model, seed=0, input_size=64, fill=True)
+    injected, report = se_inject.inject(model, se_inject.Settings(fill=True), seed=0, input_size=64)
     se_inject.save(injected, report.plan, tmp_path / "out", report=report.to_dict())
     back = se_inject.load(tmp_path / "out", model=timm.create_model("ghostnet_050"))
     x = torch.randn(1, 3, 64, 64)

@@ -36,7 +36,7 @@ def test_every_conv_block_is_recognised_with_its_own_se(name, recipe, block_clas
     assert [s.path for s in findings.skipped] == [p for p, _ in blocks]
     assert all(s.already_attention and s.recipe == recipe for s in findings.skipped)
     with pytest.raises(NoSitesError) as caught:
-        se_inject.inject(name, device="meta", seed=0, fill=True)
+        se_inject.inject(name, se_inject.Settings(fill=True), device="meta", seed=0)
     assert caught.value.reason == "already-attention"
 
 

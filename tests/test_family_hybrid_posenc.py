@@ -35,5 +35,5 @@ def test_models_with_only_positional_or_embedding_convs_stay_no_match(name):
 
 def test_the_scan_reason_is_no_match():
     with pytest.raises(NoSitesError) as caught:
-        se_inject.inject("timm:mvitv2_tiny", device="meta", seed=0, fill=True)
+        se_inject.inject("timm:mvitv2_tiny", se_inject.Settings(fill=True), device="meta", seed=0)
     assert caught.value.reason == "no-match"

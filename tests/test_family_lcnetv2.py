@@ -25,7 +25,7 @@ def test_partial_se_refused_by_default_and_filled_with_lcnetv2s_own_se():
     with pytest.raises(NoSitesError) as info:
         se_inject.inject("lcnetv2_small", device="meta", seed=0)
     assert info.value.reason == "partial-attention"
-    _, report = se_inject.inject("lcnetv2_small", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("lcnetv2_small", se_inject.Settings(fill=True), device="meta", seed=0)
     assert report.plan.recipes == ("lcnetv2",)
     assert len(report.to_dict()["already_attention"]) == len(own)
     assert [(s.path, s.slot, s.channels, s.squeeze_channels) for s in report.plan.sites] == [

@@ -51,7 +51,7 @@ def test_nf_resnet_sites_equal_an_independent_count_and_its_se_twin():
 def test_the_block_keeps_its_attn_gain_and_the_module_is_timms_se(init):
     """The block still doubles its attention's output (NFNet's convention); the module itself has no gain of its own,
     so it computes what timm's SEModule does with the same weights (paper init: nf_seresnet's block exactly)."""
-    model, report = se_inject.inject(_no_attention_nfnet(), seed=0, init=init, input_size=32)
+    model, report = se_inject.inject(_no_attention_nfnet(), se_inject.Settings(init=init), seed=0, input_size=32)
     blocks = [m for m in model.modules() if isinstance(m, NormFreeBlock)]
     assert len(report.plan.sites) == len(blocks) == 4
     for block, site in zip(blocks, report.plan.sites, strict=True):
@@ -154,7 +154,7 @@ def test_plain_timm_loads_the_folder_as_nf_seresnet(tmp_path):
     """nf_resnet26 + SE is exactly nf_seresnet26: the saved folder says so (config.json) and loads in plain timm."""
     from se_inject.api import save_injected
 
-    model, report = se_inject.inject("nf_resnet26", seed=0, init="identity", input_size=32)
+    model, report = se_inject.inject("nf_resnet26", se_inject.Settings(init="identity"), seed=0, input_size=32)
     final = save_injected(model, report, tmp_path / "out")
     assert final.timm_architecture == "nf_seresnet26"
     loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()

@@ -32,7 +32,7 @@ def test_partial_se_refused_by_default_and_filled_before_layer_scale():
     with pytest.raises(NoSitesError) as info:
         se_inject.inject("rdnet_tiny", device="meta", seed=0)
     assert info.value.reason == "partial-attention"
-    _, report = se_inject.inject("rdnet_tiny", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("rdnet_tiny", se_inject.Settings(fill=True), device="meta", seed=0)
     assert report.plan.recipes == ("rdnet",)
     assert report.to_dict()["already_attention"] == has
     assert [(s.path, s.anchor, s.position, s.channels, s.squeeze_channels) for s in report.plan.sites] == [
@@ -42,7 +42,7 @@ def test_partial_se_refused_by_default_and_filled_before_layer_scale():
 @pytest.mark.slow
 def test_identity_init_reproduces_the_base_model():
     for attention in ("se", "ese"):
-        assert_identity_reproduces(real_model("rdnet_tiny", **SMALL), 64, fill=True, attention=attention)
+        assert_identity_reproduces(real_model("rdnet_tiny", **SMALL), 64, fill=True, attn_layer=attention)
 
 
 @pytest.mark.slow

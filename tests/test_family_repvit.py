@@ -30,7 +30,7 @@ def test_partial_se_refused_by_default_and_filled_with_repvits_own_se():
     with pytest.raises(NoSitesError) as info:
         se_inject.inject("repvit_m0_9", device="meta", seed=0)
     assert info.value.reason == "partial-attention"
-    injected, report = se_inject.inject("repvit_m0_9", device="meta", seed=0, fill=True)
+    injected, report = se_inject.inject("repvit_m0_9", se_inject.Settings(fill=True), device="meta", seed=0)
     assert report.plan.recipes == ("repvit",)
     assert report.to_dict()["already_attention"] == has
     assert [(s.path, s.slot, s.anchor, s.channels, s.squeeze_channels) for s in report.plan.sites] == [

@@ -32,7 +32,7 @@ def test_partial_se_refused_by_default_and_filled_with_rexnets_own_se(name, ch_d
     with pytest.raises(NoSitesError) as info:
         se_inject.inject(name, device="meta", seed=0)
     assert info.value.reason == "partial-attention"
-    _, report = se_inject.inject(name, device="meta", seed=0, fill=True, divisor=divisor)
+    _, report = se_inject.inject(name, se_inject.Settings(fill=True, rd_divisor=divisor), device="meta", seed=0)
     assert report.plan.recipes == ("rexnet",)
     assert len(report.to_dict()["already_attention"]) == len(own)
     assert [(s.path, s.slot, s.anchor, s.channels, s.squeeze_channels) for s in report.plan.sites] == [

@@ -22,7 +22,7 @@ import se_inject
 def test_attention_free_blocks_take_se_and_downsamples_keep_their_own():
     with pytest.raises(se_inject.NoSitesError, match="partial SE"):
         se_inject.inject("timm:shvit_s1", device="meta", seed=0)
-    model, report = se_inject.inject("timm:shvit_s1", device="meta", seed=0, fill=True)
+    model, report = se_inject.inject("timm:shvit_s1", se_inject.Settings(fill=True), device="meta", seed=0)
     blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, BasicBlock)]
     conv_blocks = [(p, m.ffn.m) for p, m in blocks if isinstance(m.mixer, nn.Identity)]
     assert conv_blocks and any(isinstance(getattr(m.mixer, "m", None), SHSA) for _, m in blocks)  # both kinds

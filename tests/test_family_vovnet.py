@@ -37,7 +37,8 @@ def test_ese_vovnet_is_partial_se_and_fill_uses_the_same_slot():
     with pytest.raises(NoSitesError) as info:
         se_inject.inject("ese_vovnet39b", device="meta", seed=0)
     assert info.value.reason == "partial-attention"
-    model, report = se_inject.inject("ese_vovnet39b", device="meta", seed=0, fill=True, attention="ese")
+    model, report = se_inject.inject("ese_vovnet39b", se_inject.Settings(fill=True, attn_layer="ese"), device="meta",
+                                     seed=0)
     assert report.to_dict()["already_attention"] == [p for p, _ in has]
     assert [(s.path, s.slot, s.channels) for s in report.plan.sites] == [(p, "attn", c) for p, c in lacks]
     # the family's own kind: every block now has eSE with the key names and shapes of timm's EffectiveSEModule
@@ -59,7 +60,7 @@ def test_vovnet39a_with_ese_in_each_stages_last_block_has_ese_vovnet39b_keys():
     """No timm twin has vovnet39a's architecture with attention; ese_vovnet39b differs only by its (parameter-free)
     residual additions, so eSE in the attn slot of each stage's last block gives exactly its state_dict layout."""
     last = [p for p, _ in _blocks("ese_vovnet39b")[0]]
-    model, _ = se_inject.inject("vovnet39a", device="meta", seed=0, attention="ese", include=last)
+    model, _ = se_inject.inject("vovnet39a", se_inject.Settings(attn_layer="ese", include=last), device="meta", seed=0)
     twin = timm.create_model("ese_vovnet39b", device="meta")
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
 
@@ -68,7 +69,7 @@ def test_vovnet39a_with_ese_in_each_stages_last_block_has_ese_vovnet39b_keys():
     ("ese_vovnet39b", True, "se"), pytest.param("vovnet39a", False, "se", marks=pytest.mark.slow),
     pytest.param("eca_vovnet39b", True, "eca", marks=pytest.mark.slow)])
 def test_identity_init_reproduces_the_base_model(name, fill, attention):
-    assert_identity_reproduces(real_model(name, **SMALL), 64, fill=fill, attention=attention)
+    assert_identity_reproduces(real_model(name, **SMALL), 64, fill=fill, attn_layer=attention)
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ def _plain_features(name: str, se_model: torch.nn.Module, **kwargs):
     ("test_resnet", {"feature_cls": "fx", "out_indices": (2, 3)}),  # FeatureGraphNet
 ])
 def test_inject_builds_timms_feature_extractor_around_the_se_model(name, kwargs):
-    features, report = se_inject.inject(name, features_only=True, init="identity", seed=0, fill=True, **kwargs)
+    model, report = se_inject.inject(name, se_inject.Settings(init="identity", fill=True), seed=0)
+    features = se_inject.wrap_features(model, report.plan, **kwargs)
     reference = timm.create_model(name, features_only=True, **kwargs)
     assert type(features) is type(reference)
     assert 0 < _n_se(features) <= len(report.plan.sites)
@@ -52,8 +53,9 @@ def test_a_hook_feature_extractor_of_timm_is_refused_with_what_to_do():
 
 
 def test_features_only_is_for_timm_names():
+    model, report = se_inject.inject("torchvision:resnet18", device="meta")
     with pytest.raises(UsageError, match="BackboneWithFPN"):
-        se_inject.inject("torchvision:resnet18", device="meta", features_only=True)
+        se_inject.wrap_features(model, report.plan)
 
 
 def test_load_gives_a_feature_extractor_and_takes_one_as_model(tmp_path):

@@ -19,12 +19,12 @@ runner = CliRunner()
 
 
 def test_include_without_wildcard_is_exactly_that_site():
-    _, report = se_inject.inject("timm:resnet50", device="meta", seed=0, include=["layer3.0"])
+    _, report = se_inject.inject("timm:resnet50", se_inject.Settings(include=["layer3.0"]), device="meta", seed=0)
     assert [s.path for s in report.plan.sites] == ["layer3.0"]
 
 
 def test_exclude_without_wildcard_removes_exactly_that_site():
-    _, report = se_inject.inject("timm:resnet50", device="meta", seed=0, exclude=["layer4.2"])
+    _, report = se_inject.inject("timm:resnet50", se_inject.Settings(exclude=["layer4.2"]), device="meta", seed=0)
     paths = [s.path for s in report.plan.sites]
     assert len(paths) == 15 and "layer4.2" not in paths and "layer4.1" in paths
 
@@ -70,21 +70,20 @@ def test_recipes_that_do_not_overlap_are_each_applied(tmp_path):
         def forward(self, x):
             return self.mbv2(self.res(self.stem(x)))
 
-    _, report = se_inject.inject(Two(), recipe=["basic", "inverted"], recipe_files=files, input_size=16, seed=0)
+    _, report = se_inject.inject(Two(), recipes=["basic", "inverted", *files], input_size=16, seed=0)
     assert {s.path: s.recipe for s in report.plan.sites} == {"res": "basic", "mbv2": "inverted"}
 
 
 def test_the_same_place_twice_is_one_site(tmp_path):
     files = [_recipe_file(tmp_path, "one", BASIC, "bn2"), _recipe_file(tmp_path, "two", BASIC, "bn2")]
-    _, report = se_inject.inject("torchvision:resnet18", device="meta", seed=0, recipe=["one", "two"],
-                                 recipe_files=files)
+    _, report = se_inject.inject("torchvision:resnet18", device="meta", seed=0, recipes=["one", "two", *files])
     assert len(report.plan.sites) == 8 and report.plan.recipes == ("one",)
 
 
 def test_conflicting_recipes_are_a_usage_error_naming_both(tmp_path):
     files = [_recipe_file(tmp_path, "one", BASIC, "bn2"), _recipe_file(tmp_path, "two", BASIC, "bn2", reduction=4)]
     with pytest.raises(UsageError, match=r"'one'.*'two'.*same place with different settings"):
-        se_inject.inject("torchvision:resnet18", device="meta", seed=0, recipe_files=files)
+        se_inject.inject("torchvision:resnet18", device="meta", seed=0, recipes=[*files])
     options = [a for f in files for a in ("--recipe-file", str(f))]
     result = runner.invoke(app, ["torchvision:resnet18", "--dry-run", *options])
     assert result.exit_code == 2
@@ -95,7 +94,8 @@ def test_conflicting_recipes_are_a_usage_error_naming_both(tmp_path):
 def test_recipes_at_different_places_of_one_block_are_each_applied(tmp_path):
     files = [_recipe_file(tmp_path, "one", BASIC, "bn2"), _recipe_file(tmp_path, "two", BASIC, "bn1")]
     model = torchvision.models.resnet18().eval()
-    injected, report = se_inject.inject(model, seed=0, recipe_files=files, input_size=32, init="identity")
+    injected, report = se_inject.inject(model, se_inject.Settings(init="identity"), seed=0, recipes=[*files],
+                                        input_size=32)
     blocks = [p for p, m in model.named_modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
     assert {(s.path, s.recipe) for s in report.plan.sites} == {
         *((f"{b}.bn2", "one") for b in blocks), *((f"{b}.bn1", "two") for b in blocks)}
@@ -117,16 +117,16 @@ def test_one_recipe_file_per_child_of_a_sequential_gives_one_se_each(tmp_path):
     relus = [i for i, layer in enumerate(features) if isinstance(layer, torch.nn.ReLU)]
     files = [_recipe_file(tmp_path, f"relu{k}", "torchvision.models.vgg.VGG", f"features.{i}")
              for k, i in enumerate(relus)]
-    _, report = se_inject.inject("torchvision:vgg16_bn", device="meta", seed=0, recipe_files=files,
-                                 recipe=[f"relu{k}" for k in range(len(relus))])
-    _, shipped = se_inject.inject("torchvision:vgg16_bn", device="meta", seed=0, recipe="vgg")
+    _, report = se_inject.inject("torchvision:vgg16_bn", device="meta", seed=0,
+                                 recipes=[*(f"relu{k}" for k in range(len(relus))), *files])
+    _, shipped = se_inject.inject("torchvision:vgg16_bn", device="meta", seed=0, recipes="vgg")
     assert len(relus) == 13 and [s.recipe for s in report.plan.sites] == [f"relu{k}" for k in range(13)]
     assert [(s.path, s.channels, s.squeeze_channels) for s in report.plan.sites] == [
         (s.path, s.channels, s.squeeze_channels) for s in shipped.plan.sites]
     before = tmp_path / "before.toml"
     before.write_text('name = "before"\n[[blocks]]\nclasses = ["torchvision.models.vgg.VGG"]\nbefore = "features.3"\n')
-    _, report = se_inject.inject("torchvision:vgg16_bn", device="meta", seed=0, recipe_files=[before, *files[:2]],
-                                 recipe=["before", "relu0", "relu1"])
+    _, report = se_inject.inject("torchvision:vgg16_bn", device="meta", seed=0,
+                                 recipes=["before", "relu0", "relu1", before, *files[:2]])
     assert [(s.path, s.position) for s in report.plan.sites] == [
         ("features.2", "after"), ("features.3", "before"), ("features.5", "after")]
 
@@ -136,7 +136,7 @@ def test_two_recipes_around_one_child_conflict(tmp_path):
     before = tmp_path / "before.toml"
     before.write_text(f'name = "before"\n[[blocks]]\nclasses = ["{BASIC}"]\nbefore = "bn1"\n')
     with pytest.raises(UsageError, match=r"'after'.*'before'.*both sides of its child 'bn1'"):
-        se_inject.inject("torchvision:resnet18", device="meta", seed=0, recipe_files=[after, before])
+        se_inject.inject("torchvision:resnet18", device="meta", seed=0, recipes=[after, before])
 
 
 def test_a_recipe_file_takes_its_blocks_from_the_shipped_recipe(tmp_path):

@@ -39,12 +39,13 @@ def _model(source: str, name: str) -> nn.Module:
 @pytest.mark.parametrize(("source", "name", "size"), CASES)
 def test_identity_init_preserves_the_function(source, name, size):
     model = _model(source, name)
-    injected, _report = se_inject.inject(model, init="identity", seed=0, fill=True)  # test_efficientnet: partial
+    # test_efficientnet: partial
+    injected, _report = se_inject.inject(model, se_inject.Settings(init="identity", fill=True), seed=0)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         expected, got = model(x), injected.eval()(x)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-    paper, _ = se_inject.inject(model, init="paper", seed=0, fill=True)
+    paper, _ = se_inject.inject(model, se_inject.Settings(init="paper", fill=True), seed=0)
     with torch.no_grad():
         assert not torch.allclose(paper.eval()(x), expected, rtol=1e-3)  # the check is not trivial
 
@@ -52,7 +53,7 @@ def test_identity_init_preserves_the_function(source, name, size):
 def test_identity_init_learns():
     """fc2 gets gradients at step 0 (norms reported here); fc1 from the first update on (its path runs through fc2)."""
     model = _model("torchvision", "resnet18").train()
-    injected, _ = se_inject.inject(model, init="identity", seed=0)
+    injected, _ = se_inject.inject(model, se_inject.Settings(init="identity"), seed=0)
     se_modules = [m for m in injected.modules() if isinstance(m, SqueezeExcite)]
     optimizer = torch.optim.SGD([p for m in se_modules for p in m.parameters()], lr=0.1)
     x, target = torch.randn(4, 3, 64, 64), torch.randint(0, 1000, (4,))
@@ -74,7 +75,7 @@ def test_drift_moves_the_right_way(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(_model("timm", "resnet18").state_dict(), str(path))
     _, paper = se_inject.inject("timm:resnet18", weights=path, seed=0)
-    _, identity = se_inject.inject("timm:resnet18", weights=path, seed=0, init="identity")
+    _, identity = se_inject.inject("timm:resnet18", se_inject.Settings(init="identity"), weights=path, seed=0)
     assert paper.drift.relative_l2 > 0.05
     assert identity.drift.relative_l2 == 0.0 and identity.drift.top1_agreement == 1.0
     assert paper.to_dict()["drift"]["inputs"].startswith("8 random")
@@ -87,7 +88,7 @@ def test_drift_on_images(tmp_path):
     images.mkdir()
     for i in range(3):
         write_png(torch.randint(0, 255, (3, 40 + i, 50), dtype=torch.uint8), str(images / f"{i}.png"))
-    _, report = se_inject.inject(_model("timm", "test_resnet"), images=images, seed=0)
+    _, report = se_inject.inject(_model("timm", "test_resnet"), drift=images, seed=0)
     assert report.drift.inputs == f"3 images from {images}"
     assert report.drift.relative_l2 > 0
 
@@ -139,7 +140,7 @@ def test_plain_timm_loads_the_folder(tmp_path):
 
 
 def test_no_timm_config_when_not_a_timm_architecture(tmp_path):
-    model, report = se_inject.inject("timm:test_resnet", seed=0, init="identity")
+    model, report = se_inject.inject("timm:test_resnet", se_inject.Settings(init="identity"), seed=0)
     final = save_injected(model, report, tmp_path / "out")
     assert final.timm_architecture is None
     assert not (tmp_path / "out" / "config.json").exists()

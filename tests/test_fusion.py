@@ -42,7 +42,7 @@ def _unfused(model: nn.Module) -> nn.Module:
 @pytest.fixture(scope="module", params=["se", "ese", "eca"])
 def fused_and_plain(request):
     base = _randomise_norms(timm.create_model("test_resnet").eval())
-    fused, _ = se_inject.inject(base, attention=request.param, seed=0)
+    fused, _ = se_inject.inject(base, se_inject.Settings(attn_layer=request.param), seed=0)
     fused = _randomise_norms(fused)  # also the identity-ish SE weights' neighbours: non-trivial gates
     return fused, _unfused(fused)
 
@@ -158,7 +158,7 @@ def test_blocks_alike_are_traced_once(tmp_path, monkeypatch):
     blocks = [torchvision.models.resnet.BasicBlock(16, 16) for _ in range(3)]
     stem = torch.nn.Conv2d(3, 16, 3, padding=1)
     model = torch.nn.Sequential(stem, *blocks, torchvision.models.resnet.BasicBlock(16, 32, 2, down)).eval()
-    injected, report = se_inject.inject(model, recipe_files=[recipe], recipe="basic", input_size=16, seed=0)
+    injected, report = se_inject.inject(model, recipes=["basic", recipe], input_size=16, seed=0)
     assert len(report.plan.sites) == 4 and len(traced) == 2
     assert len({type(injected[i]) for i in range(1, 5)}) == 2 and type(injected[1]) is type(injected[3])
 
@@ -183,8 +183,8 @@ def test_blocks_of_one_class_with_different_loops_get_their_own_rewrite(tmp_path
     recipe.write_text(f'name = "loop"\n[[blocks]]\nclasses = ["{LoopBlock.__module__}.LoopBlock"]\n'
                       'after = "aggregation"\n')
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), LoopBlock(8, 2), LoopBlock(8, 3)).eval()
-    injected, report = se_inject.inject(model, recipe="loop", recipe_files=[recipe], input_size=16, seed=0,
-                                        init="identity")
+    injected, report = se_inject.inject(model, se_inject.Settings(init="identity"), recipes=["loop", recipe],
+                                        input_size=16, seed=0)
     assert [s.path for s in report.plan.sites] == ["1", "2"] and not report.skipped
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

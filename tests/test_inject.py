@@ -74,7 +74,7 @@ DEEPER = ("resnet101", "resnet152", "resnet50t", "resnet152d", "resnetaa50d")  #
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnext50_32x4d",
                                   *(pytest.param(n, marks=pytest.mark.slow) for n in DEEPER)])
 def test_timm_resnet_becomes_exactly_seresnet_keys(name):
-    injected, _ = se_inject.inject(f"timm:{name}", device="meta", seed=0, reduction=16)
+    injected, _ = se_inject.inject(f"timm:{name}", se_inject.Settings(rd_ratio=1 / 16), device="meta", seed=0)
     assert _shapes(injected) == _shapes(_meta(f"se{name}"))
 
 

@@ -25,7 +25,7 @@ def test_macs_match_torchvision_documented_gflops(name, size):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_param_delta_is_the_analytic_se_count(bias):
-    injected, report = se_inject.inject("timm:resnet50", device="meta", seed=0, bias=bias)
+    injected, report = se_inject.inject("timm:resnet50", se_inject.Settings(bias=bias), device="meta", seed=0)
     analytic = sum(_se_params(s.channels, s.squeeze_channels, bias) for s in report.plan.sites)
     assert report.after.params - report.before.params == analytic
     assert sum(report.site_params.values()) == analytic
@@ -59,7 +59,7 @@ def test_elementwise_ops_per_site_are_pool_gate_and_scale():
 
 def test_identity_gain_adds_one_multiply_per_channel():
     _, paper = se_inject.inject("timm:test_resnet", device="meta", seed=0)
-    _, identity = se_inject.inject("timm:test_resnet", device="meta", seed=0, init="identity")
+    _, identity = se_inject.inject("timm:test_resnet", se_inject.Settings(init="identity"), device="meta", seed=0)
     extra = identity.to_dict()["se_elementwise_ops"] - paper.to_dict()["se_elementwise_ops"]
     assert extra == sum(s.channels for s in paper.plan.sites)
 

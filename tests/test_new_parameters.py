@@ -13,7 +13,8 @@ import se_inject
 
 @pytest.mark.parametrize("attention", ["se", "cbam"])
 def test_new_parameters_are_exactly_the_inserted_modules(attention):
-    model, report = se_inject.inject("timm:test_resnet", seed=0, input_size=64, attention=attention)
+    model, report = se_inject.inject("timm:test_resnet", se_inject.Settings(attn_layer=attention), seed=0,
+                                     input_size=64)
     new = se_inject.new_parameters(model)
     inserted = [p for s in report.plan.sites for p in model.get_submodule(s.module_path).parameters()]
     assert {id(p) for p in new} == {id(p) for p in inserted} and len(new) == len(inserted)

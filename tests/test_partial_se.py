@@ -43,14 +43,14 @@ def test_one_block_with_se_makes_the_model_partial():
     with pytest.raises(NoSitesError, match="partial SE: 1 matching blocks") as info:
         se_inject.inject(model, seed=0, input_size=32)
     assert info.value.reason == "partial-attention" and info.value.existing == 1
-    _, report = se_inject.inject(model, seed=0, input_size=32, fill=True)
+    _, report = se_inject.inject(model, se_inject.Settings(fill=True), seed=0, input_size=32)
     assert [s.path for s in report.plan.sites] == [p for p in blocks if p != "layer2.0"]
     assert [s.path for s in report.skipped if s.already_attention] == ["layer2.0"]
 
 
 def test_fill_adds_se_only_where_it_is_missing():
     has, lacks = _mobilenet_v3_small_blocks()
-    _, report = se_inject.inject("torchvision:mobilenet_v3_small", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("torchvision:mobilenet_v3_small", se_inject.Settings(fill=True), device="meta", seed=0)
     data = report.to_dict()
     assert data["already_attention"] == has
     # every block without SE gets one, except where the recipe finds no 1x1 projection (none in this model)
@@ -68,7 +68,7 @@ def test_fill_follows_lcnets_own_place_and_width():
     lacks = [(p, m.conv_dw.out_channels) for p, m in blocks if isinstance(m.se, torch.nn.Identity)]
     own = [m.se.conv_reduce for _, m in blocks if not isinstance(m.se, torch.nn.Identity)]
     assert lacks and own and all(c.out_channels == make_divisible(c.in_channels / 4, 8) for c in own)
-    _, report = se_inject.inject("lcnet_050", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("lcnet_050", se_inject.Settings(fill=True), device="meta", seed=0)
     assert [(s.path, s.slot, s.channels, s.squeeze_channels) for s in report.plan.sites] == [
         (p, "se", c, make_divisible(c / 4, 8)) for p, c in lacks]
 

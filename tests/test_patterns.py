@@ -116,7 +116,7 @@ def test_pattern_rules_narrow_by_path_below_their_within_class(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('name = "mine"\n[[patterns]]\npattern = "residual"\n'
                     f'within = ["{__name__}.Net"]\npaths = ["sca*"]\n')
-    _, report = se_inject.inject(nn.Sequential(Net()), seed=0, input_size=16, recipe="mine", recipe_files=[path])
+    _, report = se_inject.inject(nn.Sequential(Net()), seed=0, input_size=16, recipes=["mine", path])
     assert [s.path for s in report.plan.sites] == ["0.scaled"]  # "0.scaled" is "scaled" below the Net
 
 
@@ -133,7 +133,7 @@ def test_matching_changes_nothing_and_traces_once_per_configuration():
 def test_user_model_gets_se_by_structure_without_a_recipe_file():
     net = randomize_norm_stats(Net()).eval()
     before = state_snapshot(net)
-    injected, report = se_inject.inject(net, seed=0, init="identity", input_size=16)
+    injected, report = se_inject.inject(net, se_inject.Settings(init="identity"), seed=0, input_size=16)
     sites = {s.path: (s.pattern, s.anchor, s.channels) for s in report.plan.sites}
     assert sites == {
         "res": ("residual", "bn", 16),
@@ -192,10 +192,10 @@ def test_pattern_rules_narrow_by_class_and_model(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('name = "mine"\n[[patterns]]\npattern = "residual"\nclasses = ["*.ToyBlock"]\n'
                     f'within = ["{__name__}.Net"]\n')
-    _, report = se_inject.inject(Net(), seed=0, input_size=16, recipe="mine", recipe_files=[path])
+    _, report = se_inject.inject(Net(), seed=0, input_size=16, recipes=["mine", path])
     assert [s.path for s in report.plan.sites] == ["res"]
     with pytest.raises(se_inject.NoSitesError):
-        se_inject.inject(nn.Sequential(ToyBlock(8)), seed=0, input_size=16, recipe="mine", recipe_files=[path])
+        se_inject.inject(nn.Sequential(ToyBlock(8)), seed=0, input_size=16, recipes=["mine", path])
 
 
 # --- the SE paper's networks -----------------------------------------------------------------------------------------
@@ -269,12 +269,14 @@ def _fire(module: nn.Module) -> int:
 def test_family_sites_equal_an_independent_count(name, recipe, blocks, width):
     """One SE per block of the family, on the width the SE paper's place has (counted from the block's own layers;
     families with their own design, ByobNet and CSPNet, put it elsewhere by default: tests/test_twins.py)."""
-    model, report = se_inject.inject(name, device="meta", seed=0, placement="paper")
+    model, report = se_inject.inject(name, se_inject.Settings(placement="paper"), device="meta", seed=0)
     expected = [(p, m) for p, m in model.named_modules() if type(m).__name__ in blocks]
-    assert report.plan.recipes == (recipe,)
-    assert [s.path for s in report.plan.sites] == [p for p, _ in expected]
-    assert [s.channels for s in report.plan.sites] == [width(m) for _, m in expected]
-    assert all(s.pattern or s.slot or s.anchor for s in report.plan.sites)
+    # MobileViT's transformer blocks take token SE (recipes/transformer.toml, tests/test_tokens.py)
+    assert report.plan.recipes == ((recipe, "transformer") if name == "timm:mobilevit_xxs" else (recipe,))
+    sites = [s for s in report.plan.sites if s.recipe == recipe]
+    assert [s.path for s in sites] == [p for p, _ in expected]
+    assert [s.channels for s in sites] == [width(m) for _, m in expected]
+    assert all(s.pattern or s.slot or s.anchor for s in sites)
 
 
 REAL = [
@@ -294,7 +296,7 @@ def test_identity_init_reproduces_real_models(source, name, size):
     model = timm.create_model(name) if source == "timm" else torchvision.models.get_model(name)
     model = randomize_norm_stats(model).eval()
     before = state_snapshot(model)
-    injected, _ = se_inject.inject(model, seed=0, init="identity", input_size=size)
+    injected, _ = se_inject.inject(model, se_inject.Settings(init="identity"), seed=0, input_size=size)
     after = injected.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     x = torch.randn(2, 3, size, size)

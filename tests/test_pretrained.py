@@ -77,7 +77,8 @@ def test_names_carry_weights_tags():
 def test_timm_weights_from_the_hub_cache(hf_cache):
     source = randomize_norm_stats(timm.create_model("test_resnet"))
     place_in_hf_cache(hf_cache, "timm/test_resnet.r160_in1k", source.state_dict())
-    model, report = se_inject.inject("test_resnet", pretrained=True, seed=0, input_size=64, init="identity")
+    model, report = se_inject.inject("test_resnet", se_inject.Settings(init="identity"), pretrained=True, seed=0,
+                                     input_size=64)
     assert report.model == "timm:test_resnet.r160_in1k"  # the default tag, resolved and recorded
     assert report.pretrained == "timm/test_resnet.r160_in1k"
     for key, value in source.state_dict().items():

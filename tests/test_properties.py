@@ -104,9 +104,10 @@ def _generated_recipes_on_random_models(specs, recipe, attention, init):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "generated.toml"
         path.write_text(_toml(recipe))
-        options = {"recipe": "generated", "recipe_files": [path], "attention": attention, "input_size": 32}
+        options = {"recipes": ["generated", path], "input_size": 32}
         try:
-            injected, report = se_inject.inject(model, init=init, seed=0, **options)
+            injected, report = se_inject.inject(model, se_inject.Settings(attn_layer=attention, init=init), seed=0,
+                                                **options)
         except (NoSitesError, RecipeFileError) as e:  # the answers a generated recipe may get; anything else fails
             reason = getattr(e, "reason", "recipe file")
             event(f"refused: {reason}")
@@ -115,7 +116,7 @@ def _generated_recipes_on_random_models(specs, recipe, attention, init):
         event(f"injected {len(report.plan.sites)} sites")
         OUTCOMES["injected"] += 1
         try:
-            se_inject.inject(injected, **options)
+            se_inject.inject(injected, se_inject.Settings(attn_layer=attention), **options)
         except se_inject.NoSitesError:
             pass  # running again inserts nothing new
         else:

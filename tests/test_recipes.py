@@ -45,7 +45,7 @@ def test_valid_file_loads(tmp_path):
     recipe = load_recipe_file(path)
     assert recipe.name == "toy"
     assert recipe.defaults.reduction == 8
-    assert recipe.defaults.divisor == 8  # unspecified defaults keep the SE paper's/timm's values
+    assert recipe.defaults.rd_divisor == 8  # unspecified defaults keep the SE paper's/timm's values
     assert recipe.blocks[0].anchor == "bn"
     assert recipe.blocks[0].position == "after"
     assert [r.name for r in resolve_recipes("toy", (path,))] == ["toy"]

@@ -203,7 +203,7 @@ def test_bad_plan_values_are_named(saved, tmp_path, edit, expected):
 
 
 def test_eca_channels_are_checked_against_the_model(tmp_path):
-    model, report = se_inject.inject("timm:test_resnet", seed=0, attention="eca")
+    model, report = se_inject.inject("timm:test_resnet", se_inject.Settings(attn_layer="eca"), seed=0)
     se_inject.save(model, report.plan, tmp_path / "good")
     folder = craft(tmp_path / "good", tmp_path / "f", set_site("attention.channels", 7))  # ECA has no C-sized weight
     with pytest.raises(CheckpointError, match=r"sites\[0\]\.attention\.channels"):
@@ -253,7 +253,7 @@ def test_bad_names_are_refused_at_plan_time(tmp_path, name):
     recipe.write_text(f'name = "evil"\n[[blocks]]\nclasses = ["timm.models.resnet.BasicBlock"]\nafter = "bn2"\n'
                       f"name = {json.dumps(name)}\n", encoding="utf-8")
     with pytest.raises(se_inject.RecipeFileError, match=r"blocks\[0\]\.name"):
-        se_inject.inject("timm:test_resnet", device="meta", recipe_files=[recipe], recipe="evil")
+        se_inject.inject("timm:test_resnet", device="meta", recipes=["evil", recipe])
 
 
 @pytest.mark.parametrize("name", ["evil\n", "Evil", "e vil"])
@@ -653,7 +653,8 @@ def test_seeded_report_is_byte_identical_across_thread_counts(tmp_path):
     try:
         for n in (2, 1):  # what OMP_NUM_THREADS=2 / =1 set
             torch.set_num_threads(n)
-            _, report = se_inject.inject("timm:test_efficientnet", seed=3, weights=weights, fill=True)
+            _, report = se_inject.inject("timm:test_efficientnet", se_inject.Settings(fill=True), seed=3,
+                                         weights=weights)
             reports.append(json.dumps(report.to_dict(), indent=2))
     finally:
         torch.set_num_threads(threads)

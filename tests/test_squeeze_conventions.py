@@ -29,7 +29,8 @@ def test_efficientnet_lite0_gets_exactly_efficientnet_b0s_se():
 
 @pytest.mark.parametrize("reduction", [8, 3])
 def test_reduction_divides_the_block_input_width_in_efficientnet_models(reduction):
-    _, report = se_inject.inject("timm:efficientnet_lite0", device="meta", seed=0, reduction=reduction)
+    _, report = se_inject.inject("timm:efficientnet_lite0", se_inject.Settings(rd_ratio=1 / reduction), device="meta",
+                                 seed=0)
     model = _meta("timm:efficientnet_lite0")
     blocks = [model.get_submodule(s.path) for s in report.plan.sites]
     # inverted residual: input of the expansion conv; depthwise-separable: input of the depthwise conv
@@ -40,7 +41,7 @@ def test_reduction_divides_the_block_input_width_in_efficientnet_models(reductio
 
 
 def test_timm_mobilenetv3_fill_follows_its_own_se():
-    _, report = se_inject.inject("timm:mobilenetv3_large_100", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("timm:mobilenetv3_large_100", se_inject.Settings(fill=True), device="meta", seed=0)
     model = _meta("timm:mobilenetv3_large_100")
     assert report.plan.sites
     for site in report.plan.sites:
@@ -50,13 +51,13 @@ def test_timm_mobilenetv3_fill_follows_its_own_se():
 
 
 def test_torchvision_mobilenet_v3_fill_follows_its_own_se():
-    _, report = se_inject.inject("torchvision:mobilenet_v3_large", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("torchvision:mobilenet_v3_large", se_inject.Settings(fill=True), device="meta", seed=0)
     assert [s.squeeze_channels for s in report.plan.sites] == [
         _make_divisible(s.channels // 4, 8) for s in report.plan.sites]
 
 
 def test_torchvision_efficientnet_v2_fill_follows_its_own_se():
-    _, report = se_inject.inject("torchvision:efficientnet_v2_s", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("torchvision:efficientnet_v2_s", se_inject.Settings(fill=True), device="meta", seed=0)
     model = _meta("torchvision:efficientnet_v2_s")
     for site in report.plan.sites:
         block = model.get_submodule(site.path)

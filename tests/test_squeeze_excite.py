@@ -10,8 +10,9 @@ from family_checks import scales_in_place
 from timm.layers import SEModule
 from torch import nn
 
-from se_inject.layers.attention import AttentionSpec, create_attention, identity_gain, squeeze_channels
+from se_inject.layers.attention import create_attention, identity_gain, squeeze_channels
 from se_inject.layers.squeeze_excite import SqueezeExcite
+from se_inject.settings import SESettings
 
 
 class SELayer(nn.Module):
@@ -120,7 +121,7 @@ def test_squeeze_channels_round_and_floor_match_timm_and_torchvision():
 
 @pytest.mark.parametrize("gate", ["sigmoid", "hard-sigmoid"])
 def test_identity_init_is_exact_and_learns(gate):
-    spec = AttentionSpec("se", channels=32, rd_channels=8, gate=gate, gain=identity_gain(gate))
+    spec = SESettings(attn_layer="se", channels=32, rd_channels=8, bias=True, gate_layer=gate, gain=identity_gain(gate))
     se = create_attention(spec)
     se.init_identity()
     x = torch.randn(2, 32, 5, 5, requires_grad=True)
@@ -184,7 +185,7 @@ def test_no_in_place_when_the_input_has_other_readers(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), SharedInput()).eval()
     path = tmp_path / "r.toml"
     path.write_text(f'name = "shared"\n[[blocks]]\nclasses = ["{__name__}.SharedInput"]\nbefore = "proj"\n')
-    injected, _ = se_inject.inject(model, recipe_files=[path], recipe="shared", input_size=16, seed=0)
+    injected, _ = se_inject.inject(model, recipes=["shared", path], input_size=16, seed=0)
     assert "inplace" not in inspect.getsource(type(injected[1]).forward)
     x = torch.randn(1, 3, 16, 16)
     with torch.enable_grad():

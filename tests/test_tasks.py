@@ -177,7 +177,7 @@ def test_video_gets_3d_se_with_exact_counts():
 
 def test_video_identity_reproduces_the_logits():
     base = get_model("mc3_18", weights=None).eval()
-    injected, _ = se_inject.inject(base, init="identity", seed=0, input_size=(3, 4, 32, 32))
+    injected, _ = se_inject.inject(base, se_inject.Settings(init="identity"), seed=0, input_size=(3, 4, 32, 32))
     x = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         assert torch.equal(injected.eval()(x), base(x))
@@ -199,8 +199,10 @@ def test_video_round_trips_and_scripts(tmp_path):
 
 def test_cbam_is_refused_for_3d_maps():
     with pytest.raises(UsageError, match="cbam is defined for 2-D maps"):
-        se_inject.inject("torchvision:mc3_18", device="meta", attention="cbam", input_size="4,32,32")
-    _, report = se_inject.inject("torchvision:mc3_18", device="meta", attention="eca", input_size="4,32,32")
+        se_inject.inject("torchvision:mc3_18", se_inject.Settings(attn_layer="cbam"), device="meta",
+                         input_size="4,32,32")
+    _, report = se_inject.inject("torchvision:mc3_18", se_inject.Settings(attn_layer="eca"), device="meta",
+                                 input_size="4,32,32")
     assert len(report.plan.sites) == 8
 
 
@@ -280,8 +282,8 @@ def test_wrong_1d_input_sizes_are_usage_errors(value, message):
 
 def test_cbam_is_refused_for_1d_maps():
     with pytest.raises(UsageError, match=r"cbam is defined for 2-D maps.*takes a 1-D map"):
-        se_inject.inject(net1d.make(), device="meta", attention="cbam", input_size="2,100")
-    _, report = se_inject.inject(net1d.make(), device="meta", attention="eca", input_size="2,100")
+        se_inject.inject(net1d.make(), se_inject.Settings(attn_layer="cbam"), device="meta", input_size="2,100")
+    _, report = se_inject.inject(net1d.make(), se_inject.Settings(attn_layer="eca"), device="meta", input_size="2,100")
     assert len(report.plan.sites) == 3
 
 
@@ -351,7 +353,7 @@ def test_ssd300_gets_se_vgg16s_13_se_with_exact_counts(tmp_path):
                     '[[patterns]]\npattern = "conv-chain"\n'
                     'within = ["torchvision.models.detection.ssd.SSDFeatureExtractorVGG"]\n'
                     'paths = ["extra.0.7", "extra.[1-9]*"]\n')
-    _, more = se_inject.inject(base, device="meta", seed=0, recipe_files=[mine])
+    _, more = se_inject.inject(base, device="meta", seed=0, recipes=[mine])
     extra = [s for s in more.site_rows() if s["recipe"] == "ssd-extra"]
     convs = [m for n, m in base.backbone.extra.named_modules()
              if isinstance(m, nn.Conv2d) and (n.startswith("0.7.") or not n.startswith("0."))]
@@ -366,7 +368,7 @@ def test_ssd300_identity_gives_identical_detections_and_round_trips(tmp_path):
                          detections_per_img=10, topk_candidates=20).eval()
 
     base = ssd()
-    injected, report = se_inject.inject(base, init="identity", seed=0)
+    injected, report = se_inject.inject(base, se_inject.Settings(init="identity"), seed=0)
     assert len(report.plan.sites) == 13
     images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
     with torch.no_grad():
@@ -387,7 +389,7 @@ def _tiny_ssdlite() -> nn.Module:
 @pytest.mark.slow
 def test_detection_identity_gives_identical_boxes_scores_and_labels():
     base = _tiny_ssdlite()
-    injected, report = se_inject.inject(base, init="identity", fill=True, seed=0)
+    injected, report = se_inject.inject(base, se_inject.Settings(init="identity", fill=True), seed=0)
     assert all(s.path.startswith("backbone.") for s in report.plan.sites)
     assert report.before.params == sum(p.numel() for p in base.parameters())
     assert report.before.macs == _backbone_macs(base, torch.zeros(3, 640, 480))  # the transform makes it 320x320
@@ -403,7 +405,7 @@ def test_detection_identity_gives_identical_boxes_scores_and_labels():
 def test_detection_round_trips(tmp_path):
     with pytest.raises(NoSitesError, match="partial SE"):  # MobileNetV3 backbones: SE in some blocks by design
         se_inject.inject(_tiny_ssdlite(), device="meta")
-    injected, report = se_inject.inject(_tiny_ssdlite(), fill=True, seed=0)
+    injected, report = se_inject.inject(_tiny_ssdlite(), se_inject.Settings(fill=True), seed=0)
     images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
     with torch.no_grad():
         expected = injected.eval()(images)
@@ -444,7 +446,8 @@ def test_an_se_resnet50_backbone_works_in_torchvisions_detection_builders():
 @pytest.mark.slow
 def test_segmentation_identity_gives_identical_mask_logits():
     base = get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None).eval()
-    injected, report = se_inject.inject(base, init="identity", fill=True, seed=0, input_size=64, drift=True)
+    injected, report = se_inject.inject(base, se_inject.Settings(init="identity", fill=True), seed=0, input_size=64,
+                                        drift=True)
     assert report.before.params == sum(p.numel() for p in base.parameters())
     assert report.drift.relative_l2 == 0 and report.drift.top1_agreement is None  # mask logits, not class scores
     x = torch.randn(2, 3, 64, 64)
@@ -455,7 +458,7 @@ def test_segmentation_identity_gives_identical_mask_logits():
 @pytest.mark.slow
 def test_raft_identity_gives_identical_flows():
     base = get_model("raft_small", weights=None).eval()
-    injected, report = se_inject.inject(base, init="identity", seed=0, input_size=128)
+    injected, report = se_inject.inject(base, se_inject.Settings(init="identity"), seed=0, input_size=128)
     assert {s.path.split(".")[0] for s in report.plan.sites} == {"feature_encoder", "context_encoder"}
     a, b = torch.randn(1, 3, 128, 128), torch.randn(1, 3, 128, 128)
     with torch.no_grad():
@@ -473,7 +476,7 @@ def test_faster_rcnn_resnet50_identity_gives_identical_detections():
     base = get_model("fasterrcnn_resnet50_fpn", weights=None, weights_backbone=None, min_size=64, max_size=64,
                      box_score_thresh=0.0, box_detections_per_img=10, rpn_pre_nms_top_n_test=50,
                      rpn_post_nms_top_n_test=20).eval()
-    injected, report = se_inject.inject(base, init="identity", seed=0)
+    injected, report = se_inject.inject(base, se_inject.Settings(init="identity"), seed=0)
     assert len(report.plan.sites) == 16
     images = [torch.rand(3, 64, 80), torch.rand(3, 70, 64)]
     with torch.no_grad():
@@ -487,7 +490,7 @@ def test_faster_rcnn_resnet50_identity_gives_identical_detections():
 @pytest.mark.parametrize("name", ["deeplabv3_resnet50", "fcn_resnet50"])
 def test_segmentation_resnet_identity(name):
     base = get_model(name, weights=None, weights_backbone=None).eval()
-    injected, report = se_inject.inject(base, init="identity", seed=0, input_size=64)
+    injected, report = se_inject.inject(base, se_inject.Settings(init="identity"), seed=0, input_size=64)
     assert len(report.plan.sites) == 16
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -496,8 +499,9 @@ def test_segmentation_resnet_identity(name):
 
 def test_mobilenet_v3_backbones_take_torchvisions_own_squeeze_widths():
     """LR-ASPP's backbone is mobilenet_v3_large's features: --fill gives its blocks what the classifier gets."""
-    _, seg = se_inject.inject("torchvision:lraspp_mobilenet_v3_large", device="meta", fill=True, seed=0)
-    _, cls = se_inject.inject("torchvision:mobilenet_v3_large", device="meta", fill=True, seed=0)
+    _, seg = se_inject.inject("torchvision:lraspp_mobilenet_v3_large", se_inject.Settings(fill=True), device="meta",
+                              seed=0)
+    _, cls = se_inject.inject("torchvision:mobilenet_v3_large", se_inject.Settings(fill=True), device="meta", seed=0)
     assert [(s.channels, s.squeeze_channels) for s in seg.plan.sites] == [
         (s.channels, s.squeeze_channels) for s in cls.plan.sites]
     assert [s.path.removeprefix("backbone.") for s in seg.plan.sites] == [
@@ -508,7 +512,7 @@ def test_mobilenet_v3_backbones_take_torchvisions_own_squeeze_widths():
 def test_a_folder_saved_from_a_tagged_detector_loads_back(tmp_path):
     """COCO_V1 names the frozen-BatchNorm architecture (built here with random weights: nothing is downloaded)."""
     name = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn.COCO_V1"
-    injected, report = se_inject.inject(name, fill=True, seed=0)
+    injected, report = se_inject.inject(name, se_inject.Settings(fill=True), seed=0)
     norms = {type(m) for m in injected.backbone.body.modules()
              if isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d))}
     assert norms == {torchvision.ops.FrozenBatchNorm2d}
@@ -580,7 +584,8 @@ def test_compare_bench_on_the_smallest_model_of_each_task(name, options):
     from se_inject.tools.compare import compare_variants
 
     rows = compare_variants(name, ("se",), bench=True, batches=(1,), rounds=1, **options)
-    _, report = se_inject.inject(name, device="meta", seed=0, **options)
+    _, report = se_inject.inject(name, se_inject.Settings(fill=options.get("fill", False)), device="meta", seed=0,
+                                 input_size=options.get("input_size"))
     assert rows[0].params_delta == report.after.params - report.before.params
     assert rows[0].sites == len(report.plan.sites) > 0
     assert rows[0].latency[0].base_ms > 0 and rows[0].latency[0].injected_ms > 0

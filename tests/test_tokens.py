@@ -21,6 +21,7 @@ from se_inject.engine.schema import plan_from_data
 from se_inject.errors import UsageError
 from se_inject.io.export import export
 from se_inject.layers.tokens import TokenSqueezeExcite
+from se_inject.settings import Settings
 
 
 def _vit():
@@ -103,7 +104,7 @@ def test_every_block_gets_token_se_after_its_mlp(injected):
     for site in report.plan.sites:
         assert (site.anchor, site.position, site.pattern) == (anchor, "after", "token-residual")
         assert site.attention.channels_last
-        assert site.attention.prefix_tokens == prefix
+        assert (site.attention.prefix_tokens or 0) == prefix
         assert site.squeeze_channels == max(8, site.channels // 16 // 8 * 8)  # r = 16, divisor 8
 
 
@@ -148,7 +149,7 @@ def test_counts_are_exact_against_an_independent_count(injected):
 
 def test_identity_init_computes_the_base(injected):
     family, base, _, _ = injected
-    model, _ = se_inject.inject(copy.deepcopy(base), input_size=FAMILIES[family][1], seed=0, init="identity")
+    model, _ = se_inject.inject(copy.deepcopy(base), Settings(init="identity"), input_size=FAMILIES[family][1], seed=0)
     x = _input(family)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), base(x))
@@ -208,8 +209,9 @@ def test_token_layer_squeezes_patch_tokens_and_scales_every_token():
 @pytest.mark.parametrize("kind", ["eca", "ese"])
 def test_eca_and_ese_work_on_tokens(kind):
     base = _built("vit-registers")
-    model, report = se_inject.inject(copy.deepcopy(base), input_size=(3, 32, 32), attention=kind, init="identity")
-    assert {s.attention.kind for s in report.plan.sites} == {kind}
+    model, report = se_inject.inject(copy.deepcopy(base), Settings(attn_layer=kind, init="identity"),
+                                     input_size=(3, 32, 32))
+    assert {s.attention.attn_layer for s in report.plan.sites} == {kind}
     x = _input("vit-registers")
     with torch.no_grad():
         assert torch.equal(model.eval()(x), base(x))
@@ -217,13 +219,14 @@ def test_eca_and_ese_work_on_tokens(kind):
 
 def test_cbam_runs_on_token_maps_and_is_refused_on_sequences():
     base = _built("torchvision-swin")  # (B, H, W, C) maps: CBAM's spatial attention has its 2-D positions
-    model, report = se_inject.inject(copy.deepcopy(base), input_size=(3, 32, 32), attention="cbam", init="identity")
+    model, report = se_inject.inject(copy.deepcopy(base), Settings(attn_layer="cbam", init="identity"),
+                                     input_size=(3, 32, 32))
     assert len(report.plan.sites) == 2
     x = _input("torchvision-swin")
     with torch.no_grad():
         assert torch.equal(model.eval()(x), base(x))
     with pytest.raises(UsageError, match=r"needs 2-D positions .* token sequence"):
-        se_inject.inject(_built("torchvision-vit"), input_size=(3, 32, 32), attention="cbam")
+        se_inject.inject(_built("torchvision-vit"), Settings(attn_layer="cbam"), input_size=(3, 32, 32))
 
 
 def test_plan_schema_reads_token_fields_and_refuses_prefix_on_nchw():

@@ -26,7 +26,7 @@ def paper_resnet():
     """timm's test_resnet with SE at the paper's init (non-zero gradients in every SE parameter), in training mode:
     ``(model, base)``; tests copy it before changing it."""
     base = timm.create_model("test_resnet", zero_init_last=False)  # timm's zeroed last norm would stop the gradients
-    model, report = se_inject.inject(base, seed=0, init="paper", input_size=64)
+    model, report = se_inject.inject(base, se_inject.Settings(init="paper"), seed=0, input_size=64)
     assert any(hasattr(type(model.get_submodule(s.path)), "__se_inject_base__") for s in report.plan.sites)
     return model.train(), base
 
@@ -166,7 +166,8 @@ def test_ddp_synchronises_se_gradients_across_two_processes(tmp_path):
         raise
     assert proc.returncode == 0, err[-3000:]
     result = json.loads(out.read_text())
-    model, _ = se_inject.inject("timm:test_resnet", device="meta", seed=0, init="paper", input_size=32)
+    model, _ = se_inject.inject("timm:test_resnet", se_inject.Settings(init="paper"), device="meta", seed=0,
+                                input_size=32)
     se_params = [n for m in model.modules() if is_attention(m) for n, _ in m.named_parameters()]
     assert result["se_params"] == len(se_params) > 0
     assert result["nonzero"] == result["se_params"]  # SE gradients were there to synchronise

@@ -42,8 +42,8 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _inject(twin: Twin, device: str = "meta", **options) -> tuple[nn.Module, se_inject.api.Report]:
-    return se_inject.inject(f"timm:{twin.plain}", device=device, seed=0, attention=twin.attention, input_size=64,
-                            **options)
+    return se_inject.inject(f"timm:{twin.plain}", se_inject.Settings(attn_layer=twin.attention, **options),
+                            device=device, seed=0, input_size=64)
 
 
 def _exact_pairs() -> list[Twin]:
@@ -83,14 +83,14 @@ def test_pairs_listed_as_not_exact_still_differ(pair):
     twin = next(t for t in config_twins() if (t.plain, t.twin) == pair)
     injected, _ = _inject(twin)
     assert _shapes(injected) != _shapes(_meta(twin.twin))
-    fixed, _ = _inject(twin, reduction=4)  # what the reason says reproduces it
+    fixed, _ = _inject(twin, rd_ratio=1 / 4)  # what the reason says reproduces it
     assert _shapes(fixed) == _shapes(_meta(twin.twin))
 
 
 def _same_outputs(plain: str, twin: str, **options) -> tuple[nn.Module, nn.Module]:
     """The injected plain model carrying the twin's (random, non-degenerate) weights, and the twin."""
     reference = randomize_norm_stats(timm.create_model(twin)).eval()
-    injected, _ = se_inject.inject(f"timm:{plain}", seed=0, input_size=64, **options)
+    injected, _ = se_inject.inject(f"timm:{plain}", se_inject.Settings(**options), seed=0, input_size=64)
     injected.load_state_dict(reference.state_dict(), strict=True)
     return injected.eval(), reference
 
@@ -106,7 +106,7 @@ def test_default_result_computes_what_the_twin_computes(twin):
 
 def test_paper_placement_is_the_se_paper_place_and_not_the_twin():
     _, family = se_inject.inject("timm:regnetx_002", device="meta", seed=0)
-    _, paper = se_inject.inject("timm:regnetx_002", device="meta", seed=0, placement="paper")
+    _, paper = se_inject.inject("timm:regnetx_002", se_inject.Settings(placement="paper"), device="meta", seed=0)
     model = _meta("regnetx_002")
     assert [s.path for s in paper.plan.sites] == [s.path for s in family.plan.sites]
     for f, p in zip(family.plan.sites, paper.plan.sites, strict=True):
@@ -115,7 +115,7 @@ def test_paper_placement_is_the_se_paper_place_and_not_the_twin():
         assert f.squeeze_channels == round(block.conv1.conv.in_channels / 4)  # RegNetY: 0.25 x block input
         assert (p.anchor, p.name, p.placement) == ("conv3", "attn_last", "paper")
         assert p.squeeze_channels == max(8, round(block.conv3.conv.out_channels / 16 / 8) * 8)  # SE-ResNet: C/16
-    assert paper.plan.settings["placement"] == "paper"
+    assert paper.plan.settings.placement == "paper"
 
 
 def test_cspnet_family_se_takes_the_blocks_own_activation():
@@ -123,7 +123,7 @@ def test_cspnet_family_se_takes_the_blocks_own_activation():
     model = _meta("darknet21")
     for site in report.plan.sites:
         block_act = model.get_submodule(site.path).conv1.bn.act
-        assert isinstance(block_act, nn.LeakyReLU) and site.attention.act == "leaky-relu"
+        assert isinstance(block_act, nn.LeakyReLU) and site.attention.act_layer == "leaky-relu"
         assert block_act.negative_slope == nn.LeakyReLU().negative_slope
 
 
@@ -133,7 +133,7 @@ def test_efficientnet_family_se_has_the_families_names_and_activation():
     ours = {k: v for k, v in _shapes(injected).items() if ".se." in k}
     assert ours == {k: v for k, v in _shapes(b0).items() if ".se." in k} and len(ours) == 64
     for site in report.plan.sites:  # lite0's blocks use ReLU6, so their SE does (b0's blocks and SE: SiLU)
-        assert site.attention.act == "relu6"
+        assert site.attention.act_layer == "relu6"
     assert all(type(injected.get_submodule(f"{s.path}.se").act1) is nn.ReLU6 for s in report.plan.sites)
 
 
@@ -149,7 +149,7 @@ def test_torchvision_regnet_x_gets_the_regnet_y_design():
         block_input = transform.a[0].in_channels
         assert (site.anchor, site.position, site.name) == ("b", "after", "se")
         assert site.channels == transform.b[0].out_channels
-        assert site.squeeze_channels == round(block_input / 4) and site.attention.act == "relu"
+        assert site.squeeze_channels == round(block_input / 4) and site.attention.act_layer == "relu"
 
 
 def test_options_that_change_the_twin_make_a_non_twin(tmp_path):
@@ -157,8 +157,8 @@ def test_options_that_change_the_twin_make_a_non_twin(tmp_path):
 
     _, report = se_inject.inject("timm:regnetx_002", device="meta", seed=0)
     assert timm_architecture(report.plan) == "regnety_002"
-    for options in ({"reduction": 8}, {"placement": "paper"}):
-        _, other = se_inject.inject("timm:regnetx_002", device="meta", seed=0, **options)
+    for options in ({"rd_ratio": 1 / 8}, {"placement": "paper"}):
+        _, other = se_inject.inject("timm:regnetx_002", se_inject.Settings(**options), device="meta", seed=0)
         assert timm_architecture(other.plan) is None, options
 
 
@@ -211,7 +211,8 @@ def test_sweep_every_structural_twin():
         if not variant or (plain, twin) in NOT_EXACT:
             continue
         try:
-            injected, _ = se_inject.inject(f"timm:{plain}", device="meta", seed=0, attention=variant)
+            injected, _ = se_inject.inject(f"timm:{plain}", se_inject.Settings(attn_layer=variant), device="meta",
+                                           seed=0)
         except Exception as e:
             failures.append((plain, twin, f"{type(e).__name__}: {e}"[:200]))
             continue
@@ -290,8 +291,8 @@ def test_fill_adds_exactly_the_models_own_se(name):
     stripped, blocks = _strip_half(name)
     assert blocks
     variant = _variant(_meta(name))
-    filled, report = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64,
-                                      attention=variant)
+    filled, report = se_inject.inject(stripped, se_inject.Settings(fill=True, include=blocks, attn_layer=variant),
+                                      device="meta", seed=0, input_size=64)
     assert [s.path for s in report.plan.sites] == blocks
     assert _shapes(filled) == _shapes(_meta(name))
     if variant == "se":  # the width read from the model's own SE layers (ESE and ECA have none)
@@ -301,7 +302,7 @@ def test_fill_adds_exactly_the_models_own_se(name):
 def test_fill_computes_what_the_models_own_se_computes():
     reference = randomize_norm_stats(timm.create_model("lcnet_050")).eval()
     stripped, blocks = _strip_half("lcnet_050", device="cpu")
-    filled, _ = se_inject.inject(stripped, seed=0, fill=True, include=blocks, input_size=64)
+    filled, _ = se_inject.inject(stripped, se_inject.Settings(fill=True, include=blocks), seed=0, input_size=64)
     filled.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -313,13 +314,14 @@ def test_fill_computes_what_the_models_own_se_computes():
 def test_fill_models_listed_as_not_exact_still_differ(name):
     assert _fill_not_exact(name)
     stripped, blocks = _strip_half(name)
-    filled, _ = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64)
+    filled, _ = se_inject.inject(stripped, se_inject.Settings(fill=True, include=blocks), device="meta", seed=0,
+                                 input_size=64)
     assert _shapes(filled) != _shapes(_meta(name))
 
 
 @pytest.mark.slow
 def test_tresnet_fill_puts_tresnets_own_se_mid_block():
-    _, report = se_inject.inject("timm:tresnet_m", device="meta", seed=0, fill=True)
+    _, report = se_inject.inject("timm:tresnet_m", se_inject.Settings(fill=True), device="meta", seed=0)
     model = _meta("tresnet_m")
     assert report.plan.sites
     for site in report.plan.sites:  # the last stage's Bottlenecks, which timm builds without SE
@@ -332,8 +334,8 @@ def test_tresnet_fill_puts_tresnets_own_se_mid_block():
 def test_cbam_follows_the_cbam_authors_code():
     """C // r and biases in the shared MLP (the authors' release), not timm's rounding to 8 (regnetx_002's narrow
     stages tell them apart: 24 // 16 = 1, where a multiple of 8 would be 8)."""
-    injected, report = se_inject.inject("timm:regnetx_002", device="meta", seed=0, attention="cbam",
-                                        placement="paper")
+    injected, report = se_inject.inject("timm:regnetx_002", se_inject.Settings(attn_layer="cbam", placement="paper"),
+                                        device="meta", seed=0)
     for site in report.plan.sites:
         assert site.squeeze_channels == max(1, site.channels // 16)
         mlp = injected.get_submodule(site.module_path).channel
@@ -359,7 +361,8 @@ def test_cbam_timm_is_timms_cbam_module():
     from se_inject.layers.attention import create_attention
 
     model = nn.Sequential(nn.Conv2d(3, 24, 1), _Residual(24), nn.Conv2d(24, 56, 1), _Residual(56))
-    _, report = se_inject.inject(model, device="meta", seed=0, attention="cbam-timm", input_size=16)
+    _, report = se_inject.inject(model, se_inject.Settings(attn_layer="cbam-timm"), device="meta", seed=0,
+                                 input_size=16)
     widths = {s.channels for s in report.plan.sites}
     assert widths == {24, 56}  # C / 16 = 1.5 and 3.5: half up is not floor
     for channels in sorted(widths):
@@ -376,12 +379,14 @@ def test_cbam_timm_is_timms_cbam_module():
 def test_cbam_timm_on_a_timm_model_built_with_cbam():
     reference = randomize_norm_stats(timm.create_model("test_resnet", block_args={"attn_layer": "cbam"})).eval()
     assert type(reference.layer1[0].se).__name__ == "CbamModule"
-    injected, _ = se_inject.inject("timm:test_resnet", seed=0, attention="cbam-timm", input_size=64)
+    injected, _ = se_inject.inject("timm:test_resnet", se_inject.Settings(attn_layer="cbam-timm"), seed=0,
+                                   input_size=64)
     injected.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(injected.eval()(x), reference(x))
-    authors, _ = se_inject.inject("timm:test_resnet", device="meta", seed=0, attention="cbam", input_size=64)
+    authors, _ = se_inject.inject("timm:test_resnet", se_inject.Settings(attn_layer="cbam"), device="meta", seed=0,
+                                  input_size=64)
     assert _shapes(authors) != _shapes(reference)  # the default CBAM has the authors' MLP biases
 
 
@@ -434,7 +439,7 @@ def test_plans_from_before_the_design_fields_still_load():
                            "input_size": [3, 224, 224], "init": "paper", "seed": 0, "sites": [old]})
     site = plan.sites[0]
     assert (site.placement, site.source) == ("paper", "")
-    assert (site.attention.act, site.attention.layout, site.attention.norm) == ("relu", "fc", False)
+    assert (site.attention.act_layer, site.attention.layout, site.attention.norm_layer) == ("relu", "fc", None)
     assert site.to_dict() == old
 
 
@@ -469,7 +474,8 @@ def _default_on_plain_sibling(name: str) -> tuple[nn.Module, se_inject.api.Repor
     makes no variant of it, HGNet v1's ESE)."""
     stripped, blocks, variant = _strip_all(name)
     assert blocks, name
-    injected, report = se_inject.inject(stripped, device="meta", seed=0, attention=variant or "se", input_size=64)
+    injected, report = se_inject.inject(stripped, se_inject.Settings(attn_layer=variant or "se"), device="meta", seed=0,
+                                        input_size=64)
     return injected, report, blocks
 
 
@@ -545,8 +551,9 @@ def test_sweep_own_se_families(family):
         if not blocks:
             continue
         try:
-            filled, _ = se_inject.inject(stripped, device="meta", seed=0, fill=True, include=blocks, input_size=64,
-                                         attention=variant or "se")
+            filled, _ = se_inject.inject(stripped,
+                                         se_inject.Settings(fill=True, include=blocks, attn_layer=variant or "se"),
+                                         device="meta", seed=0, input_size=64)
             exact = bool(variant) and _shapes(filled) == _shapes(_meta(name))
         except Exception as e:
             exact = False

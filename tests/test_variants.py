@@ -45,7 +45,7 @@ def _analytic_elementwise(kind: str, c: int, h: int, w: int, rd: int) -> int:
 
 @pytest.mark.parametrize("kind", list(VARIANTS))
 def test_variant_counts_on_resnet50_are_analytic(kind):
-    _injected, report = se_inject.inject("timm:resnet50", attention=kind, device="meta", seed=0)
+    _injected, report = se_inject.inject("timm:resnet50", se_inject.Settings(attn_layer=kind), device="meta", seed=0)
     sites = report.plan.sites
     assert len(sites) == 16
     analytic = sum(_analytic_params(kind, s.channels, s.squeeze_channels, s.attention.kernel_size) for s in sites)
@@ -57,9 +57,9 @@ def test_variant_counts_on_resnet50_are_analytic(kind):
 
 
 def test_variant_macs_are_analytic():
-    _, eca = se_inject.inject("timm:resnet50", attention="eca", device="meta", seed=0)
+    _, eca = se_inject.inject("timm:resnet50", se_inject.Settings(attn_layer="eca"), device="meta", seed=0)
     assert eca.to_dict()["macs"]["delta"] == sum(s.channels * s.attention.kernel_size for s in eca.plan.sites)
-    _, cbam = se_inject.inject("timm:resnet50", attention="cbam", device="meta", seed=0)
+    _, cbam = se_inject.inject("timm:resnet50", se_inject.Settings(attn_layer="cbam"), device="meta", seed=0)
     assert cbam.to_dict()["macs"]["delta"] == sum(
         4 * s.channels * s.squeeze_channels + 2 * 49 * cbam.feature_maps[s.path][1] * cbam.feature_maps[s.path][2]
         for s in cbam.plan.sites)
@@ -72,7 +72,7 @@ def test_eca_kernel_size(channels, k):
 
 @pytest.mark.parametrize("name", ["resnet26t", pytest.param("resnet50d", marks=pytest.mark.slow)])
 def test_eca_on_timm_resnet_is_timms_ecaresnet(name):
-    injected, report = se_inject.inject(f"timm:{name}", attention="eca", device="meta", seed=0)
+    injected, report = se_inject.inject(f"timm:{name}", se_inject.Settings(attn_layer="eca"), device="meta", seed=0)
     with torch.device("meta"):
         reference = timm.create_model(f"eca{name}")
     assert {k: v.shape for k, v in injected.state_dict().items()} == {
@@ -81,11 +81,11 @@ def test_eca_on_timm_resnet_is_timms_ecaresnet(name):
 
 
 def test_ese_defaults_to_hard_sigmoid_and_gate_overrides():
-    _, ese = se_inject.inject("timm:test_resnet", attention="ese", device="meta", seed=0)
-    assert {s.attention.gate for s in ese.plan.sites} == {"hard-sigmoid"}
-    _, se = se_inject.inject("timm:test_resnet", gate="hard-sigmoid", device="meta", seed=0)
-    assert {s.attention.gate for s in se.plan.sites} == {"hard-sigmoid"}
-    injected, _ = se_inject.inject("timm:test_resnet", gate="hard-sigmoid", seed=0)
+    _, ese = se_inject.inject("timm:test_resnet", se_inject.Settings(attn_layer="ese"), device="meta", seed=0)
+    assert {s.attention.gate_layer for s in ese.plan.sites} == {"hard-sigmoid"}
+    _, se = se_inject.inject("timm:test_resnet", se_inject.Settings(gate_layer="hard-sigmoid"), device="meta", seed=0)
+    assert {s.attention.gate_layer for s in se.plan.sites} == {"hard-sigmoid"}
+    injected, _ = se_inject.inject("timm:test_resnet", se_inject.Settings(gate_layer="hard-sigmoid"), seed=0)
     assert isinstance(injected.layer1[0].se.gate, torch.nn.Hardsigmoid)
 
 
@@ -99,7 +99,7 @@ EXPORT_CASES = [  # one recipe in the default suite; the scripting and export of
 def _variant_model(kind: str, source: str, name: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
     model = timm.create_model(name) if source == "timm" else torchvision.models.get_model(name)
     model = randomize_norm_stats(model).eval()
-    injected, _ = se_inject.inject(model, attention=kind, init="identity", seed=0)
+    injected, _ = se_inject.inject(model, se_inject.Settings(attn_layer=kind, init="identity"), seed=0)
     return model, injected.eval(), torch.randn(1, 3, 64, 64)
 
 
@@ -132,8 +132,8 @@ def test_every_variant_exports_with_every_recipe(kind, source, name):
 def test_stage_ablation_on_resnet50():
     """SE paper, Table 9-style ablations: one stage only, or all but the last (~10% -> ~4% extra parameters)."""
     _, everywhere = se_inject.inject("timm:resnet50", device="meta", seed=0)
-    _, stage3 = se_inject.inject("timm:resnet50", device="meta", seed=0, include=["layer3.*"])
-    _, no_last = se_inject.inject("timm:resnet50", device="meta", seed=0, exclude=["layer4.*"])
+    _, stage3 = se_inject.inject("timm:resnet50", se_inject.Settings(include=["layer3.*"]), device="meta", seed=0)
+    _, no_last = se_inject.inject("timm:resnet50", se_inject.Settings(exclude=["layer4.*"]), device="meta", seed=0)
     assert [s.path for s in stage3.plan.sites] == [f"layer3.{i}" for i in range(6)]
     assert len(no_last.plan.sites) == 13
     ratio = lambda r: r.to_dict()["params"]["delta"] / r.to_dict()["params"]["before"]  # noqa: E731
@@ -144,10 +144,10 @@ def test_stage_ablation_on_resnet50():
 
 
 def test_min_channels_and_empty_filters():
-    _, wide = se_inject.inject("timm:resnet50", device="meta", seed=0, min_channels=1024)
+    _, wide = se_inject.inject("timm:resnet50", se_inject.Settings(min_channels=1024), device="meta", seed=0)
     assert {s.channels for s in wide.plan.sites} == {1024, 2048}
     with pytest.raises(NoSitesError, match="filters removed all 16 sites") as info:
-        se_inject.inject("timm:resnet50", device="meta", include=["stage9.*"])
+        se_inject.inject("timm:resnet50", se_inject.Settings(include=["stage9.*"]), device="meta")
     assert "layer1.0" in str(info.value)
     result = runner.invoke(app, ["resnet50", "--dry-run", "--include", "nothing*"])
     assert result.exit_code == 1 and "layer1.0" in result.stderr
@@ -207,7 +207,7 @@ def toy(tmp_path):
 
 def test_user_model_and_recipe_file_through_save_and_load(toy, tmp_path):
     spec = f"{toy / 'toymodels.py'}:make"
-    model, report = se_inject.inject(spec, recipe_files=[toy / "toy.toml"], input_size=32, seed=0)
+    model, report = se_inject.inject(spec, recipes=[toy / "toy.toml"], input_size=32, seed=0)
     assert [(s.path, s.recipe, s.channels, s.squeeze_channels) for s in report.plan.sites] == [
         ("blocks.0", "toy-residual", 32, 8), ("blocks.1", "toy-residual", 32, 8)]
     se_inject.save(model, report.plan, tmp_path / "out")
@@ -225,7 +225,7 @@ def test_user_model_cli_and_module_factory(toy, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["sites"][0]["recipe"] == "toy-residual"
     monkeypatch.syspath_prepend(str(toy))
-    _, report = se_inject.inject("toymodels:make", recipe_files=[toy / "toy.toml"], input_size=32, device="meta")
+    _, report = se_inject.inject("toymodels:make", recipes=[toy / "toy.toml"], input_size=32, device="meta")
     assert str(report.plan.model) == "python:toymodels:make"
     _, tv = se_inject.inject("torchvision.models:resnet18", device="meta", seed=0)
     assert len(tv.plan.sites) == 8

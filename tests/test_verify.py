@@ -99,8 +99,8 @@ def _recipe(tmp_path: Path, rules: dict[type, str], name: str = "toy") -> Path:
 
 
 def _inject(model: nn.Module, recipe: Path, **options):
-    return se_inject.inject(model, recipe="toy", recipe_files=[recipe], input_size=16, seed=0, init="identity",
-                            **options)
+    return se_inject.inject(model, se_inject.Settings(init="identity", **options), recipes=["toy", recipe],
+                            input_size=16, seed=0)
 
 
 def _assert_identity(model: nn.Module, injected: nn.Module) -> None:
@@ -281,10 +281,10 @@ def test_a_channels_last_map_is_refused_at_every_size(tmp_path):
     recipe = tmp_path / "cl.toml"
     recipe.write_text('name = "cl"\n[[blocks]]\nclasses = ["timm.models.convnext.ConvNeXtBlock"]\nafter = "mlp"\n')
     with pytest.raises(NoSitesError, match="failed its verification") as info:
-        se_inject.inject("timm:test_convnext", device="meta", seed=0, recipe="cl", recipe_files=[recipe])
+        se_inject.inject("timm:test_convnext", device="meta", seed=0, recipes=["cl", recipe])
     assert info.value.reason == "unverified"
     ok = tmp_path / "ok.toml"  # the same blocks' NCHW map (after the permute back) is taken at every stage
     ok.write_text('name = "ok"\n[[patterns]]\npattern = "residual"\nclasses = ["timm.models.convnext.ConvNeXtBlock"]\n')
-    model, report = se_inject.inject("timm:test_convnext", device="meta", seed=0, recipe="ok", recipe_files=[ok])
+    model, report = se_inject.inject("timm:test_convnext", device="meta", seed=0, recipes=["ok", ok])
     blocks = [p for p, m in model.named_modules() if type(m).__name__ == "ConvNeXtBlock"]
     assert [s.path for s in report.plan.sites] == blocks and not report.skipped

@@ -25,7 +25,7 @@ def _recipe(tmp_path: Path, cls: type, anchor: str | None = None, slot: str | No
 
 
 def _inject(model: nn.Module, recipe: Path):
-    return se_inject.inject(model, recipe="toy", recipe_files=[recipe], input_size=16, seed=0, init="identity")
+    return se_inject.inject(model, se_inject.Settings(init="identity"), recipes=["toy", recipe], input_size=16, seed=0)
 
 
 def _perturb_checked_module(monkeypatch, factor: float) -> None:

@@ -20,7 +20,8 @@ from typer.core import TyperGroup
 from .. import __version__
 from ..errors import SEInjectError, UsageError, WeightsError
 from ..io.preflight import check_export_options, check_output_file, check_output_folder
-from ..names import EXPORT_FORMATS, GATES, INITS, MAX_DIVISOR, MODEL_SOURCES, PLACEMENTS, VARIANTS
+from ..names import EXPORT_FORMATS, GATES, INITS, MODEL_SOURCES, PLACEMENTS, VARIANTS
+from ..settings import OPTION_KEYS, Settings
 from .process import error, error_funnel, exit_now, printable_streams
 from .render import (
     console,
@@ -37,7 +38,7 @@ from .render import (
 )
 
 DEFAULT_COMMAND = "inject"
-# Allowed values, shown in --help (the library validates them; tests check these lists against its own).
+# Allowed values, shown in --help (`se_inject.settings` checks them).
 ATTENTION_CHOICES = tuple(VARIANTS)
 GATE_CHOICES = GATES
 INIT_CHOICES = INITS
@@ -173,33 +174,21 @@ def inject_command(
     """Insert SE blocks into MODEL, report params/MACs before and after, save the result."""
     with error_funnel(), status_line(f"planning SE for {model}", enabled=interactive(as_json)) as status:
         formats = tuple(dict.fromkeys(export_formats or ()))
-        check_choices(attention=[attention], gate=gate, init=init, reduction=reduction, divisor=divisor)
+        settings = Settings.parse({"attention": attention, "reduction": reduction, "divisor": divisor, "bias": bias,
+                                   "gate": gate, "init": init, "include": include or (), "exclude": exclude or (),
+                                   "min_channels": min_channels, "fill": fill, "placement": placement}, OPTION_KEYS)
         notes = inject_preflight(dry_run=dry_run, output=output, force=force, formats=formats, weights=weights,
                                  images=images, pretrained=pretrained, static_batch=static_batch, opset=opset)
         from ..api import inject, save_injected
-        from ..engine.plan import Settings
 
         def before_build(plan: Any, default_output: str) -> None:
             if not dry_run:
                 check_output_folder(output or Path(default_output), force=force)  # before the costly build
                 status(f"building {model} ({'pretrained' if pretrained else 'random'} weights) and inserting SE")
 
-        settings = Settings(attention=attention, reduction=reduction, divisor=divisor, bias=bias, gate=gate, init=init,
-                            include=tuple(include or ()), exclude=tuple(exclude or ()), min_channels=min_channels,
-                            fill=fill, placement=placement)
-        injected, report = inject(
-            model,
-            settings,
-            recipe=recipe or "auto",
-            recipe_files=tuple(recipe_file or ()),
-            input_size=input_size,
-            weights=weights,
-            images=images,
-            seed=seed,
-            device="meta" if dry_run else "cpu",
-            pretrained=pretrained,
-            before_build=before_build,
-        )
+        injected, report = inject(model, settings, recipes=[*(recipe or ["auto"]), *(recipe_file or ())],
+                                  input_size=input_size, weights=weights, pretrained=pretrained, seed=seed,
+                                  device="meta" if dry_run else "cpu", drift=images, before_build=before_build)
         if not dry_run:
             status(f"saving{' and exporting ' + ', '.join(formats) if formats else ''}")
             report = save_injected(injected, report, output or Path(report.default_output), force=force,
@@ -213,20 +202,6 @@ def inject_command(
             print_json(report.to_dict())
         else:
             render_report(report, verbose=verbose, seed_drawn=seed is None)
-
-
-def check_choices(*, attention: list[str] | tuple[str, ...] = (), gate: str | None = None, init: str = "paper",
-                  reduction: int | None = None, divisor: int | None = None) -> None:
-    """Option values checked against the names and ranges se-inject knows, before torch is imported (exit 2)."""
-    for name, values, choices in (("attention", attention, ATTENTION_CHOICES), ("gate", [gate], GATE_CHOICES),
-                                  ("init", [init], INIT_CHOICES)):
-        for value in values:
-            if value is not None and value not in choices:
-                raise UsageError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
-    if reduction is not None and reduction < 1:
-        raise UsageError(f"invalid reduction {reduction!r}: expected an integer >= 1")
-    if divisor is not None and not 1 <= divisor <= MAX_DIVISOR:
-        raise UsageError(f"invalid divisor {divisor!r}: expected an integer in [1, {MAX_DIVISOR}]")
 
 
 def inject_preflight(*, dry_run: bool, output: Path | None, force: bool, formats: tuple[str, ...],
@@ -345,7 +320,8 @@ def compare_command(
 ) -> None:
     """Compare attention variants on one model: sites, params, MACs, elementwise ops (and latency with --bench)."""
     with error_funnel():
-        check_choices(attention=attention or (), reduction=reduction)
+        for kind in attention or [None]:  # checked before torch is imported
+            Settings.parse({"attention": kind, "reduction": reduction}, OPTION_KEYS)
         import torch
 
         from ..tools.compare import compare_variants
@@ -387,11 +363,9 @@ def scan_command(
 ) -> None:
     """Plan SE for every model matching the patterns (on the meta device) and summarize the coverage."""
     with error_funnel():
-        from ..api import validate_settings
-        from ..engine.plan import Settings
         from ..tools.scan import model_names, summarize, summarize_categories, summarize_tasks, write_rows
 
-        validate_settings(Settings(reduction=reduction))
+        Settings.parse({"reduction": reduction}, OPTION_KEYS)  # checked before the workers start
         names = model_names(patterns or ["*"], source)
         if not names:
             raise SEInjectError(f"no model name matches {' '.join(patterns or ['*'])}")

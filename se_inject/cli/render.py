@@ -192,7 +192,7 @@ def export_line(e: dict[str, Any]) -> str:
 
 
 def print_recipes(*, as_json: bool) -> None:
-    from ..engine.recipes import get_recipe, list_recipes
+    from ..engine.recipes import get_recipe, list_recipes, recipe_table
 
     recipes = [get_recipe(name) for name in list_recipes()]
     if as_json:
@@ -202,7 +202,7 @@ def print_recipes(*, as_json: bool) -> None:
         d = r.defaults
         typer.echo(f"{r.name}: {r.description}")
         bias = str(d.bias).lower()
-        typer.echo(f"  defaults: reduction {d.reduction}, divisor {d.divisor}, bias {bias}, gate {d.gate}")
+        typer.echo(f"  defaults: reduction {d.reduction}, divisor {d.rd_divisor}, bias {bias}, gate {d.gate_layer}")
         if d.convention:
             typer.echo(f"  squeeze width: {d.convention}")
         for c in r.conventions:
@@ -215,7 +215,8 @@ def print_recipes(*, as_json: bool) -> None:
             when += "".join(f", {_REQUIREMENT_TEXT.get(req, 'requires ' + req)}" for req in rule.require)
             when += "".join([*(f", within {g}" for g in rule.within), *(f", not within {g}" for g in rule.not_within)])
             if rule.placement == "family":
-                settings = ", ".join(f"{k} {v}" for k, v in rule.se if k != "convention")
+                settings = ", ".join(f"{k} {v}" for k, v in sorted(recipe_table(rule.se).items())
+                                     if k != "convention")
                 when += f"; family design ({rule.source or 'its own'}{'; ' + settings if settings else ''})"
             for c in rule.classes:
                 typer.echo(f"  {c}: {place}{when}")
@@ -316,14 +317,20 @@ def render_scan(rows: list[Any], output: Path | None) -> None:
 
 def print_variants(*, as_json: bool) -> None:
     from ..names import VARIANTS
+    from ..settings import VARIANT_SETTINGS, SESettings
+
+    def own(name: str) -> dict[str, Any]:  # the variant's own settings, in the CLI's words
+        s = VARIANT_SETTINGS.get(name, SESettings())
+        return {"gate": s.gate_layer, "divisor": s.rd_divisor, "rounding": s.rd_round, "bias": s.bias}
 
     if as_json:
-        print_json([v.to_dict() for v in VARIANTS.values()])
+        print_json([{**v.to_dict(), **own(v.name)} for v in VARIANTS.values()])
         return
     for v in VARIANTS.values():
         typer.echo(f"{v.name}: {v.description}")
         uses = "uses --reduction/--divisor" if v.uses_reduction else "no reduction"
-        typer.echo(f"  gate {v.gate or 'sigmoid (the recipe default)'}; {uses}; params per site: {v.params}")
+        gate = own(v.name)["gate"] or "sigmoid (the recipe default)"
+        typer.echo(f"  gate {gate}; {uses}; params per site: {v.params}")
         typer.echo(f"  {v.reference}")
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..layers.attention import class_path, find_attention, squeeze_channels
+from ..settings import SESettings, compose
 from .measure import Counts, count
 from .meta import as_meta, output_shapes, run_meta
 from .patterns import conv_chain, match_block, node_output_shape
@@ -96,10 +97,10 @@ class Place:
     in_child: bool = False
     placement: str = "paper"
     source: str = ""
-    se: tuple[tuple[str, Any], ...] = ()  # SE settings over the recipe's
+    se: SESettings = field(default_factory=SESettings)  # SE settings over the recipe's
 
-    def settings(self, defaults: Any) -> Any:
-        return replace(defaults, **dict(self.se)) if self.se else defaults
+    def settings(self, defaults: SESettings) -> SESettings:
+        return compose(defaults, self.se)
 
 
 def place_of(rule: BlockRule) -> Place:
@@ -220,7 +221,7 @@ def _ancestors(path: str, classes: dict[str, str]) -> tuple[str, ...]:
 
 def _conflict(first: Recipe, other: Recipe, path: str, cp: str, how: str) -> None:
     raise UsageError(f"recipes {first.name!r} ({first.source}) and {other.name!r} ({other.source}) both take "
-                     f"{path or 'the model'} ({cp}) at {how}; keep one (--recipe NAME)")
+                     f"{path or 'the model'} ({cp}) at {how}; keep one (recipes=NAME, --recipe NAME)")
 
 
 def _places(path: str, block: nn.Module, found: list[tuple[Recipe, Place]]) -> Iterator[Candidate]:
@@ -402,8 +403,8 @@ def find_sites(
             fixed = call.fixed(probe.model.get_submodule(p.path).forward) if call is not None else {}
             first = call.first_tensor() if call is not None else None
             defaults = p.place.settings(p.recipe.defaults_for(class_path(model)))
-            if defaults.act == "block":
-                defaults = replace(defaults, act=block_activation(model.get_submodule(p.path)) or "relu")
+            if defaults.act_layer == "block":
+                defaults = replace(defaults, act_layer=block_activation(model.get_submodule(p.path)) or "relu")
             tokens = p.pattern == "token-residual" or channels_last(model.get_submodule(p.path), p.anchor,
                                                                      p.place.position, places[0])
             width = (first.shape[-1] if tokens else first.shape[1]) if first is not None \
@@ -475,13 +476,14 @@ def own_design(blocks: list[nn.Module], defaults: Any, rules: tuple[tuple[str, s
         act = "block"
     else:
         return None
-    first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
+    first = (defaults.rd_from, defaults.rd_round, defaults.rd_divisor, defaults.round_limit)
     for source, rounding, divisor, limit in dict.fromkeys(rules or (first, *_WIDTH_RULES)):
         for reduction in dict.fromkeys((defaults.reduction, *_REDUCTIONS)):
             if all(squeeze_channels(c_in if source == "input" else c, reduction, divisor, limit, rounding) == rd
                    for *_, c, c_in, rd in seen):
-                return replace(defaults, reduction=reduction, squeeze_from=source, rounding=rounding, divisor=divisor,
-                               round_limit=limit, act=act, gate=gate, bias=bias, layout=layout, norm=norm,
+                return replace(defaults, rd_ratio=1 / reduction, rd_from=source, rd_round=rounding, rd_divisor=divisor,
+                               round_limit=limit, act_layer=act, gate_layer=gate, bias=bias, layout=layout,
+                               norm_layer="batchnorm" if norm else None,
                                convention=f"the model's own SE ({len(seen)} modules): "
                                f"{'the block activation' if act == 'block' else act} inside, {gate} gate, "
                                f"{_width_text(source, rounding, divisor, limit, reduction)}")
@@ -494,7 +496,7 @@ def _staged_designs(owned: list[tuple[str, nn.Module]], key: tuple[Any, ...], de
     stages: dict[str, list[nn.Module]] = {}
     for path, block in owned:
         stages.setdefault(path.rpartition(".")[0], []).append(block)
-    first = (defaults.squeeze_from, defaults.rounding, defaults.divisor, defaults.round_limit)
+    first = (defaults.rd_from, defaults.rd_round, defaults.rd_divisor, defaults.round_limit)
     for rule in dict.fromkeys((first, *_WIDTH_RULES)):
         designs = {(*key, stage): own_design(blocks, defaults, (rule,)) for stage, blocks in stages.items()}
         if all(d is not None for d in designs.values()):
@@ -533,8 +535,8 @@ def _like_own(model: nn.Module, matches: list[Match], skipped: list[Skip]) -> li
                 designs.update(_staged_designs([(p, b) for cp, p, b in owned.get(m.recipe.name, []) if cp == m.block],
                                                key[:3], m.defaults))
         design = designs.get(key)
-        if design is not None and design.act == "block":
-            design = replace(design, act=block_activation(model.get_submodule(m.path)) or "relu")
+        if design is not None and design.act_layer == "block":
+            design = replace(design, act_layer=block_activation(model.get_submodule(m.path)) or "relu")
         result.append(replace(m, defaults=design) if design is not None else m)
     return result
 
@@ -563,7 +565,7 @@ def _findings(
     )
 
 
-# Activation modules by class name (torch's and timm's own), as `SEDefaults.act` names them.
+# Activation modules by class name (torch's and timm's own), as `SESettings.act_layer` names them.
 _ACTIVATION_NAMES = {
     "ReLU": "relu", "ReLU6": "relu6", "SiLU": "silu", "Swish": "silu", "LeakyReLU": "leaky-relu",
     "Hardswish": "hard-swish", "HardSwish": "hard-swish", "GELU": "gelu", "Mish": "mish",

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..layers.attention import AttentionSpec
+from ..settings import SESettings, Settings
 from .models import ModelSpec
 
 PLAN_FORMAT = "se-inject.plan/1"
@@ -24,7 +24,7 @@ class Site:
         position: "after" (SE takes the anchor's output) or "before" (SE takes the anchor's input).
         slot: Attribute the block's forward already calls at that place, filled instead of rewriting the forward.
         name: Attribute name of the new module in the block.
-        attention: The module to build.
+        attention: The module to build: the site's resolved settings (`se_inject.layers.attention.site_attention`).
         fixed_args: The block's non-tensor forward arguments as its parent passes them (``shortcut=None``, flags),
             by parameter name: tracing specialises on them. Empty for blocks called with tensors only.
         pattern: The structural pattern that matched the block ("residual", "conv-chain", ...; see
@@ -41,7 +41,7 @@ class Site:
     position: str
     slot: str | None
     name: str
-    attention: AttentionSpec
+    attention: SESettings
     fixed_args: dict[str, Any] = field(default_factory=dict, hash=False)
     pattern: str = ""
     placement: str = "paper"
@@ -49,10 +49,12 @@ class Site:
 
     @property
     def channels(self) -> int:
+        assert self.attention.channels is not None
         return self.attention.channels
 
     @property
     def squeeze_channels(self) -> int:
+        assert self.attention.rd_channels is not None
         return self.attention.rd_channels
 
     @property
@@ -69,7 +71,7 @@ class Site:
             "position": self.position,
             "slot": self.slot,
             "name": self.name,
-            "attention": self.attention.to_dict(),
+            "attention": attention_to_dict(self.attention),
         }
         if self.pattern:  # a structural match (class-rule sites read as before)
             data["pattern"] = self.pattern
@@ -103,7 +105,7 @@ class Plan:
         input_size: (C, H, W) used for planning and counting; (C, T, H, W) for video, (C, L) for 1-D models.
         init: "paper" or "identity".
         seed: Seed of the SE initialisation (and of the base model's random weights when built from a name).
-        settings: The options the plan was made with, for the record.
+        settings: The user's options the plan was made with, for the record.
     """
 
     model: ModelSpec | None
@@ -111,7 +113,7 @@ class Plan:
     input_size: tuple[int, int, int]
     init: str = "paper"
     seed: int = 0
-    settings: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    settings: Settings = field(default_factory=Settings, compare=False, hash=False)
     format: str = PLAN_FORMAT
 
     @property
@@ -125,7 +127,7 @@ class Plan:
             "input_size": list(self.input_size),
             "init": self.init,
             "seed": self.seed,
-            "settings": dict(self.settings),
+            "settings": self.settings.to_dict(),
             "sites": [s.to_dict() for s in self.sites],
         }
 
@@ -133,21 +135,16 @@ class Plan:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
-@dataclass(frozen=True)
-class Settings:
-    """User choices that override a recipe's defaults (None keeps the recipe's value)."""
-
-    attention: str = "se"
-    reduction: int | None = None
-    divisor: int | None = None
-    bias: bool | None = None
-    gate: str | None = None
-    init: str = "paper"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    min_channels: int = 0
-    fill: bool = False  # add SE to the blocks without it in a model where other matching blocks have attention
-    placement: str = "family"  # "family": a family's own SE design where it has one; "paper": the SE paper's place
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+def attention_to_dict(spec: SESettings) -> dict[str, Any]:
+    """A site's settings as the plan stores them (`PLAN_SITE_KEYS` names; the optional keys only where they differ
+    from the SE paper's, so plans read as they did before those keys)."""
+    data: dict[str, Any] = {"kind": spec.attn_layer, "channels": spec.channels, "rd_channels": spec.rd_channels,
+                            "kernel_size": spec.kernel_size, "bias": spec.bias, "gate": spec.gate_layer,
+                            "gain": spec.gain}
+    for key, value, default in (("host_gain", spec.host_gain, 1.0), ("act", spec.act_layer, "relu"),
+                                ("layout", spec.layout, "fc"), ("norm", spec.norm_layer is not None, False),
+                                ("channels_last", bool(spec.channels_last), False),
+                                ("prefix_tokens", spec.prefix_tokens or 0, 0)):
+        if value != default:
+            data[key] = value
+    return data

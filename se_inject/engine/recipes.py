@@ -9,7 +9,7 @@ A recipe never runs code. It names block classes by full class path and, for eac
   feature map; without them the slot must hold a module (e.g. ``nn.Identity``), whose input is measured;
 - ``slot_gain = 2.0`` (optional, with ``slot``): the block multiplies the slot's output by this constant (NFNet's
   ``attn_gain * attn_last(x)``; narrow the rule with ``when`` to blocks that have it). The SE keeps the family's
-  scaling, and identity initialisation divides the gate's identity gain by it (see `attention_spec`);
+  scaling, and identity initialisation divides the gate's identity gain by it (see `site_attention`);
 - ``in_child = true`` (optional): the SE goes into the anchor child's own forward (``conv2.se`` on conv2's output),
   as it does where several places share a block, and the block's forward is left as it is: for blocks whose forward
   cannot be rewritten (it takes a tensor or a list, as DenseNet's and SelecSLS's layers do);
@@ -37,17 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeFileError, UnknownRecipeError
-from ..names import (
-    GATES,
-    LAYOUTS,
-    MAX_DIVISOR,
-    PATTERNS,
-    PLACEMENTS,
-    ROUNDINGS,
-    SE_ACTIVATIONS,
-    SQUEEZE_FROM,
-    attribute_name_problem,
-)
+from ..names import PATTERNS, PLACEMENTS, attribute_name_problem
+from ..settings import LIBRARY, RECIPE_KEYS, SESettings, SettingsError, compose
 
 # "pointwise": the anchor is (or starts with) a 1x1 convolution, e.g. a projection; "depthwise" / "no-depthwise": the
 # block has (has not) a depthwise convolution, so one class can take SE at different places by its structure.
@@ -60,28 +51,11 @@ _PATH_GLOB_RE = re.compile(r"^[\w.*?\[\]!-]+$")
 
 
 @dataclass(frozen=True)
-class SEDefaults:
-    """A recipe's default SE settings (timm vocabulary: ``rd_ratio = 1 / reduction``, ``rd_divisor = divisor``)."""
-
-    reduction: int = 16
-    divisor: int = 8
-    round_limit: float = 0.0  # timm make_divisible: bump up when rounding down loses more than (1 - round_limit)
-    bias: bool = True
-    gate: str = "sigmoid"
-    squeeze_from: str = "output"  # the width r divides: "output" (the map SE scales) or "input" (the block's input)
-    rounding: str = "divisible"  # "divisible" (C // r to a multiple of divisor), "round" (round(C / r)), "floor"
-    convention: str = ""  # what these settings reproduce, for the record (e.g. "timm EfficientNet")
-    act: str = "relu"  # activation between the FC layers; "block": the block's own (timm's act_layer of the block)
-    layout: str = "fc"  # the SE layer's names: "fc" (fc1/fc2) or "conv" (conv_reduce/conv_expand)
-    norm: bool = False  # a BatchNorm between the SE's layers (ReXNet)
-
-
-@dataclass(frozen=True)
 class Convention:
     """A model family's own SE settings, used instead of the recipe's defaults in models of these classes."""
 
     models: tuple[str, ...]  # full class paths of the whole model (its root module)
-    defaults: SEDefaults
+    defaults: SESettings
 
 
 @dataclass(frozen=True)
@@ -100,12 +74,12 @@ class BlockRule:
     slot_gain: float = 1.0  # the constant the block's forward multiplies the slot's output by
     in_child: bool = False  # SE in the anchor child's own forward, the block's forward left as it is
     placement: str = "paper"  # "family": the family's own SE design (its timm twin, its paper); "paper": Hu et al.
-    se: tuple[tuple[str, Any], ...] = ()  # SE settings of this rule over the recipe's (`[blocks.se]`)
+    se: SESettings = field(default_factory=SESettings)  # SE settings of this rule over the recipe's (`[blocks.se]`)
     source: str = ""  # where the place and settings come from ("timm regnety_*", "Hu et al., Fig. 3", ...)
 
-    def settings(self, defaults: SEDefaults) -> SEDefaults:
+    def settings(self, defaults: SESettings) -> SESettings:
         """The SE settings of a block this rule matched: the rule's own over the recipe's (model's) defaults."""
-        return replace(defaults, **dict(self.se)) if self.se else defaults
+        return compose(defaults, self.se)
 
     def applies_to(self, block: Any) -> bool:
         return all(_attribute_matches(getattr(block, attr, _MISSING), value) for attr, value in self.when)
@@ -180,7 +154,7 @@ class Recipe:
     name: str
     description: str
     blocks: tuple[BlockRule, ...]
-    defaults: SEDefaults = field(default_factory=SEDefaults)
+    defaults: SESettings = LIBRARY
     reference: str = ""
     source: str = ""
     conventions: tuple[Convention, ...] = ()
@@ -216,7 +190,7 @@ class Recipe:
         kept = tuple(r for r in self.blocks if r.placement == placement or not covered(r))
         return self if kept == self.blocks else replace(self, blocks=kept)
 
-    def defaults_for(self, model_class: str) -> SEDefaults:
+    def defaults_for(self, model_class: str) -> SESettings:
         """The SE settings in a model of this class: its family's convention, else the recipe's defaults."""
         return next((c.defaults for c in self.conventions if model_class in c.models), self.defaults)
 
@@ -225,14 +199,14 @@ class Recipe:
             "name": self.name,
             "description": self.description,
             "reference": self.reference,
-            "defaults": vars(self.defaults).copy(),
-            "conventions": [{"models": list(c.models), **vars(c.defaults)} for c in self.conventions],
+            "defaults": recipe_table(self.defaults),
+            "conventions": [{"models": list(c.models), **recipe_table(c.defaults)} for c in self.conventions],
             "classes": list(self.classes),
             "blocks": [
                 {"classes": list(b.classes), "anchor": b.anchor, "position": b.position, "slot": b.slot, "name": b.name,
                  "require": list(b.require), "when": dict(b.when), "within": list(b.within),
                  "not_within": list(b.not_within), "slot_gain": b.slot_gain,
-                 "in_child": b.in_child, "placement": b.placement, "se": dict(b.se), "source": b.source}
+                 "in_child": b.in_child, "placement": b.placement, "se": recipe_table(b.se), "source": b.source}
                 for b in self.blocks
             ],
             "patterns": [
@@ -262,39 +236,29 @@ def _check_keys(path: str, where: str, table: dict[str, Any], allowed: set[str],
         raise RecipeFileError(path, f"missing field {where}{missing[0]!r}")
 
 
-def _parse_defaults(
-    path: str, table: Any, where: str = "defaults", base: SEDefaults | None = None, extra: frozenset[str] = frozenset()
-) -> SEDefaults:
-    base = base or SEDefaults()
+def _parse_defaults(path: str, table: Any, where: str = "defaults") -> SESettings:
+    """A ``[defaults]``, ``[[conventions]]`` or ``[blocks.se]`` table: the settings it gives (the rest None)."""
     _expect(path, where, table, dict, "a table")
-    _check_keys(path, f"{where}.", table, set(vars(SEDefaults())) | extra, set(extra))
-    values: dict[str, Any] = {}
-    for key in ("reduction", "divisor"):
-        if key in table:
-            value = _expect(path, f"{where}.{key}", table[key], int, "a positive integer")
-            if value < 1 or (key == "divisor" and value > MAX_DIVISOR):
-                bound = f" at most {MAX_DIVISOR}" if key == "divisor" else ""
-                raise RecipeFileError(path, f"field '{where}.{key}': expected a positive integer{bound}, got {value}")
-            values[key] = value
-    if "round_limit" in table:
-        value = _expect(path, f"{where}.round_limit", table["round_limit"], (int, float), "a number in [0, 1]")
-        if not 0 <= value <= 1:
-            raise RecipeFileError(path, f"field '{where}.round_limit': expected a number in [0, 1], got {value}")
-        values["round_limit"] = float(value)
-    for key in ("bias", "norm"):
-        if key in table:
-            values[key] = _expect(path, f"{where}.{key}", table[key], bool, "true or false")
-    for key, allowed in (("gate", GATES), ("squeeze_from", SQUEEZE_FROM), ("rounding", ROUNDINGS),
-                         ("act", SE_ACTIVATIONS), ("layout", LAYOUTS)):
-        if key in table:
-            value = _expect(path, f"{where}.{key}", table[key], str, f"one of {', '.join(allowed)}")
-            if value not in allowed:
-                expected = ", ".join(allowed)
-                raise RecipeFileError(path, f"field '{where}.{key}': expected one of {expected}, got {value!r}")
-            values[key] = value
-    if "convention" in table:
-        values["convention"] = _expect(path, f"{where}.convention", table["convention"], str, "a string")
-    return replace(base, **values)
+    _check_keys(path, f"{where}.", table, set(_TABLE_KEYS), set())
+    try:
+        return SESettings.parse(table, RECIPE_KEYS, where=f"{where}.")
+    except SettingsError as e:
+        raise RecipeFileError(path, f"field {e.field!r}: {e.reason.replace('{field}', e.field)}") from None
+
+
+# A recipe's SE settings as its file names them (`RECIPE_KEYS`: ``reduction`` is r, ``norm`` a boolean).
+_TABLE_KEYS = {**{f: f for f in ("round_limit", "bias", "convention", "layout")}, **RECIPE_KEYS}
+
+
+def recipe_table(settings: SESettings) -> dict[str, Any]:
+    """The settings a recipe file's table gives, in the file's names (`RECIPE_KEYS`)."""
+    values = settings.to_dict()
+    table = {key: values[name] for key, name in _TABLE_KEYS.items() if name in values}
+    if "reduction" in table:
+        table["reduction"] = settings.reduction
+    if "norm" in table:
+        table["norm"] = True
+    return table
 
 
 def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
@@ -355,12 +319,10 @@ def _parse_rule(path: str, index: int, table: Any) -> BlockRule:
     if placement not in PLACEMENTS:
         raise RecipeFileError(path, f"field '{where}.placement': expected one of {', '.join(PLACEMENTS)}, "
                                     f"got {placement!r}")
-    se = table.get("se", {})
-    parsed = _parse_defaults(path, se, f"{where}.se")  # only the keys given override the recipe's
+    se = _parse_defaults(path, table.get("se", {}), f"{where}.se")  # only the keys given override the recipe's
     source = _expect(path, f"{where}.source", table.get("source", ""), str, "a string")
     return BlockRule(tuple(classes), anchor, position, slot, name, tuple(require), tuple(sorted(when.items())),
-                     within, not_within, float(slot_gain), in_child, placement,
-                     tuple(sorted((k, getattr(parsed, k)) for k in se)), source)
+                     within, not_within, float(slot_gain), in_child, placement, se, source)
 
 
 def _globs(path: str, where: str, value: Any) -> tuple[str, ...]:
@@ -425,7 +387,7 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
             if c in seen and _scope_placed(rules[seen[c]]) == _scope_placed(rule):
                 raise RecipeFileError(source, f"field 'blocks[{i}].classes': {c!r} is already in blocks[{seen[c]}]")
             seen[c] = i
-    defaults = _parse_defaults(source, data.get("defaults", {}))
+    defaults = compose(LIBRARY, _parse_defaults(source, data.get("defaults", {})))
     conventions = []
     tables = _expect(source, "conventions", data.get("conventions", []), list, "an array of tables ([[conventions]])")
     for i, table in enumerate(tables):
@@ -434,8 +396,8 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
         models = _expect(source, f"{where}.models", table.get("models"), list, "a list of full model class paths")
         if not models or not all(isinstance(m, str) and _CLASS_PATH_RE.match(m) for m in models):
             raise RecipeFileError(source, f"field '{where}.models': expected full class paths of models")
-        settings = _parse_defaults(source, table, where, defaults, frozenset({"models"}))
-        conventions.append(Convention(tuple(models), settings))
+        own = _parse_defaults(source, {k: v for k, v in table.items() if k != "models"}, where)
+        conventions.append(Convention(tuple(models), compose(defaults, own)))
     return Recipe(name, description, rules, defaults, reference, source, tuple(conventions), pattern_rules)
 
 

@@ -1,9 +1,13 @@
 """Strict validation of what a file says: the plan stored in a checkpoint, and names that reach generated code.
 
 A saved folder is data from anyone. Before anything is built from its plan, every field is checked here: its type,
-its range, registry names (attention kinds, gates, inits), and every string that becomes Python source (the
-attribute name of an inserted module) is a plain identifier. Violations raise `PlanSchemaError`, which names the
-field. Recipe files are checked with the same name rule (`se_inject.names.attribute_name_problem`).
+its range, registry names (a site's settings are checked by `SESettings` itself), and every string that becomes
+Python source (the attribute name of an inserted module) is a plain identifier. Violations raise `PlanSchemaError`,
+which names the field. Recipe files are checked with the same name rule (`se_inject.names.attribute_name_problem`).
+
+Plans from before the settings record read as they are: a site's ``attention`` keeps its keys (`PLAN_SITE_KEYS`
+maps them to `SESettings`), and the plan's ``settings`` of the CLI's names (``attention``, ``reduction``,
+``divisor``, ``gate``; `OPTION_KEYS`) become a `Settings`.
 """
 
 from __future__ import annotations
@@ -14,14 +18,7 @@ import re
 from typing import Any
 
 from ..errors import CheckpointError
-from ..layers.attention import AttentionSpec
 from ..names import (
-    ACTIVATIONS,
-    GATES,
-    INITS,
-    LAYOUTS,
-    MAX_CHANNELS,
-    MAX_DIVISOR,
     MAX_SEED,
     MAX_SIDE,
     MAX_SITES,
@@ -30,9 +27,9 @@ from ..names import (
     PATTERNS,
     PLACEMENTS,
     POSITIONS,
-    VARIANTS,
     attribute_name_problem,
 )
+from ..settings import OPTION_KEYS, PLAN_SITE_KEYS, SESettings, Settings, SettingsError
 from .models import ModelSpec
 from .plan import PLAN_FORMAT, Plan, Site
 
@@ -89,52 +86,26 @@ def _str(field: str, value: Any, pattern: re.Pattern[str] | None = None, what: s
     return value
 
 
-def _number(field: str, value: Any, lo: float, hi: float) -> float:
-    """A JSON number in (lo, hi]; integers are compared as integers (10**400 has no float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        isinstance(value, float) and not math.isfinite(value)) or not lo < value <= hi:
-        raise _fail(field, f"expected a finite number in ({lo:g}, {hi:g}], got {str(value)[:40]}")
-    return float(value)
-
-
 def _choice(field: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise _fail(field, f"expected one of {', '.join(choices)}, got {value!r}"[:300])
     return value
 
 
-def _attention(field: str, data: Any) -> AttentionSpec:
-    names = {"kind", "channels", "rd_channels", "kernel_size", "bias", "gate", "gain"}
-    _keys(field, data, names, {"host_gain", "act", "layout", "norm", "channels_last", "prefix_tokens"})
-    kind = _choice(f"{field}.kind", data["kind"], list(VARIANTS))
-    channels = _int(f"{field}.channels", data["channels"], 1, MAX_CHANNELS)
-    # A squeeze wider than its site exists only where a divisor rounded a narrow site up (at most MAX_DIVISOR).
-    rd_channels = _int(f"{field}.rd_channels", data["rd_channels"], 1 if VARIANTS[kind].uses_reduction else 0,
-                       max(channels, MAX_DIVISOR))
-    kernelled = kind in ("eca", "cbam", "cbam-timm")
-    kernel_size = _int(f"{field}.kernel_size", data["kernel_size"], 1 if kernelled else 0, 255)
-    if kernelled and kernel_size % 2 == 0:
-        raise _fail(f"{field}.kernel_size", f"expected an odd kernel size, got {kernel_size}")
-    if not isinstance(data["bias"], bool):
-        raise _fail(f"{field}.bias", f"expected true or false, got {data['bias']!r}")
-    gate = _choice(f"{field}.gate", data["gate"], GATES)
-    gain = _number(f"{field}.gain", data["gain"], 0, 1e6)
-    host_gain = _number(f"{field}.host_gain", data.get("host_gain", 1.0), 0, 1e6)
-    act = _choice(f"{field}.act", data.get("act", "relu"), ACTIVATIONS)
-    layout = _choice(f"{field}.layout", data.get("layout", "fc"), LAYOUTS)
-    norm = data.get("norm", False)
-    if not isinstance(norm, bool) or (norm and layout != "fc"):
-        raise _fail(f"{field}.norm", f"expected true (with the 'fc' layout) or false, got {norm!r}")
-    if kind != "se" and (act, layout, norm) != ("relu", "fc", False):
-        raise _fail(f"{field}.act", f"only the 'se' variant takes an activation, layout and norm, not {kind!r}")
-    channels_last = data.get("channels_last", False)
-    if not isinstance(channels_last, bool):
-        raise _fail(f"{field}.channels_last", f"expected true or false, got {channels_last!r}"[:300])
-    prefix = _int(f"{field}.prefix_tokens", data.get("prefix_tokens", 0), 0, MAX_CHANNELS)
-    if prefix and not channels_last:
-        raise _fail(f"{field}.prefix_tokens", "prefix tokens exist on channels-last (token) features only")
-    return AttentionSpec(kind, channels, rd_channels, kernel_size, data["bias"], gate, gain, host_gain, act, layout,
-                         norm, channels_last, prefix)
+def _attention(field: str, data: Any) -> SESettings:
+    """A site's settings: the keys the plan has always had, values checked by `SESettings` itself."""
+    _keys(field, data, {"kind", "channels", "rd_channels", "kernel_size", "bias", "gate", "gain"},
+          {"host_gain", "act", "layout", "norm", "channels_last", "prefix_tokens"})
+    if not isinstance(data.get("norm", False), bool):
+        raise _fail(f"{field}.norm", f"expected true or false, got {data['norm']!r}")
+    return _settings(SESettings, field, {"host_gain": 1.0, "act": "relu", "layout": "fc", **data}, PLAN_SITE_KEYS)
+
+
+def _settings(cls: Any, field: str, data: dict[str, Any], names: dict[str, str]) -> Any:
+    try:
+        return cls.parse(data, names, where=f"{field}." if field else "")
+    except SettingsError as e:
+        raise PlanSchemaError(e.field, e.reason.replace("{field}", e.field.rsplit(".", 1)[-1])) from None
 
 
 def _site(field: str, data: Any) -> Any:
@@ -212,11 +183,11 @@ def plan_from_data(data: Any) -> Plan:
     if not isinstance(size, list) or not 2 <= len(size) <= 4:
         raise _fail("input_size", "expected [channels, height, width] ([channels, frames, height, width]: video)")
     input_size = tuple(_int(f"input_size[{i}]", v, 1, MAX_SIDE) for i, v in enumerate(size))
-    init = _choice("init", data["init"], INITS)
+    init = _settings(Settings, "", {"init": data["init"]}, {}).init
     seed = _int("seed", data["seed"], 0, MAX_SEED)
-    settings = data.get("settings", {})
-    if not isinstance(settings, dict):
-        raise _fail("settings", f"expected an object, got {type(settings).__name__}")
+    if not isinstance(data.get("settings", {}), dict):
+        raise _fail("settings", f"expected an object, got {type(data['settings']).__name__}")
+    settings = _settings(Settings, "settings", data.get("settings", {}), OPTION_KEYS)  # old plans: their own keys
     sites_data = data["sites"]
     if not isinstance(sites_data, list) or not 1 <= len(sites_data) <= MAX_SITES:
         raise _fail("sites", f"expected a list of 1 to {MAX_SITES} sites")

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import SEInjectError, describe
-from ..layers.attention import AttentionSpec, create_attention, identity_gain, init_attention
+from ..layers.attention import create_attention, identity_gain, init_attention
+from ..settings import SESettings
 from .keys import config_key, freeze
 from .meta import meta_copy
 from .plan import Plan, Site, Skip
@@ -123,7 +124,7 @@ def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
     if original is None:
         return f"cannot verify the rewrite: the block fails on recorded inputs ({type(failure).__name__})"
     try:
-        module = create_attention(replace(site.attention, gain=identity_gain(site.attention.gate)))
+        module = create_attention(replace(site.attention, gain=identity_gain(site.attention.gate_layer)))
         init_attention(module, "identity")
         original_block, work = work, _rewritable(work)
         insert(work, site, module)
@@ -245,7 +246,7 @@ def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple
     code), the block's own state exactly and its descendants' with floats by kind (`config_key`), the site and the
     call. A block whose state cannot be keyed exactly is checked on its own."""
     verdicts: dict[Hashable, str | None] = {}
-    probes: dict[AttentionSpec, nn.Module] = {}  # one meta module per spec for the class probes
+    probes: dict[SESettings, nn.Module] = {}  # one meta module per spec for the class probes
     kept: list[Site] = []
     refused: list[Skip] = []
     for site in plan.sites:
@@ -268,7 +269,7 @@ def _verify_sites(model: nn.Module, plan: Plan, calls: dict[str, Call]) -> tuple
     return replace(plan, sites=tuple(kept)), tuple(refused)
 
 
-def _rewritten_type(block: nn.Module, site: Site, modules: dict[AttentionSpec, nn.Module]) -> Any:
+def _rewritten_type(block: nn.Module, site: Site, modules: dict[SESettings, nn.Module]) -> Any:
     """The class the site's rewrite gives `block` (on a shallow copy with a meta module), or the failure's text."""
     try:
         probe = _rewritable(block)

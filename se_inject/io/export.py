@@ -266,7 +266,7 @@ def timm_architecture(plan: Plan) -> str | None:
 
     if plan.model is None or not plan.sites:
         return None
-    kinds = {s.attention.kind for s in plan.sites}
+    kinds = {s.attention.attn_layer for s in plan.sites}
     if len(kinds) != 1 or any(s.attention.module_gain != 1.0 for s in plan.sites):  # timm's modules have no gain
         return None
     kind, base = kinds.pop(), plan.model.name.split(".", 1)[0]

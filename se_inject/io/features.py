@@ -119,8 +119,9 @@ def refuse_feature_extractor(model: nn.Module) -> None:
     name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or "NAME"
     raise UsageError(
         f"this is a timm feature extractor ({type(model).__name__}), not a model se-inject can rewrite; build the "
-        f"SE feature extractor from the name: se_inject.inject({name!r}, features_only=True, out_indices=...), "
-        "or load a saved SE model as one: se_inject.load(DIR, features_only=True)"
+        f"SE model from the name and wrap it as timm's features_only=True does: model, report = "
+        f"se_inject.inject({name!r}); se_inject.wrap_features(model, report.plan, out_indices=...), or load a saved "
+        "SE model as one: se_inject.load(DIR, features_only=True)"
     )
 
 

@@ -1,12 +1,11 @@
-"""Attention variants behind one registry: a frozen spec in, a module out.
+"""Attention variants behind one registry: a site's `SESettings` in, a module out.
 
-The spec is what the plan stores for every site, so ``se_inject.load`` rebuilds the same modules.
+The site's settings are what the plan stores for every site, so ``se_inject.load`` rebuilds the same modules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..names import INITS, VARIANTS
+from ..settings import KERNELLED, LIBRARY, SESettings, compose
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention, eca_kernel_size
 from .squeeze_excite import GATE_LAYERS, EffectiveSqueezeExcite, SqueezeExcite, SqueezeExciteConv
@@ -25,56 +25,6 @@ LAYOUTS: dict[str, type[SqueezeExcite]] = {
     "fc": SqueezeExcite,  # fc1/fc2: timm SEModule (ResNet, RegNetY, ByobNet, CSPNet, ...)
     "conv": SqueezeExciteConv,  # conv_reduce/conv_expand: timm EfficientNet/MobileNetV3 SqueezeExcite
 }
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """Everything needed to build one attention module.
-
-    Attributes:
-        kind: Registered variant name ("se", ...).
-        channels: C, channels of the feature map it scales.
-        rd_channels: Squeeze (bottleneck) width, C / r rounded to the divisor; 0 where the variant has none.
-        kernel_size: ECA's 1-D kernel, CBAM's spatial kernel; 0 where the variant has none.
-        bias: Bias in the FC layers.
-        gate: Gating nonlinearity name.
-        gain: Constant gate multiplier at the site (2 under identity initialisation).
-        host_gain: Constant the host block itself multiplies the module's output by (NFNet's ``attn_gain``, an
-            attention slot's own gain); the module's gain is ``gain / host_gain``, so the site scales by ``gain``.
-        act: The activation between SE's FC layers (the paper's ReLU, or the family's block activation).
-        layout: The names of SE's layers (`LAYOUTS`): "fc" (timm ``SEModule``) or "conv" (timm EfficientNet).
-        norm: A BatchNorm between SE's layers (ReXNet's SE); "fc" layout only.
-        channels_last: The features are channels-last, as a transformer's tokens (B, N, C) or maps (B, H, W, C),
-            (B, T, H, W, C) (`se_inject.layers.tokens`); false for NCHW maps.
-        prefix_tokens: Leading tokens of a sequence left out of the squeeze (class, distillation, register tokens).
-    """
-
-    kind: str
-    channels: int
-    rd_channels: int = 0
-    kernel_size: int = 0
-    bias: bool = True
-    gate: str = "sigmoid"
-    gain: float = 1.0
-    host_gain: float = 1.0
-    act: str = "relu"
-    layout: str = "fc"
-    norm: bool = False
-    channels_last: bool = False
-    prefix_tokens: int = 0
-
-    @property
-    def module_gain(self) -> float:
-        """The gain of the module itself: the site's `gain` less what the host block multiplies by."""
-        return self.gain / self.host_gain
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key, default in (("host_gain", 1.0), ("act", "relu"), ("layout", "fc"), ("norm", False),
-                             ("channels_last", False), ("prefix_tokens", 0)):
-            if data[key] == default:  # plans with the paper's settings read as they did before these fields
-                del data[key]
-        return data
 
 
 Builder = Callable[..., nn.Module]
@@ -95,80 +45,92 @@ def register_attention(kind: str, cls: type[nn.Module]) -> Callable[[Builder], B
     return decorator
 
 
-def _layer(cls: type[nn.Module], spec: AttentionSpec, dd: dict[str, Any]) -> tuple[type[nn.Module], dict[str, Any]]:
-    """The layer class for the spec's features (its channels-last form for tokens) and its keyword arguments."""
+def _layer(cls: type[nn.Module], spec: SESettings, dd: dict[str, Any]) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The layer class for the site's features (its channels-last form on tokens, `se_inject.layers.tokens`) and
+    its keyword arguments."""
     if not spec.channels_last:
         return cls, dd
-    token = TOKEN_LAYERS[cls]
-    return token, {**dd, "prefix_tokens": spec.prefix_tokens} if cls is not ConvBlockAttention else dd
+    return TOKEN_LAYERS[cls], {**dd, "prefix_tokens": spec.prefix_tokens or 0} if cls is not ConvBlockAttention else dd
 
 
 @register_attention("se", SqueezeExcite)
-def _build_se(spec: AttentionSpec, **dd: Any) -> nn.Module:
-    cls, kw = _layer(LAYOUTS[spec.layout], spec, dd)
-    return cls(spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate, gain=spec.module_gain, act=spec.act,
-               **({"norm": True} if spec.norm else {}), **kw)
+def _build_se(spec: SESettings, **dd: Any) -> nn.Module:
+    cls, kw = _layer(LAYOUTS[spec.layout or "fc"], spec, dd)
+    return cls(spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate_layer, gain=spec.module_gain,
+               act=spec.act_layer, **({"norm": True} if spec.norm_layer else {}), **kw)
 
 
 @register_attention("eca", EfficientChannelAttention)
-def _build_eca(spec: AttentionSpec, **dd: Any) -> nn.Module:
+def _build_eca(spec: SESettings, **dd: Any) -> nn.Module:
     cls, kw = _layer(EfficientChannelAttention, spec, dd)
-    return cls(spec.channels, spec.kernel_size, gate=spec.gate, gain=spec.module_gain, **kw)
+    return cls(spec.channels, spec.kernel_size, gate=spec.gate_layer, gain=spec.module_gain, **kw)
 
 
 @register_attention("cbam", ConvBlockAttention)
-def _build_cbam(spec: AttentionSpec, **dd: Any) -> nn.Module:
+def _build_cbam(spec: SESettings, **dd: Any) -> nn.Module:
     cls, kw = _layer(ConvBlockAttention, spec, dd)
-    return cls(spec.channels, spec.rd_channels, kernel_size=spec.kernel_size, bias=spec.bias, gate=spec.gate,
+    return cls(spec.channels, spec.rd_channels, kernel_size=spec.kernel_size, bias=spec.bias, gate=spec.gate_layer,
                gain=spec.module_gain, **kw)
 
 
 @register_attention("cbam-timm", ConvBlockAttention)
-def _build_cbam_timm(spec: AttentionSpec, **dd: Any) -> nn.Module:
-    return _build_cbam(spec, **dd)  # the same module: the variant differs in its width and bias (`attention_spec`)
+def _build_cbam_timm(spec: SESettings, **dd: Any) -> nn.Module:
+    return _build_cbam(spec, **dd)  # the same module: the variant differs in its width and bias (`VARIANT_SETTINGS`)
 
 
 @register_attention("ese", EffectiveSqueezeExcite)
-def _build_ese(spec: AttentionSpec, **dd: Any) -> nn.Module:
+def _build_ese(spec: SESettings, **dd: Any) -> nn.Module:
     cls, kw = _layer(EffectiveSqueezeExcite, spec, dd)
-    return cls(spec.channels, bias=spec.bias, gate=spec.gate, gain=spec.module_gain, **kw)
+    return cls(spec.channels, bias=spec.bias, gate=spec.gate_layer, gain=spec.module_gain, **kw)
 
 
 def list_attention() -> list[str]:
     return list(_BUILDERS)
 
 
-def attention_spec(
-    kind: str, channels: int, *, reduction: int, divisor: int, round_limit: float, bias: bool, gate: str | None,
-    recipe_gate: str, init: str, squeeze_base: int | None = None, rounding: str = "divisible", host_gain: float = 1.0,
-    act: str = "relu", layout: str = "fc", norm: bool = False, channels_last: bool = False, prefix_tokens: int = 0,
-) -> AttentionSpec:
-    """The module for one site. The gate is the user's, else the variant's own (ESE: hard-sigmoid), else the
-    recipe's. The squeeze width divides `squeeze_base` (default: `channels`) by r, rounded as `rounding` says.
+def site_attention(
+    settings: SESettings, channels: int, *, input_channels: int | None = None, host_gain: float = 1.0,
+    init: str = "paper", channels_last: bool = False, prefix_tokens: int = 0,
+) -> SESettings:
+    """The settings of the module at one site, from the site's composed settings (`se_inject.settings.site_settings`):
+    its channels, its squeeze width (``rd_channels`` where set, else ``rd_ratio`` of the width ``rd_from`` names,
+    rounded as ``rd_round`` says), its kernel and its gain; only what building the module takes.
 
     `host_gain` is the constant the block multiplies the module's output by (an attention slot with a gain, as
     NFNet's ``attn_gain * attn_last(x)``): "paper" init keeps the family's scaling (the module's own gain is 1, so
     the block computes exactly what the family's own SE models compute), "identity" divides the gate's identity gain
     by it (NFNet: 2 / 2, a plain module whose gate starts at 0.5).
 
-    `act` and `layout` (the activation inside SE, the names of its layers) apply to the "se" variant only."""
-    variant = VARIANTS[kind]
-    gate = gate or variant.gate or recipe_gate
-    return AttentionSpec(
-        kind=kind,
+    ``act_layer``, ``layout`` and ``norm_layer`` apply to the "se" variant only. `channels_last` marks token
+    features ((B, N, C), (B, H, W, C), (B, T, H, W, C)); `prefix_tokens` the leading tokens of a sequence the squeeze
+    leaves out (`se_inject.layers.tokens`)."""
+    kind = settings.attn_layer or "se"
+    assert settings.reduction is not None  # composed over `LIBRARY`
+    assert settings.gate_layer is not None
+    if not VARIANTS[kind].uses_reduction:
+        rd_channels = 0
+    elif settings.rd_channels is not None:
+        rd_channels = settings.rd_channels
+    else:
+        base = input_channels if settings.rd_from == "input" and input_channels is not None else channels
+        rd_channels = squeeze_channels(base, settings.reduction, settings.rd_divisor or 8, settings.round_limit or 0.0,
+                                       settings.rd_round or "divisible")
+    se = kind == "se"
+    layout = (settings.layout or "fc") if se else "fc"
+    return SESettings(
+        attn_layer=kind,
         channels=channels,
-        rd_channels=squeeze_channels(squeeze_base or channels, reduction, divisor, round_limit, rounding)
-        if variant.uses_reduction else 0,
-        kernel_size={"eca": eca_kernel_size(channels), "cbam": 7, "cbam-timm": 7}.get(kind, 0),
-        bias=bias,
-        gate=gate,
-        gain=identity_gain(gate) if init == "identity" else host_gain,
+        rd_channels=rd_channels,
+        kernel_size=eca_kernel_size(channels) if kind == "eca" else 7 if kind in KERNELLED else 0,
+        bias=settings.bias,
+        gate_layer=settings.gate_layer,
+        gain=identity_gain(settings.gate_layer) if init == "identity" else host_gain,
         host_gain=host_gain,
-        act=act if kind == "se" else "relu",
-        layout=layout if kind == "se" else "fc",
-        norm=norm and kind == "se" and layout == "fc",
-        channels_last=channels_last,
-        prefix_tokens=prefix_tokens if channels_last else 0,
+        act_layer=(settings.act_layer or "relu") if se else "relu",
+        layout=layout,
+        norm_layer=settings.norm_layer if se and layout == "fc" else None,
+        channels_last=True if channels_last else None,
+        prefix_tokens=prefix_tokens if channels_last and prefix_tokens else None,
     )
 
 
@@ -205,12 +167,13 @@ def identity_gain(gate: str) -> float:
 
 
 def create_attention(
-    spec: AttentionSpec, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    spec: SESettings, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> nn.Module:
+    spec = compose(LIBRARY, spec)  # a field the caller left out: the SE paper's
     try:
-        builder = _BUILDERS[spec.kind]
+        builder = _BUILDERS[spec.attn_layer or "se"]
     except KeyError:
-        raise UsageError(f"unknown attention {spec.kind!r}; choose from {', '.join(list_attention())}") from None
+        raise UsageError(f"unknown attention {spec.attn_layer!r}; choose from {', '.join(list_attention())}") from None
     return builder(spec, device=device, dtype=dtype)
 
 

@@ -16,7 +16,7 @@ patch tokens only, ``x[:, prefix_tokens:]``, and the gate scales every token, pr
 - timm's own average pooling of these models (``global_pool='avg'``) takes the same tokens, ``x[:, prefix:]``;
 - every token, the class token included, then has its channels recalibrated alike, as SE scales every position.
 
-The count is recorded per site in the plan (`AttentionSpec.prefix_tokens`), so ``se_inject.load`` rebuilds it exactly.
+The count is recorded per site in the plan (`SESettings.prefix_tokens`), so ``se_inject.load`` rebuilds it exactly.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from ..api import inject
 from ..engine.models import build_model, resolve_model
 from ..errors import UsageError
 from ..names import VARIANTS
+from ..settings import OPTION_KEYS, Settings
 from .bench import Timing, paired_latency
 
 
@@ -68,10 +69,12 @@ def compare_variants(
         step(f"building {model}")
         base = build_model(resolve_model(model), device=device, seed=seed).eval()
     rows = []
+    recipes, input_size = options.pop("recipe", "auto"), options.pop("input_size", None)
     for attention in dict.fromkeys(attentions):
         step(f"planning {attention}")
+        settings = Settings.parse({**options, "attention": attention}, OPTION_KEYS)  # the CLI's option names
         try:
-            _, report = inject(model, attention=attention, device="meta", seed=seed, **options)
+            _, report = inject(model, settings, recipes=recipes, input_size=input_size, device="meta", seed=seed)
         except UsageError as e:
             if explicit or VARIANTS[attention].any_rank:
                 raise
@@ -80,7 +83,7 @@ def compare_variants(
         data = report.to_dict()
         timings: tuple[Timing, ...] = ()
         if base is not None:
-            injected, _ = inject(base, attention=attention, seed=seed, **options)
+            injected, _ = inject(base, settings, recipes=recipes, input_size=input_size, seed=seed)
             timed = []
             for b in batches:
                 step(f"timing {attention} at batch {b} ({rounds} paired rounds)")

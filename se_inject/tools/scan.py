@@ -31,6 +31,7 @@ from ..engine.patterns import architecture_category
 from ..engine.tasks import TASKS, torchvision_task
 from ..errors import NoSitesError, SEInjectError, UsageError, describe
 from ..io.checkpoint import write_atomically
+from ..settings import OPTION_KEYS, Settings
 
 STATUSES = ("covered", "partial-se", "already-se", "no-match", "error")
 
@@ -99,7 +100,9 @@ def _scan_one(name: str, timeout: float, start: float, **options: Any) -> ScanRo
         previous = signal.signal(signal.SIGALRM, _alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        _, report = inject(name, device="meta", seed=0, **{"fill": True, **options})
+        extra = {k: v for k, v in options.items() if k != "recipe"}  # the CLI's option names
+        _, report = inject(name, Settings.parse({"fill": True, **extra}, OPTION_KEYS),
+                           recipes=options.get("recipe", "auto"), device="meta", seed=0)
         params_delta = report.after.params - report.before.params
         macs_delta = report.after.macs - report.before.macs
         existing = sum(s.already_attention for s in report.skipped)
