@@ -136,7 +136,7 @@ def test_counts_are_exact_against_an_independent_count(injected):
         positions = 1
         for d in shape[1:-1]:
             positions *= d
-        pooled = positions - site.attention.prefix_tokens  # the squeeze reads the patch tokens only
+        pooled = positions - (site.attention.prefix_tokens or 0)  # the squeeze reads the patch tokens only
         params += 2 * c * rd + rd + c
         macs += 2 * c * rd
         elementwise += c * pooled + c * positions + rd + c  # pool, scale (C.N each), ReLU, sigmoid
