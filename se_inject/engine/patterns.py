@@ -258,7 +258,17 @@ def _token_branch_end(block: nn.Module, node: torch.fx.Node) -> torch.fx.Node | 
         inner = node.args[0]
         inner_module = _module(block, inner) if isinstance(inner, torch.fx.Node) else None
         return node if inner_module is not None and isinstance(_last_layer(inner_module), nn.Linear) else None
-    return node if isinstance(_last_layer(module), nn.Linear) else None
+    return node if isinstance(_last_token_layer(module), nn.Linear) else None
+
+
+def _last_token_layer(module: nn.Module) -> nn.Module | None:
+    """The last linear, conv or norm layer in `module`, a ``BatchNorm1d`` that follows a ``Linear`` skipped: LeViT's
+    ``LinearNorm`` normalises the flattened tokens, so its output keeps the channels last."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_NORMS,
+                                                            *_TOKEN_NORMS))]
+    while len(layers) > 1 and isinstance(layers[-1], nn.BatchNorm1d) and isinstance(layers[-2], nn.Linear):
+        layers.pop()
+    return layers[-1] if layers else None
 
 
 def match_token_residual(block: nn.Module, graph: torch.fx.Graph) -> Place | None:

@@ -37,6 +37,9 @@ def channels_last(block: nn.Module, anchor: str, position: str, shape: tuple[int
     except AttributeError:
         return False
     layers = [m for m in module.modules() if isinstance(m, _LAYERS)]
+    while position == "after" and len(layers) > 1 and isinstance(layers[-1], nn.BatchNorm1d) \
+            and isinstance(layers[-2], nn.Linear):
+        layers.pop()  # LeViT's LinearNorm: a BatchNorm1d over the flattened tokens keeps the channels last
     if not layers:
         return False
     layer = layers[-1] if position == "after" else layers[0]
