@@ -255,3 +255,27 @@ def test_the_issue_models_get_se_in_every_block(name, blocks):
     _, report = se_inject.inject(name, device="meta")
     assert len(report.plan.sites) == blocks
     assert {s.pattern for s in report.plan.sites} == {"token-residual"}
+
+
+@pytest.mark.parametrize("family", ["vit-registers", "torchvision-vit", "swin"])
+def test_localvit_option_puts_se_on_the_hidden_features_before_fc2(family):
+    base = _built(family)
+    model, report = se_inject.inject(copy.deepcopy(base), Settings(init="identity"), recipes=["localvit"],
+                                     input_size=FAMILIES[family][1], seed=0)
+    anchor = FAMILIES[family][3]
+    for site in report.plan.sites:
+        mlp = base.get_submodule(site.path).get_submodule(anchor)
+        fc2 = [m for m in mlp.modules() if isinstance(m, torch.nn.Linear)][-1]
+        assert (site.position, site.pattern) == ("before", "token-ffn")
+        assert base.get_submodule(site.path).get_submodule(site.anchor) is fc2
+        assert site.channels == fc2.in_features  # the expanded hidden width
+        assert site.squeeze_channels == fc2.in_features // 4  # LocalViT's SE4: hidden // 4
+        assert site.attention.gate_layer == "hard-sigmoid"
+    x = _input(family)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), base(x))
+
+
+def test_localvit_is_an_option_not_a_default():
+    _, report = se_inject.inject(_built("vit-registers"), input_size=(3, 32, 32), seed=0)
+    assert report.plan.recipes == ("transformer",)

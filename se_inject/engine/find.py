@@ -405,8 +405,8 @@ def find_sites(
             defaults = p.place.settings(p.recipe.defaults_for(class_path(model)))
             if defaults.act_layer == "block":
                 defaults = replace(defaults, act_layer=block_activation(model.get_submodule(p.path)) or "relu")
-            tokens = p.pattern == "token-residual" or channels_last(model.get_submodule(p.path), p.anchor,
-                                                                     p.place.position, places[0])
+            tokens = p.pattern in ("token-residual", "token-ffn") or channels_last(
+                model.get_submodule(p.path), p.anchor, p.place.position, places[0])
             width = (first.shape[-1] if tokens else first.shape[1]) if first is not None \
                 and 3 <= len(first.shape) <= 5 else None
             matches.append(Match(p.path, p.recipe, p.place, p.block, p.anchor, places[0], p.pattern, call, fixed,

@@ -14,6 +14,9 @@ each the SE paper's place for a kind of network (Hu et al., *Squeeze-and-Excitat
   adds a branch ending in an MLP's last projection (a child whose last layer is a ``Linear``), or the norm right after
   it (Swin V2's post-norm); SE goes after it, before layer-scale, drop-path and the addition. The features there are
   channels-last, (B, N, C) tokens or (B, H, W, C) / (B, T, H, W, C) maps.
+- ``token-ffn`` (LocalViT, Li et al.): in the same MLP, on its expanded hidden features: before its last
+  projection (fc2), after fc1's activation (and the depthwise conv, where the MLP has one). An option
+  (``--recipe localvit``), not a default.
 - ``conv-chain`` (SE-VGG-16, Table 2): a plain ``nn.Sequential`` stack of conv(-norm)-activation units (at least
   two); SE after each unit's activation. The activation module is the "block": its forward gets the SE call, so the
   Sequential keeps its children, their numbering and its own forward.
@@ -284,6 +287,26 @@ def match_token_residual(block: nn.Module, graph: torch.fx.Graph) -> Place | Non
     return None
 
 
+def match_token_ffn(block: nn.Module, graph: torch.fx.Graph) -> Place | None:
+    """LocalViT's place: in the MLP `match_token_residual` finds, before its last ``Linear`` (fc2), on the hidden
+    features (an anchor inside the MLP child: ``mlp.fc2``)."""
+    place = match_token_residual(block, graph)
+    if place is None or place.anchor.startswith("%"):
+        return None
+    mlp = block.get_submodule(place.anchor)
+    if not isinstance(_last_token_layer(mlp), nn.Linear) or isinstance(mlp, nn.Linear):
+        mlp = next((m for m in (block.get_submodule(str(n.args[0].target)) for n in graph.nodes
+                                if n.op == "call_module" and n.target == place.anchor
+                                and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "call_module")), None)
+        if mlp is None:
+            return None  # a post-norm whose input is no MLP child
+    linears = [(path, m) for path, m in mlp.named_modules() if isinstance(m, nn.Linear)]
+    if len(linears) < 2:
+        return None  # one projection: no hidden features
+    owner = next(path for path, m in block.named_modules() if m is mlp)
+    return Place(f"{owner}.{linears[-1][0]}", "before")
+
+
 def _additions(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return [
         n for n in graph.nodes
@@ -398,6 +421,7 @@ _MATCHERS = {
     "concat": match_concat,
     "inverted-residual": match_inverted_residual,
     "token-residual": match_token_residual,
+    "token-ffn": match_token_ffn,
 }
 
 
