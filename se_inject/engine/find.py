@@ -131,6 +131,11 @@ class Match:
     def channels(self) -> int:
         return self.shape[-1] if self.channels_last else self.shape[1]
 
+    @property
+    def feature_map(self) -> tuple[int, ...]:
+        """(C, positions...) of the map the SE scales, batch left out: (C, H, W), (C, T, H, W); (C, N) for tokens."""
+        return (self.shape[-1], *self.shape[1:-1]) if self.channels_last else self.shape[1:]
+
 
 @dataclass(frozen=True)
 class Findings:
