@@ -43,14 +43,14 @@ _LAZY = {
     "build_model": "engine.models",
     "resolve_model": "engine.models",
     "ModelSpec": "engine.models",
-    "save": "io.checkpoint",
+    "save": "api",
     "load": "io.checkpoint",
     "read_plan": "io.checkpoint",
     "new_parameters": "tools.finetune",
 }
 
 if TYPE_CHECKING:
-    from .api import inject
+    from .api import inject, save
     from .engine.find import find_sites
     from .engine.measure import count
     from .engine.models import ModelSpec, build_model, resolve_model
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from .engine.planning import make_plan
     from .engine.recipes import get_recipe, list_recipes, load_recipe_file
     from .engine.surgery import apply_plan
-    from .io.checkpoint import load, read_plan, save
+    from .io.checkpoint import load, read_plan
     from .io.features import wrap_features
     from .layers.attention import create_attention, list_attention
     from .layers.squeeze_excite import SqueezeExcite

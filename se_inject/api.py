@@ -38,12 +38,12 @@ from .engine.surgery import apply_plan
 from .engine.tasks import model_task
 from .engine.verify import verify_plan
 from .errors import NoSitesError, SurgeryError, UsageError
-from .io.atomic import foreign_entries
-from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_atomically, write_checkpoint, write_text
-from .io.export import FORMATS, export_writer, timm_architecture, timm_config, validate_export_options
+from .io.atomic import foreign_entries, write_folder
+from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_checkpoint, write_text
+from .io.export import export_writer, timm_architecture, timm_config, validate_export_options
 from .io.features import refuse_feature_extractor
 from .io.pretrained import build_pretrained, locate_pretrained
-from .names import MAX_SEED
+from .names import EXPORT_FORMATS, MAX_SEED
 from .report import Report, default_output_name
 from .settings import Settings
 
@@ -68,11 +68,8 @@ def inject(
     drift: bool | str | Path | None = None,
     before_build: Callable[[Plan, str], None] | None = None,
 ) -> tuple[nn.Module, Report]:
-    """Insert SE blocks where the recipes put them and return ``(model, report)``.
-
-    The steps, each usable on its own: open the model (`resolve_model`, `build_model`), find the sites on a meta
-    twin (`find_sites`), plan (`make_plan`), verify the rewrites (`verify_plan`), apply and prove that every module
-    runs once (`apply_plan`, `check_other_paths`), measure (`count`, drift). Save with `se_inject.save`.
+    """Insert SE blocks where the recipes put them and return ``(model, report)``: open the model, find the sites on
+    a meta twin (`find_sites`), plan (`make_plan`), verify (`verify_plan`), apply and check (`apply_plan`), measure.
 
     Args:
         model: An ``nn.Module``, or a model name (``resnet50``, ``timm:NAME``, ``torchvision:NAME``,
@@ -80,15 +77,13 @@ def inject(
         settings: SE settings over the recipes' and which sites (`Settings`; default: the recipes' own).
         recipes: "auto" (every shipped recipe), recipe names, and recipe files (a ``Path`` or a ``.toml`` name).
         input_size: Planning and counting size: N, "HxW" or (C, H, W) (video: (C, T, H, W)). Default: the model's.
-        weights: A local checkpoint loaded into the named model before surgery.
-        pretrained: Load the pretrained weights the name's tag names, through timm's or torchvision's cache.
+        weights, pretrained: A local checkpoint, or the pretrained weights the name's tag names, for a named model.
         seed: Seed of the random weights and of the SE initialisation (default: drawn, and recorded in the plan).
-        device: Where the named model is built.
-        inplace: Insert into the caller's module itself instead of a copy.
-        drift: Compare the outputs before and after surgery: True on random inputs, a folder of images, False
-            not at all; default: when `weights` or `pretrained`.
-        before_build: Called with the plan and the default output folder name once planning (on the meta device)
-            is done, before the model is built with real weights: a caller's last chance to refuse cheaply.
+        device, inplace: Where a named model is built; insert into the caller's module itself, not a copy.
+        drift: Compare the outputs before and after: True (random inputs), a folder of images, False; default:
+            with `weights` or `pretrained`.
+        before_build: Called with the plan and the default output folder name before the real build: a caller's
+            last chance to refuse cheaply.
     """
     settings, seed = settings or Settings(), _seed(seed)
     source = _Source.open(model, weights=weights, pretrained=pretrained, inplace=inplace)
@@ -97,19 +92,15 @@ def inject(
         check_forward_memory(source.planning, size)
     findings = find_sites(source.planning, _recipes(recipes, settings), size, count_base=True)
     plan, notes = _plan_found(source, findings, settings, seed)
-    reduction = settings.reduction or next(m for m in findings.matches if m.path == plan.sites[0].path
-                                           ).recipe.defaults.reduction or 16
+    first = next(m for m in findings.matches if m.path == plan.sites[0].path)
+    reduction = settings.reduction or first.recipe.defaults.reduction or 16  # names the default output folder
     if before_build is not None:
         before_build(plan, default_output_name(plan, reduction, source.display_name))
     base = source.build(device, seed, weights)
     plan, refused = _verified(base, plan, findings)
-    planning, plan, after, unrun = _apply_checked(source.planning, plan, size, source.fresh_planning)
-    if after.output_shapes != findings.counts.output_shapes:
-        raise SurgeryError(f"surgery changed the output shapes: {findings.counts.output_shapes} -> "
-                           f"{after.output_shapes}")
-    if base is source.planning:  # a meta run: the applied planning model is the result
-        injected, drifted = planning, None
-    else:
+    planning, plan, after, unrun = _apply_checked(source.planning, plan, size, source.fresh_planning, findings)
+    injected, drifted = planning, None  # a meta run: the applied planning model is the result
+    if base is not source.planning:
         measure = (weights is not None or pretrained) if drift is None else drift is not False
         injected, drifted = _apply_measuring_drift(base, plan, size, inplace=inplace or source.spec is not None,
                                                    drift=measure, images=drift if _is_folder(drift) else None,
@@ -257,18 +248,22 @@ def _apply_measuring_drift(
 
 
 def _apply_checked(
-    planning: nn.Module, plan: Plan, size: tuple[int, ...], fresh: Callable[[], nn.Module]
+    planning: nn.Module, plan: Plan, size: tuple[int, ...], fresh: Callable[[], nn.Module], findings: Findings
 ) -> tuple[nn.Module, Plan, Counts, tuple[Skip, ...]]:
     """Apply `plan` to the meta model `planning`, count it, and prove that every inserted module runs exactly once
     per call of its block, on every forward path (`se_inject.engine.coverage`: the counting forward is watched, the
     other paths run once more); sites that do not are refused, and the plan is applied again to a `fresh` meta
-    model without them. Returns the applied model, the plan, its counts and the refused sites."""
+    model without them; the output shapes must be the base model's (`findings`). Returns the applied model, the
+    plan, its counts and the refused sites."""
     refused: list[Skip] = []
     while True:
         apply_plan(planning, plan, inplace=True)
         with CallWatch(planning, plan) as watch:
             after = count(planning, size)
         problems = watch.problems() or check_other_paths(planning, plan, size, watch)
+        if not problems and after.output_shapes != findings.counts.output_shapes:
+            raise SurgeryError(f"surgery changed the output shapes: {findings.counts.output_shapes} -> "
+                               f"{after.output_shapes}")
         if not problems:
             return planning, plan, after, tuple(refused)
         refused += [Skip(s.path, s.block, s.recipe, problems[s.path]) for s in plan.sites if s.path in problems]
@@ -297,43 +292,48 @@ def _in_model_order(model: nn.Module, skipped: tuple[Skip, ...]) -> tuple[Skip, 
     return tuple(sorted(skipped, key=lambda s: order.get(s.path, -1)))
 
 
-def save_injected(
+def save(
     model: nn.Module,
-    report: Report,
+    result: Report | Plan,
     directory: str | Path,
     *,
     force: bool = False,
-    exports: tuple[str, ...] = (),
+    exports: tuple[str, ...] | list[str] = (),
     export_batch: int | None = None,
     opset: int | None = None,
-) -> Report:
-    """The save step: checkpoint and report, ``config.json`` where the result is exactly a timm architecture (so
-    plain timm loads the folder), and the requested exports (batch axis dynamic unless `export_batch` fixes it;
-    `opset` for ONNX), all written atomically. Returns the final report."""
-
-    validate_export_options(exports, batch=export_batch, opset=opset)
+) -> Report | None:
+    """Save `model` into the folder `directory`, all or nothing (the CLI writes the same folder): the checkpoint
+    (weights and plan), ``config.json`` where the result is exactly a timm architecture (so plain timm loads the
+    folder), the `exports` asked for (``torchscript``, ``exported``, ``onnx``; batch axis dynamic unless
+    `export_batch` fixes it, `opset` for ONNX), and ``report.json`` when `result` is `inject`'s report rather than a
+    bare plan. An existing folder is replaced only with ``force=True``. Returns the final report (its output folder,
+    timm architecture and exports), or None for a plan."""
+    report, plan = (result, result.plan) if isinstance(result, Report) else (None, result)
+    validate_export_options(tuple(exports), batch=export_batch, opset=opset)
     directory = Path(directory)
-    architecture = timm_architecture(report.plan)
+    architecture = timm_architecture(plan)
     results: list[Any] = []
-    files = {MODEL_FILE: write_checkpoint(model, report.plan)}
+    files = {MODEL_FILE: write_checkpoint(model, plan)}
     if architecture:
-        files["config.json"] = write_text(timm_config(architecture, base=report.plan.model,
-                                                      pretrained=report.pretrained is not None))
+        pretrained = report is not None and report.pretrained is not None
+        files["config.json"] = write_text(timm_config(architecture, base=plan.model, pretrained=pretrained))
     for fmt in dict.fromkeys(exports):
-        name = f"model{FORMATS[fmt]}"
-        files[name] = export_writer(model, report.plan, fmt, directory / name, results, batch=export_batch,
+        name = f"model{EXPORT_FORMATS[fmt]}"
+        files[name] = export_writer(model, plan, fmt, directory / name, results, batch=export_batch,
                                     opset=opset if fmt == "onnx" else None)
     final: list[Report] = []
+    if report is not None:
+        foreign = foreign_entries(directory)
+        if foreign:  # our naming, not ours: left alone, and said
+            names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            report = replace(report, notes=(*report.notes, f"left alone: {len(foreign)} entries named like "
+                                            f"se-inject's temporaries that se-inject did not make ({names})"))
 
-    def write_report(path: Path) -> None:  # runs last: the exports' results are in by then
-        final.append(replace(report, output=str(directory), timm_architecture=architecture, exports=tuple(results)))
-        path.write_text(json.dumps(final[0].to_dict(), indent=2) + "\n", encoding="utf-8")
+        def write_report(path: Path, report: Report = report) -> None:  # runs last: the exports' results are in
+            final.append(replace(report, output=str(directory), timm_architecture=architecture,
+                                 exports=tuple(results)))
+            path.write_text(json.dumps(final[0].to_dict(), indent=2) + "\n", encoding="utf-8")
 
-    files[REPORT_FILE] = write_report
-    foreign = foreign_entries(directory)
-    if foreign:  # our naming, not ours: left alone, and said
-        names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        report = replace(report, notes=(*report.notes, f"left alone: {len(foreign)} entries named like se-inject's "
-                                        f"temporaries that se-inject did not make ({names})"))
-    write_atomically(directory, files, force=force, outputs=True)
-    return final[0]
+        files[REPORT_FILE] = write_report
+    write_folder(directory, files, force=force, outputs=True)
+    return final[0] if final else None

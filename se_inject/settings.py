@@ -38,6 +38,10 @@ from .names import (
     VARIANTS,
 )
 
+# Activation and gate classes (torch's, timm's) by class name, as the record names them.
+LAYER_NAMES = {"ReLU": "relu", "ReLU6": "relu6", "SiLU": "silu", "Swish": "silu", "LeakyReLU": "leaky-relu",
+               "Hardswish": "hard-swish", "HardSwish": "hard-swish", "GELU": "gelu", "Mish": "mish",
+               "Sigmoid": "sigmoid", "Hardsigmoid": "hard-sigmoid", "HardSigmoid": "hard-sigmoid"}
 NORM_LAYERS = ("batchnorm",)  # a norm between SE's layers (ReXNet's SE: timm ``SEModule(norm_layer=BatchNorm2d)``)
 KERNELLED = ("eca", "cbam", "cbam-timm")  # variants with a kernel size (ECA's 1-D conv, CBAM's spatial conv)
 
@@ -59,7 +63,9 @@ def _int(value: Any, lo: int, hi: int) -> str | None:
 
 
 def _number(value: Any, lo: float, hi: float, *, open_low: bool = True) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
+    """A number in the range; integers are compared as integers (10**400 has no float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)) or not (
             (lo < value if open_low else lo <= value) and value <= hi):
         return f"expected a finite number in {'(' if open_low else '['}{lo:g}, {hi:g}], got {str(value)[:40]}"
     return None
@@ -118,8 +124,8 @@ class SESettings:
             EfficientNet and RegNetY size their SE).
         bias: Bias in the FC layers.
         act_layer: The activation between the FC layers, delta in eq. 3 of the SE paper ("relu"; "block": the
-            block's own activation, resolved when planning).
-        gate_layer: The gate, sigma in eq. 3 ("sigmoid", "hard-sigmoid").
+            block's own activation, resolved when planning); a class (``nn.SiLU``) becomes its name.
+        gate_layer: The gate, sigma in eq. 3 ("sigmoid", "hard-sigmoid"; or the class).
         norm_layer: A norm between the FC layers ("batchnorm": ReXNet's SE), or None.
         layout: The names of SE's layers (`se_inject.names.LAYOUTS`): "fc" (``fc1``/``fc2``, timm ``SEModule``) or
             "conv" (``conv_reduce``/``conv_expand``, timm EfficientNet).
@@ -154,6 +160,10 @@ class SESettings:
     prefix_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("act_layer", "gate_layer"):  # a layer class becomes its name: the record stays JSON
+            value = getattr(self, name)
+            if isinstance(value, type) and value.__name__ in LAYER_NAMES:
+                object.__setattr__(self, name, LAYER_NAMES[value.__name__])
         for f in fields(SESettings):
             value = getattr(self, f.name)
             problem = None if value is None else _CHECKS[f.name](value)
@@ -230,6 +240,7 @@ class Settings(SESettings):
     """What a user chooses: SE settings over the recipes' (None keeps the recipe's), which sites, and the init.
 
     Attributes:
+        attn_layer: The attention variant ("se" unless chosen; see `SESettings`).
         init: "paper" (PyTorch's default init) or "identity" (the model computes exactly what it did before).
         include, exclude: fnmatch globs over site paths: only sites matching one of `include` (when given), none
             matching one of `exclude`.
@@ -238,6 +249,7 @@ class Settings(SESettings):
         placement: "family" (a family's own SE design where it has one) or "paper" (the SE paper's place).
     """
 
+    attn_layer: str | None = "se"  # the user's variant: SE unless chosen
     init: str = "paper"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()

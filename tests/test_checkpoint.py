@@ -20,7 +20,7 @@ from se_inject.io.checkpoint import PLAN_KEY, WEIGHTS_HASH_KEY, read_plan
 def saved(tmp_path_factory):
     model, report = se_inject.inject("timm:test_resnet", seed=1)
     directory = tmp_path_factory.mktemp("ckpt") / "out"
-    se_inject.save(model, report.plan, directory, report=report.to_dict())
+    se_inject.save(model, report, directory)
     return model.eval(), report, directory
 
 
@@ -119,9 +119,12 @@ def test_load_errors_say_which(saved, tmp_path, damage):
 def test_seeded_runs_are_byte_identical(tmp_path):
     for name in ("a", "b"):
         model, report = se_inject.inject("timm:test_resnet", seed=7)
-        se_inject.save(model, report.plan, tmp_path / name, report=report.to_dict())
+        (tmp_path / name).mkdir()
+        with pytest.MonkeyPatch.context() as patch:  # the report names its folder: the same relative one
+            patch.chdir(tmp_path / name)
+            se_inject.save(model, report, "out")
     for file in ("model.safetensors", "report.json"):
-        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+        assert (tmp_path / "a" / "out" / file).read_bytes() == (tmp_path / "b" / "out" / file).read_bytes()
 
 
 def test_loaded_model_keeps_the_in_place_decisions(saved):

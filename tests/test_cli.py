@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from se_inject.cli.commands import app
 from se_inject.errors import UsageError
+from se_inject.settings import Settings
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
@@ -265,19 +266,21 @@ def test_help_lists_every_value_the_library_accepts():
 
 def test_the_vocabulary_is_what_the_library_implements():
     """The names --help lists (`se_inject.names`, torch-free) are the library's implementations: the attention
-    builders' registry, the export writers, the gate layers, the inits `init_attention` accepts."""
+    builders' registry, the export writers, the gate and activation layers (timm's names), the inits
+    `init_attention` accepts."""
     from se_inject.io.export import _WRITERS
     from se_inject.layers.attention import init_attention, list_attention
-    from se_inject.layers.squeeze_excite import GATE_LAYERS, SqueezeExcite
-    from se_inject.names import EXPORT_FORMATS, GATES, INITS, VARIANTS
+    from se_inject.layers.squeeze_excite import SqueezeExcite, create_act
+    from se_inject.names import ACTIVATIONS, EXPORT_FORMATS, GATES, INITS, VARIANTS
 
     assert tuple(list_attention()) == tuple(VARIANTS)
     assert tuple(_WRITERS) == tuple(EXPORT_FORMATS)
-    assert tuple(GATE_LAYERS) == tuple(GATES)
+    for name in (*GATES, *ACTIVATIONS):
+        assert isinstance(create_act(name), torch.nn.Module), name
     for init in INITS:
-        init_attention(SqueezeExcite(8, 2), init)
+        init_attention(SqueezeExcite(8, rd_channels=2), init)
     with pytest.raises(UsageError, match="unknown init"):
-        init_attention(SqueezeExcite(8, 2), "zeros")
+        Settings(init="zeros")
 
 
 def test_factory_next_to_its_file(tmp_path, monkeypatch):
@@ -357,3 +360,24 @@ def load_recipe_listing_tail() -> str:
     with contextlib.redirect_stdout(buffer):
         print_recipes(as_json=False)
     return buffer.getvalue().rstrip().splitlines()[-1]
+
+
+def test_cli_and_python_write_the_same_folder(tmp_path):
+    """One save function: the CLI's folder and `se_inject.save`'s hold the same files and bytes (the report differs
+    only in where it was written), `config.json` included where the result is a timm architecture."""
+    import json
+
+    import se_inject
+
+    result = run("timm:resnet18", "--seed", "0", "--output", str(tmp_path / "cli"))
+    assert result.exit_code == 0, result.output
+    model, report = se_inject.inject("timm:resnet18", seed=0)
+    final = se_inject.save(model, report, tmp_path / "python")
+    cli, python = (sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("cli", "python"))
+    assert cli == python and "config.json" in cli and final.timm_architecture == "seresnet18"
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "python" / name).read_bytes()
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("cli", "python")]
+    for r in reports:
+        del r["output"]
+    assert reports[0] == reports[1]

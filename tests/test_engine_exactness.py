@@ -182,7 +182,7 @@ def test_crafted_folder_with_a_dead_module_is_refused(sec_saved, tmp_path):
 def sec_saved(tmp_path_factory):
     model, report = se_inject.inject("timm:test_resnet", seed=1)
     directory = tmp_path_factory.mktemp("good") / "out"
-    se_inject.save(model, report.plan, directory, report=report.to_dict())
+    se_inject.save(model, report, directory)
     return model.eval(), report.plan, directory
 
 

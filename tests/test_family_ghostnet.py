@@ -73,7 +73,7 @@ def test_filled_none_slots_save_and_load(tmp_path):
     """GhostNet v1's empty slot is None (not nn.Identity): the saved plan replays onto a fresh model exactly."""
     model = timm.create_model("ghostnet_050").eval()
     injected, report = se_inject.inject(model, se_inject.Settings(fill=True), seed=0, input_size=64)
-    se_inject.save(injected, report.plan, tmp_path / "out", report=report.to_dict())
+    se_inject.save(injected, report, tmp_path / "out")
     back = se_inject.load(tmp_path / "out", model=timm.create_model("ghostnet_050"))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

@@ -78,7 +78,7 @@ def test_identity_init_reproduces_a_real_nfnet():
 
 def test_saved_nfnet_loads_with_its_slot_gain(tmp_path):
     model, report = se_inject.inject(_no_attention_nfnet(), seed=0, input_size=32)
-    se_inject.save(model, report.plan, tmp_path / "out", report=report.to_dict())
+    se_inject.save(model, report, tmp_path / "out")
     assert se_inject.read_plan(tmp_path / "out").sites[0].attention.host_gain == 2.0
     back = se_inject.load(tmp_path / "out", model=timm.create_model("test_nfnet", attn_layer=""))
     x = torch.randn(1, 3, 32, 32)
@@ -152,10 +152,9 @@ def test_nfnet_with_se_scripts_and_exports():
 @pytest.mark.slow
 def test_plain_timm_loads_the_folder_as_nf_seresnet(tmp_path):
     """nf_resnet26 + SE is exactly nf_seresnet26: the saved folder says so (config.json) and loads in plain timm."""
-    from se_inject.api import save_injected
 
     model, report = se_inject.inject("nf_resnet26", se_inject.Settings(init="identity"), seed=0, input_size=32)
-    final = save_injected(model, report, tmp_path / "out")
+    final = se_inject.save(model, report, tmp_path / "out")
     assert final.timm_architecture == "nf_seresnet26"
     loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
     x = torch.randn(1, 3, 64, 64)

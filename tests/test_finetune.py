@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 import se_inject
-from se_inject.api import save_injected
 from se_inject.io.export import export
 from se_inject.layers.squeeze_excite import SqueezeExcite
 
@@ -121,7 +120,7 @@ def test_torchscript_loads_without_se_inject(small, tmp_path):
 def test_plain_timm_loads_the_folder(tmp_path):
     model, report = se_inject.inject("timm:resnet18", seed=0)  # by name, as the CLI does
     randomize_norm_stats(model)  # timm's zero-init-last would make the comparison trivial
-    final = save_injected(model, report, tmp_path / "out")
+    final = se_inject.save(model, report, tmp_path / "out")
     assert final.timm_architecture == "seresnet18"
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architecture"] == "seresnet18"
     x = torch.randn(1, 3, 64, 64)
@@ -141,7 +140,7 @@ def test_plain_timm_loads_the_folder(tmp_path):
 
 def test_no_timm_config_when_not_a_timm_architecture(tmp_path):
     model, report = se_inject.inject("timm:test_resnet", se_inject.Settings(init="identity"), seed=0)
-    final = save_injected(model, report, tmp_path / "out")
+    final = se_inject.save(model, report, tmp_path / "out")
     assert final.timm_architecture is None
     assert not (tmp_path / "out" / "config.json").exists()
 

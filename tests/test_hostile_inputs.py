@@ -69,7 +69,7 @@ def within(seconds: float, fn, *args, **kwargs):
 def good(tmp_path_factory):
     model, report = se_inject.inject("timm:test_resnet", seed=1)
     directory = tmp_path_factory.mktemp("good") / "out"
-    se_inject.save(model, report.plan, directory, report=report.to_dict())
+    se_inject.save(model, report, directory)
     return directory
 
 

@@ -347,7 +347,7 @@ def test_structural_sites_save_and_load(tmp_path):
     """The checkpoint's plan keeps each site's pattern and graph-node anchor; load replays them exactly."""
     net = randomize_norm_stats(Net()).eval()
     injected, report = se_inject.inject(net, seed=0, input_size=16)
-    se_inject.save(injected, report.plan, tmp_path / "out", report=report.to_dict())
+    se_inject.save(injected, report, tmp_path / "out")
     back = se_inject.load(tmp_path / "out", model=Net())
     assert [s.pattern for s in se_inject.read_plan(tmp_path / "out").sites] == [s.pattern for s in report.plan.sites]
     x = torch.randn(1, 3, 16, 16)

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.api import save_injected
 from se_inject.cli.commands import app
 from se_inject.engine.models import ModelSpec, resolve_model
 from se_inject.errors import UnknownModelError, WeightsError
@@ -125,7 +124,7 @@ def test_config_json_describes_torchvision_weights(tmp_path):
     """A torchvision ResNet + SE is timm's seresnet architecture, but not its preprocessing: the config says
     what torchvision's weights use (bilinear, resize 256 -> crop 224) and nothing of seresnet's weights."""
     model, report = se_inject.inject("torchvision:resnet18", seed=0)
-    final = save_injected(model, report, tmp_path / "out")
+    final = se_inject.save(model, report, tmp_path / "out")
     assert final.timm_architecture == "seresnet18"
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())["pretrained_cfg"]
     assert cfg["interpolation"] == "bilinear" and cfg["crop_pct"] == pytest.approx(224 / 256)

@@ -29,12 +29,12 @@ from se_inject.cli.commands import app
 from se_inject.engine.plan import Plan, Site
 from se_inject.engine.surgery import apply_plan
 from se_inject.io import atomic
+from se_inject.io.atomic import write_folder
 from se_inject.io.checkpoint import (
     _PLACEHOLDER,
     PLAN_HASH_KEY,
     PLAN_KEY,
     WEIGHTS_HASH_KEY,
-    write_atomically,
     write_safetensors_file,
 )
 
@@ -47,7 +47,7 @@ EVIL_NAMES = ["se\nimport os", "se\r__import__('os')", 'se"', "se'", "se()", "se
 def saved(tmp_path_factory):
     model, report = se_inject.inject("timm:test_resnet", seed=1)
     directory = tmp_path_factory.mktemp("good") / "out"
-    se_inject.save(model, report.plan, directory, report=report.to_dict())
+    se_inject.save(model, report, directory)
     return model.eval(), report.plan, directory
 
 
@@ -441,7 +441,7 @@ def _write_killed_at(directory: Path, run: dict[str, bytes], step: int) -> None:
 
         _patch_steps(setattr, die)
         try:
-            write_atomically(directory, _writers(run), force=True, outputs=True)
+            write_folder(directory, _writers(run), force=True, outputs=True)
         finally:
             os._exit(0)
     _, status = os.waitpid(pid, 0)
@@ -461,15 +461,15 @@ def test_killed_between_any_two_steps_leaves_one_complete_run(tmp_path, monkeypa
 
     old, new = _run(0), _run(1)
     out = tmp_path / "o"
-    write_atomically(out, _writers(old), outputs=True)
+    write_folder(out, _writers(old), outputs=True)
     (out / "notes.txt").write_text("mine")
     (out / "data").mkdir()
     (out / "data" / "x.txt").write_text("mine too")
-    steps = _steps(monkeypatch, lambda: write_atomically(out, _writers(new), force=True, outputs=True))
+    steps = _steps(monkeypatch, lambda: write_folder(out, _writers(new), force=True, outputs=True))
     assert "atomic.exchange" in steps and "os.rename" in steps, steps  # swapped, then the user's folder moved over
     for step, name in enumerate(steps):
         out = tmp_path / f"k{step}"
-        write_atomically(out, _writers(old), outputs=True)
+        write_folder(out, _writers(old), outputs=True)
         (out / "notes.txt").write_text("mine")
         (out / "data").mkdir()
         (out / "data" / "x.txt").write_text("mine too")
@@ -483,7 +483,7 @@ def test_killed_between_any_two_steps_leaves_one_complete_run(tmp_path, monkeypa
         assert (out / "notes.txt").read_text() == "mine"
         model = timm.create_model(f"local-dir:{out}", pretrained=True)  # plain timm loads whichever run it holds
         assert torch.equal(model.state_dict()["fc.weight"], load_bytes(state["model.safetensors"])["fc.weight"])
-        write_atomically(out, _writers(new), force=True, outputs=True)  # the next run completes and cleans up
+        write_folder(out, _writers(new), force=True, outputs=True)  # the next run completes and cleans up
         assert _state(out) == new and (out / "notes.txt").read_text() == "mine"
         assert (out / "data" / "x.txt").read_text() == "mine too", f"killed after step {step} ({name})"
         assert {p: os.lstat(out / p).st_ino for p in inodes} == inodes  # the user's entries are the same ones
@@ -494,20 +494,20 @@ def test_killed_between_any_two_steps_leaves_one_complete_run(tmp_path, monkeypa
 
 def test_killed_first_write_leaves_no_folder_or_a_complete_one(tmp_path, monkeypatch):
     run = _run(0)
-    steps = _steps(monkeypatch, lambda: write_atomically(tmp_path / "o", _writers(run), outputs=True))
+    steps = _steps(monkeypatch, lambda: write_folder(tmp_path / "o", _writers(run), outputs=True))
     assert steps
     for step, name in enumerate(steps):
         out = tmp_path / f"k{step}"
         _write_killed_at(out, run, step)
         assert not out.exists() or _state(out) == run, f"killed after {name!r}"
-        write_atomically(out, _writers(run), force=True, outputs=True)
+        write_folder(out, _writers(run), force=True, outputs=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_force_touches_only_what_se_inject_wrote(tmp_path):
     out = tmp_path / "o"
     run = _run(0)
-    write_atomically(out, {**_writers(run), "model.onnx": lambda p: p.write_bytes(b"ours")}, outputs=True)
+    write_folder(out, {**_writers(run), "model.onnx": lambda p: p.write_bytes(b"ours")}, outputs=True)
     (out / "model.onnx").unlink()
     (out / "model.onnx").write_bytes(b"the user's own")  # replaced by the user: theirs now
     (out / "report.json").write_bytes(b"edited by the user")  # ours, changed by the user: theirs now
@@ -516,7 +516,7 @@ def test_force_touches_only_what_se_inject_wrote(tmp_path):
     for path in lookalikes:
         path.write_text("a user's file")
     (tmp_path / ".o.tmp-2-dir").mkdir()
-    write_atomically(out, {"model.safetensors": _writers(run)["model.safetensors"]}, force=True, outputs=True)
+    write_folder(out, {"model.safetensors": _writers(run)["model.safetensors"]}, force=True, outputs=True)
     assert (out / "model.onnx").read_bytes() == b"the user's own"
     assert (out / "report.json").read_bytes() == b"edited by the user"
     assert not (out / "config.json").exists()  # ours and unchanged: stale, removed
@@ -525,14 +525,14 @@ def test_force_touches_only_what_se_inject_wrote(tmp_path):
 
 def test_without_force_a_recorded_output_blocks_the_write(tmp_path):
     out = tmp_path / "o"
-    write_atomically(out, {"model.onnx": lambda p: p.write_bytes(b"ours")}, outputs=True)
+    write_folder(out, {"model.onnx": lambda p: p.write_bytes(b"ours")}, outputs=True)
     with pytest.raises(se_inject.OutputExistsError, match=r"model\.onnx"):
-        write_atomically(out, {"model.safetensors": lambda p: p.write_bytes(b"x")}, outputs=True)
+        write_folder(out, {"model.safetensors": lambda p: p.write_bytes(b"x")}, outputs=True)
 
 
 def test_a_live_writers_temporaries_are_left_alone(tmp_path):
     out = tmp_path / "o"
-    write_atomically(out, {"a.txt": lambda p: p.write_text("1")}, outputs=True)
+    write_folder(out, {"a.txt": lambda p: p.write_text("1")}, outputs=True)
 
     def write_while_another_run_starts(path: Path) -> None:
         path.write_text("2")
@@ -541,7 +541,7 @@ def test_a_live_writers_temporaries_are_left_alone(tmp_path):
         atomic.remove_leftovers(out)  # what a concurrent run does first
         assert live[0].is_dir()
 
-    write_atomically(out, {"a.txt": write_while_another_run_starts}, force=True, outputs=True)
+    write_folder(out, {"a.txt": write_while_another_run_starts}, force=True, outputs=True)
     assert (out / "a.txt").read_text() == "2"
 
 
@@ -665,9 +665,9 @@ def test_seeded_report_is_byte_identical_across_thread_counts(tmp_path):
 def test_without_an_atomic_swap_files_are_replaced_one_by_one(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic, "exchange", lambda _a, _b: False)  # another OS, a mount point, the cwd
     out = tmp_path / "o"
-    write_atomically(out, _writers(_run(0)), outputs=True)
+    write_folder(out, _writers(_run(0)), outputs=True)
     (out / "notes.txt").write_text("mine")
-    write_atomically(out, _writers(_run(1)), force=True, outputs=True)
+    write_folder(out, _writers(_run(1)), force=True, outputs=True)
     assert _state(out) == _run(1) and (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
     assert sorted(p.name for p in out.iterdir()) == [".se-inject.json", "config.json", "model.safetensors",

@@ -111,6 +111,10 @@ def test_strings_become_typed_values_at_the_edge():
     with pytest.raises(SettingsError, match="kernel_size"):
         SESettings(attn_layer="eca", channels=8, rd_channels=0, kernel_size=4)
     assert isinstance(SettingsError("x", "y"), UsageError)  # exit 2 in the CLI
+    assert Settings(act_layer=torch.nn.SiLU, gate_layer=torch.nn.Hardsigmoid).to_dict()["act_layer"] == "silu"
+    assert Settings(gate_layer=torch.nn.Hardsigmoid).gate_layer == "hard-sigmoid"
+    with pytest.raises(SettingsError, match="act_layer"):
+        Settings(act_layer=torch.nn.Tanh)  # no name se-inject builds
 
 
 def test_the_composition_rule():

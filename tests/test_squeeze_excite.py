@@ -8,6 +8,7 @@ import pytest
 import torch
 from family_checks import scales_in_place
 from timm.layers import SEModule
+from timm.models._efficientnet_blocks import SqueezeExcite as EfficientNetSE
 from torch import nn
 
 from se_inject.layers.attention import create_attention, identity_gain, squeeze_channels
@@ -38,7 +39,7 @@ class SELayer(nn.Module):
 @pytest.mark.parametrize(("channels", "reduction"), [(32, 16), (24, 16), (100, 16), (64, 4), (40, 3)])
 def test_divisor_1_no_bias_is_the_seed_selayer(channels, reduction):
     ref = SELayer(channels, reduction)
-    se = SqueezeExcite(channels, squeeze_channels(channels, reduction, divisor=1), bias=False)
+    se = SqueezeExcite(channels, rd_channels=squeeze_channels(channels, reduction, divisor=1), bias=False)
     assert se.fc1.out_channels == channels // reduction
     with torch.no_grad():
         se.fc1.weight.copy_(ref.fc[0].weight[:, :, None, None])
@@ -49,7 +50,7 @@ def test_divisor_1_no_bias_is_the_seed_selayer(channels, reduction):
 
 
 def test_forward_follows_the_paper_equations():
-    se = SqueezeExcite(16, 4)
+    se = SqueezeExcite(16, rd_channels=4)
     x = torch.randn(3, 16, 5, 5)
     z = x.mean((2, 3))  # eq. 2: squeeze
     s = torch.sigmoid(se.fc2.weight[:, :, 0, 0] @ torch.relu(se.fc1.weight[:, :, 0, 0] @ z.T + se.fc1.bias[:, None])
@@ -58,13 +59,52 @@ def test_forward_follows_the_paper_equations():
 
 
 def test_same_keys_and_outputs_as_timm_semodule():
-    ours, theirs = SqueezeExcite(64, 8), SEModule(64)
+    ours, theirs = SqueezeExcite(64), SEModule(64)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 64, 6, 6)
-    # Same parameters and maths; ours runs the FC layers as one GEMM (faster than timm's 1x1 convolutions), so
-    # outputs agree to float rounding rather than bit for bit.
-    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours(x), theirs(x))  # the same layers in the same order (the GEMM lives in fusion)
+
+
+@pytest.mark.parametrize(("layout", "theirs"), [
+    ("fc", lambda: SEModule(64, rd_ratio=0.25, norm_layer=nn.BatchNorm2d, act_layer=nn.SiLU)),
+    ("conv", lambda: EfficientNetSE(64, rd_ratio=0.25, act_layer=nn.SiLU)),  # timm EfficientNet's names
+])
+def test_layout_names_the_layers_as_timm_does(layout, theirs):
+    norm = "batchnorm" if layout == "fc" else None
+    ours, theirs = SqueezeExcite(64, rd_ratio=0.25, act_layer="silu", norm_layer=norm, layout=layout), theirs()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 64, 6, 6)
+    assert torch.equal(ours.eval()(x), theirs.eval()(x))
+
+
+def test_layers_are_a_class_or_a_name():
+    by_name = SqueezeExcite(16, rd_channels=4, act_layer="leaky-relu", gate_layer="hard-sigmoid")
+    by_class = SqueezeExcite(16, rd_channels=4, act_layer=nn.LeakyReLU, gate_layer=nn.Hardsigmoid)
+    for se in (by_name, by_class):
+        assert type(se.act) is nn.LeakyReLU and se.act.inplace and type(se.gate) is nn.Hardsigmoid
+    with pytest.raises(ValueError, match="fc"):
+        SqueezeExcite(16, norm_layer="batchnorm", layout="conv")
+
+
+def test_scripted_result_runs_under_timms_torchscript_settings():
+    """timm's test_model_forward_torchscript runs with the profiling executor on and profiling mode off; a block's
+    SE slot filled with the plain layer once failed there ("Expected Tensor but got None")."""
+    import se_inject
+
+    model, _ = se_inject.inject("timm:test_efficientnet", se_inject.Settings(fill=True), seed=0, input_size=32)
+    executor = torch._C._jit_set_profiling_executor(True)
+    mode = torch._C._jit_set_profiling_mode(False)
+    try:
+        scripted = torch.jit.script(model.eval())
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            for _ in range(3):  # the executor optimises the graph after the first runs
+                torch.testing.assert_close(scripted(x), model(x))
+    finally:
+        torch._C._jit_set_profiling_executor(executor)
+        torch._C._jit_set_profiling_mode(mode)
 
 
 @pytest.mark.parametrize(("channels", "reduction", "divisor", "expected"), [
@@ -133,7 +173,7 @@ def test_identity_init_is_exact_and_learns(gate):
 
 
 def test_scriptable():
-    se = SqueezeExcite(16, 8, gain=2.0)
+    se = SqueezeExcite(16, rd_channels=8, gain=2.0)
     scripted = torch.jit.script(se)
     x = torch.randn(1, 16, 4, 4)
     assert torch.equal(scripted(x), se(x))

@@ -129,7 +129,7 @@ def test_a_video_size_for_an_image_model_says_so():
 
 @pytest.mark.parametrize("shape", [(2, 16, 9), (2, 16, 5, 6, 7), (2, 16, 6, 7)])
 def test_se_squeezes_every_dimension_after_the_channels(shape):
-    se = SqueezeExcite(16, 8)
+    se = SqueezeExcite(16, rd_channels=8)
     x = torch.randn(shape)
     dims = tuple(range(2, len(shape)))
     s = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean(dims)[..., None, None])))).flatten(1)
@@ -140,12 +140,12 @@ def test_se_squeezes_every_dimension_after_the_channels(shape):
 
 
 def test_se_keeps_timms_state_dict_keys():
-    assert list(SqueezeExcite(16, 8).state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert list(SqueezeExcite(16, rd_channels=8).state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 5), (2, 8, 3, 4, 5)])
 def test_nd_se_scripts(shape):
-    se = SqueezeExcite(8, 8).eval()
+    se = SqueezeExcite(8, rd_channels=8).eval()
     x = torch.randn(shape)
     with torch.no_grad():
         assert torch.equal(torch.jit.script(se)(x), se(x))

@@ -157,7 +157,7 @@ def test_identity_init_computes_the_base(injected):
 
 def test_save_load_gives_identical_outputs(injected, tmp_path):
     family, _, model, report = injected
-    se_inject.io.checkpoint.save(model, report.plan, tmp_path / "o")
+    se_inject.save(model, report.plan, tmp_path / "o")
     loaded = se_inject.load(tmp_path / "o", model=_built(family)).eval()
     x = _input(family)
     with torch.no_grad():
@@ -195,15 +195,16 @@ def test_fx_feature_extraction_and_forward_intermediates():
 
 def test_token_layer_squeezes_patch_tokens_and_scales_every_token():
     torch.manual_seed(0)
-    layer = TokenSqueezeExcite(16, 8, prefix_tokens=2).eval()
+    layer = TokenSqueezeExcite(16, rd_channels=8, prefix_tokens=2).eval()
+
+    def gate(s: torch.Tensor) -> torch.Tensor:  # SE's excitation on (B, C) descriptors, written out
+        hidden = torch.relu(s @ layer.fc1.weight.flatten(1).T + layer.fc1.bias)
+        return torch.sigmoid(hidden @ layer.fc2.weight.flatten(1).T + layer.fc2.bias)
+
     x = torch.randn(3, 10, 16)
-    s = x[:, 2:].mean(1)
-    gate = torch.sigmoid(layer.fc2.weight.flatten(1) @ torch.relu(layer.fc1.weight.flatten(1) @ s.T
-                                                                   + layer.fc1.bias[:, None]) + layer.fc2.bias[:, None])
-    torch.testing.assert_close(layer(x), x * gate.T[:, None, :])
+    torch.testing.assert_close(layer(x), x * gate(x[:, 2:].mean(1))[:, None, :])
     maps = torch.randn(2, 4, 5, 16)  # (B, H, W, C): the mean over H and W, no prefix on a map
-    expected = maps * layer.excite(maps.mean((1, 2)))[:, None, None, :]
-    torch.testing.assert_close(layer(maps), expected)
+    torch.testing.assert_close(layer(maps), maps * gate(maps.mean((1, 2)))[:, None, None, :])
 
 
 @pytest.mark.parametrize("kind", ["eca", "ese"])

@@ -392,10 +392,9 @@ def test_cbam_timm_on_a_timm_model_built_with_cbam():
 
 def test_plain_timm_loads_the_folder_as_the_twin(tmp_path):
     """regnetx_002 + SE is exactly regnety_002: the folder's config.json names it and plain timm loads it."""
-    from se_inject.api import save_injected
 
     model, report = se_inject.inject("timm:regnetx_002", seed=0, input_size=32)
-    final = save_injected(model, report, tmp_path / "out")
+    final = se_inject.save(model, report, tmp_path / "out")
     assert final.timm_architecture == "regnety_002"
     assert [row["placement"] for row in final.to_dict()["sites"]] == ["family"] * len(report.plan.sites)
     loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()

@@ -261,7 +261,7 @@ def test_identity_init_reproduces_the_base_model_or_refuses(tmp_path):
     def run(blocks, places, attention):
         model = randomize_norm_stats(Net(blocks))
         try:
-            injected, report = _inject(model, _recipe(tmp_path, places), attention=attention)
+            injected, report = _inject(model, _recipe(tmp_path, places), attn_layer=attention)
         except NoSitesError as e:
             outcomes[f"refused: {e.reason}"] += 1
             return

@@ -179,7 +179,7 @@ def inject_command(
                                    "min_channels": min_channels, "fill": fill, "placement": placement}, OPTION_KEYS)
         notes = inject_preflight(dry_run=dry_run, output=output, force=force, formats=formats, weights=weights,
                                  images=images, pretrained=pretrained, static_batch=static_batch, opset=opset)
-        from ..api import inject, save_injected
+        from ..api import inject, save
 
         def before_build(plan: Any, default_output: str) -> None:
             if not dry_run:
@@ -191,8 +191,8 @@ def inject_command(
                                   device="meta" if dry_run else "cpu", drift=images, before_build=before_build)
         if not dry_run:
             status(f"saving{' and exporting ' + ', '.join(formats) if formats else ''}")
-            report = save_injected(injected, report, output or Path(report.default_output), force=force,
-                                   exports=formats, export_batch=static_batch, opset=opset)
+            report = save(injected, report, output or Path(report.default_output), force=force, exports=formats,
+                          export_batch=static_batch, opset=opset)
         status(None)  # done: clear the status line before the report
         if notes:
             from dataclasses import replace

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .meta import as_meta
+from .meta import as_meta, training_flags
 from .plan import Plan, Site
 from .tasks import example_inputs, forward
 
@@ -103,17 +103,13 @@ def _input(model: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
 
 
 def _run(model: nn.Module, run: Callable[[], Any]) -> bool:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), training_flags(model):
+            model.eval()
             run()
         return True
     except Exception:  # _WrongMap included: that problem is recorded
         return False
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _host_path(site: Site) -> str:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SEInjectError, describe
+from .meta import training_flags
 from .tasks import example_inputs, model_task, planning_scope
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -139,17 +140,16 @@ def outputs(model: nn.Module, x: torch.Tensor | tuple[Any, ...]) -> torch.Tensor
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     args = x if isinstance(x, tuple) else (x,)
     args = tuple(_to(a, device) for a in args)
-    training, threads = model.training, torch.get_num_threads()
+    threads = torch.get_num_threads()
     captured: list[Any] = []
     scope = planning_scope(model)
     handle = scope.register_forward_hook(lambda _m, _a, out: captured.append(out)) if scope is not None else None
     try:
         torch.set_num_threads(1)
-        with torch.no_grad():
+        with torch.no_grad(), training_flags(model):
             out = model.eval()(*args)
     finally:
         torch.set_num_threads(threads)
-        model.train(training)
         if handle is not None:
             handle.remove()
     if captured:

@@ -579,8 +579,8 @@ _ACTIVATION_NAMES = {
 
 def block_activation(block: nn.Module) -> str | None:
     """The block's own activation (its first activation module: timm builds a block's layers, and its SE, with one
-    ``act_layer``), as an `ACT_LAYERS` name; None where it has none se-inject can build (LeakyReLU other than
-    torch's default slope, which timm's ``leaky_relu`` uses, counts as none)."""
+    ``act_layer``), as an `se_inject.names.ACTIVATIONS` name; None where it has none se-inject can build
+    (LeakyReLU other than torch's default slope, which timm's ``leaky_relu`` uses, counts as none)."""
     for m in block.modules():
         name = _ACTIVATION_NAMES.get(type(m).__name__)
         if name == "leaky-relu" and getattr(m, "negative_slope", 0.01) != 0.01:

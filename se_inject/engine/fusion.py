@@ -83,8 +83,16 @@ def squeeze_through(
     return F.batch_norm(s, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
 
 
+@torch.fx.wrap
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """The squeeze as (N, C) descriptors: the mean over every dimension after the channels."""
+    return x.mean((2, 3)) if x.dim() == 4 else x.mean(list(range(2, x.dim())))
+
+
 class FusedGate:
-    """Mixin of a channel gate's fused twin: the layer's `excite` and `gain`, with the fused arguments."""
+    """Mixin of a channel gate's fused twin: the layer's own layers and `gain`, computed on (N, C) descriptors (a
+    1x1 convolution's weights applied as one GEMM: on the CPU, PyTorch sends 1x1-spatial convolutions down a slow
+    path), with the fused arguments."""
 
     def forward(
         self,
@@ -93,7 +101,19 @@ class FusedGate:
         squeezed: Optional[torch.Tensor] = None,  # noqa: UP045
         inplace: bool = False,
     ) -> torch.Tensor:
-        s = self.excite(self.squeeze(x) if squeezed is None else squeezed)
+        s = spatial_mean(x) if squeezed is None else squeezed
+        if hasattr(self, "fc1"):  # SqueezeExcite, layout "fc" (the norm, where there is one, on (N, rd, 1, 1))
+            s = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
+            s = self.act(self.bn(s[:, :, None, None]).flatten(1))
+            s = F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias)
+        elif hasattr(self, "conv_reduce"):  # SqueezeExcite, layout "conv"
+            s = self.act1(F.linear(s, self.conv_reduce.weight.flatten(1), self.conv_reduce.bias))
+            s = F.linear(s, self.conv_expand.weight.flatten(1), self.conv_expand.bias)
+        elif hasattr(self, "conv"):  # EfficientChannelAttention: the channels as a 1-D signal
+            s = self.conv(s.unsqueeze(1)).squeeze(1)
+        else:  # EffectiveSqueezeExcite
+            s = F.linear(s, self.fc.weight.flatten(1), self.fc.bias)
+        s = self.gate(s)
         if self.gain != 1.0:
             s = s * self.gain
         return scale(x, squeeze_excite.unsqueeze_as(s, x), inplace, residual)
@@ -112,9 +132,8 @@ class FusedTokenGate(FusedGate):
         squeezed: Optional[torch.Tensor] = None,  # noqa: UP045
         inplace: bool = False,
     ) -> torch.Tensor:
-        s = self.excite(self.squeeze(x) if squeezed is None else squeezed)
-        if self.gain != 1.0:
-            s = s * self.gain
+        # `squeezed` is never passed to a token gate (its map is no conv-BN output); the gate squeezes its own input
+        s = self.token_gate(x)
         return scale(x, tokens.unsqueeze_tokens(s, x), inplace, residual)  # the module's name: fx's wrap patches it
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,9 +19,22 @@ from ..errors import SEInjectError, describe
 from .tasks import example_inputs, forward
 
 
-def is_meta(model: nn.Module) -> bool:
-    """Whether every parameter and buffer of `model` is on the meta device."""
-    return all(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+def is_meta(module: nn.Module) -> bool:
+    """Whether `module` holds a parameter or buffer on the meta device: it has no data to run on for real (a module
+    without tensors has data enough)."""
+    return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+@contextmanager
+def training_flags(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, `module` and its submodules may change modes (``eval()``, ``train()``); on leaving it, each
+    has its own ``training`` flag back."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -52,10 +67,9 @@ def run_meta(model: nn.Module, input_size: tuple[int, ...]) -> Any:
     """Forward a meta-device `model` in eval mode at batch 1 (training flags restored) on the task's example input
     (`tasks.example_inputs`; a detector up to its backbone); returns the output. Failures raise SEInjectError."""
     dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.get_default_dtype())
-    modes = [(m, m.training) for m in model.modules()]
     try:
         args = example_inputs(model, input_size, device="meta", dtype=dtype)
-        with torch.no_grad():
+        with torch.no_grad(), training_flags(model):
             return forward(model.eval(), args)
     except SEInjectError:
         raise
@@ -64,6 +78,3 @@ def run_meta(model: nn.Module, input_size: tuple[int, ...]) -> Any:
             f"the model does not run on the meta device at input size {'x'.join(map(str, input_size))}: "
             f"{describe(e, kind=True)}"
         ) from e
-    finally:
-        for m, training in modes:
-            m.training = training

@@ -36,6 +36,7 @@ from ..layers.attention import class_path, create_attention, init_attention
 from ..names import attribute_name_problem
 from .fusion import fuse, fused_class, layer_class
 from .keys import BoundedCache, freeze, module_key
+from .meta import is_meta, training_flags
 from .models import seeded
 from .plan import Plan, Site
 
@@ -56,7 +57,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mod
         if class_path(block) != site.block:
             raise SurgeryError(f"plan site {site.path!r}: expected a {site.block}, found a {class_path(block)}")
         check_site_name(block, site)  # before any name reaches generated code
-    real = [site for site in plan.sites if not _is_meta(model.get_submodule(site.path))]
+    real = [site for site in plan.sites if not is_meta(model.get_submodule(site.path))]
     modules: dict[str, nn.Module] = {}
     with seeded(plan.seed) if real else nullcontext():
         for site in plan.sites:
@@ -130,10 +131,6 @@ def _slot_rewrite(
         if key is not None:
             _slot_rewrites[key] = cached
     return cached
-
-
-def _is_meta(module: nn.Module) -> bool:
-    return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
 
 
 def _device_dtype(block: nn.Module, model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -217,10 +214,9 @@ def _passed_on(block: nn.Module, open_paths: set[str], fixed: dict[str, Any], pa
 
 
 def _trace_both(block: nn.Module, open_paths: set[str], fixed: dict[str, Any]) -> tuple[torch.fx.Graph, bool]:
-    modes = [m.training for m in block.modules()]
     renamed = {f"{name}_1": name for name in fixed}
     hints = _type_hints(type(block).forward)
-    try:
+    with training_flags(block):
         graphs = []
         for training in (True, False):
             block.train(training)
@@ -236,9 +232,6 @@ def _trace_both(block: nn.Module, open_paths: set[str], fixed: dict[str, Any]) -
                 elif node.op == "call_function" and node.target is _FX_ASSERT_IS_NONE:
                     node.target = assert_is_none  # the same guard, in a form TorchScript compiles
             graphs.append(graph)
-    finally:
-        for m, training in zip(block.modules(), modes, strict=True):
-            m.training = training
     train_code, eval_code = (g.python_code(root_module="self").src for g in graphs)
     return graphs[0], train_code == eval_code
 

@@ -28,7 +28,7 @@ from ..errors import SEInjectError, describe
 from ..layers.attention import create_attention, identity_gain, init_attention
 from ..settings import SESettings
 from .keys import config_key, freeze
-from .meta import meta_copy
+from .meta import meta_copy, training_flags
 from .plan import Plan, Site, Skip
 from .record import Call, TensorArg, leaves, map_values
 from .surgery import insert
@@ -99,16 +99,12 @@ def check_site(block: nn.Module, site: Site, call: Call) -> str | None:
     kind = call.opaque()
     if kind is not None:
         return f"cannot verify the rewrite: the block is called with a {kind} argument"
-    modes = [(m, m.training) for m in block.modules()]
-    try:
-        work = _real_copy(block)
-    except Exception as e:  # any failure refuses the site
-        return f"cannot verify the rewrite ({type(e).__name__}: {describe(e)})"
-    try:
+    with training_flags(block):  # a block of the caller's model, run as it is: leave its modes as they were
+        try:
+            work = _real_copy(block)
+        except Exception as e:  # any failure refuses the site
+            return f"cannot verify the rewrite ({type(e).__name__}: {describe(e)})"
         return _compare(work, site, call)
-    finally:
-        for m, training in modes:  # a block of the caller's model, run as it is: leave its modes as they were
-            m.training = training
 
 
 def _compare(work: nn.Module, site: Site, call: Call) -> str | None:

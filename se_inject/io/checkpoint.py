@@ -31,7 +31,6 @@ from ..engine.plan import Plan
 from ..engine.schema import plan_from_data
 from ..engine.surgery import apply_plan
 from ..errors import CheckpointError, SEInjectError, WeightsError, describe
-from .atomic import write_folder
 from .features import feature_options, is_feature_extractor, wrap_features
 
 MODEL_FILE = "model.safetensors"
@@ -134,32 +133,6 @@ def write_text(text: str) -> Callable[[Path], None]:
         path.write_text(text, encoding="utf-8")
 
     return write
-
-
-def write_atomically(
-    directory: str | Path, files: dict[str, Callable[[Path], None]], *, force: bool = False, outputs: bool = False
-) -> Path:
-    """Write `files` (name -> writer) into `directory`, all or nothing; see `atomic.write_folder`."""
-
-    return write_folder(directory, files, force=force, outputs=outputs)
-
-
-def save(
-    model: nn.Module,
-    plan: Plan,
-    directory: str | Path,
-    *,
-    report: dict[str, Any] | None = None,
-    extra_files: dict[str, str] | None = None,
-    force: bool = False,
-) -> Path:
-    """Save `model` (weights + plan) and its report into `directory`."""
-    files: dict[str, Callable[[Path], None]] = {MODEL_FILE: write_checkpoint(model, plan)}
-    if report is not None:
-        files[REPORT_FILE] = write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
-    for name, text in (extra_files or {}).items():
-        files[name] = write_text(text)
-    return write_atomically(directory, files, force=force, outputs=True)
 
 
 def _model_file(path: str | Path) -> Path:

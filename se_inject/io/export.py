@@ -26,12 +26,10 @@ from ..engine.plan import Plan
 from ..engine.surgery import apply_plan
 from ..engine.tasks import example_inputs, model_task
 from ..errors import ExportError, describe
-from ..names import EXPORT_FORMATS
-from .checkpoint import write_atomically
+from .atomic import write_folder
 from .preflight import check_export_options, check_output_file
 from .twins import config_twins
 
-FORMATS = EXPORT_FORMATS
 RELATIVE_TOLERANCE = 1e-4  # float32 kernels differ by ~1e-6 of the output's magnitude; a broken export by far more
 DYNAMIC_TRACE_BATCH = 2  # traced at 2: a batch of 1 would let the tracer specialise the axis to 1
 DYNAMIC_CHECK_BATCHES = (1, 3)
@@ -185,7 +183,7 @@ def export(model: nn.Module, plan: Plan, fmt: str, path: str | Path, *, force: b
     validate_export_options([fmt], batch=batch, opset=opset)
     check_output_file(path, force=force)
     results: list[ExportResult] = []
-    write_atomically(path.parent, {path.name: export_writer(model, plan, fmt, path, results, batch=batch,
+    write_folder(path.parent, {path.name: export_writer(model, plan, fmt, path, results, batch=batch,
                                                             opset=opset)}, force=True)
     return results[0]
 

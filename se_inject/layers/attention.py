@@ -13,19 +13,12 @@ from timm.layers import make_divisible
 from torch import nn
 
 from ..errors import UsageError
-from ..names import INITS, VARIANTS
+from ..names import VARIANTS
 from ..settings import KERNELLED, LIBRARY, SESettings, compose
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention, eca_kernel_size
-from .squeeze_excite import GATE_LAYERS, EffectiveSqueezeExcite, SqueezeExcite, SqueezeExciteConv
+from .squeeze_excite import EffectiveSqueezeExcite, SqueezeExcite, create_act
 from .tokens import TOKEN_LAYERS
-
-# Module structures of an SE layer (names.LAYOUTS), named as the families whose state_dict they reproduce.
-LAYOUTS: dict[str, type[SqueezeExcite]] = {
-    "fc": SqueezeExcite,  # fc1/fc2: timm SEModule (ResNet, RegNetY, ByobNet, CSPNet, ...)
-    "conv": SqueezeExciteConv,  # conv_reduce/conv_expand: timm EfficientNet/MobileNetV3 SqueezeExcite
-}
-
 
 Builder = Callable[..., nn.Module]
 _BUILDERS: dict[str, Builder] = {}
@@ -45,7 +38,7 @@ def register_attention(kind: str, cls: type[nn.Module]) -> Callable[[Builder], B
     return decorator
 
 
-def _layer(cls: type[nn.Module], spec: SESettings, dd: dict[str, Any]) -> tuple[type[nn.Module], dict[str, Any]]:
+def _layer(cls: type[nn.Module], spec: SESettings, dd: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The layer class for the site's features (its channels-last form on tokens, `se_inject.layers.tokens`) and
     its keyword arguments."""
     if not spec.channels_last:
@@ -55,22 +48,24 @@ def _layer(cls: type[nn.Module], spec: SESettings, dd: dict[str, Any]) -> tuple[
 
 @register_attention("se", SqueezeExcite)
 def _build_se(spec: SESettings, **dd: Any) -> nn.Module:
-    cls, kw = _layer(LAYOUTS[spec.layout or "fc"], spec, dd)
-    return cls(spec.channels, spec.rd_channels, bias=spec.bias, gate=spec.gate_layer, gain=spec.module_gain,
-               act=spec.act_layer, **({"norm": True} if spec.norm_layer else {}), **kw)
+    cls, dd = _layer(SqueezeExcite, spec, dd)
+    return cls(spec.channels, rd_channels=spec.rd_channels, bias=spec.bias, act_layer=spec.act_layer,
+                         gate_layer=spec.gate_layer, norm_layer=spec.norm_layer, layout=spec.layout,
+                         gain=spec.module_gain, **dd)
 
 
 @register_attention("eca", EfficientChannelAttention)
 def _build_eca(spec: SESettings, **dd: Any) -> nn.Module:
-    cls, kw = _layer(EfficientChannelAttention, spec, dd)
-    return cls(spec.channels, spec.kernel_size, gate=spec.gate_layer, gain=spec.module_gain, **kw)
+    cls, dd = _layer(EfficientChannelAttention, spec, dd)
+    return cls(spec.channels, spec.kernel_size, gate_layer=spec.gate_layer,
+                                     gain=spec.module_gain, **dd)
 
 
 @register_attention("cbam", ConvBlockAttention)
 def _build_cbam(spec: SESettings, **dd: Any) -> nn.Module:
-    cls, kw = _layer(ConvBlockAttention, spec, dd)
-    return cls(spec.channels, spec.rd_channels, kernel_size=spec.kernel_size, bias=spec.bias, gate=spec.gate_layer,
-               gain=spec.module_gain, **kw)
+    cls, dd = _layer(ConvBlockAttention, spec, dd)
+    return cls(spec.channels, spec.rd_channels, kernel_size=spec.kernel_size, bias=spec.bias,
+                              gate_layer=spec.gate_layer, gain=spec.module_gain, **dd)
 
 
 @register_attention("cbam-timm", ConvBlockAttention)
@@ -80,8 +75,9 @@ def _build_cbam_timm(spec: SESettings, **dd: Any) -> nn.Module:
 
 @register_attention("ese", EffectiveSqueezeExcite)
 def _build_ese(spec: SESettings, **dd: Any) -> nn.Module:
-    cls, kw = _layer(EffectiveSqueezeExcite, spec, dd)
-    return cls(spec.channels, bias=spec.bias, gate=spec.gate_layer, gain=spec.module_gain, **kw)
+    cls, dd = _layer(EffectiveSqueezeExcite, spec, dd)
+    return cls(spec.channels, bias=spec.bias, gate_layer=spec.gate_layer, gain=spec.module_gain,
+                                  **dd)
 
 
 def list_attention() -> list[str]:
@@ -101,9 +97,7 @@ def site_attention(
     the block computes exactly what the family's own SE models compute), "identity" divides the gate's identity gain
     by it (NFNet: 2 / 2, a plain module whose gate starts at 0.5).
 
-    ``act_layer``, ``layout`` and ``norm_layer`` apply to the "se" variant only. `channels_last` marks token
-    features ((B, N, C), (B, H, W, C), (B, T, H, W, C)); `prefix_tokens` the leading tokens of a sequence the squeeze
-    leaves out (`se_inject.layers.tokens`)."""
+    ``act_layer``, ``layout`` and ``norm_layer`` apply to the "se" variant only."""
     kind = settings.attn_layer or "se"
     assert settings.reduction is not None  # composed over `LIBRARY`
     assert settings.gate_layer is not None
@@ -129,7 +123,7 @@ def site_attention(
         act_layer=(settings.act_layer or "relu") if se else "relu",
         layout=layout,
         norm_layer=settings.norm_layer if se and layout == "fc" else None,
-        channels_last=True if channels_last else None,
+        channels_last=True if channels_last else None,  # token features (`se_inject.layers.tokens`)
         prefix_tokens=prefix_tokens if channels_last and prefix_tokens else None,
     )
 
@@ -163,7 +157,7 @@ def squeeze_channels(
 def identity_gain(gate: str) -> float:
     """The gain that turns gate(0) into exactly 1."""
 
-    return 1.0 / float(GATE_LAYERS[gate]()(torch.zeros(())))
+    return 1.0 / float(create_act(gate)(torch.zeros(())))
 
 
 def create_attention(
@@ -178,11 +172,10 @@ def create_attention(
 
 
 def init_attention(module: nn.Module, init: str) -> None:
-    """Initialise a freshly built module: "paper" keeps PyTorch's default init; "identity" makes it compute x."""
+    """Initialise a freshly built module: "paper" keeps PyTorch's default init; "identity" makes it compute x (the
+    init is a `Settings`' or a plan's, checked there)."""
     if init == "identity":
         module.init_identity()
-    elif init != "paper":
-        raise UsageError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
 
 
 # Channel-attention modules already in timm/torchvision models: a block holding one "already has SE".

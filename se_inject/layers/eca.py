@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .squeeze_excite import ChannelGate
+from .squeeze_excite import ChannelGate, LayerType, create_act, squeeze, unsqueeze_as
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
@@ -21,14 +21,15 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
 
 
 class EfficientChannelAttention(ChannelGate):
-    """``x * gain * gate(conv1d(mean_hw(x)))``: a k-wide 1-D convolution across channels replaces SE's FC layers."""
+    """``x * gate(conv1d(mean(x)))``, times `gain`: a k-wide 1-D convolution across channels replaces SE's FC
+    layers."""
 
     def __init__(
         self,
         channels: int,
         kernel_size: int,
         *,
-        gate: str = "sigmoid",
+        gate_layer: LayerType = "sigmoid",
         gain: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -36,10 +37,15 @@ class EfficientChannelAttention(ChannelGate):
         super().__init__()
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False, device=device,
                               dtype=dtype)
-        self._init_gate(gate, gain)
+        self.gate = create_act(gate_layer)
+        self.gain = float(gain)
 
-    def excite(self, s: torch.Tensor) -> torch.Tensor:
-        return self.gate(self.conv(s.unsqueeze(1))).squeeze(1)  # channels as a 1-D signal: (N, 1, C)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = squeeze(x).view(x.shape[0], 1, -1)  # the channels as a 1-D signal: (N, 1, C)
+        y = self.gate(self.conv(y))
+        if self.gain != 1.0:
+            y = y * self.gain
+        return x * unsqueeze_as(y, x)
 
     def init_identity(self) -> None:
         """Zero the convolution: the gate is 0.5 everywhere, and gain 2 makes the module compute exactly x."""

@@ -1,170 +1,140 @@
-"""Squeeze-and-Excitation channel attention (Hu et al., "Squeeze-and-Excitation Networks", Sec. 3).
+"""Squeeze-and-Excitation channel attention (Hu et al., "Squeeze-and-Excitation Networks", Sec. 3), as timm builds it.
 
-Parameter names follow timm's ``SEModule`` (``fc1``, ``fc2`` as 1x1 convolutions), so a timm ResNet with this
-module in its ``se`` slot has exactly the state_dict of timm's ``seresnet*``.
+`SqueezeExcite` is timm's ``SEModule`` with its parameter names chosen by `layout`: ``fc1``/``fc2`` (timm
+``SEModule``: ResNet, RegNetY, ByobNet, ...) or ``conv_reduce``/``conv_expand`` (timm EfficientNet/MobileNetV3
+``SqueezeExcite``), so a model with it in its family's SE slot has exactly the state_dict of the family's own SE
+models. Layers (``act_layer``, ``gate_layer``, ``norm_layer``) are a class or a name, resolved by timm's
+``create_act_layer``/``get_norm_layer``. Maps of any rank (N, C, ...) are squeezed over every dimension after the
+channels (3-D SE for video, as X3D; 1-D for sequences). Speed tricks live in `se_inject.engine.fusion`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
+from timm.layers import create_act_layer, get_act_layer, get_norm_layer, make_divisible
 from torch import nn
 
-GATE_LAYERS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "hard-sigmoid": nn.Hardsigmoid}
-# The activation between the two FC layers (delta in eq. 3 of the paper: ReLU). Families put their blocks' own
-# activation there (timm's ``act_layer`` of the containing block: SiLU in EfficientNet, LeakyReLU in DarkNet).
-ACT_LAYERS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "relu6": nn.ReLU6,
-    "silu": nn.SiLU,
-    "leaky-relu": nn.LeakyReLU,  # timm's "leaky_relu": torch's default slope 0.01
-    "hard-swish": nn.Hardswish,
-    "gelu": nn.GELU,
-    "mish": nn.Mish,
-}
+LayerType = str | type[nn.Module]
+
+# The names of SE's layers, by layout (`se_inject.names.LAYOUTS`): (reduce, activation, expand).
+LAYOUT_NAMES = {"fc": ("fc1", "act", "fc2"), "conv": ("conv_reduce", "act1", "conv_expand")}
 
 
-def create_act(name: str) -> nn.Module:
-    """The activation module for a name of `ACT_LAYERS` (in place where the module allows it)."""
-    cls = ACT_LAYERS[name]
-    return cls(inplace=True) if cls in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.LeakyReLU, nn.Hardswish, nn.Mish) else cls()
+def act_layer_class(layer: LayerType) -> type[nn.Module]:
+    """The activation class for a class or a name (se-inject's "hard-sigmoid" is timm's "hard_sigmoid")."""
+    cls = get_act_layer(layer.replace("-", "_") if isinstance(layer, str) else layer)
+    if cls is None:
+        raise ValueError(f"no activation layer {layer!r}")
+    return cls
 
 
-def fc(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 1x1 convolution's parameters applied to (N, C) descriptors as a linear layer: a single GEMM instead of a
-    convolution dispatch (on the CPU, PyTorch sends 1x1-spatial convolutions down a slow path)."""
-    return F.linear(s, weight.flatten(1), bias)
+def create_act(layer: LayerType, inplace: bool = False) -> nn.Module:
+    """An activation module for a class or a name, as timm's ``create_act_layer`` makes it."""
+    return create_act_layer(act_layer_class(layer), inplace=inplace)
 
 
 @torch.fx.wrap
-def spatial_mean(x: torch.Tensor) -> torch.Tensor:
-    """The squeeze, eq. 2: the mean over every dimension after the channels, (H, W) of an (N, C, H, W) map, (T, H, W)
-    of a video block's, (L) of a 1-D one (3-D SE for video, as X3D). One call in a torch.fx graph: the rank is not
-    known while tracing."""
-    return x.mean(list(range(2, x.dim())))
+def squeeze(x: torch.Tensor) -> torch.Tensor:
+    """The squeeze, eq. 2: the mean of each channel over every dimension after it, as (N, C, 1, 1) (the shape timm's
+    ``x.mean((2, 3), keepdim=True)`` gives a 2-D map). One call in a torch.fx graph: the rank is not known while
+    tracing."""
+    s = x.mean((2, 3), keepdim=True) if x.dim() == 4 else x.mean(list(range(2, x.dim())))
+    return s.view(s.shape[0], s.shape[1], 1, 1)
 
 
 @torch.fx.wrap
 def unsqueeze_as(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(N, C) gates shaped to broadcast over `x`: (N, C, 1, 1) for an (N, C, H, W) map, (N, C, 1, 1, 1) for video."""
-    while s.dim() < x.dim():
-        s = s.unsqueeze(-1)
-    return s
+    """Gates of shape (N, C), (N, 1, C) or (N, C, 1, 1) shaped to broadcast over `x`: (N, C, 1, 1) for an
+    (N, C, H, W) map, (N, C, 1, 1, 1) for video, (N, C, 1) for a 1-D map."""
+    return s.view([s.shape[0], -1] + [1] * (x.dim() - 2))
 
 
 class ChannelGate(nn.Module):
-    """Channel attention that squeezes by the spatial mean and scales each channel by a gate (SE, ESE, ECA):
-    ``x * gain * excite(mean(x))``, with `excite` mapping (N, C) descriptors to (N, C) gates. Maps of any rank
-    (N, C, ...) are squeezed over every dimension after the channels."""
-
-    def _init_gate(self, gate: str, gain: float) -> None:
-        """The gate nonlinearity and its constant gain; called by subclasses after their own layers."""
-        self.gate = GATE_LAYERS[gate]()
-        self.gain = float(gain)
-
-    def squeeze(self, x: torch.Tensor) -> torch.Tensor:
-        """Global average pooling of each channel, eq. 2: (N, C, ...) -> (N, C)."""
-        return spatial_mean(x)
-
-    def excite(self, s: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.excite(self.squeeze(x))
-        if self.gain != 1.0:
-            s = s * self.gain
-        return x * unsqueeze_as(s, x)  # scale, eq. 4
+    """Channel attention that squeezes by the spatial mean and scales each channel by a gate (SE, ESE, ECA): the
+    class `se_inject.engine.fusion` recognises. `gain` is a constant multiplier of the gate (1 in the papers; 2
+    under identity initialisation, where the gate starts at exactly 0.5 and the module at exactly the identity, as
+    NFNets' ``attn_gain``)."""
 
     def extra_repr(self) -> str:
         return f"gain={self.gain:g}" if self.gain != 1.0 else ""
 
 
 class SqueezeExcite(ChannelGate):
-    """SE block: ``x * gain * gate(fc2(act(fc1(mean_hw(x)))))``.
+    """SE block: ``x * gate(fc2(act(bn(fc1(mean(x))))))``, times `gain`.
 
     Args:
         channels: C, channels of the feature map.
-        rd_channels: C / r, width of the bottleneck (``fc1`` output); ``W1`` in eq. 3 of the paper is ``fc1``.
+        rd_ratio: The bottleneck width's ratio to C, 1 / r in the paper (used when `rd_channels` is not given).
+        rd_channels: The bottleneck width C / r (``fc1``'s output); ``W1`` in eq. 3 of the paper is ``fc1``.
+        rd_divisor: `rd_ratio`'s width is rounded to a multiple of this (timm's ``make_divisible``).
         bias: Whether both FC layers have a bias.
-        gate: The gating nonlinearity, sigma in eq. 3 ("sigmoid" in the paper).
-        gain: Constant multiplier of the gate. 1 in the paper; 2 with identity initialisation, where the gate
-            starts at exactly 0.5 and the block at exactly the identity (as NFNets' ``attn_gain``).
-        act: The activation between the FC layers, delta in eq. 3 (a name of `ACT_LAYERS`; "relu" in the paper).
-        norm: A BatchNorm on the bottleneck, before the activation (ReXNet's SE; timm ``SEModule(norm_layer=...)``).
+        act_layer: The activation between the FC layers, delta in eq. 3 (ReLU in the paper).
+        gate_layer: The gate, sigma in eq. 3 (sigmoid in the paper).
+        norm_layer: A norm on the bottleneck, before the activation (ReXNet's SE; "fc" layout only).
+        layout: The layers' names (`LAYOUT_NAMES`): "fc" (timm ``SEModule``) or "conv" (timm EfficientNet).
+        gain: Constant multiplier of the gate.
     """
+
+    __jit_unused_properties__ = ["expand"]  # noqa: RUF012  (TorchScript's name)
 
     def __init__(
         self,
         channels: int,
-        rd_channels: int,
+        rd_ratio: float = 1.0 / 16,
+        rd_channels: int | None = None,
+        rd_divisor: int = 8,
         *,
         bias: bool = True,
-        gate: str = "sigmoid",
+        act_layer: LayerType = "relu",
+        gate_layer: LayerType = "sigmoid",
+        norm_layer: LayerType | None = None,
+        layout: str = "fc",
         gain: float = 1.0,
-        act: str = "relu",
-        norm: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
-        self.bn = nn.BatchNorm2d(rd_channels, **dd) if norm else nn.Identity()
-        self.norm = norm
-        self.act = create_act(act)
-        self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
-        self._init_gate(gate, gain)
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        if not rd_channels:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        reduce, act, expand = LAYOUT_NAMES[layout]
+        if norm_layer is not None and layout != "fc":
+            raise ValueError(f"a norm layer takes the 'fc' layout, not {layout!r}")
+        self.add_module(reduce, nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd))
+        if layout == "fc":
+            self.bn = get_norm_layer(norm_layer)(rd_channels, **dd) if norm_layer is not None else nn.Identity()
+        self.add_module(act, create_act(act_layer, inplace=True))
+        self.add_module(expand, nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd))
+        self.gate = create_act(gate_layer)
+        self.gain = float(gain)
 
-    def excite(self, s: torch.Tensor) -> torch.Tensor:
-        s = fc(s, self.fc1.weight, self.fc1.bias)
-        if self.norm:  # BatchNorm2d over (N, rd, 1, 1), as the family's own module runs it
-            s = self.bn(s[:, :, None, None]).flatten(1)
-        s = self.act(s)  # excitation, eq. 3: delta(W1 z) ...
-        return self.gate(fc(s, self.fc2.weight, self.fc2.bias))  # ... then sigma(W2 .)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_se = squeeze(x)
+        if hasattr(self, "fc1"):  # layout "fc": timm's SEModule
+            x_se = self.fc2(self.act(self.bn(self.fc1(x_se))))
+        else:  # layout "conv": timm's EfficientNet SqueezeExcite
+            x_se = self.conv_expand(self.act1(self.conv_reduce(x_se)))
+        x_se = self.gate(x_se)
+        if self.gain != 1.0:
+            x_se = x_se * self.gain
+        return x * unsqueeze_as(x_se, x)
 
-    def init_identity(self) -> None:
-        """Zero fc2, so the gate is gate(0) = 0.5 for every input; with gain = 2 the block then computes exactly x."""
-        nn.init.zeros_(self.fc2.weight)
-        if self.fc2.bias is not None:
-            nn.init.zeros_(self.fc2.bias)
-
-
-class SqueezeExciteConv(SqueezeExcite):
-    """The same SE block with timm's EfficientNet/MobileNetV3 names (``conv_reduce``, ``act1``, ``conv_expand``), so
-    an EfficientNet-family model with it has exactly the state_dict of the family's own SE models."""
-
-    def __init__(
-        self,
-        channels: int,
-        rd_channels: int,
-        *,
-        bias: bool = True,
-        gate: str = "sigmoid",
-        gain: float = 1.0,
-        act: str = "relu",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        ChannelGate.__init__(self)
-        dd = {"device": device, "dtype": dtype}
-        self.conv_reduce = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
-        self.act1 = create_act(act)
-        self.conv_expand = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
-        self._init_gate(gate, gain)
-
-    def excite(self, s: torch.Tensor) -> torch.Tensor:
-        s = self.act1(fc(s, self.conv_reduce.weight, self.conv_reduce.bias))
-        return self.gate(fc(s, self.conv_expand.weight, self.conv_expand.bias))
+    @property
+    def expand(self) -> nn.Conv2d:
+        """The layer that maps the bottleneck back to C channels (``fc2`` or ``conv_expand``)."""
+        return self.fc2 if hasattr(self, "fc2") else self.conv_expand
 
     def init_identity(self) -> None:
-        """Zero conv_expand: the gate is 0.5 for every input, and gain 2 makes the module compute exactly x."""
-        nn.init.zeros_(self.conv_expand.weight)
-        if self.conv_expand.bias is not None:
-            nn.init.zeros_(self.conv_expand.bias)
+        """Zero the expanding layer: the gate is gate(0) = 0.5 for every input; with gain 2 the module computes x."""
+        nn.init.zeros_(self.expand.weight)
+        if self.expand.bias is not None:
+            nn.init.zeros_(self.expand.bias)
 
 
 class EffectiveSqueezeExcite(ChannelGate):
-    """Effective SE (Lee & Park, CenterMask): ``x * gain * gate(fc(mean_hw(x)))`` with one C -> C layer.
+    """Effective SE (Lee & Park, CenterMask): ``x * gate(fc(mean(x)))`` with one C -> C layer, times `gain`.
 
     Parameter names follow timm's ``EffectiveSEModule`` (``fc``).
     """
@@ -174,17 +144,21 @@ class EffectiveSqueezeExcite(ChannelGate):
         channels: int,
         *,
         bias: bool = True,
-        gate: str = "hard-sigmoid",
+        gate_layer: LayerType = "hard-sigmoid",
         gain: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.fc = nn.Conv2d(channels, channels, kernel_size=1, bias=bias, device=device, dtype=dtype)
-        self._init_gate(gate, gain)
+        self.gate = create_act(gate_layer)
+        self.gain = float(gain)
 
-    def excite(self, s: torch.Tensor) -> torch.Tensor:
-        return self.gate(fc(s, self.fc.weight, self.fc.bias))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_se = self.gate(self.fc(squeeze(x)))
+        if self.gain != 1.0:
+            x_se = x_se * self.gain
+        return x * unsqueeze_as(x_se, x)
 
     def init_identity(self) -> None:
         """Zero fc: the gate is gate(0) = 0.5 for every input, and gain 2 makes the module compute exactly x."""

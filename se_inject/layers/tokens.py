@@ -21,12 +21,15 @@ The count is recorded per site in the plan (`SESettings.prefix_tokens`), so ``se
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention
-from .squeeze_excite import EffectiveSqueezeExcite, SqueezeExcite, SqueezeExciteConv
+from .squeeze_excite import EffectiveSqueezeExcite, SqueezeExcite
 
 
 @torch.fx.wrap
@@ -41,23 +44,35 @@ def token_mean(x: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
 @torch.fx.wrap
 def unsqueeze_tokens(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B, C) gates shaped to broadcast over channels-last `x`: (B, 1, C) for a sequence, (B, 1, 1, C) for a map."""
-    while s.dim() < x.dim():
-        s = s.unsqueeze(1)
-    return s
+    return s.view([s.shape[0]] + [1] * (x.dim() - 2) + [-1])
 
 
 class TokenGate:
-    """Mixin turning a channel gate (`ChannelGate`: ``excite`` and ``gain``) into its channels-last form; the
-    subclass sets ``prefix_tokens`` (an int: TorchScript reads it as a constant attribute of the module)."""
+    """Mixin giving a channel gate (SE, ESE, ECA: their own layers and `gain`) its channels-last form: the gate of
+    each channel from the token mean, broadcast along the last axis. The subclass sets ``prefix_tokens``."""
 
-    def squeeze(self, x: torch.Tensor) -> torch.Tensor:
-        return token_mean(x, self.prefix_tokens)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.excite(self.squeeze(x))
+    def token_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C) gates, times the gain: the layer's excitation on the token mean (a 1x1 convolution's weights
+        applied as a linear layer, as the fused NCHW gate does)."""
+        s = token_mean(x, self.prefix_tokens)
+        if hasattr(self, "fc1"):  # SqueezeExcite, layout "fc" (its norm, where it has one, on (B, rd, 1, 1))
+            s = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
+            s = self.act(self.bn(s[:, :, None, None]).flatten(1))
+            s = F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias)
+        elif hasattr(self, "conv_reduce"):  # SqueezeExcite, layout "conv"
+            s = self.act1(F.linear(s, self.conv_reduce.weight.flatten(1), self.conv_reduce.bias))
+            s = F.linear(s, self.conv_expand.weight.flatten(1), self.conv_expand.bias)
+        elif hasattr(self, "conv"):  # EfficientChannelAttention: the channels as a 1-D signal
+            s = self.conv(s.unsqueeze(1)).squeeze(1)
+        else:  # EffectiveSqueezeExcite
+            s = F.linear(s, self.fc.weight.flatten(1), self.fc.bias)
+        s = self.gate(s)
         if self.gain != 1.0:
             s = s * self.gain
-        return x * unsqueeze_tokens(s, x)
+        return s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * unsqueeze_tokens(self.token_gate(x), x)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()  # type: ignore[misc]
@@ -66,35 +81,28 @@ class TokenGate:
 
 
 class TokenSqueezeExcite(TokenGate, SqueezeExcite):
-    """SE on channels-last features (`SqueezeExcite`'s layers and names): ``x * gain * gate(fc2(act(fc1(s))))``,
-    ``s`` the mean over the positions (the patch tokens of a sequence: `prefix_tokens` are left out of it)."""
+    """SE on channels-last features (`SqueezeExcite`'s layers and names, either layout): ``x * gain *
+    gate(fc2(act(fc1(s))))``, ``s`` the mean over the positions (a sequence's patch tokens: the first
+    `prefix_tokens` are left out of it)."""
 
-    def __init__(self, channels: int, rd_channels: int, *, prefix_tokens: int = 0, **kwargs: object):
-        super().__init__(channels, rd_channels, **kwargs)  # type: ignore[arg-type]
-        self.prefix_tokens = int(prefix_tokens)
-
-
-class TokenSqueezeExciteConv(TokenGate, SqueezeExciteConv):
-    """`TokenSqueezeExcite` with timm's EfficientNet names (``conv_reduce``, ``act1``, ``conv_expand``)."""
-
-    def __init__(self, channels: int, rd_channels: int, *, prefix_tokens: int = 0, **kwargs: object):
-        super().__init__(channels, rd_channels, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, channels: int, *args: Any, prefix_tokens: int = 0, **kwargs: Any):
+        super().__init__(channels, *args, **kwargs)
         self.prefix_tokens = int(prefix_tokens)
 
 
 class TokenEffectiveSqueezeExcite(TokenGate, EffectiveSqueezeExcite):
     """Effective SE on channels-last features."""
 
-    def __init__(self, channels: int, *, prefix_tokens: int = 0, **kwargs: object):
-        super().__init__(channels, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, channels: int, *, prefix_tokens: int = 0, **kwargs: Any):
+        super().__init__(channels, **kwargs)
         self.prefix_tokens = int(prefix_tokens)
 
 
 class TokenEfficientChannelAttention(TokenGate, EfficientChannelAttention):
     """ECA on channels-last features: the 1-D convolution runs across the channels of the token mean."""
 
-    def __init__(self, channels: int, kernel_size: int, *, prefix_tokens: int = 0, **kwargs: object):
-        super().__init__(channels, kernel_size, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, channels: int, kernel_size: int, *, prefix_tokens: int = 0, **kwargs: Any):
+        super().__init__(channels, kernel_size, **kwargs)
         self.prefix_tokens = int(prefix_tokens)
 
 
@@ -111,7 +119,6 @@ class TokenConvBlockAttention(ConvBlockAttention):
 
 TOKEN_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
     SqueezeExcite: TokenSqueezeExcite,
-    SqueezeExciteConv: TokenSqueezeExciteConv,
     EffectiveSqueezeExcite: TokenEffectiveSqueezeExcite,
     EfficientChannelAttention: TokenEfficientChannelAttention,
     ConvBlockAttention: TokenConvBlockAttention,

@@ -61,9 +61,8 @@ def compare_variants(
     step = progress or (lambda text: None)
     explicit = attentions is not None
     attentions = tuple(attentions) if attentions is not None else tuple(VARIANTS)
-    unknown = [a for a in attentions if a not in VARIANTS]
-    if unknown:
-        raise UsageError(f"unknown attention {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    for attention in attentions:  # checked before the base model is built
+        Settings(attn_layer=attention)
     base = None
     if bench:
         step(f"building {model}")

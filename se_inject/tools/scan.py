@@ -30,7 +30,7 @@ from ..engine.models import build_model, resolve_model, split_tag, timm_names, t
 from ..engine.patterns import architecture_category
 from ..engine.tasks import TASKS, torchvision_task
 from ..errors import NoSitesError, SEInjectError, UsageError, describe
-from ..io.checkpoint import write_atomically
+from ..io.atomic import write_folder
 from ..settings import OPTION_KEYS, Settings
 
 STATUSES = ("covered", "partial-se", "already-se", "no-match", "error")
@@ -241,4 +241,4 @@ def write_rows(rows: list[ScanRow], path: str | Path) -> None:
     def write(target: Path) -> None:
         target.write_text(text, encoding="utf-8")
 
-    write_atomically(path.parent, {path.name: write}, force=True)
+    write_folder(path.parent, {path.name: write}, force=True)
