@@ -1,6 +1,6 @@
 """EdgeNeXt (timm edgenext.ConvBlock): SE at the end of the residual branch, on the first NCHW map after the MLP
-(after the permute back, which follows EdgeNeXt's channels-last layer scale); the transposed-attention blocks get
-none (see recipes/edgenext.toml)."""
+(after the permute back, which follows EdgeNeXt's channels-last layer scale); the transposed-attention blocks take
+token SE after their channels-last MLP (recipes/transformer.toml, docs/transformers.md)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ import se_inject
 def test_every_conv_block_takes_se_at_the_end_of_its_branch():
     model, report = se_inject.inject("timm:edgenext_xx_small", device="meta", seed=0)
     blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, ConvBlock)]
-    assert report.plan.recipes == ("edgenext",)
-    assert [s.path for s in report.plan.sites] == [p for p, _ in blocks] and blocks
-    assert [s.channels for s in report.plan.sites] == [m.mlp.fc2.out_features for _, m in blocks]
-    assert all(s.pattern == "residual" and s.anchor.startswith("%permute") for s in report.plan.sites)
-    assert any(isinstance(m, SplitTransposeBlock) for m in model.modules())  # attention blocks: present, no SE
+    assert report.plan.recipes == ("edgenext", "transformer")
+    sites = [s for s in report.plan.sites if s.recipe == "edgenext"]
+    assert [s.path for s in sites] == [p for p, _ in blocks] and blocks
+    assert [s.channels for s in sites] == [m.mlp.fc2.out_features for _, m in blocks]
+    assert all(s.pattern == "residual" and s.anchor.startswith("%permute") for s in sites)
+    attention = [p for p, m in model.named_modules() if isinstance(m, SplitTransposeBlock)]
+    assert [s.path for s in report.plan.sites if s.recipe == "transformer"] == attention and attention
 
 
 def test_identity_init_reproduces_the_base_model_and_se_takes_the_branch_in_nchw():
