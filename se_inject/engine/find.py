@@ -410,8 +410,9 @@ def find_sites(
             defaults = p.place.settings(p.recipe.defaults_for(class_path(model)))
             if defaults.act_layer == "block":
                 defaults = replace(defaults, act_layer=block_activation(model.get_submodule(p.path)) or "relu")
-            tokens = p.pattern in ("token-residual", "token-ffn") or channels_last(
-                model.get_submodule(p.path), p.anchor, p.place.position, places[0])
+            tokens = channels_last(model.get_submodule(p.path), p.anchor, p.place.position, places[0])
+            if p.pattern.startswith("token-") and not tokens:
+                continue  # no token match: a Linear's output permuted back to NCHW (SwiftFormer's attention)
             width = (first.shape[-1] if tokens else first.shape[1]) if first is not None \
                 and 3 <= len(first.shape) <= 5 else None
             matches.append(Match(p.path, p.recipe, p.place, p.block, p.anchor, places[0], p.pattern, call, fixed,
