@@ -411,8 +411,10 @@ def find_sites(
             if defaults.act_layer == "block":
                 defaults = replace(defaults, act_layer=block_activation(model.get_submodule(p.path)) or "relu")
             tokens = channels_last(model.get_submodule(p.path), p.anchor, p.place.position, places[0])
-            if p.pattern.startswith("token-") and not tokens:
-                continue  # no token match: a Linear's output permuted back to NCHW (SwiftFormer's attention)
+            if p.pattern and p.pattern.startswith("token-") != tokens:
+                # a token pattern on a Linear's output permuted back to NCHW (SwiftFormer's attention), or an NCHW
+                # pattern on tokens (LeViT's Linear + BatchNorm1d MLP): not this pattern's match
+                continue
             width = (first.shape[-1] if tokens else first.shape[1]) if first is not None \
                 and 3 <= len(first.shape) <= 5 else None
             matches.append(Match(p.path, p.recipe, p.place, p.block, p.anchor, places[0], p.pattern, call, fixed,

@@ -171,6 +171,8 @@ def _branch_end(block: nn.Module, node: torch.fx.Node) -> torch.fx.Node | None:
     module = _module(block, node)
     if module is not None:
         last = _last_layer(module)
+        if isinstance(last, nn.BatchNorm1d) and isinstance(_last_token_layer(module), nn.Linear):
+            return None  # a token MLP (LeViT's Linear + BatchNorm1d over the tokens): the token-residual pattern's
         if _is_conv_or_norm(last):
             return node
         if isinstance(module, nn.Sequential) and type(last).__name__ == "Permute" and _mlp_back_to_nchw(module):
