@@ -287,7 +287,8 @@ RECIPE_KEYS = {"reduction": "rd_ratio", "divisor": "rd_divisor", "gate": "gate_l
                "norm": "norm_layer", "rounding": "rd_round", "squeeze_from": "rd_from"}
 PLAN_SITE_KEYS = {"kind": "attn_layer", "gate": "gate_layer", "act": "act_layer", "norm": "norm_layer"}
 # The saved plan's "settings" before they were this record, and the CLI's options.
-OPTION_KEYS = {"attention": "attn_layer", "reduction": "rd_ratio", "divisor": "rd_divisor", "gate": "gate_layer"}
+OPTION_KEYS = {"attention": "attn_layer", "reduction": "rd_ratio", "divisor": "rd_divisor", "gate": "gate_layer",
+               "min-channels": "min_channels"}
 
 # The library's own: the SE paper's, as timm's SEModule builds it.
 LIBRARY = SESettings(attn_layer="se", rd_ratio=1 / 16, rd_divisor=8, round_limit=0.0, rd_round="divisible",

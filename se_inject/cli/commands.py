@@ -176,7 +176,7 @@ def inject_command(
         formats = tuple(dict.fromkeys(export_formats or ()))
         settings = Settings.parse({"attention": attention, "reduction": reduction, "divisor": divisor, "bias": bias,
                                    "gate": gate, "init": init, "include": include or (), "exclude": exclude or (),
-                                   "min_channels": min_channels, "fill": fill, "placement": placement}, OPTION_KEYS)
+                                   "min-channels": min_channels, "fill": fill, "placement": placement}, OPTION_KEYS)
         notes = inject_preflight(dry_run=dry_run, output=output, force=force, formats=formats, weights=weights,
                                  images=images, pretrained=pretrained, static_batch=static_batch, opset=opset)
         from ..api import inject, save
