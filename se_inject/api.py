@@ -102,7 +102,7 @@ def inject(
         model=str(source.spec) if source.spec else type(base).__name__, plan=plan,
         skipped=_in_model_order(planning, (*findings.skipped, *refused, *unrun)), before=findings.counts,
         after=after, site_params={s.path: count_params(injected.get_submodule(s.module_path)) for s in plan.sites},
-        feature_maps={m.path: m.shape[1:] for m in findings.matches if m.path in kept},
+        feature_maps={m.path: m.feature_map for m in findings.matches if m.path in kept},
         notes=(*source.notes, *notes), reduction=reduction, drift=drifted,
         pretrained=source.located.weights if source.located else None)
 

@@ -17,7 +17,8 @@ SE_ACTIVATIONS = (*ACTIVATIONS, "block")
 LAYOUTS = ("fc", "conv")  # SE's layer names: fc1/fc2 (timm SEModule), conv_reduce/conv_expand (timm EfficientNet)
 PLACEMENTS = ("family", "paper")  # whose SE place a rule follows: the family's own design, or the SE paper's
 INITS = ("paper", "identity")
-PATTERNS = ("residual", "concat", "inverted-residual", "conv-chain")  # see se_inject.engine.patterns
+# see se_inject.engine.patterns
+PATTERNS = ("residual", "concat", "inverted-residual", "conv-chain", "token-residual", "token-ffn")
 POSITIONS = ("after", "before")
 SQUEEZE_FROM = ("output", "input")
 ROUNDINGS = ("divisible", "round", "floor", "half-up")

@@ -102,6 +102,8 @@ _CHECKS = {  # field -> its check (None: valid); each field is checked here and 
     "gain": lambda v: _number(v, 0, 1e6),
     "host_gain": lambda v: _number(v, 0, 1e6),
     "convention": lambda v: None if isinstance(v, str) else f"expected a string, got {type(v).__name__}",
+    "channels_last": lambda v: None if isinstance(v, bool) else f"expected true or false, got {v!r}",
+    "prefix_tokens": lambda v: _int(v, 0, MAX_CHANNELS),
 }
 
 
@@ -131,6 +133,10 @@ class SESettings:
         gain: The constant the gate is multiplied by at the site (2 under identity initialisation).
         host_gain: The constant the host block multiplies the module's output by (NFNet's ``attn_gain``).
         convention: What these settings reproduce, for the record ("timm EfficientNet").
+        channels_last: The site's features are channels-last, a transformer's tokens: (B, N, C) sequences or
+            (B, H, W, C), (B, T, H, W, C) maps (`se_inject.layers.tokens`); None or false for NCHW maps.
+        prefix_tokens: Leading tokens of a sequence left out of the squeeze (class, distillation, register tokens);
+            channels-last sites only.
     """
 
     attn_layer: str | None = None
@@ -150,6 +156,8 @@ class SESettings:
     gain: float | None = None
     host_gain: float | None = None
     convention: str | None = None
+    channels_last: bool | None = None
+    prefix_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("act_layer", "gate_layer"):  # a layer class becomes its name: the record stays JSON
@@ -177,6 +185,8 @@ class SESettings:
             raise SettingsError("kernel_size", f"expected an odd kernel size, got {self.kernel_size}")
         if self.kernel_size is not None and kind not in KERNELLED and self.kernel_size != 0:
             raise SettingsError("kernel_size", f"expected 0: {kind!r} has no kernel, got {self.kernel_size}")
+        if self.prefix_tokens and not self.channels_last:
+            raise SettingsError("prefix_tokens", "prefix tokens exist on channels-last (token) features only")
         if self.norm_layer is not None and (self.layout or "fc") != "fc":
             raise SettingsError("norm_layer", "a norm layer takes the 'fc' layout")
         if kind != "se" and (self.act_layer or "relu", self.layout or "fc", self.norm_layer) != ("relu", "fc", None):
@@ -270,7 +280,7 @@ class Settings(SESettings):
                 if (v := getattr(self, f.name)) is not None and f.name not in SITE_FIELDS}
 
 
-SITE_FIELDS = ("channels", "kernel_size", "gain", "host_gain", "convention")
+SITE_FIELDS = ("channels", "kernel_size", "gain", "host_gain", "convention", "channels_last", "prefix_tokens")
 
 # How files and the command line name the settings (the record's field where it differs).
 RECIPE_KEYS = {"reduction": "rd_ratio", "divisor": "rd_divisor", "gate": "gate_layer", "act": "act_layer",

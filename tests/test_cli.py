@@ -79,7 +79,7 @@ def test_existing_output_exit_1_and_untouched(tmp_path):
     ("args", "code", "text"),
     [
         (["resnt50", "--dry-run"], 1, "did you mean resnet50"),
-        (["timm:test_vit", "--dry-run"], 1, "no matching blocks"),
+        (["timm:test_vit", "--recipe", "resnet-residual", "--dry-run"], 1, "no matching blocks"),
         (["resnet50", "-r", "0", "--dry-run"], 2, "reduction"),
         (["resnet50", "-r", "-4", "--dry-run"], 2, "reduction"),
         (["resnet50", "-r", "1.5", "--dry-run"], 2, "reduction"),

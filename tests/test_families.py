@@ -225,9 +225,9 @@ SAMPLE = [
 
 # The models of SAMPLE that get no site, and why (every other one gets sites).
 # (resnext26ts, convnext_atto, densenet121, shufflenet_v2_x1_0, squeezenet1_0 and vgg11 are covered by the family
-# recipes; tests/test_patterns.py and tests/test_family_recipes.py pin their sites.)
+# recipes; tests/test_patterns.py and tests/test_family_recipes.py pin their sites; the ViTs take token SE,
+# tests/test_tokens.py.)
 NO_SITES = {
-    "timm:vit_tiny_patch16_224": "no-match", "torchvision:vit_b_16": "no-match",
     "timm:regnetv_040": "already-attention", "timm:efficientnet_b0": "already-attention",
     "timm:tinynet_e": "already-attention", "timm:seresnext26d_32x4d": "already-attention",
     "torchvision:efficientnet_b0": "already-attention", "torchvision:regnet_y_400mf": "already-attention",
@@ -240,7 +240,8 @@ PARTIAL = {"timm:tresnet_m", "timm:mobilenetv3_small_050", "timm:mnasnet_small",
 # The sample's cheapest model of each kind runs in the fast suite, the rest behind `slow`.
 FAST_SAMPLE = {"timm:resnet10t", "torchvision:resnet18", "timm:convnext_atto", "torchvision:shufflenet_v2_x1_0",
                "timm:mobilenetv4_conv_small", "torchvision:mobilenet_v3_small", "torchvision:squeezenet1_0",
-               "torchvision:vgg11", "torchvision:regnet_x_400mf", "timm:resnest26d", *NO_SITES}
+               "torchvision:vgg11", "torchvision:regnet_x_400mf", "timm:resnest26d", "timm:vit_tiny_patch16_224",
+               "torchvision:vit_b_16", *NO_SITES}
 
 
 @pytest.mark.parametrize("name", [n if n in FAST_SAMPLE else pytest.param(n, marks=pytest.mark.slow) for n in SAMPLE])

@@ -117,9 +117,13 @@ def _dpn(b: bool) -> Count:
 
 
 def _edgenext(model, report):
+    """EdgeNeXt's conv blocks take SE after the permute back (its recipe); its transposed-attention blocks take token
+    SE after their channels-last MLP (the transformer recipe, docs/transformers.md)."""
     blocks = _of(model, edgenext.ConvBlock)
-    assert all(s.pattern == "residual" and s.anchor.startswith("%permute") for s in report.plan.sites)
-    assert any(isinstance(m, edgenext.SplitTransposeBlock) for m in model.modules())  # attention: present, no SE
+    sites = [s for s in report.plan.sites if s.recipe == "edgenext"]
+    assert all(s.pattern == "residual" and s.anchor.startswith("%permute") for s in sites)
+    attention = [p for p, _ in _of(model, edgenext.SplitTransposeBlock)]
+    assert [s.path for s in report.plan.sites if s.recipe == "transformer"] == attention and attention
     return {"path": [p for p, _ in blocks], "channels": [m.mlp.fc2.out_features for _, m in blocks]}
 
 
@@ -332,14 +336,19 @@ SITES = [  # recipe, model, the family's own count
 ]
 
 
+# Families whose attention blocks take token SE besides the family recipe's sites (the count covers the recipe's).
+ALSO_TOKENS = {"timm:edgenext_xx_small"}
+
+
 @pytest.mark.parametrize(("recipe", "name", "count"), SITES)
 def test_sites_equal_the_familys_own_count(recipe, name, count):
     model, report = se_inject.inject(name, device="meta", seed=0)
-    assert report.plan.recipes == (recipe,)
+    assert report.plan.recipes == ((recipe, "transformer") if name in ALSO_TOKENS else (recipe,))
     expected = count(model, report)
     assert expected["path"], "the family's blocks are in the model"
+    sites = [s for s in report.plan.sites if s.recipe == recipe]
     for field, rows in expected.items():
-        assert [_field(s, field) for s in report.plan.sites] == rows, field
+        assert [_field(s, field) for s in sites] == rows, field
 
 
 # --- partial SE: refused by default, filled with the designers' own SE ------------------------------------------
@@ -550,13 +559,31 @@ ALREADY = [  # model, its check (returns text the refusal must contain), inject 
     *((f"timm:{n}", None, {}) for n in ("test_nfnet", "nf_regnet_b0", "nf_ecaresnet26", "nf_seresnet26",
                                         "dm_nfnet_f0")),
     ("timm:ese_vovnet19b_slim_dw", _one_block_per_stage_ese_vovnet, {}),
-    ("timm:gcvit_xxtiny", _own_se_at_mobilenetv3s_place(gcvit.MbConvBlock, "hybrid-gcvit", "se", "conv_pw"),
-     {"fill": True}),
     ("timm:efficientvit_m0", _own_se_at_mobilenetv3s_place(
         efficientvit_msra.PatchMerging, "hybrid-efficientvit-msra", "se", "conv3"), {"fill": True}),
-    ("torchvision:maxvit_t", _own_se_at_mobilenetv3s_place(
-        tv_maxvit.MBConv, "hybrid-maxvit", "layers.squeeze_excitation", "layers.conv_c"), {"fill": True}),
 ]
+
+# Hybrids whose conv blocks have their own SE at MobileNetV3's place and whose attention blocks (channels-last MLPs)
+# have none: partial SE, and --fill gives the attention blocks token SE (docs/transformers.md).
+OWN_SE_IN_CONV_BLOCKS = [
+    ("timm:gcvit_xxtiny", _own_se_at_mobilenetv3s_place(gcvit.MbConvBlock, "hybrid-gcvit", "se", "conv_pw"),
+     "GlobalContextVitBlock"),
+    ("torchvision:maxvit_t", _own_se_at_mobilenetv3s_place(
+        tv_maxvit.MBConv, "hybrid-maxvit", "layers.squeeze_excitation", "layers.conv_c"), "PartitionAttentionLayer"),
+]
+
+
+@pytest.mark.parametrize(("name", "check", "attention_class"), OWN_SE_IN_CONV_BLOCKS)
+def test_hybrids_fill_their_attention_blocks_with_token_se(name, check, attention_class):
+    model = build_model(resolve_model(name), device="meta")
+    check(model)
+    attention = [p for p, m in model.named_modules() if type(m).__name__ == attention_class]
+    assert attention
+    with pytest.raises(NoSitesError, match="partial SE"):
+        se_inject.inject(name, device="meta", seed=0)
+    _, report = se_inject.inject(name, se_inject.Settings(fill=True), device="meta", seed=0)
+    assert [s.path for s in report.plan.sites] == attention
+    assert {s.recipe for s in report.plan.sites} == {"transformer"}
 
 
 @pytest.mark.parametrize(("name", "check", "options"), ALREADY)
@@ -593,15 +620,26 @@ NO_BLOCKS = [  # model, where its convolutions are allowed to live, input size
 
 
 @pytest.mark.parametrize(("name", "allowed", "size"), NO_BLOCKS)
-def test_models_whose_convs_are_only_embeddings_or_encodings_get_no_se(name, allowed, size):
+def test_models_whose_convs_are_only_embeddings_or_encodings_take_token_se_in_their_blocks(name, allowed, size):
+    """No convolutional recipe takes them; their transformer blocks take token SE after their MLP, never inside one
+    of the convolutions' modules (CoaT: its serial blocks; the parallel ones, several scales in, take none)."""
     model = build_model(resolve_model(name), device="meta")
     convs = [p for p, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(allowed(model, p) for p in convs), [p for p in convs if not allowed(model, p)]
     findings = find_sites(model, resolve_recipes("auto"), (3, size, size))  # every shipped recipe
-    assert not findings.matches and not findings.skipped
-    with pytest.raises(NoSitesError, match="no matching blocks") as info:
-        se_inject.inject(name, se_inject.Settings(fill=True), device="meta", seed=0)
-    assert info.value.reason == "no-match"
+    assert findings.matches and not findings.skipped
+    assert {(m.recipe.name, m.pattern, m.channels_last) for m in findings.matches} == {
+        ("transformer", "token-residual", True)}
+    for m in findings.matches:  # a transformer block, holding none of the convolutions
+        assert not any(isinstance(sub, nn.Conv2d) for sub in model.get_submodule(m.path).get_submodule(
+            m.anchor).modules()), m.path
+    if "coat" in name:
+        assert [m.path for m in findings.matches] == [p for p, _ in _of(model, coat.SerialBlock)]
+
+
+def test_mvitv2_takes_token_se_in_every_block():
+    _, report = se_inject.inject("timm:mvitv2_tiny", se_inject.Settings(fill=True), device="meta", seed=0)
+    assert report.plan.recipes == ("transformer",) and len(report.plan.sites) == 10
 
 
 # --- identity init on real models: every weight kept, exactly the base model's outputs, SE on the planned map -----

@@ -24,10 +24,12 @@ def test_model_names_by_pattern_and_source():
 
 
 def test_scan_classifies_each_model():
-    rows = scan(["timm:test_resnet", "timm:seresnet18", "timm:test_vit", "torchvision:mobilenet_v3_small"])
+    # vit_base_patch16_18x2_224: parallel blocks whose MLP branches are summed, a branch no pattern ends
+    rows = scan(["timm:test_resnet", "timm:seresnet18", "timm:vit_base_patch16_18x2_224",
+                 "torchvision:mobilenet_v3_small"])
     status = {r.model: r.status for r in rows}
-    assert status == {"timm:test_resnet": "covered", "timm:seresnet18": "already-se", "timm:test_vit": "no-match",
-                      "torchvision:mobilenet_v3_small": "partial-se"}
+    assert status == {"timm:test_resnet": "covered", "timm:seresnet18": "already-se",
+                      "timm:vit_base_patch16_18x2_224": "no-match", "torchvision:mobilenet_v3_small": "partial-se"}
     partial = rows[3]
     assert partial.sites == 2 and partial.existing == 9  # what --fill would add; the blocks that have SE keep it
     seresnet18 = timm.create_model("seresnet18")
@@ -52,7 +54,7 @@ def test_scan_parallel_matches_serial():
 
 
 def test_scan_output_files(tmp_path):
-    rows = scan(["timm:test_resnet", "timm:test_vit"])
+    rows = scan(["timm:test_resnet", "timm:vit_base_patch16_18x2_224"])
     write_rows(rows, tmp_path / "s.json")
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["summary"]["covered"] == 1 and len(data["models"]) == 2
@@ -63,7 +65,8 @@ def test_scan_output_files(tmp_path):
 
 
 def test_scan_cli_json():
-    result = runner.invoke(app, ["scan", "timm:test_resnet", "timm:test_vit", "--json", "--workers", "1"])
+    result = runner.invoke(app, ["scan", "timm:test_resnet", "timm:vit_base_patch16_18x2_224", "--json", "--workers",
+                                 "1"])
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["summary"] == {"models": 2, "covered": 1, "partial-se": 0, "already-se": 0, "no-match": 1,

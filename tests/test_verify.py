@@ -273,15 +273,17 @@ def test_identity_init_reproduces_the_base_model_or_refuses(tmp_path):
     assert outcomes["injected"] >= sum(outcomes.values()) // 2, outcomes
 
 
-def test_a_channels_last_map_is_refused_at_every_size(tmp_path):
-    """A recipe anchored on a Linear layer's output in a ConvNeXt block takes a channels-last (N, H, W, C) map. On
-    shrunk inputs the SE fails outright; where the map is not shrunk (7x7 in the last stage) the check on inputs
-    twice the size catches it: no stage keeps such a site."""
+def test_a_channels_last_map_takes_the_token_layer_at_every_size(tmp_path):
+    """A recipe anchored on a Linear layer's output in a ConvNeXt block takes a channels-last (N, H, W, C) map: the
+    site is planned channels-last and gets the token layer (squeeze over H, W; scale along the last axis), which
+    verification accepts at every stage (it used to be an NCHW layer refused by verification; tests/test_tokens.py).
+    The NCHW place after the permute back is the default."""
     recipe = tmp_path / "cl.toml"
     recipe.write_text('name = "cl"\n[[blocks]]\nclasses = ["timm.models.convnext.ConvNeXtBlock"]\nafter = "mlp"\n')
-    with pytest.raises(NoSitesError, match="failed its verification") as info:
-        se_inject.inject("timm:test_convnext", device="meta", seed=0, recipes=["cl", recipe])
-    assert info.value.reason == "unverified"
+    model, report = se_inject.inject("timm:test_convnext", device="meta", seed=0, recipes=["cl", recipe])
+    blocks = [m for m in model.modules() if type(m).__name__ == "ConvNeXtBlock"]
+    assert len(report.plan.sites) == len(blocks) and all(s.attention.channels_last for s in report.plan.sites)
+    assert [s.channels for s in report.plan.sites] == [b.mlp.fc2.out_features for b in blocks]
     ok = tmp_path / "ok.toml"  # the same blocks' NCHW map (after the permute back) is taken at every stage
     ok.write_text('name = "ok"\n[[patterns]]\npattern = "residual"\nclasses = ["timm.models.convnext.ConvNeXtBlock"]\n')
     model, report = se_inject.inject("timm:test_convnext", device="meta", seed=0, recipes=["ok", ok])

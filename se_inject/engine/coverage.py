@@ -149,7 +149,8 @@ class CallWatch:
                 self.missing[site.path] = Problem(f"no inserted module at {site.module_path!r}", "name")
                 continue
             key = site.module_path  # by site: several sites can share a block
-            self._watch(module, f"module {key}", outputs=True, channels=site.channels)
+            self._watch(module, f"module {key}", outputs=True, channels=site.channels,
+                        axis=-1 if site.attention.channels_last else 1)
             self._watch(host, f"host {key}")
             for name, child in host.named_children():
                 if child is not module:
@@ -177,12 +178,14 @@ class CallWatch:
             return method(*args, **kwargs)
         return noted
 
-    def _watch(self, module: nn.Module, key: str, outputs: bool = False, channels: int | None = None) -> None:
+    def _watch(self, module: nn.Module, key: str, outputs: bool = False, channels: int | None = None,
+               axis: int = 1) -> None:
         def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
             self.counts[key] += 1
             x = args[0] if args else None
             self.inputs.setdefault(key, []).append(x)
-            if channels is not None and not (isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == channels):
+            if channels is not None and not (isinstance(x, torch.Tensor) and x.dim() >= 2
+                                             and x.shape[axis] == channels):
                 raise _WrongMap
 
         self._handles.append(module.register_forward_pre_hook(pre))
@@ -216,8 +219,9 @@ def _problem(site: Site, counts: Counter[str], inputs: dict[str, list[Any]], out
     children = [n for k, n in counts.items() if k.startswith(f"child {where} ")]
     expected = host_calls or max(children, default=0)
     got = counts[f"module {where}"]
+    axis = -1 if site.attention.channels_last else 1
     for x in inputs.get(f"module {where}", []):  # first: a wrong map stops the run there
-        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != site.channels:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[axis] != site.channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             return Problem(f"{where} is planned for {site.channels} channels but takes a {shape} map",
                            "attention.channels")

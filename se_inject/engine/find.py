@@ -23,6 +23,7 @@ from .patterns import conv_chain, match_block, node_output_shape
 from .plan import Skip
 from .recipes import BlockRule, PatternRule, Recipe
 from .record import record_call
+from .tokens import channels_last, prefix_tokens
 from .widths import block_activation
 
 
@@ -118,10 +119,17 @@ class Match:
     fixed_args: dict[str, Any] = field(default_factory=dict, compare=False)  # its non-tensor arguments, by name
     input_channels: int | None = None  # channels of the block's input (its first tensor argument), if NCHW
     defaults: Any = None  # the recipe's SE settings in this model (`Recipe.defaults_for` the model's class)
+    channels_last: bool = False  # token features: (B, N, C), (B, H, W, C) or (B, T, H, W, C) (`engine.tokens`)
+    prefix_tokens: int = 0  # leading tokens of a sequence its squeeze leaves out (class, distillation, registers)
 
     @property
     def channels(self) -> int:
-        return self.shape[1]
+        return self.shape[-1] if self.channels_last else self.shape[1]
+
+    @property
+    def feature_map(self) -> tuple[int, ...]:
+        """(C, positions...) of the map the SE scales, batch left out: (C, H, W), (C, T, H, W); (C, N) for tokens."""
+        return (self.shape[-1], *self.shape[1:-1]) if self.channels_last else self.shape[1:]
 
 
 @dataclass(frozen=True)
@@ -397,9 +405,15 @@ def find_sites(
             defaults = p.place.settings(p.recipe.defaults_for(class_path(model)))
             if defaults.act_layer == "block":
                 defaults = replace(defaults, act_layer=block_activation(model.get_submodule(p.path)) or "relu")
+            tokens = channels_last(model.get_submodule(p.path), p.anchor, p.place.position, places[0])
+            if p.pattern and p.pattern.startswith("token-") != tokens:
+                # a token pattern on a Linear's output permuted back to NCHW (SwiftFormer's attention), or an NCHW
+                # pattern on tokens (LeViT's Linear + BatchNorm1d MLP): not this pattern's match
+                continue
+            width = (first.shape[-1] if tokens else first.shape[1]) if first is not None \
+                and 3 <= len(first.shape) <= 5 else None
             matches.append(Match(p.path, p.recipe, p.place, p.block, p.anchor, places[0], p.pattern, call, fixed,
-                                 first.shape[1] if first is not None and 3 <= len(first.shape) <= 5 else None,
-                                 defaults))
+                                 width, defaults, tokens, prefix_tokens(model, places[0]) if tokens else 0))
     return _findings(model, with_own_designs(model, matches, skipped), skipped, recipes, input_size,
                      probe.output_shapes, probe.counts)
 

@@ -26,8 +26,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import squeeze_excite
+from ..layers import squeeze_excite, tokens
 from ..layers.squeeze_excite import ChannelGate
+from ..layers.tokens import TokenGate
 from .keys import BoundedCache
 
 __all__ = ["FusedGate", "fusable", "fuse", "fused_class", "layer_class", "only_reader", "scale", "squeeze_through"]
@@ -121,6 +122,21 @@ class FusedGate:
         return _restore_fused, (type(self).__se_inject_layer__,), self.__dict__
 
 
+class FusedTokenGate(FusedGate):
+    """`FusedGate` for channels-last features (`TokenGate`): the gate broadcasts along the last axis."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: Optional[torch.Tensor] = None,  # noqa: UP045
+        squeezed: Optional[torch.Tensor] = None,  # noqa: UP045
+        inplace: bool = False,
+    ) -> torch.Tensor:
+        # `squeezed` is never passed to a token gate (its map is no conv-BN output); the gate squeezes its own input
+        s = self.token_gate(x)
+        return scale(x, tokens.unsqueeze_tokens(s, x), inplace, residual)  # the module's name: fx's wrap patches it
+
+
 _fused: BoundedCache[type, type] = BoundedCache(64)
 
 
@@ -130,7 +146,8 @@ def fused_class(cls: type) -> type:
         return cls
     fused = _fused.get(cls)
     if fused is None:
-        fused = type(cls.__name__, (FusedGate, cls), {"__se_inject_layer__": cls, "__module__": cls.__module__,
+        mixin = FusedTokenGate if issubclass(cls, TokenGate) else FusedGate
+        fused = type(cls.__name__, (mixin, cls), {"__se_inject_layer__": cls, "__module__": cls.__module__,
                                                       "__qualname__": cls.__qualname__})
         _fused[cls] = fused
     return fused

@@ -141,9 +141,19 @@ def count(model: nn.Module, input_size: tuple[int, int, int]) -> Counts:
     """Params, MACs and attention elementwise ops of `model` at batch 1, measured on a meta copy."""
     probe = as_meta(model)
     modules = attention_modules(probe)
-    with FlopCounterMode(display=False) as flops, ElementwiseCounter(modules) as elementwise, \
-            _ShapeOnlyNorms(elementwise.tallying):
-        out = run_meta(probe, input_size)
+    # FlopCounterMode's module tracker hooks the autograd graph of every module input that requires grad; a view of
+    # a parameter made under no_grad (CaiT's expanded class token) requires grad but has no graph, and the hook fails.
+    # Nothing here needs gradients: the parameters stop requiring them for the count.
+    flags = [(p, p.requires_grad) for p in probe.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with FlopCounterMode(display=False) as flops, ElementwiseCounter(modules) as elementwise, \
+                _ShapeOnlyNorms(elementwise.tallying):
+            out = run_meta(probe, input_size)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     per_module = flops.get_flop_counts()
     root = type(probe).__name__
     return Counts(

@@ -10,6 +10,13 @@ each the SE paper's place for a kind of network (Hu et al., *Squeeze-and-Excitat
 - ``inverted-residual`` (MobileNetV3 / EfficientNet): a depthwise convolution (a child that is one, or a
   conv-norm-act unit around one) followed, through norms, activations and empty slots only, by a 1x1 projection;
   SE goes before the projection.
+- ``token-residual`` (the same rule on token features, for transformer and MLP blocks): the block's last addition
+  adds a branch ending in an MLP's last projection (a child whose last layer is a ``Linear``), or the norm right after
+  it (Swin V2's post-norm); SE goes after it, before layer-scale, drop-path and the addition. The features there are
+  channels-last, (B, N, C) tokens or (B, H, W, C) / (B, T, H, W, C) maps.
+- ``token-ffn`` (LocalViT, Li et al.): in the same MLP, on its expanded hidden features: before its last
+  projection (fc2), after fc1's activation (and the depthwise conv, where the MLP has one). An option
+  (``--recipe localvit``), not a default.
 - ``conv-chain`` (SE-VGG-16, Table 2): a plain ``nn.Sequential`` stack of conv(-norm)-activation units (at least
   two); SE after each unit's activation. The activation module is the "block": its forward gets the SE call, so the
   Sequential keeps its children, their numbering and its own forward.
@@ -40,7 +47,7 @@ from torch import nn
 from ..names import PATTERNS
 from .keys import BoundedCache, module_key
 
-__all__ = ["PATTERNS", "Place", "conv_chain", "match_block", "node_output_shape", "trace_block"]
+__all__ = ["PATTERNS", "Place", "conv_chain", "match_block", "node_output_shape", "token_layer", "trace_block"]
 
 
 @dataclass(frozen=True)
@@ -158,22 +165,14 @@ def _from_input(node: torch.fx.Node) -> bool:
 def _branch_end(block: nn.Module, node: torch.fx.Node) -> torch.fx.Node | None:
     """Walk back from an addition's operand over layer-scale, drop-path and the like to the node after which SE
     goes, or None when the branch does not end in a conv/norm (or an MLP back in NCHW)."""
-    while True:
-        module = _module(block, node)
-        if module is not None and _passes_through(module) and len(node.args) == 1:
-            node = node.args[0]
-            continue
-        if node.op in ("call_function", "call_method") and node.target in (*_MULS, "mul", "mul_"):
-            tensors = [a for a in node.args if not _is_constant(a)]
-            if len(tensors) == 1 and len(node.args) == 2:  # x * gamma: layer scale
-                node = tensors[0]
-                continue
-        break
+    node = _skip_to_branch(block, node)
     if not isinstance(node, torch.fx.Node):
         return None
     module = _module(block, node)
     if module is not None:
         last = _last_layer(module)
+        if isinstance(last, nn.BatchNorm1d) and isinstance(_last_token_layer(module), nn.Linear):
+            return None  # a token MLP (LeViT's Linear + BatchNorm1d over the tokens): the token-residual pattern's
         if _is_conv_or_norm(last):
             return node
         if isinstance(module, nn.Sequential) and type(last).__name__ == "Permute" and _mlp_back_to_nchw(module):
@@ -187,6 +186,23 @@ def _branch_end(block: nn.Module, node: torch.fx.Node) -> torch.fx.Node | None:
             # channels-last, before the permute (EdgeNeXt's ConvBlock), the first NCHW map is after it: SE goes there.
             return node
     return None
+
+
+def _skip_to_branch(block: nn.Module, node: Any) -> Any:
+    """From an addition's operand back over layer-scale (a module or ``x * gamma``), drop-path, dropout and
+    identities to the node that ends the branch."""
+    while isinstance(node, torch.fx.Node):
+        module = _module(block, node)
+        if module is not None and _passes_through(module) and len(node.args) == 1:
+            node = node.args[0]
+            continue
+        if node.op in ("call_function", "call_method") and node.target in (*_MULS, "mul", "mul_"):
+            tensors = [a for a in node.args if not _is_constant(a)]
+            if len(tensors) == 1 and len(node.args) == 2:  # x * gamma: layer scale
+                node = tensors[0]
+                continue
+        break
+    return node
 
 
 def _skip_layer_scale(node: Any) -> Any:
@@ -213,13 +229,7 @@ def _anchor(node: torch.fx.Node) -> str:
 
 
 def match_residual(block: nn.Module, graph: torch.fx.Graph) -> Place | None:
-    additions = [
-        n for n in graph.nodes
-        if ((n.op == "call_function" and n.target in _ADDITIONS) or (n.op == "call_method" and n.target in
-            ("add", "add_")))
-        and len(n.args) == 2 and not n.kwargs and all(isinstance(a, torch.fx.Node) for a in n.args)
-    ]
-    for addition in reversed(additions):  # the last residual: MetaFormer's MLP branch rather than its mixer's
+    for addition in reversed(_additions(graph)):  # the last residual: MetaFormer's MLP branch rather than its mixer's
         # The branch is the operand with more layers between the block's input and the addition; the other is the
         # shortcut (the input itself, or a projection such as conv-BN, which must not be mistaken for the branch).
         branch, shortcut = sorted(addition.args, key=_depth, reverse=True)
@@ -230,6 +240,82 @@ def match_residual(block: nn.Module, graph: torch.fx.Graph) -> Place | None:
             continue
         return Place(_anchor(end), "after")
     return None
+
+
+_TOKEN_NORMS = (nn.LayerNorm, nn.RMSNorm)
+
+
+def token_layer(module: nn.Module) -> bool:
+    """Whether `module` works on channels-last features: a ``Linear``, or a ``LayerNorm``/``RMSNorm`` over the last
+    dimension (not timm's ``LayerNorm2d``, which normalises dimension 1 of an NCHW map)."""
+    return isinstance(module, nn.Linear) or (isinstance(module, _TOKEN_NORMS) and not _is_conv_or_norm(module)
+                                             and type(module).__name__ not in _NCHW_LAYER_NORMS)
+
+
+def _token_branch_end(block: nn.Module, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The node ending a token MLP branch: a child whose last layer is a Linear (an MLP, or a Linear itself), or a
+    token norm right after one (post-norm); None otherwise."""
+    node = _skip_to_branch(block, node)
+    module = _module(block, node) if isinstance(node, torch.fx.Node) else None
+    if module is None:
+        return None
+    if isinstance(module, _TOKEN_NORMS) and token_layer(module) and len(node.args) == 1:
+        inner = node.args[0]
+        inner_module = _module(block, inner) if isinstance(inner, torch.fx.Node) else None
+        return node if inner_module is not None and isinstance(_last_layer(inner_module), nn.Linear) else None
+    return node if isinstance(_last_token_layer(module), nn.Linear) else None
+
+
+def _last_token_layer(module: nn.Module) -> nn.Module | None:
+    """The last linear, conv or norm layer in `module`, a ``BatchNorm1d`` that follows a ``Linear`` skipped: LeViT's
+    ``LinearNorm`` normalises the flattened tokens, so its output keeps the channels last."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_NORMS,
+                                                            *_TOKEN_NORMS))]
+    while len(layers) > 1 and isinstance(layers[-1], nn.BatchNorm1d) and isinstance(layers[-2], nn.Linear):
+        layers.pop()
+    return layers[-1] if layers else None
+
+
+def match_token_residual(block: nn.Module, graph: torch.fx.Graph) -> Place | None:
+    """`match_residual` for token blocks: the last addition whose branch ends in an MLP's projection (or its norm)."""
+    for addition in reversed(_additions(graph)):
+        branch, shortcut = sorted(addition.args, key=_depth, reverse=True)
+        if _depth(branch) == _depth(shortcut):
+            continue
+        end = _token_branch_end(block, branch)
+        if end is None or _depends_on(shortcut, end) or _is_constant(shortcut) or not _from_input(end):
+            continue
+        return Place(_anchor(end), "after")
+    return None
+
+
+def match_token_ffn(block: nn.Module, graph: torch.fx.Graph) -> Place | None:
+    """LocalViT's place: in the MLP `match_token_residual` finds, before its last ``Linear`` (fc2), on the hidden
+    features (an anchor inside the MLP child: ``mlp.fc2``)."""
+    place = match_token_residual(block, graph)
+    if place is None or place.anchor.startswith("%"):
+        return None
+    mlp = block.get_submodule(place.anchor)
+    if not isinstance(_last_token_layer(mlp), nn.Linear) or isinstance(mlp, nn.Linear):
+        mlp = next((m for m in (block.get_submodule(str(n.args[0].target)) for n in graph.nodes
+                                if n.op == "call_module" and n.target == place.anchor
+                                and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "call_module")), None)
+        if mlp is None:
+            return None  # a post-norm whose input is no MLP child
+    linears = [(path, m) for path, m in mlp.named_modules() if isinstance(m, nn.Linear)]
+    if len(linears) < 2:
+        return None  # one projection: no hidden features
+    owner = next(path for path, m in block.named_modules() if m is mlp)
+    return Place(f"{owner}.{linears[-1][0]}", "before")
+
+
+def _additions(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    return [
+        n for n in graph.nodes
+        if ((n.op == "call_function" and n.target in _ADDITIONS) or (n.op == "call_method" and n.target in
+            ("add", "add_")))
+        and len(n.args) == 2 and not n.kwargs and all(isinstance(a, torch.fx.Node) for a in n.args)
+    ]
 
 
 def _depth(node: torch.fx.Node) -> int:
@@ -336,6 +422,8 @@ _MATCHERS = {
     "residual": match_residual,
     "concat": match_concat,
     "inverted-residual": match_inverted_residual,
+    "token-residual": match_token_residual,
+    "token-ffn": match_token_ffn,
 }
 
 

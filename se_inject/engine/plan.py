@@ -142,7 +142,9 @@ def attention_to_dict(spec: SESettings) -> dict[str, Any]:
                             "kernel_size": spec.kernel_size, "bias": spec.bias, "gate": spec.gate_layer,
                             "gain": spec.gain}
     for key, value, default in (("host_gain", spec.host_gain, 1.0), ("act", spec.act_layer, "relu"),
-                                ("layout", spec.layout, "fc"), ("norm", spec.norm_layer is not None, False)):
+                                ("layout", spec.layout, "fc"), ("norm", spec.norm_layer is not None, False),
+                                ("channels_last", bool(spec.channels_last), False),
+                                ("prefix_tokens", spec.prefix_tokens or 0, 0)):
         if value != default:
             data[key] = value
     return data

@@ -16,7 +16,8 @@ from .resolve import ModelSpec
 def _site(match: Match, settings: Settings) -> Site:
     composed = site_settings(match.defaults or match.recipe.defaults, settings)  # the one rule: `site_settings`
     spec = site_attention(composed, match.channels, input_channels=match.input_channels,
-                          host_gain=match.place.slot_gain, init=settings.init)
+                          host_gain=match.place.slot_gain, init=settings.init, channels_last=match.channels_last,
+                          prefix_tokens=match.prefix_tokens)
     return Site(
         path=match.path,
         recipe=match.recipe.name,
@@ -77,6 +78,13 @@ def make_plan(
         removed = ", ".join(m.path for m in findings.matches[:6]) + (", ..." if len(findings.matches) > 6 else "")
         raise NoSitesError(f"the filters removed all {len(findings.matches)} sites ({removed})", "filtered")
     kind = settings.attn_layer or "se"
+    sequence = next((m for m in kept if m.channels_last and len(m.shape) == 3), None)
+    if sequence is not None and not VARIANTS[kind].any_rank:
+        raise UsageError(
+            f"--attention {kind} needs 2-D positions for its spatial map, but {sequence.path} takes a token sequence "
+            f"{tuple(sequence.shape[1:])} (tokens, channels); use "
+            f"{', '.join(k for k, v in VARIANTS.items() if v.any_rank)}"
+        )
     flat = next((m for m in kept if len(m.shape) != 4), None)
     if flat is not None and not VARIANTS[kind].any_rank:
         raise UsageError(

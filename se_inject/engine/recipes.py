@@ -169,6 +169,7 @@ class Recipe:
     source: str = ""
     conventions: tuple[Convention, ...] = ()
     patterns: tuple[PatternRule, ...] = ()
+    auto: bool = True  # applied by "auto"; false: an option applied only when named (``--recipe localvit``)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -378,12 +379,13 @@ def _scope_placed(rule: BlockRule) -> tuple[object, ...]:
 
 def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
     """Validate a parsed recipe table; errors name the file, the field and what was expected."""
-    allowed = {"name", "description", "reference", "defaults", "blocks", "conventions", "patterns"}
+    allowed = {"name", "description", "reference", "defaults", "blocks", "conventions", "patterns", "auto"}
     _check_keys(source, "", data, allowed, {"name"})
     name = _expect(source, "name", data["name"], str, "a recipe name")
     if not _NAME_RE.fullmatch(name):
         raise RecipeFileError(source, f"field 'name': expected lowercase letters, digits and '-', got {name!r}")
     description = _expect(source, "description", data.get("description", ""), str, "a string")
+    auto = _expect(source, "auto", data.get("auto", True), bool, "true or false")
     reference = _expect(source, "reference", data.get("reference", ""), str, "a string")
     blocks = _expect(source, "blocks", data.get("blocks", []), list, "an array of tables ([[blocks]])")
     patterns = _expect(source, "patterns", data.get("patterns", []), list, "an array of tables ([[patterns]])")
@@ -408,7 +410,7 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
             raise RecipeFileError(source, f"field '{where}.models': expected full class paths of models")
         own = _parse_defaults(source, {k: v for k, v in table.items() if k != "models"}, where)
         conventions.append(Convention(tuple(models), compose(defaults, own)))
-    return Recipe(name, description, rules, defaults, reference, source, tuple(conventions), pattern_rules)
+    return Recipe(name, description, rules, defaults, reference, source, tuple(conventions), pattern_rules, auto)
 
 
 MAX_RECIPE_BYTES = 1 << 20  # the shipped recipes are a few KiB each
@@ -469,14 +471,15 @@ def get_recipe(name: str) -> Recipe:
 def resolve_recipes(
     names: str | list[str] | tuple[str, ...] = "auto", files: tuple[str | Path, ...] = ()
 ) -> list[Recipe]:
-    """Recipes to apply: "auto" means every shipped recipe plus the given files; names restrict to those."""
+    """Recipes to apply: "auto" means every shipped recipe (but the options, ``auto = false``) plus the given files;
+    names restrict to those."""
     extra = [load_recipe_file(f) for f in files]
     if isinstance(names, str):
         names = [] if names == "auto" else [names]
     names = [n for n in names if n != "auto"]
     by_name = {r.name: r for r in extra}
     if not names:
-        chosen = [*extra, *(r for n, r in _shipped().items() if n not in by_name)]
+        chosen = [*extra, *(r for n, r in _shipped().items() if n not in by_name and r.auto)]
     else:
         chosen = [by_name[n] if n in by_name else get_recipe(n) for n in dict.fromkeys(names)]
     return chosen

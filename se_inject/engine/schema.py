@@ -100,7 +100,7 @@ def _choice(field: str, value: Any, choices: tuple[str, ...] | list[str]) -> str
 def _attention(field: str, data: Any) -> SESettings:
     """A site's settings: the keys the plan has always had, values checked by `SESettings` itself."""
     _keys(field, data, {"kind", "channels", "rd_channels", "kernel_size", "bias", "gate", "gain"},
-          {"host_gain", "act", "layout", "norm"})
+          {"host_gain", "act", "layout", "norm", "channels_last", "prefix_tokens"})
     if not isinstance(data.get("norm", False), bool):
         raise _fail(f"{field}.norm", f"expected true or false, got {data['norm']!r}")
     return _settings(SESettings, field, {"host_gain": 1.0, "act": "relu", "layout": "fc", **data}, PLAN_SITE_KEYS)

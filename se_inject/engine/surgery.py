@@ -181,6 +181,11 @@ def _trace_modes(
     value) and keep their names, except integers where the trace does not need them: sizes such as XCiT's
     ``forward(x, H, W)`` stay arguments, so the model keeps running at any input size. Raises what tracing raises."""
     fixed = fixed or {}
+    passed = {name for name, value in fixed.items() if value is None or type(value) is bool}
+    if passed:  # a mask or flag only handed on to children (a ViT block's attn_mask=None, is_causal=False)
+        loose = _passed_on(block, open_paths, fixed, passed)
+        if loose is not None:
+            return loose
     sizes = {name for name, value in fixed.items() if type(value) is int}
     if sizes:
         try:
@@ -188,6 +193,25 @@ def _trace_modes(
         except Exception:  # the forward branches on them (or needs them concrete): specialise on them too
             pass
     return _trace_both(block, open_paths, fixed)
+
+
+def _passed_on(block: nn.Module, open_paths: set[str], fixed: dict[str, Any], passed: set[str]
+               ) -> tuple[torch.fx.Graph, bool] | None:
+    """The trace with the `passed` arguments left as arguments, where the forward only hands them on to its
+    children: each is read by child calls alone, and the graph calls what the specialised one calls, in order (a
+    forward that branched on ``arg is None`` would call something else). None where that does not hold."""
+    try:
+        special = _trace_both(block, open_paths, fixed)
+        loose = _trace_both(block, open_paths, {k: v for k, v in fixed.items() if k not in passed})
+    except Exception:
+        return None
+    guards = (assert_is_none, torch._assert)
+    calls = [[(n.op, n.target) for n in g.nodes if n.op in ("call_module", "call_function", "call_method")
+              and n.target not in guards and not (n.users and all(u.target in guards for u in n.users))]
+             for g in (special[0], loose[0])]
+    handed = all(user.op == "call_module" for n in loose[0].nodes if n.op == "placeholder" and n.target in passed
+                 for user in n.users)
+    return loose if handed and calls[0] == calls[1] else None
 
 
 def _trace_both(block: nn.Module, open_paths: set[str], fixed: dict[str, Any]) -> tuple[torch.fx.Graph, bool]:

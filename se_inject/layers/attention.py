@@ -18,6 +18,7 @@ from ..settings import KERNELLED, LIBRARY, SESettings, compose
 from .cbam import ConvBlockAttention
 from .eca import EfficientChannelAttention, eca_kernel_size
 from .squeeze_excite import EffectiveSqueezeExcite, SqueezeExcite, create_act
+from .tokens import TOKEN_LAYERS
 
 Builder = Callable[..., nn.Module]
 _BUILDERS: dict[str, Builder] = {}
@@ -37,22 +38,33 @@ def register_attention(kind: str, cls: type[nn.Module]) -> Callable[[Builder], B
     return decorator
 
 
+def _layer(cls: type[nn.Module], spec: SESettings, dd: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The layer class for the site's features (its channels-last form on tokens, `se_inject.layers.tokens`) and
+    its keyword arguments."""
+    if not spec.channels_last:
+        return cls, dd
+    return TOKEN_LAYERS[cls], {**dd, "prefix_tokens": spec.prefix_tokens or 0} if cls is not ConvBlockAttention else dd
+
+
 @register_attention("se", SqueezeExcite)
 def _build_se(spec: SESettings, **dd: Any) -> nn.Module:
-    return SqueezeExcite(spec.channels, rd_channels=spec.rd_channels, bias=spec.bias, act_layer=spec.act_layer,
+    cls, dd = _layer(SqueezeExcite, spec, dd)
+    return cls(spec.channels, rd_channels=spec.rd_channels, bias=spec.bias, act_layer=spec.act_layer,
                          gate_layer=spec.gate_layer, norm_layer=spec.norm_layer, layout=spec.layout,
                          gain=spec.module_gain, **dd)
 
 
 @register_attention("eca", EfficientChannelAttention)
 def _build_eca(spec: SESettings, **dd: Any) -> nn.Module:
-    return EfficientChannelAttention(spec.channels, spec.kernel_size, gate_layer=spec.gate_layer,
+    cls, dd = _layer(EfficientChannelAttention, spec, dd)
+    return cls(spec.channels, spec.kernel_size, gate_layer=spec.gate_layer,
                                      gain=spec.module_gain, **dd)
 
 
 @register_attention("cbam", ConvBlockAttention)
 def _build_cbam(spec: SESettings, **dd: Any) -> nn.Module:
-    return ConvBlockAttention(spec.channels, spec.rd_channels, kernel_size=spec.kernel_size, bias=spec.bias,
+    cls, dd = _layer(ConvBlockAttention, spec, dd)
+    return cls(spec.channels, spec.rd_channels, kernel_size=spec.kernel_size, bias=spec.bias,
                               gate_layer=spec.gate_layer, gain=spec.module_gain, **dd)
 
 
@@ -63,7 +75,8 @@ def _build_cbam_timm(spec: SESettings, **dd: Any) -> nn.Module:
 
 @register_attention("ese", EffectiveSqueezeExcite)
 def _build_ese(spec: SESettings, **dd: Any) -> nn.Module:
-    return EffectiveSqueezeExcite(spec.channels, bias=spec.bias, gate_layer=spec.gate_layer, gain=spec.module_gain,
+    cls, dd = _layer(EffectiveSqueezeExcite, spec, dd)
+    return cls(spec.channels, bias=spec.bias, gate_layer=spec.gate_layer, gain=spec.module_gain,
                                   **dd)
 
 
@@ -73,7 +86,7 @@ def list_attention() -> list[str]:
 
 def site_attention(
     settings: SESettings, channels: int, *, input_channels: int | None = None, host_gain: float = 1.0,
-    init: str = "paper",
+    init: str = "paper", channels_last: bool = False, prefix_tokens: int = 0,
 ) -> SESettings:
     """The settings of the module at one site, from the site's composed settings (`se_inject.settings.site_settings`):
     its channels, its squeeze width (``rd_channels`` where set, else ``rd_ratio`` of the width ``rd_from`` names,
@@ -110,6 +123,8 @@ def site_attention(
         act_layer=(settings.act_layer or "relu") if se else "relu",
         layout=layout,
         norm_layer=settings.norm_layer if se and layout == "fc" else None,
+        channels_last=True if channels_last else None,  # token features (`se_inject.layers.tokens`)
+        prefix_tokens=prefix_tokens if channels_last and prefix_tokens else None,
     )
 
 
