@@ -134,6 +134,16 @@ def test_a_site_a_second_forward_path_skips_is_refused(tmp_path):
         se_inject.inject(model, recipes=["tapped", recipe], input_size=16, seed=0)
 
 
+def test_check_calls_also_runs_the_other_forward_paths(hosted):
+    """`load`'s check (check_calls) runs forward_intermediates too, where a block has a second forward."""
+    from se_inject.engine.surgery import apply_plan
+
+    _, plan = hosted
+    plan = replace(plan, sites=(replace(plan.sites[0], block=class_path(Tapped)),))
+    applied = apply_plan(meta_copy(TappedNet(nn.Conv2d(3, 8, 3, padding=1), Tapped())), plan, inplace=True)
+    assert "in forward_intermediates" in check_calls(applied, plan)[plan.sites[0].path]
+
+
 # --- a saved plan is checked against its checksum ---------------------------------------------------------------
 
 
