@@ -267,15 +267,16 @@ def _apply_checked(
 
 
 def _no_match_message(model: nn.Module, findings: Findings) -> str:
-    """Why no recipe matched, as `scan` says it: a transformer or MLP has no convolutional block for SE."""
+    """Why no recipe matched, as `scan` says it: for a transformer or MLP, that no block ends a residual branch in a
+    channels-last projection, the place token SE takes."""
     category = architecture_category(model)
     found = ", ".join(c.rsplit(".", 1)[-1] for c in findings.block_classes[:8]) or "none"
     if category in ("transformer", "MLP"):
-        return (f"no matching blocks: this is a {category} with no convolutional block (its only convolutions are a "
-                f"stem, patch embedding, positional encoding or attention pooling), and SE recalibrates the channels "
-                f"of a convolutional block's feature map; {len(findings.recipes)} recipes tried. Its blocks: {found}. "
+        return (f"no matching blocks: this is a {category} with no convolutional block, and none of its blocks ends a "
+                f"residual branch in one channels-last projection, where token SE goes (parallel branches summed, "
+                f"several token streams); {len(findings.recipes)} recipes tried. Its blocks: {found}. "
                 f"To choose a place yourself, name its blocks in a recipe file (--recipe-file, Python: recipes=[PATH]; "
-                f"docs/recipes.md)")
+                f"docs/recipes.md, docs/transformers.md)")
     return (f"no matching blocks ({category}): none of the {len(findings.recipes)} recipes names its blocks ({found}); "
             "write a recipe for them (see `se-inject recipes` and docs/recipes.md) and pass it: recipes=[PATH] "
             "(--recipe-file)")

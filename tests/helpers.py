@@ -40,3 +40,28 @@ def hf_cache(root: Path, repo: str, state: dict[str, torch.Tensor]) -> Path:
     (base / "snapshots" / commit).mkdir(parents=True)
     save_file(state, str(base / "snapshots" / commit / "model.safetensors"))
     return root
+
+
+# A tiny ViT whose blocks run attention and MLP as parallel branches summed into one residual (timm's
+# ParallelThingsBlock, as vit_small_patch16_18x2_224): no branch ends in one projection, so no recipe takes it.
+PARALLEL_VIT_SOURCE = """
+from timm.models.vision_transformer import ParallelThingsBlock, VisionTransformer
+
+
+def make():
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10,
+                             block_fn=ParallelThingsBlock)
+"""
+
+
+def parallel_vit_factory(folder: Path) -> str:
+    """`FILE.py:make` building the no-match transformer above, written into `folder`."""
+    path = folder / "parallel_vit.py"
+    path.write_text(PARALLEL_VIT_SOURCE)
+    return f"{path}:make"
+
+
+def parallel_vit() -> nn.Module:
+    namespace: dict = {}
+    exec(PARALLEL_VIT_SOURCE, namespace)  # our own source, above
+    return namespace["make"]()

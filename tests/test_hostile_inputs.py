@@ -388,11 +388,14 @@ def test_option_values_are_checked_before_torch_is_imported():
     assert result.stdout.split() == ["2", "1"] * len(cases) + ["False"], result.stderr[-2000:]
 
 
-def test_a_transformer_is_told_it_has_no_convolutional_block():
+def test_a_transformer_no_recipe_takes_is_told_why(tmp_path):
+    from helpers import parallel_vit, parallel_vit_factory
+
     from se_inject.engine.patterns import architecture_category
 
-    assert architecture_category(timm.create_model("test_vit").to("meta")) == "transformer"  # as scan says
-    one_line(cli("timm:test_vit", "--dry-run"), 1, "transformer with no convolutional block")
+    assert architecture_category(parallel_vit()) == "transformer"  # as scan says
+    one_line(cli(parallel_vit_factory(tmp_path), "--dry-run", "--input-size", "32"), 1,
+             "transformer with no convolutional block")
 
 
 # --- 6. fuzzing -----------------------------------------------------------------------------------------------------

@@ -35,8 +35,10 @@ def test_offline_pretrained_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_transformer_without_match_names_the_recipe_file():
+    from helpers import parallel_vit
+
     with pytest.raises(NoSitesError) as error:
-        se_inject.inject("timm:test_vit", device="meta")
+        se_inject.inject(parallel_vit(), device="meta", input_size=32)
     assert "--recipe-file" in str(error.value) and "docs/recipes.md" in str(error.value)
 
 

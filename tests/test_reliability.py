@@ -89,9 +89,15 @@ def test_good_weights_load(weight_files):
 
 
 def test_no_eligible_blocks_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    one_line_error(run("timm:test_vit"), 1, "no matching blocks", "with no convolutional block", "Attention")
-    assert list(tmp_path.iterdir()) == []
+    from helpers import parallel_vit_factory
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "run").mkdir()
+    factory = parallel_vit_factory(tmp_path / "src")
+    monkeypatch.chdir(tmp_path / "run")
+    one_line_error(run(factory, "--input-size", "32"), 1, "no matching blocks", "with no convolutional block",
+                   "Attention")
+    assert list((tmp_path / "run").iterdir()) == []
 
 
 @pytest.mark.parametrize(("args", "text"), [
