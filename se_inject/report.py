@@ -62,6 +62,9 @@ class Report:
                 "placement": s.placement,
                 "source": s.source or ("paper" if s.placement == "paper" else ""),
                 "block": s.block,
+                "anchor": s.anchor,  # where inside the block: the child (or fx node) the SE is placed against,
+                "position": s.position,  # "after" its output or "before" its input ("" anchor: the block's output)
+                "slot": s.slot,  # the attribute the block's forward already calls there, filled (None: rewritten)
                 "attention": s.attention.attn_layer,
                 "channels": s.channels,
                 "squeeze_channels": s.squeeze_channels,

@@ -34,6 +34,28 @@ def test_model_name_without_subcommand(tmp_path):
     assert "saved to" in result.stdout
 
 
+@pytest.mark.parametrize(("model", "slot"), [("timm:test_resnet", "se"), ("torchvision:resnet18", None)])
+def test_the_report_says_where_inside_each_block_the_se_went(tmp_path, model, slot):
+    """SE-ResNet's place is the residual branch's last norm: bn2 in a BasicBlock, bn3 in a Bottleneck. timm's blocks
+    call their `se` slot there; torchvision's have no slot, so the forward is rewritten to call the SE after it. Both
+    are named in report.json and in the printed report."""
+    from se_inject.engine.build import build_model
+    from se_inject.engine.resolve import resolve_model
+
+    base = build_model(resolve_model(model), device="meta")
+    result = run(model, "--dry-run", "--json", "--seed", "0", "--input-size", "64")
+    assert result.exit_code == 0, result.stderr
+    sites = json.loads(result.stdout)["sites"]
+    last_norm = {"BasicBlock": "bn2", "Bottleneck": "bn3"}
+    assert [(s["anchor"], s["position"], s["slot"]) for s in sites] == [
+        (last_norm[type(base.get_submodule(s["path"])).__name__], "after", slot) for s in sites]
+    printed = run(model, "--dry-run", "--seed", "0", "--input-size", "64").stdout
+    line = next(x for x in printed.splitlines() if x.startswith("where in each block: "))
+    for anchor in {s["anchor"] for s in sites}:
+        n = sum(s["anchor"] == anchor for s in sites)
+        assert f"after {anchor}{f', in its {slot} slot' if slot else ''} ({n} blocks)" in line
+
+
 def test_json_report_fields(tmp_path):
     result = run("timm:test_resnet", "--json", "-o", str(tmp_path / "o"), "--seed", "0")
     assert result.exit_code == 0, result.stderr

@@ -100,6 +100,12 @@ def _label(paths: list[str]) -> str:
     return f"{head}.{tail}-{tail2}" if head == head2 and head else f"{first} .. {last}"
 
 
+def site_place(row: dict[str, Any]) -> str:
+    """Where inside its block a site's SE went, in words: "after bn3", "after bn3, in its se slot"."""
+    place = f"{row['position']} {row['anchor'] or 'the block output'}"
+    return f"{place}, in its {row['slot']} slot" if row["slot"] else place
+
+
 def render_report(report: Any, *, verbose: bool = False, seed_drawn: bool = False) -> None:
     from rich.table import Table
 
@@ -141,6 +147,8 @@ def render_report(report: Any, *, verbose: bool = False, seed_drawn: bool = Fals
         f"{len(data['sites'])} SE blocks ({', '.join(sorted(recipes))}); "
         f"SE elementwise ops (pool, gate, scale): {_num(data['se_elementwise_ops'])}"
     )
+    places = Counter(site_place(row) for row in data["sites"])
+    out.print("where in each block: " + ", ".join(f"{place} ({n} blocks)" for place, n in places.items()), markup=False)
     family = Counter(row["source"] for row in data["sites"] if row["placement"] == "family")
     if family:
         paper = sum(row["placement"] == "paper" for row in data["sites"])
