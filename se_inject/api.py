@@ -24,7 +24,7 @@ from .engine.meta import is_meta, meta_copy
 from .engine.patterns import architecture_category
 from .engine.plan import Plan, Skip
 from .engine.planning import make_plan
-from .engine.recipes import resolve_recipes
+from .engine.recipe_files import resolve_recipes
 from .engine.resolve import ModelSpec, resolve_model
 from .engine.surgery import apply_plan
 from .engine.tasks import model_task

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject.cli import app
-from se_inject.engine.recipes import parse_recipe
+from se_inject.engine.recipe_files import parse_recipe
 from se_inject.engine.schema import PlanSchemaError, plan_from_data
 from se_inject.errors import RecipeFileError, UsageError
 from se_inject.io.checkpoint import PLAN_HASH_KEY, PLAN_KEY, WEIGHTS_HASH_KEY, read_plan
