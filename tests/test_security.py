@@ -29,7 +29,7 @@ from se_inject import CheckpointError, SurgeryError
 from se_inject.cli.commands import app
 from se_inject.engine.plan import Plan, Site
 from se_inject.engine.surgery import apply_plan
-from se_inject.io import atomic
+from se_inject.io import atomic, ownership
 from se_inject.io.atomic import write_folder
 from se_inject.io.checkpoint import (
     _PLACEHOLDER,
@@ -410,15 +410,16 @@ def _state(directory: Path) -> dict[str, bytes]:
 
 
 # The steps of a write that change the file system; a fault is injected after any one of them.
-STEPS = (("tempfile", "mkdtemp"), ("atomic", "_create"), ("atomic", "_link"), ("atomic", "exchange"),
-         ("atomic", "_move"), ("os", "rename"), ("os", "replace"), ("os", "unlink"), ("os", "rmdir"))
+STEPS = (("tempfile", "mkdtemp"), ("atomic", "create_new"), ("ownership", "create_new"), ("atomic", "_link"),
+         ("atomic", "exchange"), ("atomic", "_move"), ("os", "rename"), ("os", "replace"), ("os", "unlink"),
+         ("os", "rmdir"))
 
 
 def _patch_steps(setattr_, after) -> None:
     """Wrap each step so that `after(name)` runs once it returned (`setattr_`: monkeypatch.setattr, or setattr in a
     forked child)."""
     for owner, name in STEPS:
-        target = {"atomic": atomic, "os": os, "tempfile": tempfile}[owner]
+        target = {"atomic": atomic, "ownership": ownership, "os": os, "tempfile": tempfile}[owner]
         real = getattr(target, name)
 
         def step(*args, _real=real, _name=f"{owner}.{name}", **kwargs):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..errors import OutputExistsError, UsageError
 from ..names import EXPORT_FORMATS
-from .atomic import RECORD_FILE, check_names
+from .atomic import check_names
+from .ownership import RECORD_FILE
 
 # Every name the writers (io.checkpoint, io.export) put in an output folder: the names the check guards.
 OUTPUT_FILES = ("model.safetensors", "report.json", "config.json", "model.pt", "model.pt2", "model.onnx")
