@@ -145,7 +145,7 @@ def test_a_crafted_record_naming_a_users_entry_never_removes_it(tmp_path, kind, 
     before, outside = _tree(out), _tree(elsewhere)
     if kind == "hard link":  # every byte matches: it is a copy of what se-inject would have written, ...
         if not force:
-            with pytest.raises(se_inject.OutputExistsError, match="pass --force"):
+            with pytest.raises(se_inject.OutputExistsError, match=r"pass force=True \(--force\)"):
                 write_folder(out, _writers(NEW), outputs=True)
             return
         write_folder(out, _writers(NEW), outputs=True, force=True)

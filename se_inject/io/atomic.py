@@ -310,12 +310,12 @@ def check_names(directory: Path, names: dict[str, Writer] | list[str] | tuple[st
     odd = [name for name in existing if not stat.S_ISREG(os.lstat(directory / name).st_mode)]
     if odd:  # a folder, symlink, device, FIFO or socket: never replaced
         raise OutputExistsError(f"{directory / odd[0]} already exists and is not a regular file: se-inject never "
-                                "replaces it, even with --force; move it away or choose another output")
+                                "replaces it, even with force=True (--force); move it away or choose another output")
     theirs = [name for name in existing if name not in owned] if recorded else []
     if theirs:
         raise OutputExistsError(f"{directory / theirs[0]} already exists and is not a file se-inject wrote (or it was "
-                                "changed since): se-inject never replaces it, even with --force; move it away or "
-                                "choose another output")
+                                "changed since): se-inject never replaces it, even with force=True (--force); move it "
+                                "away or choose another output")
     record = directory / RECORD_FILE
     if outputs and lstat(record) is not None and not isinstance(read_json(record, MAX_RECORD_BYTES), dict):
         raise OutputExistsError(f"{record} is in the way of se-inject's record and is not se-inject's; move it away")
@@ -324,7 +324,7 @@ def check_names(directory: Path, names: dict[str, Writer] | list[str] | tuple[st
                                 "se-inject's; move it away")
     conflicts = sorted(set(existing) | (owned if outputs else set()), key=lambda n: (n not in names, n))
     if conflicts and not force:
-        raise OutputExistsError(f"{directory / conflicts[0]} already exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{directory / conflicts[0]} already exists; pass force=True (--force) to overwrite it")
     return owned
 
 
