@@ -18,7 +18,8 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import SEInjectError, UsageError, WeightsError
+from ..engine.weights import check_weights_file
+from ..errors import SEInjectError, UsageError
 from ..io.preflight import check_export_options, check_output_file, check_output_folder
 from ..names import EXPORT_FORMATS, GATES, INITS, MODEL_SOURCES, PLACEMENTS, VARIANTS
 from ..settings import OPTION_KEYS, Settings
@@ -226,8 +227,8 @@ def inject_preflight(*, dry_run: bool, output: Path | None, force: bool, formats
             notes.append("dry run: the pretrained weights were located, not loaded; drift is not measured")
     elif output is not None:
         check_output_folder(output, force=force)
-    if weights is not None and not weights.is_file():
-        raise WeightsError(f"{weights}: no such file" if not weights.exists() else f"{weights}: not a file")
+    if weights is not None:
+        check_weights_file(weights)
     if images is not None:
         if not images.is_dir():
             raise SEInjectError(f"--images {images}: not a folder")
