@@ -32,7 +32,8 @@ from .engine.verify import verify_plan
 from .engine.weights import check_state_dict, load_weights, read_state_dict
 from .errors import NoSitesError, SurgeryError, UsageError
 from .io.atomic import foreign_entries, write_folder
-from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_checkpoint, write_text
+from .io.checkpoint import REPORT_FILE, write_checkpoint, write_text
+from .io.checkpoint_file import MODEL_FILE
 from .io.export import export_writer, timm_architecture, timm_config, validate_export_options
 from .io.features import refuse_feature_extractor
 from .io.pretrained import build_pretrained, locate_pretrained

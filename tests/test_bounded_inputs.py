@@ -18,7 +18,7 @@ from test_security import cli, contents, craft, one_line
 import se_inject
 from se_inject import CheckpointError
 from se_inject.errors import ExportError
-from se_inject.io.checkpoint import write_safetensors_file
+from se_inject.io.checkpoint_file import write_safetensors_file
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,8 @@ from se_inject.engine.plan import Plan, Site
 from se_inject.engine.surgery import apply_plan
 from se_inject.io import atomic, ownership
 from se_inject.io.atomic import write_folder
-from se_inject.io.checkpoint import (
-    _PLACEHOLDER,
-    PLAN_HASH_KEY,
-    PLAN_KEY,
-    WEIGHTS_HASH_KEY,
-    write_safetensors_file,
-)
+from se_inject.io.checkpoint import PLAN_HASH_KEY, PLAN_KEY
+from se_inject.io.checkpoint_file import DIGEST_PLACEHOLDER, WEIGHTS_HASH_KEY, write_safetensors_file
 
 runner = CliRunner()
 EVIL_NAMES = ["se\nimport os", "se\r__import__('os')", 'se"', "se'", "se()", "se\u2028x", "__class__", "__init__",
@@ -66,7 +61,7 @@ def craft(source: Path, target: Path, edit_plan=None, state=None) -> Path:
         edit_plan(plan)
     text = json.dumps(plan, sort_keys=True, separators=(",", ":"))
     metadata.update({PLAN_KEY: text, PLAN_HASH_KEY: hashlib.sha256(text.encode()).hexdigest(),
-                     WEIGHTS_HASH_KEY: _PLACEHOLDER})
+                     WEIGHTS_HASH_KEY: DIGEST_PLACEHOLDER})
     target.mkdir(parents=True, exist_ok=True)
     write_safetensors_file(target / "model.safetensors", state if state is not None else tensors, metadata)
     return target
@@ -313,10 +308,10 @@ def test_dtype_changed_in_the_header_is_reported(saved, tmp_path):
 
 def test_digest_is_the_written_bytes(saved):
     file = saved[2] / "model.safetensors"
-    se_inject.io.checkpoint.check_weights_digest(file)
+    se_inject.io.checkpoint_file.check_weights_digest(file)
     _, header = _header(file)
     assert len(header["__metadata__"][WEIGHTS_HASH_KEY]) == 64
-    assert header["__metadata__"][WEIGHTS_HASH_KEY] != _PLACEHOLDER
+    assert header["__metadata__"][WEIGHTS_HASH_KEY] != DIGEST_PLACEHOLDER
 
 
 # --- fuzzing: only typed errors, nothing imported, no marker ----------------------------------------------------------
@@ -603,7 +598,15 @@ def test_unreadable_files_say_permission_denied(saved, tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
+    real_os_open = os.open
+
+    def os_denied(file, *args, **kwargs):  # the --weights file is opened with os.open (engine.files)
+        if str(file) == str(weights):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_os_open(file, *args, **kwargs)
+
     monkeypatch.setattr(se_inject.engine.weights, "open", denied, raising=False)
+    monkeypatch.setattr(os, "open", os_denied)
     one_line(cli("timm:test_resnet", "--weights", str(weights), "--dry-run"), 1, "permission denied")
     one_line(cli("export", str(saved[2]), "-f", "onnx"), 1, "permission denied")
 
