@@ -39,12 +39,6 @@ def _open(path: Path) -> int:
     return open_regular(path, lambda why: WeightsError(f"{path}: {why}"), limit=machine_memory())
 
 
-def check_weights_file(path: str | Path) -> None:
-    """Raise WeightsError at once unless `path` is a regular file no larger than the machine's memory (before the
-    model is built: the file is read later, by `read_state_dict`)."""
-    os.close(_open(Path(path)))
-
-
 def _check_safetensors_header(f: BinaryIO, size: int, path: Path) -> None:
     """Refuse a header longer than safetensors' own limit or than the file, before anything parses it."""
     head = f.read(8)
