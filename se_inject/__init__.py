@@ -23,9 +23,9 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "get_recipe": "engine.recipes",
-    "list_recipes": "engine.recipes",
-    "load_recipe_file": "engine.recipes",
+    "get_recipe": "engine.recipe_files",
+    "list_recipes": "engine.recipe_files",
+    "load_recipe_file": "engine.recipe_files",
     "inject": "api",
     "Report": "report",
     "make_plan": "engine.planning",
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from .engine.measure import count
     from .engine.plan import Plan, Site
     from .engine.planning import make_plan
-    from .engine.recipes import get_recipe, list_recipes, load_recipe_file
+    from .engine.recipe_files import get_recipe, list_recipes, load_recipe_file
     from .engine.resolve import ModelSpec, resolve_model
     from .engine.surgery import apply_plan
     from .io.checkpoint import load, read_plan

@@ -24,7 +24,7 @@ from .engine.meta import is_meta, meta_copy
 from .engine.patterns import architecture_category
 from .engine.plan import Plan, Skip
 from .engine.planning import make_plan
-from .engine.recipes import resolve_recipes
+from .engine.recipe_files import resolve_recipes
 from .engine.resolve import ModelSpec, resolve_model
 from .engine.surgery import apply_plan
 from .engine.tasks import model_task
@@ -32,7 +32,8 @@ from .engine.verify import verify_plan
 from .engine.weights import check_state_dict, load_weights, read_state_dict
 from .errors import NoSitesError, SurgeryError, UsageError
 from .io.atomic import foreign_entries, write_folder
-from .io.checkpoint import MODEL_FILE, REPORT_FILE, write_checkpoint, write_text
+from .io.checkpoint import REPORT_FILE, write_checkpoint, write_text
+from .io.checkpoint_file import MODEL_FILE
 from .io.export import export_writer, timm_architecture, timm_config, validate_export_options
 from .io.features import refuse_feature_extractor
 from .io.pretrained import build_pretrained, locate_pretrained

@@ -15,8 +15,8 @@ import torch
 from test_security import _run, _state, _steps, _write_killed_at, _writers
 
 import se_inject
-from se_inject.io import atomic
-from se_inject.io.atomic import RECORD_FILE, write_folder
+from se_inject.io.atomic import write_folder
+from se_inject.io.ownership import RECORD_FILE, RECORD_FORMAT
 
 
 class Unserialisable:
@@ -122,7 +122,7 @@ def test_a_crafted_record_naming_a_users_entry_never_removes_it(tmp_path, kind, 
         write_folder(out, _writers(OLD), outputs=True)
     else:  # the user's project folder, with a record naming only their entry: a plain run writes into it
         out.mkdir()
-        (out / RECORD_FILE).write_text(json.dumps({"format": atomic.RECORD_FORMAT, "files": {}}))
+        (out / RECORD_FILE).write_text(json.dumps({"format": RECORD_FORMAT, "files": {}}))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "x.txt").write_text("precious")
@@ -145,7 +145,7 @@ def test_a_crafted_record_naming_a_users_entry_never_removes_it(tmp_path, kind, 
     before, outside = _tree(out), _tree(elsewhere)
     if kind == "hard link":  # every byte matches: it is a copy of what se-inject would have written, ...
         if not force:
-            with pytest.raises(se_inject.OutputExistsError, match="pass --force"):
+            with pytest.raises(se_inject.OutputExistsError, match=r"pass force=True \(--force\)"):
                 write_folder(out, _writers(NEW), outputs=True)
             return
         write_folder(out, _writers(NEW), outputs=True, force=True)

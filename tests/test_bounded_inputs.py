@@ -18,7 +18,7 @@ from test_security import cli, contents, craft, one_line
 import se_inject
 from se_inject import CheckpointError
 from se_inject.errors import ExportError
-from se_inject.io.checkpoint import write_safetensors_file
+from se_inject.io.checkpoint_file import write_safetensors_file
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,40 @@ def test_a_recipe_file_that_is_not_a_small_regular_file_is_refused_at_once(tmp_p
             f.truncate(1 << 30)  # sparse: a GiB of nothing
     result = within(60, cli, "timm:test_resnet", "--dry-run", "--recipe-file", str(path))
     one_line(result, 2, str(path), "regular file" if kind != "too large" else "more than")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "folder", "char device"])
+def test_a_weights_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    path = tmp_path / "w.pth"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero" if kind == "/dev/zero" else "/dev/null")
+    result = within(60, cli, "timm:test_resnet", "--dry-run", "--weights", str(path))
+    one_line(result, 1, str(path), "not a regular file")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_weights_file_larger_than_the_machines_memory_is_refused_before_it_is_read(tmp_path, monkeypatch, suffix):
+    from se_inject.engine import weights
+
+    path = tmp_path / f"w{suffix}"
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)  # sparse: a GiB of nothing, on a machine said to have 1 MiB
+    monkeypatch.setattr(weights, "machine_memory", lambda: 1 << 20)
+    with pytest.raises(se_inject.WeightsError, match=r"more than the 1\.0 MiB"):
+        within(10, weights.read_state_dict, path)
+
+
+def test_a_safetensors_header_longer_than_its_file_is_refused_before_it_is_parsed(tmp_path):
+    from se_inject.engine.weights import read_state_dict
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes((50_000_000).to_bytes(8, "little") + b"{}")
+    with pytest.raises(se_inject.WeightsError, match="header of 50,000,000 bytes in a file of 10 bytes"):
+        read_state_dict(path)
 
 
 def _animated_gif(path: Path, frames: int, side: int) -> None:

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import se_inject
 from se_inject import CheckpointError, OutputExistsError
-from se_inject.io.checkpoint import PLAN_KEY, WEIGHTS_HASH_KEY, read_plan
+from se_inject.io.checkpoint import PLAN_KEY, read_plan
+from se_inject.io.checkpoint_file import WEIGHTS_HASH_KEY
 
 
 @pytest.fixture(scope="module")

@@ -276,7 +276,7 @@ def test_help_conventions():
 
 
 def test_the_writer_writes_only_names_the_preflight_check_guards(tmp_path):
-    from se_inject.io.atomic import RECORD_FILE
+    from se_inject.io.ownership import RECORD_FILE
     from se_inject.io.preflight import OUTPUT_FILES
 
     out = tmp_path / "out"

@@ -68,7 +68,7 @@ from torchvision.models import maxvit as tv_maxvit
 
 import se_inject
 from se_inject import NoSitesError, build_model, find_sites, get_recipe, resolve_model
-from se_inject.engine.recipes import resolve_recipes
+from se_inject.engine.recipe_files import resolve_recipes
 from se_inject.layers.attention import is_attention
 
 Count = Callable[[nn.Module, Any], dict[str, list]]  # (injected meta model, report) -> expected site fields

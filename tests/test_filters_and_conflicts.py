@@ -12,7 +12,7 @@ from se_inject import SurgeryError, UsageError
 from se_inject.api import Settings, make_plan
 from se_inject.cli.commands import app
 from se_inject.engine.find import find_sites
-from se_inject.engine.recipes import get_recipe, resolve_recipes
+from se_inject.engine.recipe_files import get_recipe, resolve_recipes
 from se_inject.engine.surgery import apply_plan
 
 runner = CliRunner()

@@ -35,8 +35,9 @@ from se_inject.cli.commands import app
 from se_inject.engine.plan import Plan, Site
 from se_inject.engine.schema import MAX_SITES_PER_BLOCK
 from se_inject.engine.surgery import apply_plan
-from se_inject.io.atomic import RECORD_FILE, foreign_entries, write_folder
+from se_inject.io.atomic import foreign_entries, write_folder
 from se_inject.io.checkpoint import PLAN_KEY
+from se_inject.io.ownership import RECORD_FILE
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from helpers import randomize_norm_stats, state_snapshot
 import se_inject
 from se_inject import NoSitesError
 from se_inject.engine.find import find_sites
-from se_inject.engine.recipes import resolve_recipes
+from se_inject.engine.recipe_files import resolve_recipes
 from se_inject.layers.squeeze_excite import SqueezeExcite
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import se_inject
 from se_inject import NoSitesError, RecipeFileError
-from se_inject.engine.recipes import parse_recipe
+from se_inject.engine.recipe_files import parse_recipe
 
 TV = torchvision.models.resnet
 BLOCKS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from se_inject import RecipeFileError, UnknownRecipeError, get_recipe, list_recipes, load_recipe_file
-from se_inject.engine.recipes import resolve_recipes
+from se_inject.engine.recipe_files import resolve_recipes
 
 VALID = """
 name = "toy"

@@ -29,15 +29,10 @@ from se_inject import CheckpointError, SurgeryError
 from se_inject.cli.commands import app
 from se_inject.engine.plan import Plan, Site
 from se_inject.engine.surgery import apply_plan
-from se_inject.io import atomic
+from se_inject.io import atomic, ownership
 from se_inject.io.atomic import write_folder
-from se_inject.io.checkpoint import (
-    _PLACEHOLDER,
-    PLAN_HASH_KEY,
-    PLAN_KEY,
-    WEIGHTS_HASH_KEY,
-    write_safetensors_file,
-)
+from se_inject.io.checkpoint import PLAN_HASH_KEY, PLAN_KEY
+from se_inject.io.checkpoint_file import DIGEST_PLACEHOLDER, WEIGHTS_HASH_KEY, write_safetensors_file
 
 runner = CliRunner()
 EVIL_NAMES = ["se\nimport os", "se\r__import__('os')", 'se"', "se'", "se()", "se\u2028x", "__class__", "__init__",
@@ -66,7 +61,7 @@ def craft(source: Path, target: Path, edit_plan=None, state=None) -> Path:
         edit_plan(plan)
     text = json.dumps(plan, sort_keys=True, separators=(",", ":"))
     metadata.update({PLAN_KEY: text, PLAN_HASH_KEY: hashlib.sha256(text.encode()).hexdigest(),
-                     WEIGHTS_HASH_KEY: _PLACEHOLDER})
+                     WEIGHTS_HASH_KEY: DIGEST_PLACEHOLDER})
     target.mkdir(parents=True, exist_ok=True)
     write_safetensors_file(target / "model.safetensors", state if state is not None else tensors, metadata)
     return target
@@ -313,10 +308,10 @@ def test_dtype_changed_in_the_header_is_reported(saved, tmp_path):
 
 def test_digest_is_the_written_bytes(saved):
     file = saved[2] / "model.safetensors"
-    se_inject.io.checkpoint.check_weights_digest(file)
+    se_inject.io.checkpoint_file.check_weights_digest(file)
     _, header = _header(file)
     assert len(header["__metadata__"][WEIGHTS_HASH_KEY]) == 64
-    assert header["__metadata__"][WEIGHTS_HASH_KEY] != _PLACEHOLDER
+    assert header["__metadata__"][WEIGHTS_HASH_KEY] != DIGEST_PLACEHOLDER
 
 
 # --- fuzzing: only typed errors, nothing imported, no marker ----------------------------------------------------------
@@ -410,15 +405,16 @@ def _state(directory: Path) -> dict[str, bytes]:
 
 
 # The steps of a write that change the file system; a fault is injected after any one of them.
-STEPS = (("tempfile", "mkdtemp"), ("atomic", "_create"), ("atomic", "_link"), ("atomic", "exchange"),
-         ("atomic", "_move"), ("os", "rename"), ("os", "replace"), ("os", "unlink"), ("os", "rmdir"))
+STEPS = (("tempfile", "mkdtemp"), ("atomic", "create_new"), ("ownership", "create_new"), ("atomic", "_link"),
+         ("atomic", "exchange"), ("atomic", "_move"), ("os", "rename"), ("os", "replace"), ("os", "unlink"),
+         ("os", "rmdir"))
 
 
 def _patch_steps(setattr_, after) -> None:
     """Wrap each step so that `after(name)` runs once it returned (`setattr_`: monkeypatch.setattr, or setattr in a
     forked child)."""
     for owner, name in STEPS:
-        target = {"atomic": atomic, "os": os, "tempfile": tempfile}[owner]
+        target = {"atomic": atomic, "ownership": ownership, "os": os, "tempfile": tempfile}[owner]
         real = getattr(target, name)
 
         def step(*args, _real=real, _name=f"{owner}.{name}", **kwargs):
@@ -602,7 +598,15 @@ def test_unreadable_files_say_permission_denied(saved, tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
+    real_os_open = os.open
+
+    def os_denied(file, *args, **kwargs):  # the --weights file is opened with os.open (engine.files)
+        if str(file) == str(weights):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_os_open(file, *args, **kwargs)
+
     monkeypatch.setattr(se_inject.engine.weights, "open", denied, raising=False)
+    monkeypatch.setattr(os, "open", os_denied)
     one_line(cli("timm:test_resnet", "--weights", str(weights), "--dry-run"), 1, "permission denied")
     one_line(cli("export", str(saved[2]), "-f", "onnx"), 1, "permission denied")
 

@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject.cli import app
-from se_inject.engine.recipes import parse_recipe
+from se_inject.engine.recipe_files import parse_recipe
 from se_inject.engine.schema import PlanSchemaError, plan_from_data
 from se_inject.errors import RecipeFileError, UsageError
-from se_inject.io.checkpoint import PLAN_HASH_KEY, PLAN_KEY, WEIGHTS_HASH_KEY, read_plan
+from se_inject.io.checkpoint import PLAN_HASH_KEY, PLAN_KEY, read_plan
+from se_inject.io.checkpoint_file import WEIGHTS_HASH_KEY
 from se_inject.settings import LIBRARY, OPTION_KEYS, SESettings, Settings, SettingsError, compose, site_settings
 
 # A plan as se-inject wrote it before the settings record: the user's options in the CLI's words.

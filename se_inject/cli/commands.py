@@ -18,10 +18,11 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import SEInjectError, UsageError, WeightsError
+from ..errors import SEInjectError, UsageError
 from ..io.preflight import check_export_options, check_output_file, check_output_folder
 from ..names import EXPORT_FORMATS, GATES, INITS, MODEL_SOURCES, PLACEMENTS, VARIANTS
 from ..settings import OPTION_KEYS, Settings
+from .preflight import inject_preflight
 from .process import error, error_funnel, exit_now, printable_streams
 from .render import (
     console,
@@ -204,37 +205,6 @@ def inject_command(
             print_json(report.to_dict())
         else:
             render_report(report, verbose=verbose, seed_drawn=seed is None)
-
-
-def inject_preflight(*, dry_run: bool, output: Path | None, force: bool, formats: tuple[str, ...],
-                     weights: Path | None, images: Path | None, pretrained: bool, static_batch: int | None,
-                     opset: int | None) -> list[str]:
-    """Everything about an inject command that can be checked before torch is imported: raises for options that
-    contradict each other or cannot work, returns notes for options that will not be used."""
-    check_export_options(formats, batch=static_batch, opset=opset)
-    notes = []
-    if dry_run:
-        if formats:
-            raise UsageError("--export writes files and --dry-run writes nothing: drop one of them")
-        if images is not None:
-            raise UsageError("--dry-run computes no outputs, so --images has nothing to measure: drop one of them")
-        if output is not None or force:
-            notes.append("dry run: --output/--force unused, nothing is written")
-        if weights is not None:
-            notes.append("dry run: the weights file was checked against the model; drift is not measured")
-        if pretrained:
-            notes.append("dry run: the pretrained weights were located, not loaded; drift is not measured")
-    elif output is not None:
-        check_output_folder(output, force=force)
-    if weights is not None and not weights.is_file():
-        raise WeightsError(f"{weights}: no such file" if not weights.exists() else f"{weights}: not a file")
-    if images is not None:
-        if not images.is_dir():
-            raise SEInjectError(f"--images {images}: not a folder")
-        if weights is None and not pretrained:
-            notes.append("--images without --weights or --pretrained: the drift is measured against the base "
-                         "model's random weights")
-    return notes
 
 
 # --- recipes -------------------------------------------------------------------------------------------------------

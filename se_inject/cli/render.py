@@ -201,7 +201,8 @@ def export_line(e: dict[str, Any]) -> str:
 
 
 def print_recipes(*, as_json: bool) -> None:
-    from ..engine.recipes import get_recipe, list_recipes, recipe_table
+    from ..engine.recipe_files import get_recipe, list_recipes
+    from ..engine.recipes import recipe_table
 
     recipes = [get_recipe(name) for name in list_recipes()]
     if as_json:

@@ -102,11 +102,11 @@ def image_batch(
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise SEInjectError(f"--images {directory}: not a folder")
+        raise SEInjectError(f"drift={str(directory)!r} (--images): not a folder")
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_IMAGES]
     # Files only: a FIFO or a device with an image's name would block or never end.
     if not files:
-        raise SEInjectError(f"--images {directory}: no {', '.join(IMAGE_SUFFIXES)} files")
+        raise SEInjectError(f"drift={str(directory)!r} (--images): no {', '.join(IMAGE_SUFFIXES)} files")
     from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -127,7 +127,8 @@ def image_batch(
         images.append(F.normalize(image, list(mean), list(std)))
     if not images:
         name, reason = undecodable[0]
-        raise SEInjectError(f"--images {directory}: none of the {len(files)} files decodes (e.g. {name}: {reason})")
+        raise SEInjectError(f"drift={str(directory)!r} (--images): none of the {len(files)} files decodes "
+                            f"(e.g. {name}: {reason})")
     described = f"{len(images)} images from {directory}"
     if undecodable:
         names = ", ".join(name for name, _ in undecodable[:3]) + (", ..." if len(undecodable) > 3 else "")

@@ -56,4 +56,4 @@ def check_forward_memory(
     if have is not None and need > have:
         size = "x".join(map(str, input_size))
         raise error(f"input size {size}: {what} needs about {need / 2**30:.0f} GiB, more than this "
-                    f"machine's {have / 2**30:.0f} GiB; choose a smaller --input-size")
+                    f"machine's {have / 2**30:.0f} GiB; choose a smaller input_size (--input-size)")

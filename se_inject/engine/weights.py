@@ -2,56 +2,83 @@
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 
 from ..errors import SEInjectError, WeightsError, describe
+from .files import open_regular
+from .memory import machine_memory
+
+MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own limit on its JSON header
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a local checkpoint without executing code: safetensors, or torch.load(weights_only=True)."""
+    """Read a local checkpoint without executing code: safetensors, or torch.load(weights_only=True). The file must be
+    a regular file no larger than the machine's memory (its tensors are all read into it), else a WeightsError."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    if path.stat().st_size == 0:
-        raise WeightsError(f"{path}: empty file")
-    check_readable(path, WeightsError)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            data: Any = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise WeightsError(f"{path}: not a valid safetensors file ({describe(e) or type(e).__name__})") from None
-    else:
-        import pickle
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                data = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            target = re.search(r"GLOBAL\s+([\w.]+)", str(e))  # torch names what the pickle would import and call
-            if target:
-                raise WeightsError(
-                    f"{path}: refused, loading it would call {target.group(1)}; only tensors are read "
-                    "(torch.load weights_only=True). Convert it with code you trust, or use .safetensors"
-                ) from None
-            detail = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-            detail_line = detail[0] if detail else ""
-            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_pickle_detail(detail_line)})") from None
-        except Exception as e:  # truncated zip, random bytes, ...
-            raise WeightsError(
-                f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({_pickle_detail(e)})"
-            ) from None
+    with os.fdopen(_open(path), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise WeightsError(f"{path}: empty file")
+        if path.suffix == ".safetensors":
+            _check_safetensors_header(f, size, path)
+            data: Any = _load_safetensors(path)
+        else:
+            data = _load_pickle(f, path)
     return _unwrap_state_dict(data, path)
+
+
+def _open(path: Path) -> int:
+    return open_regular(path, lambda why: WeightsError(f"{path}: {why}"), limit=machine_memory())
+
+
+def _check_safetensors_header(f: BinaryIO, size: int, path: Path) -> None:
+    """Refuse a header longer than safetensors' own limit or than the file, before anything parses it."""
+    head = f.read(8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else None
+    if length is None or length > min(MAX_SAFETENSORS_HEADER, size - 8):
+        got = "too short for its header length" if length is None else f"header of {length:,} bytes"
+        raise WeightsError(f"{path}: not a valid safetensors file ({got} in a file of {size:,} bytes)")
+
+
+def _load_safetensors(path: Path) -> Any:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"{path}: not a valid safetensors file ({describe(e) or type(e).__name__})") from None
+
+
+def _load_pickle(f: BinaryIO, path: Path) -> Any:
+    import pickle
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        target = re.search(r"GLOBAL\s+([\w.]+)", str(e))  # torch names what the pickle would import and call
+        if target:
+            raise WeightsError(
+                f"{path}: refused, loading it would call {target.group(1)}; only tensors are read "
+                "(torch.load weights_only=True). Convert it with code you trust, or use .safetensors"
+            ) from None
+        detail = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        detail_line = detail[0] if detail else ""
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_pickle_detail(detail_line)})") from None
+    except Exception as e:  # truncated zip, random bytes, ...
+        raise WeightsError(
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({_pickle_detail(e)})"
+        ) from None
 
 
 def _pickle_detail(e: BaseException | str) -> str:

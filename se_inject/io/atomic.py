@@ -1,11 +1,11 @@
 """All-or-nothing writes of an output folder, touching only what se-inject itself wrote.
 
 The rule (docs/security.md): se-inject deletes or replaces only entries it created and can prove it created. A file
-is proven by ``.se-inject.json``, the record in its folder: a regular file whose size, modification time and SHA-256
-match what was recorded when se-inject wrote it. A temporary folder (``tempfile.mkdtemp`` beside the target, or in
-it) is proven by its marker, which names the folder's own inode, and is left alone while its writer holds its lock.
-Nothing else is ever removed: no ``rmtree``, no descent into a folder se-inject did not make, and an entry that cannot
-be given back stops the run with the entry where it is.
+is proven by ``.se-inject.json``, the record in its folder (`se_inject.io.ownership`): a regular file whose size,
+modification time and SHA-256 match what was recorded when se-inject wrote it. A temporary folder (``tempfile.mkdtemp``
+beside the target, or in it) is proven by its marker, which names the folder's own inode, and is left alone while its
+writer holds its lock. Nothing else is ever removed: no ``rmtree``, no descent into a folder se-inject did not make,
+and an entry that cannot be given back stops the run with the entry where it is.
 
 A folder is staged complete beside the target and swapped in with one atomic step (Linux
 ``renameat2(RENAME_EXCHANGE)``; a new folder is one rename), so the target always holds one complete run. The user's
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -28,110 +27,23 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import OutputExistsError, SEInjectError, UsageError
+from .ownership import (
+    MARKER,
+    MAX_RECORD_BYTES,
+    RECORD_FILE,
+    create_new,
+    lstat,
+    owned_files,
+    proven,
+    read_json,
+    read_record,
+    write_record,
+)
 
-RECORD_FILE = ".se-inject.json"
-RECORD_FORMAT = "se-inject.files/1"
-MAX_RECORD_BYTES = 1 << 20
 _PREFIX = ".se-inject-"
-_MARKER = ".se-inject-staging"
 _MKDTEMP = re.compile(r"\.se-inject-[a-z0-9_]{8}")  # what tempfile.mkdtemp names with our prefix
 
 Writer = Callable[[Path], None]
-
-
-# --- looking at entries se-inject may not have made: lstat first, then regular files only, never blocking --------
-
-
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def _regular(path: Path) -> Iterator[int | None]:
-    """A read-only descriptor of `path` while it is a regular file (never a symlink, FIFO or device), else None."""
-    st = _lstat(path)
-    fd = None
-    if st is not None and stat.S_ISREG(st.st_mode):
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        if fd is not None and (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (st.st_dev, st.st_ino):
-            os.close(fd)  # swapped meanwhile
-            fd = None
-    try:
-        yield fd
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _read_json(path: Path, limit: int) -> object:
-    with _regular(path) as fd:
-        data = os.read(fd, limit + 1) if fd is not None else b""
-    try:
-        return json.loads(data.decode("utf-8")) if 0 < len(data) <= limit else None
-    except (ValueError, RecursionError):
-        return None
-
-
-def _digest(path: Path) -> str | None:
-    with _regular(path) as fd:
-        if fd is None:
-            return None
-        digest = hashlib.sha256()
-        while chunk := os.read(fd, 1 << 20):
-            digest.update(chunk)
-        return digest.hexdigest()
-
-
-def _create(path: Path, text: str, mode: int = 0o666) -> None:
-    """Write a new file; fails (FileExistsError) rather than write through whatever already has that name."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.write(fd, text.encode("utf-8"))
-    finally:
-        os.close(fd)
-
-
-# --- the record: which files are se-inject's -----------------------------------------------------------------------
-
-
-def read_record(directory: Path) -> dict[str, dict[str, object]]:
-    """Files se-inject wrote into `directory` (name -> size, mtime and digest then); empty without a valid record."""
-    data = _read_json(directory / RECORD_FILE, MAX_RECORD_BYTES)
-    files = data.get("files") if isinstance(data, dict) and data.get("format") == RECORD_FORMAT else None
-    if not isinstance(files, dict):
-        return {}
-    return {name: stamp for name, stamp in files.items()
-            if isinstance(name, str) and "/" not in name and name not in ("", ".", "..", RECORD_FILE, _MARKER)
-            and isinstance(stamp, dict) and type(stamp.get("size")) is int and type(stamp.get("mtime_ns")) is int
-            and isinstance(stamp.get("sha256"), str)}  # records from before the digest prove nothing
-
-
-def _proven(path: Path, stamp: dict[str, object]) -> bool:
-    """Whether `path` is the regular file se-inject recorded: same size, mtime and SHA-256."""
-    st = _lstat(path)
-    if st is None or not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (stamp["size"], stamp["mtime_ns"]):
-        return False
-    return _digest(path) == stamp["sha256"]
-
-
-def owned_files(directory: Path) -> set[str]:
-    """Recorded files still exactly as se-inject wrote them: ours to replace or remove."""
-    return {name for name, stamp in read_record(directory).items() if _proven(directory / name, stamp)}
-
-
-def _write_record(folder: Path, stamped_in: Path, names: Iterable[str]) -> None:
-    """Write the record of `names` (stamped as they are in `stamped_in`) into `folder`."""
-    files = {}
-    for name in sorted(names):
-        st = os.lstat(stamped_in / name)
-        files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _digest(stamped_in / name)}
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(folder / RECORD_FILE)
-    _create(folder / RECORD_FILE, json.dumps({"format": RECORD_FORMAT, "files": files}, indent=1) + "\n")
 
 
 # --- temporaries: made by mkdtemp, proven by a marker naming their inode, locked while their writer lives ---------
@@ -150,10 +62,10 @@ def _lock(fd: int) -> bool:
 
 def _marker(folder: Path, target: str | None) -> dict | None:
     """The marker of `folder` when se-inject made the folder (for `target`, when given), else None."""
-    st = _lstat(folder)
+    st = lstat(folder)
     if st is None or not stat.S_ISDIR(st.st_mode):
         return None
-    marker = _read_json(folder / _MARKER, 1 << 16)
+    marker = read_json(folder / MARKER, 1 << 16)
     if (not isinstance(marker, dict) or marker.get("inode") != st.st_ino
             or marker.get("role") not in ("staging", "previous", "files")
             or not isinstance(marker.get("target"), str) or target not in (None, marker["target"])
@@ -173,7 +85,7 @@ def _temporary(where: Path, target: str, role: str, files: Iterable[str]) -> Ite
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         _lock(fd)
-        _create(folder / _MARKER, _marker_text(folder, target, role, files), 0o600)
+        create_new(folder / MARKER, _marker_text(folder, target, role, files), 0o600)
         yield folder
     finally:
         os.close(fd)
@@ -189,12 +101,12 @@ def _discard(folder: Path, directory: Path) -> None:
     record = read_record(folder)
     kept = []
     for entry in sorted(folder.iterdir(), key=lambda e: (e.name == RECORD_FILE, e.name)):  # the record: last
-        st, live = _lstat(entry), _lstat(directory / entry.name)
-        if entry.name == _MARKER or st is None:
+        st, live = lstat(entry), lstat(directory / entry.name)
+        if entry.name == MARKER or st is None:
             continue
         name = entry.name
-        ours = name == RECORD_FILE and isinstance(_read_json(entry, MAX_RECORD_BYTES), dict)
-        written = stat.S_ISREG(st.st_mode) and (ours or (name in record and _proven(entry, record[name]))
+        ours = name == RECORD_FILE and isinstance(read_json(entry, MAX_RECORD_BYTES), dict)
+        written = stat.S_ISREG(st.st_mode) and (ours or (name in record and proven(entry, record[name]))
                                                 or (marker["role"] != "previous" and name in marker["files"]))
         twin = live is not None and not stat.S_ISDIR(st.st_mode) and live[1:3] == st[1:3]  # same inode and device
         if written or twin:
@@ -205,7 +117,7 @@ def _discard(folder: Path, directory: Path) -> None:
         raise SEInjectError(f"{directory}: {len(kept)} of your entries ({', '.join(kept[:3])}) could not be put back "
                             f"after an interrupted run (the name is taken, or it cannot move): they are in {folder}, "
                             "untouched. Move them where you want them, then remove that folder and run again")
-    os.unlink(folder / _MARKER)
+    os.unlink(folder / MARKER)
     os.rmdir(folder)
 
 
@@ -213,7 +125,7 @@ def remove_leftovers(directory: Path) -> None:
     """Remove what killed runs left for `directory`: a marker in it, our temporaries in it and beside it (proven by
     their marker, their writer gone), giving the user's entries back first; empty folders named by mkdtemp."""
     if _marker(directory, directory.name) is not None:
-        os.unlink(directory / _MARKER)
+        os.unlink(directory / MARKER)
     for place in (directory, directory.parent):
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             for entry in sorted(place.iterdir()):
@@ -246,7 +158,7 @@ def foreign_entries(directory: str | Path) -> list[str]:
         with contextlib.suppress(OSError):
             for entry in sorted(place.iterdir()):
                 if (entry.name.startswith(_PREFIX) and entry.name != RECORD_FILE
-                        and _marker(entry, None) is None and not (entry.name == _MARKER and place == directory
+                        and _marker(entry, None) is None and not (entry.name == MARKER and place == directory
                                                                   and _marker(directory, None) is not None)):
                     found.append(str(entry))
     return found
@@ -282,7 +194,7 @@ def exchange(a: Path, b: Path) -> bool:
 def _move(source: Path, target: Path) -> bool:
     """Rename `source` to `target` unless `target` exists (RENAME_NOREPLACE; elsewhere checked just before)."""
     done = _renameat2(source, target, 1)
-    if done is None and _lstat(target) is None:
+    if done is None and lstat(target) is None:
         try:
             os.rename(source, target)
         except OSError:
@@ -393,26 +305,26 @@ def check_names(directory: Path, names: dict[str, Writer] | list[str] | tuple[st
     if not directory.is_dir():
         return set()
     owned = owned_files(directory)
-    recorded = outputs or _lstat(directory / RECORD_FILE) is not None
-    existing = [name for name in names if _lstat(directory / name) is not None]
+    recorded = outputs or lstat(directory / RECORD_FILE) is not None
+    existing = [name for name in names if lstat(directory / name) is not None]
     odd = [name for name in existing if not stat.S_ISREG(os.lstat(directory / name).st_mode)]
     if odd:  # a folder, symlink, device, FIFO or socket: never replaced
         raise OutputExistsError(f"{directory / odd[0]} already exists and is not a regular file: se-inject never "
-                                "replaces it, even with --force; move it away or choose another output")
+                                "replaces it, even with force=True (--force); move it away or choose another output")
     theirs = [name for name in existing if name not in owned] if recorded else []
     if theirs:
         raise OutputExistsError(f"{directory / theirs[0]} already exists and is not a file se-inject wrote (or it was "
-                                "changed since): se-inject never replaces it, even with --force; move it away or "
-                                "choose another output")
+                                "changed since): se-inject never replaces it, even with force=True (--force); move it "
+                                "away or choose another output")
     record = directory / RECORD_FILE
-    if outputs and _lstat(record) is not None and not isinstance(_read_json(record, MAX_RECORD_BYTES), dict):
+    if outputs and lstat(record) is not None and not isinstance(read_json(record, MAX_RECORD_BYTES), dict):
         raise OutputExistsError(f"{record} is in the way of se-inject's record and is not se-inject's; move it away")
-    if outputs and _lstat(directory / _MARKER) is not None and _marker(directory, None) is None:
-        raise OutputExistsError(f"{directory / _MARKER} is in the way of se-inject's staging marker and is not "
+    if outputs and lstat(directory / MARKER) is not None and _marker(directory, None) is None:
+        raise OutputExistsError(f"{directory / MARKER} is in the way of se-inject's staging marker and is not "
                                 "se-inject's; move it away")
     conflicts = sorted(set(existing) | (owned if outputs else set()), key=lambda n: (n not in names, n))
     if conflicts and not force:
-        raise OutputExistsError(f"{directory / conflicts[0]} already exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{directory / conflicts[0]} already exists; pass force=True (--force) to overwrite it")
     return owned
 
 
@@ -421,28 +333,28 @@ def _swap(staging: Path, directory: Path, files: dict[str, Writer], owned: set[s
     nothing, where an entry cannot come along. The user's subfolders are given back from the previous folder, which
     `staging` names afterwards."""
     if record:
-        _write_record(staging, staging, files)
-    st = _lstat(directory)
+        write_record(staging, staging, files)
+    st = lstat(directory)
     if st is None:
         os.chmod(staging, _default_mode())
         if not _move(staging, directory):
             raise FileExistsError(errno.EEXIST, "created meanwhile", str(directory))
-        os.unlink(directory / _MARKER)
+        os.unlink(directory / MARKER)
         return True
     for entry in os.scandir(directory):
         kind = entry.stat(follow_symlinks=False)
-        if entry.name in files or entry.name in owned or entry.name in (RECORD_FILE, _MARKER):
+        if entry.name in files or entry.name in owned or entry.name in (RECORD_FILE, MARKER):
             continue
         if stat.S_ISDIR(kind.st_mode) and kind.st_dev != st.st_dev:
             return False
         if not stat.S_ISDIR(kind.st_mode) and not _link(Path(entry.path), staging / entry.name):
             return False
     os.chmod(staging, stat.S_IMODE(st.st_mode))
-    _create(directory / _MARKER, _marker_text(directory, directory.name, "previous", []), 0o600)
+    create_new(directory / MARKER, _marker_text(directory, directory.name, "previous", []), 0o600)
     if not exchange(staging, directory):
-        os.unlink(directory / _MARKER)
+        os.unlink(directory / MARKER)
         return False
-    os.unlink(directory / _MARKER)  # the new folder's: it was the staging folder's marker
+    os.unlink(directory / MARKER)  # the new folder's: it was the staging folder's marker
     return True
 
 
@@ -452,8 +364,8 @@ def _put(staging: Path, directory: Path, files: dict[str, Writer], owned: set[st
         os.replace(staging / name, directory / name)
     record = read_record(directory)
     for name in sorted(owned - set(files)) if outputs else ():
-        if name in record and _proven(directory / name, record[name]):
+        if name in record and proven(directory / name, record[name]):
             os.unlink(directory / name)
-    if outputs or _lstat(directory / RECORD_FILE) is not None:
-        _write_record(staging, directory, set(files) | (set() if outputs else owned_files(directory)))
+    if outputs or lstat(directory / RECORD_FILE) is not None:
+        write_record(staging, directory, set(files) | (set() if outputs else owned_files(directory)))
         os.replace(staging / RECORD_FILE, directory / RECORD_FILE)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -25,11 +23,21 @@ from ..engine.plan import Plan
 from ..engine.resolve import ModelSpec, registered
 from ..engine.schema import plan_from_data
 from ..engine.surgery import apply_plan
-from ..engine.weights import check_readable, check_state_dict, load_state
-from ..errors import CheckpointError, SEInjectError, WeightsError, describe
+from ..engine.weights import check_state_dict, load_state
+from ..errors import CheckpointError, SEInjectError, WeightsError
+from .checkpoint_file import (
+    DIGEST_PLACEHOLDER,
+    DTYPES,
+    WEIGHTS_HASH_KEY,
+    check_file_size,
+    check_weights_digest,
+    model_file,
+    read_metadata,
+    read_reason,
+    write_safetensors_file,
+)
 from .features import feature_options, is_feature_extractor, wrap_features
 
-MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
 PLAN_KEY = "se_inject.plan"
 PLAN_HASH_KEY = "se_inject.plan_sha256"
@@ -50,32 +58,9 @@ def checkpoint_metadata(plan: Plan) -> dict[str, str]:
         "format": "pt",
         PLAN_KEY: text,
         PLAN_HASH_KEY: hashlib.sha256(text.encode()).hexdigest(),
-        WEIGHTS_HASH_KEY: _PLACEHOLDER,  # the writer fills in the digest of the tensors it streams
+        WEIGHTS_HASH_KEY: DIGEST_PLACEHOLDER,  # the writer fills in the digest of the tensors it streams
         "se_inject.versions": json.dumps(library_versions(), sort_keys=True),
     }
-
-
-WEIGHTS_HASH_KEY = "se_inject.weights_sha256"
-_PLACEHOLDER = "0" * 64
-_DIGEST_PREFIX = b"se-inject.weights/1\n"
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-
-
-def _weights_hasher(header: dict[str, Any]) -> Any:
-    """SHA-256 over the tensor index (names, dtypes, shapes, offsets) and then the data bytes, in file order: binds
-    what each tensor is to its bytes, so a changed dtype or a swapped tensor is caught as well as a flipped bit."""
-    index = {k: v for k, v in header.items() if k != "__metadata__"}
-    hasher = hashlib.sha256(_DIGEST_PREFIX)
-    hasher.update(json.dumps(index, sort_keys=True, separators=(",", ":")).encode())
-    hasher.update(b"\n")
-    return hasher
-
-
-_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
 
 
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,36 +69,6 @@ def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     if any(t.is_meta for t in state.values()):
         raise SEInjectError("the model lives on the meta device and has no weights to save")
     return state
-
-
-def write_safetensors_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write the safetensors format tensor by tensor: no second copy of the weights in memory, and the same bytes
-    for the same inputs (safetensors' own writer orders the metadata differently from run to run)."""
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.dtype not in _DTYPES:
-            raise SEInjectError(f"cannot save {name}: dtype {t.dtype} has no safetensors code")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format allows space padding; keeps the data 8-byte aligned
-    hasher = _weights_hasher(header)
-    placeholder = f'"{WEIGHTS_HASH_KEY}":"{_PLACEHOLDER}"'.encode()
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for name in sorted(tensors):
-            t = tensors[name].to("cpu").contiguous().reshape(-1)
-            if t.numel():
-                data = t.view(torch.uint8).numpy().data
-                hasher.update(data)  # hashed as streamed: no second pass over the weights
-                f.write(data)
-        if placeholder in blob:  # same length as the digest: no offset moves
-            f.seek(8 + blob.index(placeholder) + len(placeholder) - len(_PLACEHOLDER) - 1)
-            f.write(hasher.hexdigest().encode())
 
 
 def write_checkpoint(model: nn.Module, plan: Plan) -> Callable[[Path], None]:
@@ -137,32 +92,11 @@ def write_text(text: str) -> Callable[[Path], None]:
     return write
 
 
-def _model_file(path: str | Path) -> Path:
-    path = Path(path)
-    file = path / MODEL_FILE if path.is_dir() else path
-    if not file.is_file():
-        if path.is_dir():
-            raise CheckpointError(f"{path}: no {MODEL_FILE} in this folder (not an se-inject output?)")
-        raise CheckpointError(f"{path}: no such file or folder")
-    check_readable(file, CheckpointError)
-    return file
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    from safetensors import SafetensorError, safe_open
-
-    file = _model_file(path)
-    try:
-        with safe_open(str(file), "pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{file}: not a valid safetensors file ({describe(e, 160)})") from None
-
 
 def read_plan(path: str | Path) -> Plan:
     """The plan stored in a saved checkpoint, verified against its checksum and validated field by field."""
 
-    file = _model_file(path)
+    file = model_file(path)
     metadata = read_metadata(file)
     text = metadata.get(PLAN_KEY)
     if text is None:
@@ -178,60 +112,6 @@ def read_plan(path: str | Path) -> Plan:
     except CheckpointError as e:
         raise CheckpointError(f"{file}: {e}") from None
 
-
-def check_file_size(path: str | Path) -> None:
-    """The file is exactly its header and the tensor bytes the header places: a longer one (padding, or a sparse
-    file claiming terabytes) is refused before a byte of it is hashed."""
-    file = _model_file(path)
-    try:
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size <= MAX_HEADER_BYTES:
-                raise CheckpointError(f"{file}: not a valid safetensors file (header size {size})")
-            header = json.loads(f.read(size))
-            length = os.fstat(f.fileno()).st_size
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{file}: cannot read its header ({_reason(e)})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: not a valid safetensors file (the header is not an object)")
-    offsets = [v.get("data_offsets") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    needed = 8 + size + max([o[-1] for o in offsets if isinstance(o, list) and o and type(o[-1]) is int], default=0)
-    if length != needed:
-        raise CheckpointError(f"{file}: the file is {length:,} bytes, its header places {needed:,} (truncated, "
-                              "padded or damaged)")
-
-
-def check_weights_digest(path: str | Path) -> None:
-    """Check the tensors' bytes against the digest the writer stored (streamed in 16 MiB chunks). A file saved by
-    an se-inject without weight digests passes; a damaged header, a changed byte or a swapped tensor raises."""
-    file = _model_file(path)
-    try:
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size <= MAX_HEADER_BYTES:
-                raise CheckpointError(f"{file}: not a valid safetensors file (header size {size})")
-            header = json.loads(f.read(size))
-            if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
-                raise CheckpointError(f"{file}: not a valid safetensors file (the header is not an object)")
-            expected = header.get("__metadata__", {}).get(WEIGHTS_HASH_KEY)
-            if expected is None:
-                return
-            hasher = _weights_hasher(header)
-            chunk = bytearray(16 << 20)
-            view = memoryview(chunk)
-            while n := f.readinto(chunk):
-                hasher.update(view[:n])
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{file}: cannot read its header ({_reason(e)})") from None
-    if hasher.hexdigest() != expected:
-        raise CheckpointError(f"{file}: the weights were modified or damaged (digest mismatch); "
-                              "re-save the model, or load with verify_weights=False at your own risk")
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, PermissionError):
-        return "permission denied"
-    return describe(e, 160) or type(e).__name__
 
 
 def _check_model_spec(spec: ModelSpec, file: Path, metadata: dict[str, str], trust_code: bool) -> None:
@@ -281,7 +161,7 @@ def _header_tensors(file: Path) -> dict[str, torch.Tensor]:
     """The file's tensors as meta tensors (names, shapes, dtypes from its header): no data is read."""
     from safetensors import SafetensorError, safe_open
 
-    codes = {code: dtype for dtype, code in _DTYPES.items()}
+    codes = {code: dtype for dtype, code in DTYPES.items()}
     tensors = {}
     try:
         with safe_open(str(file), "pt") as f:
@@ -293,7 +173,7 @@ def _header_tensors(file: Path) -> dict[str, torch.Tensor]:
                                           "se-inject does not write")
                 tensors[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{file}: cannot read the weights ({_reason(e)})") from None
+        raise CheckpointError(f"{file}: cannot read the weights ({read_reason(e)})") from None
     return tensors
 
 
@@ -365,7 +245,7 @@ def load(
 
     if model is not None and is_feature_extractor(model):
         features_only, out_indices, model = True, out_indices or feature_options(model).get("out_indices"), None
-    file = _model_file(path)
+    file = model_file(path)
     plan = read_plan(file)
     if model is None and plan.model is None:
         raise CheckpointError(f"{file}: saved from a model object; pass the base model: load(path, model=...)")
@@ -399,7 +279,7 @@ def load(
             # model, and outputs are bit-identical.
             state = {key: f.get_tensor(key).clone() for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{file}: cannot read the weights ({_reason(e)})") from None
+        raise CheckpointError(f"{file}: cannot read the weights ({read_reason(e)})") from None
     _check_state(probe, state, file)
     try:
         if model is not None:
@@ -415,7 +295,7 @@ def load(
     try:
         load_state(rebuilt, state)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{file}: cannot load the weights into the model ({_reason(e)})") from None
+        raise CheckpointError(f"{file}: cannot load the weights into the model ({read_reason(e)})") from None
     if features_only:
         options = {k: v for k, v in (("out_indices", out_indices), ("feature_cls", feature_cls)) if v is not None}
         rebuilt = wrap_features(rebuilt, plan, **options)

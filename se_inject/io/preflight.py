@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..errors import OutputExistsError, UsageError
 from ..names import EXPORT_FORMATS
-from .atomic import RECORD_FILE, check_names
+from .atomic import check_names
+from .ownership import RECORD_FILE
 
 # Every name the writers (io.checkpoint, io.export) put in an output folder: the names the check guards.
 OUTPUT_FILES = ("model.safetensors", "report.json", "config.json", "model.pt", "model.pt2", "model.onnx")
@@ -29,12 +30,13 @@ def check_export_options(formats: tuple[str, ...] | list[str], *, batch: int | N
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise UsageError(f"invalid static batch {batch!r}: expected an integer >= 1")
         if not formats:
-            raise UsageError("--static-batch applies to exports only: add --export FORMAT")
+            raise UsageError("export_batch (--static-batch) applies to exports only: "
+                             "add one to exports (--export FORMAT)")
     if opset is not None:
         if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
             raise UsageError(f"invalid opset {opset!r}: expected an integer >= {MIN_OPSET}")
         if "onnx" not in formats:
-            raise UsageError("--opset applies to ONNX exports only: add --export onnx")
+            raise UsageError("opset (--opset) applies to ONNX exports only: add \"onnx\" to exports (--export onnx)")
 
 
 def check_output_folder(directory: str | Path, *, force: bool) -> None:
@@ -49,7 +51,8 @@ def check_output_folder(directory: str | Path, *, force: bool) -> None:
     if not force:
         existing = [name for name in OUTPUT_FILES if os.path.lexists(directory / name)]
         if existing:
-            raise OutputExistsError(f"{directory / existing[0]} already exists; pass --force to overwrite it")
+            raise OutputExistsError(
+                f"{directory / existing[0]} already exists; pass force=True (--force) to overwrite it")
 
 
 def check_output_file(path: str | Path, *, force: bool) -> None:
@@ -65,12 +68,12 @@ def check_output_file(path: str | Path, *, force: bool) -> None:
     if not stat.S_ISREG(st.st_mode):
         kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a device, FIFO or socket"
         raise OutputExistsError(f"{path} is not a regular file ({kind}): se-inject replaces only regular files, even "
-                                "with --force; choose another output")
+                                "with force=True (--force); choose another output")
     if path.name in SAVED_FILES and any(_lstat(path.parent / n) is not None for n in (RECORD_FILE, OUTPUT_FILES[0])):
         raise OutputExistsError(f"{path} is part of the saved folder {path.parent}: an export never replaces it, "
-                                "even with --force; choose another output")
+                                "even with force=True (--force); choose another output")
     if not force:
-        raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{path} already exists; pass force=True (--force) to overwrite it")
 
 
 def _lstat(path: Path) -> os.stat_result | None:
