@@ -19,11 +19,12 @@ from ..settings import SESettings, compose
 from .designs import with_own_designs
 from .measure import Counts, count
 from .meta import as_meta, output_shapes, run_meta
-from .patterns import conv_chain, match_block, node_output_shape
+from .patterns import conv_chain, match_block
 from .plan import Skip
 from .recipes import BlockRule, PatternRule, Recipe
 from .record import record_call
 from .tokens import channels_last, prefix_tokens
+from .traces import node_output_shape
 from .widths import block_activation
 
 
