@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from .engine.build import build_model, seeded
+from .engine.category import architecture_category
 from .engine.coverage import CallWatch, check_other_paths
 from .engine.drift import Drift, compare, image_batch, random_batch
 from .engine.drift import outputs as drift_outputs
@@ -21,7 +22,6 @@ from .engine.inputs import default_input_size, parse_input_size
 from .engine.measure import Counts, count, count_params
 from .engine.memory import check_forward_memory
 from .engine.meta import is_meta, meta_copy
-from .engine.patterns import architecture_category
 from .engine.plan import Plan, Skip
 from .engine.planning import make_plan
 from .engine.recipe_files import resolve_recipes

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import se_inject
-from se_inject.engine import keys, patterns, surgery
+from se_inject.engine import keys, surgery, traces
 from se_inject.engine.keys import module_key
-from se_inject.engine.patterns import trace_block
+from se_inject.engine.traces import trace_block
 
 BasicBlock = timm.models.resnet.BasicBlock
 
@@ -40,7 +40,7 @@ def _unrewritten(model: nn.Module) -> nn.Module:
 def fresh_caches(monkeypatch):
     for cache in ("_rewrites", "_slot_rewrites", "_classes"):
         monkeypatch.setattr(surgery, cache, keys.BoundedCache(1024))
-    monkeypatch.setattr(patterns, "_traces", keys.BoundedCache(1024))
+    monkeypatch.setattr(traces, "_traces", keys.BoundedCache(1024))
 
 
 def _check_runs_the_current_forward(model: nn.Module) -> None:
@@ -135,7 +135,7 @@ class ModeBlock(nn.Module):
 def test_a_trace_is_keyed_by_the_training_flags(monkeypatch):
     """The trace of a block that branches on ``self.training`` is per mode: kills the mutant that drops the flag
     from the trace key."""
-    monkeypatch.setattr(patterns, "_traces", keys.BoundedCache(16))
+    monkeypatch.setattr(traces, "_traces", keys.BoundedCache(16))
     block = ModeBlock()
     adds = [sum(n.op == "call_function" for n in trace_block(block.train(mode)).nodes) for mode in (True, False)]
     assert adds == [1, 0]

@@ -392,7 +392,7 @@ def test_option_values_are_checked_before_torch_is_imported():
 def test_a_transformer_no_recipe_takes_is_told_why(tmp_path):
     from helpers import parallel_vit, parallel_vit_factory
 
-    from se_inject.engine.patterns import architecture_category
+    from se_inject.engine.category import architecture_category
 
     assert architecture_category(parallel_vit()) == "transformer"  # as scan says
     one_line(cli(parallel_vit_factory(tmp_path), "--dry-run", "--input-size", "32"), 1,

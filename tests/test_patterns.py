@@ -13,9 +13,10 @@ from torch import nn
 import se_inject
 from se_inject import RecipeFileError, load_recipe_file
 from se_inject.engine.build import build_model
-from se_inject.engine.patterns import conv_chain, match_block, trace_block
+from se_inject.engine.patterns import conv_chain, match_block
 from se_inject.engine.resolve import resolve_model
 from se_inject.engine.surgery import apply_plan
+from se_inject.engine.traces import trace_block
 
 
 class ToyBlock(nn.Module):
@@ -318,7 +319,7 @@ def test_structural_rewrites_script_and_export(source, name, size):
 
 
 def test_architecture_category_of_models_without_sites():
-    from se_inject.engine.patterns import architecture_category
+    from se_inject.engine.category import architecture_category
 
     cnn = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(5)])
     assert architecture_category(cnn) == "CNN"

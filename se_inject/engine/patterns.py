@@ -1,6 +1,6 @@
 """Structural patterns: where SE goes in a block recognised by the shape of its graph, whatever its class.
 
-A block's graph is its forward traced with torch.fx, every child opaque (one node per child call). Four patterns,
+A block's graph is its forward traced with torch.fx, every child opaque (`engine.traces`). Four patterns,
 each the SE paper's place for a kind of network (Hu et al., *Squeeze-and-Excitation Networks*):
 
 - ``residual`` (SE-ResNet, Fig. 3): the block adds a branch to a shortcut. SE goes at the end of the branch: after its
@@ -35,8 +35,7 @@ backwards from each addition states the rule once.
 from __future__ import annotations
 
 import operator
-import re
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +44,9 @@ import torch.fx
 from torch import nn
 
 from ..names import PATTERNS
-from .keys import BoundedCache, module_key
+from .traces import trace_block
 
-__all__ = ["PATTERNS", "Place", "conv_chain", "match_block", "node_output_shape", "token_layer", "trace_block"]
+__all__ = ["PATTERNS", "Place", "conv_chain", "match_block", "token_layer"]
 
 
 @dataclass(frozen=True)
@@ -60,34 +59,6 @@ class Place:
 
     anchor: str
     position: str
-
-
-# --- tracing, cached per exact block state -----------------------------------------------------------
-
-
-class _OpaqueTracer(torch.fx.Tracer):
-    """Every child module is one node."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return True
-
-
-_traces: BoundedCache[Hashable, torch.fx.Graph | None] = BoundedCache(2048)
-
-
-def trace_block(block: nn.Module) -> torch.fx.Graph | None:
-    """The block's forward traced with every child opaque, or None when torch.fx cannot trace it. Cached by the
-    block's exact state (`module_key`), so a model with 50 identical blocks is traced once."""
-    key = module_key(block)
-    graph = _traces.get(key, False) if key is not None else False
-    if graph is False:
-        try:
-            graph = _OpaqueTracer().trace(block)
-        except Exception:  # data-dependent control flow, unsupported arguments, ...: no structural match
-            graph = None
-        if key is not None:
-            _traces[key] = graph
-    return graph
 
 
 # --- what the nodes are ---------------------------------------------------------------------------------------------
@@ -433,72 +404,3 @@ def match_block(block: nn.Module, pattern: str) -> Place | None:
         return None
     graph = trace_block(block)
     return None if graph is None else _MATCHERS[pattern](block, graph)
-
-
-def node_output_shape(block: nn.Module, node_name: str, args: tuple[Any, ...]) -> tuple[int, ...] | None:
-    """Shape of the value of graph node `node_name` when `block` runs on these (meta) inputs; computed once per
-    exact block state (`module_key`), node and input shapes."""
-    graph = trace_block(block)
-    if graph is None:
-        return None
-    block_key = module_key(block)
-    if block_key is None:
-        return _run_to_node(block, graph, node_name, args)
-    key = (block_key, node_name, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else repr(a) for a in args))
-    if key not in _node_shapes:
-        _node_shapes[key] = _run_to_node(block, graph, node_name, args)
-    return _node_shapes.get(key)
-
-
-_node_shapes: BoundedCache[Hashable, tuple[int, ...] | None] = BoundedCache(4096)
-
-
-def _run_to_node(block: nn.Module, graph: torch.fx.Graph, node_name: str, args: tuple[Any, ...]) -> Any:
-    module = torch.fx.GraphModule(block, graph)
-    seen: dict[str, Any] = {}
-
-    class _Recorder(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            value = super().run_node(n)
-            if n.name == node_name:
-                seen["value"] = value
-            return value
-
-    try:
-        _Recorder(module).run(*args)
-    except Exception:
-        return None
-    value = seen.get("value")
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-
-# --- what a model without sites is ----------------------------------------------------------------------------------
-
-CATEGORIES = ("transformer", "MLP", "hybrid", "CNN")
-
-
-def architecture_category(model: nn.Module) -> str:
-    """What kind of network `model` is, for models no recipe takes: "transformer" or "MLP" when its only spatial
-    convolutions are a stem or patch embedding (at most 4, or strided by their own kernel size, or inside a module
-    named as a stem, patch embedding or positional encoding), or pool inside attention, and it does (does not) have
-    attention; "hybrid" or "CNN" when it has convolutional layers beyond that (a family no recipe covers yet)."""
-    spatial = []
-    for path, m in model.named_modules():
-        if not isinstance(m, nn.Conv2d) or m.kernel_size == (1, 1) or tuple(m.stride) == tuple(m.kernel_size):
-            continue
-        owners = [type(model.get_submodule(".".join(path.split(".")[:i]))).__name__ for i in range(path.count(".") + 1)]
-        if any(_EMBEDDING.search(name) for name in owners) or _ATTENTION.search(owners[-1]):
-            continue
-        spatial.append(m)
-    attention = any(
-        isinstance(m, nn.MultiheadAttention) or _ATTENTION.search(type(m).__name__) for m in model.modules()
-    )
-    if len(spatial) <= 4:
-        return "transformer" if attention else "MLP"
-    return "hybrid" if attention else "CNN"
-
-
-# Class names of modules whose convolutions are not convolutional blocks: stems, patch embeddings, positional
-# encodings (DaViT's ConvPosEnc, PEG); and of attention modules (MViTv2 pools queries and keys with convolutions).
-_EMBEDDING = re.compile(r"patchembed|stem|posenc|posconv|peg$", re.IGNORECASE)
-_ATTENTION = re.compile(r"attention|attn|msa$|mhsa$|gpsa$", re.IGNORECASE)

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..api import inject
 from ..engine.build import build_model
-from ..engine.patterns import architecture_category
+from ..engine.category import architecture_category
 from ..engine.resolve import resolve_model, split_tag, timm_names, torchvision_names
 from ..engine.tasks import TASKS, torchvision_task
 from ..errors import NoSitesError, SEInjectError, UsageError, describe
@@ -51,7 +51,7 @@ class ScanRow:
     macs_delta: int | None = None
     reason: str = ""
     seconds: float = 0.0
-    category: str = ""  # for "no-match": transformer, MLP, hybrid or CNN (`patterns.architecture_category`)
+    category: str = ""  # for "no-match": transformer, MLP, hybrid or CNN (`category.architecture_category`)
     task: str = "classification"  # detection, segmentation, video, optical_flow, quantization (`tasks.TASKS`)
 
     def to_dict(self) -> dict[str, Any]:
