@@ -120,7 +120,7 @@ _DDP_SCRIPT = textwrap.dedent('''
                                 timeout=datetime.timedelta(seconds=120))
         torch.manual_seed(0)  # the same weights on both ranks, as DDP makes them
         base = timm.create_model("test_resnet", zero_init_last=False)
-        model, report = se_inject.inject(base, seed=0, init="paper", input_size=32)
+        model, report = se_inject.inject(base, se_inject.Settings(init="paper"), seed=0, input_size=32)
         model.eval()  # eval norms: the gradient of the mean loss is the mean of the ranks' gradients
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(rank))  # each rank its own batch
         names = se_parameters(model)
