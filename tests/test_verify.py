@@ -289,3 +289,20 @@ def test_a_channels_last_map_takes_the_token_layer_at_every_size(tmp_path):
     model, report = se_inject.inject("timm:test_convnext", device="meta", seed=0, recipes=["ok", ok])
     blocks = [p for p, m in model.named_modules() if type(m).__name__ == "ConvNeXtBlock"]
     assert [s.path for s in report.plan.sites] == blocks and not report.skipped
+
+
+def test_channels_last_blocks_are_checked_on_small_maps(monkeypatch):
+    """SAM's blocks take (N, H, W, C) tokens and some attend globally: checked at the recorded 64x64 tokens, the
+    ViT-H's global attention took gigabytes (the scan's OOM kill). Its height and width shrink, not its W and C."""
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    shapes = []
+    run = se_inject.engine.verify._run_modes
+    monkeypatch.setattr(se_inject.engine.verify, "_run_modes",
+                        lambda block, inputs: shapes.append(tuple(inputs[0][0].shape)) or run(block, inputs))
+    model = VisionTransformerSAM(img_size=128, patch_size=16, embed_dim=64, depth=2, num_heads=2, window_size=4,
+                                 global_attn_indexes=(1,), use_rel_pos=True, neck_chans=32, num_classes=10)
+    _, report = se_inject.inject(model, device="meta", seed=0, input_size=128)
+    assert len(report.plan.sites) == 2 and not report.skipped
+    runs = [s for s in shapes if s[-1] == 64]  # the others: W and C halved (the NCHW guess), failing at once
+    assert runs and all(s[1:3] == (4, 4) for s in runs), shapes  # 8x8 tokens, checked at 4x4

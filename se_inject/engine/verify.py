@@ -124,8 +124,11 @@ def check_site(block: nn.Module, site: Site, call: Call) -> str | None:
 def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
 
     inputs, original = None, None
-    for shrink in dict.fromkeys((call.shrink_factor(), 1)):  # small maps first; the recorded size if they fail
-        inputs = call.build(2, torch.Generator().manual_seed(0), shrink)
+    # Small maps first, NCHW then NHWC (SAM's blocks take (N, H, W, C): at the recorded 64x64 tokens, its global
+    # attention needs gigabytes); the recorded size only where neither runs.
+    shrinks = [(f, last) for last in (False, True) if (f := call.shrink_factor(channels_last=last)) > 1]
+    for shrink, last in [*shrinks, (1, False)]:
+        inputs = call.build(2, torch.Generator().manual_seed(0), shrink, channels_last=last)
         try:
             original = _run_modes(work, inputs)
             break
