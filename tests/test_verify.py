@@ -306,3 +306,23 @@ def test_channels_last_blocks_are_checked_on_small_maps(monkeypatch):
     assert len(report.plan.sites) == 2 and not report.skipped
     runs = [s for s in shapes if s[-1] == 64]  # the others: W and C halved (the NCHW guess), failing at once
     assert runs and all(s[1:3] == (4, 4) for s in runs), shapes  # 8x8 tokens, checked at 4x4
+
+
+def test_a_check_too_heavy_at_the_recorded_size_is_refused_unrun(monkeypatch):
+    """Token blocks cannot be checked on shrunk maps: one whose check would take more than `CHECK_FLOPS` a pass
+    (sapiens2's 5B ViT: 1,350 GFLOP, past the scan's alarm) is refused with the reason, before it runs. Blocks
+    checked on shrunk maps are not concerned."""
+    runs, counted = [], []
+    run, count = se_inject.engine.verify._run_modes, se_inject.engine.verify.check_flops
+    monkeypatch.setattr(se_inject.engine.verify, "_run_modes", lambda *a: runs.append(1) or run(*a))
+    monkeypatch.setattr(se_inject.engine.verify, "check_flops", lambda *a: counted.append(count(*a)) or counted[-1])
+    _, report = se_inject.inject("timm:test_vit", device="meta", seed=0)
+    assert report.plan.sites and runs and min(counted) > 0
+    monkeypatch.setattr(se_inject.engine.verify, "CHECK_FLOPS", min(counted) - 1)
+    runs.clear()
+    with pytest.raises(NoSitesError, match="GFLOP a pass, more than the verifier's"):
+        se_inject.inject("timm:test_vit", device="meta", seed=0)
+    assert not runs
+    _, report = se_inject.inject("torchvision:resnet18", device="meta", seed=0)  # maps of 56 to 14 shrink; 7 not
+    assert [s.path for s in report.plan.sites] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0",
+                                                   "layer3.1", "layer4.0"] and runs
