@@ -326,3 +326,15 @@ def test_a_check_too_heavy_at_the_recorded_size_is_refused_unrun(monkeypatch):
     _, report = se_inject.inject("torchvision:resnet18", device="meta", seed=0)  # maps of 56 to 14 shrink; 7 not
     assert [s.path for s in report.plan.sites] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0",
                                                    "layer3.1", "layer4.0"] and runs
+
+
+def test_blocks_whose_inputs_do_not_widen_are_checked_at_the_recorded_batch():
+    """TNT's blocks take a pixel stream of (batch x patches, pixels, C) next to the patch tokens: widened to batch 2
+    the two no longer fit, and every site was refused ("the block fails on recorded inputs"). The recorded batch of
+    1 is the last check."""
+    from timm.models.tnt import TNT
+
+    model = TNT(img_size=64, patch_size=16, embed_dim=64, inner_dim=16, depth=2, num_heads_inner=2,
+                num_heads_outer=2, num_classes=10)
+    _, report = se_inject.inject(model, device="meta", seed=0, input_size=64)
+    assert [s.path for s in report.plan.sites] == ["blocks.0", "blocks.1"] and not report.skipped
