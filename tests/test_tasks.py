@@ -106,6 +106,16 @@ def test_default_input_sizes_come_from_the_weights_and_the_model():
     assert size("raft_small") == (3, 368, 496)
 
 
+def test_a_vit_is_planned_at_the_size_it_is_built_for():
+    def size(name):
+        spec = resolve_model(name)
+        return default_input_size(spec, build_model(spec, device="meta"))
+
+    assert size("torchvision:vit_h_14") == (3, 224, 224)  # untagged: built for 224; its first weights' crop is 518
+    assert size("torchvision:vit_h_14.IMAGENET1K_SWAG_E2E_V1") == (3, 518, 518)  # those weights' architecture
+    assert size("torchvision:vit_b_16.IMAGENET1K_SWAG_E2E_V1") == (3, 384, 384)
+
+
 @pytest.mark.parametrize(("value", "expected"), [
     ("112", (3, 16, 112, 112)), ("112x128", (3, 16, 112, 128)), ("8,112,112", (3, 8, 112, 112)),
     ("1,8,64,64", (1, 8, 64, 64)), ((3, 4, 32, 32), (3, 4, 32, 32)),

@@ -289,3 +289,52 @@ def test_a_channels_last_map_takes_the_token_layer_at_every_size(tmp_path):
     model, report = se_inject.inject("timm:test_convnext", device="meta", seed=0, recipes=["ok", ok])
     blocks = [p for p, m in model.named_modules() if type(m).__name__ == "ConvNeXtBlock"]
     assert [s.path for s in report.plan.sites] == blocks and not report.skipped
+
+
+def test_channels_last_blocks_are_checked_on_small_maps(monkeypatch):
+    """SAM's blocks take (N, H, W, C) tokens and some attend globally: checked at the recorded 64x64 tokens, the
+    ViT-H's global attention took gigabytes (the scan's OOM kill). Its height and width shrink, not its W and C."""
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    shapes = []
+    run = se_inject.engine.verify._run_modes
+    monkeypatch.setattr(se_inject.engine.verify, "_run_modes",
+                        lambda block, inputs: shapes.append(tuple(inputs[0][0].shape)) or run(block, inputs))
+    model = VisionTransformerSAM(img_size=128, patch_size=16, embed_dim=64, depth=2, num_heads=2, window_size=4,
+                                 global_attn_indexes=(1,), use_rel_pos=True, neck_chans=32, num_classes=10)
+    _, report = se_inject.inject(model, device="meta", seed=0, input_size=128)
+    assert len(report.plan.sites) == 2 and not report.skipped
+    runs = [s for s in shapes if s[-1] == 64]  # the others: W and C halved (the NCHW guess), failing at once
+    assert runs and all(s[1:3] == (4, 4) for s in runs), shapes  # 8x8 tokens, checked at 4x4
+
+
+def test_a_check_too_heavy_at_the_recorded_size_is_refused_unrun(monkeypatch):
+    """Token blocks cannot be checked on shrunk maps: one whose check would take more than `CHECK_FLOPS` a pass
+    (sapiens2's 5B ViT: 1,350 GFLOP, past the scan's alarm) is refused with the reason, before it runs. Blocks
+    checked on shrunk maps are not concerned."""
+    runs, counted = [], []
+    run, count = se_inject.engine.verify._run_modes, se_inject.engine.verify.check_flops
+    monkeypatch.setattr(se_inject.engine.verify, "_run_modes", lambda *a: runs.append(1) or run(*a))
+    monkeypatch.setattr(se_inject.engine.verify, "check_flops", lambda *a: counted.append(count(*a)) or counted[-1])
+    _, report = se_inject.inject("timm:test_vit", device="meta", seed=0)
+    assert report.plan.sites and runs and min(counted) > 0
+    monkeypatch.setattr(se_inject.engine.verify, "CHECK_FLOPS", min(counted) - 1)
+    runs.clear()
+    with pytest.raises(NoSitesError, match="GFLOP a pass, more than the verifier's"):
+        se_inject.inject("timm:test_vit", device="meta", seed=0)
+    assert not runs
+    _, report = se_inject.inject("torchvision:resnet18", device="meta", seed=0)  # maps of 56 to 14 shrink; 7 not
+    assert [s.path for s in report.plan.sites] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0",
+                                                   "layer3.1", "layer4.0"] and runs
+
+
+def test_blocks_whose_inputs_do_not_widen_are_checked_at_the_recorded_batch():
+    """TNT's blocks take a pixel stream of (batch x patches, pixels, C) next to the patch tokens: widened to batch 2
+    the two no longer fit, and every site was refused ("the block fails on recorded inputs"). The recorded batch of
+    1 is the last check."""
+    from timm.models.tnt import TNT
+
+    model = TNT(img_size=64, patch_size=16, embed_dim=64, inner_dim=16, depth=2, num_heads_inner=2,
+                num_heads_outer=2, num_classes=10)
+    _, report = se_inject.inject(model, device="meta", seed=0, input_size=64)
+    assert [s.path for s in report.plan.sites] == ["blocks.0", "blocks.1"] and not report.skipped

@@ -24,14 +24,17 @@ DEFAULT_INPUT_SIZE = (3, 224, 224)
 def default_input_size(spec: ModelSpec | None, model: nn.Module | None = None) -> tuple[int, ...]:
     """The size of one example the model is evaluated at: (C, H, W), or (C, T, H, W) for video.
 
-    Torchvision's weights transforms give it (crop size; a segmentation model's resize size; a video model's crop
-    and the clip length its weights were evaluated at); a detector's transform its short side (a square image
-    that size reaches the backbone unresized); RAFT its training crop; a timm-style ``pretrained_cfg`` its
-    ``input_size``; else 224."""
+    A torchvision model built for one size (ViT's ``image_size``) is evaluated at it; else its weights transforms
+    give it (crop size; a segmentation model's resize size; a video model's crop and the clip length its weights
+    were evaluated at); a detector's transform its short side (a square image that size reaches the backbone
+    unresized); RAFT its training crop; a timm-style ``pretrained_cfg`` its ``input_size``; else 224."""
     task = model_task(model) if model is not None else None
     if spec is not None and spec.source == "torchvision":
         arch, tag = split_tag(spec.name)
         task = task or torchvision_task(arch)
+        fixed = getattr(model, "image_size", None)  # an architecture built for one size (torchvision's ViT)
+        if isinstance(fixed, int) and not isinstance(fixed, bool) and task == "classification":
+            return (3, fixed, fixed)  # untagged vit_h_14 is built for 224, whatever its first weights' 518
         weights = torchvision_weights_enum(arch)
         if weights is not None:
             member = weights[tag] if tag in weights.__members__ else next(iter(weights))

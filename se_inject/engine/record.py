@@ -74,11 +74,13 @@ class Call:
         return None
 
     def build(
-        self, batch: int, generator: torch.Generator | None, shrink: int = 1, grow: int = 1
+        self, batch: int, generator: torch.Generator | None, shrink: int = 1, grow: int = 1,
+        channels_last: bool = False,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Random inputs shaped like the recorded ones, with a batch dimension of 1 widened to `batch` and the
-        spatial dimensions of NCHW tensors divided by `shrink` (multiplied by `grow`); without a generator, empty
-        tensors on the meta device (shapes only)."""
+        spatial dimensions of NCHW tensors (NHWC with `channels_last`) divided by `shrink` (multiplied by `grow`);
+        without a generator, empty tensors on the meta device (shapes only)."""
+        spatial = slice(-3, -1) if channels_last else slice(-2, None)
         made: dict[int, torch.Tensor] = {}
 
         def make(value: Any) -> Any:
@@ -88,7 +90,7 @@ class Call:
                     if shape and shape[0] == 1:
                         shape[0] = batch
                     if len(shape) in (4, 5):  # NCHW, or NCTHW (video: the frames stay)
-                        shape[-2:] = [d // shrink * grow for d in shape[-2:]]
+                        shape[spatial] = [d // shrink * grow for d in shape[spatial]]
                     if generator is None:
                         made[value.alias] = torch.empty(shape, dtype=value.dtype, device="meta")
                     elif value.dtype.is_floating_point:
@@ -100,11 +102,12 @@ class Call:
 
         return make(self.args), make(self.kwargs)
 
-    def shrink_factor(self, smallest: int = 4) -> int:
-        """The largest factor dividing every recorded NCHW tensor's height and width that leaves them at least
-        `smallest` (1 when none does): the check runs on small maps of the same proportions."""
+    def shrink_factor(self, smallest: int = 4, channels_last: bool = False) -> int:
+        """The largest factor dividing every recorded NCHW (`channels_last`: NHWC) tensor's height and width that
+        leaves them at least `smallest` (1 when none does): the check runs on small maps of the same proportions."""
+        spatial = slice(-3, -1) if channels_last else slice(-2, None)
         dims = [d for leaf in leaves((self.args, self.kwargs))
-                if isinstance(leaf, TensorArg) and len(leaf.shape) in (4, 5) for d in leaf.shape[-2:]]
+                if isinstance(leaf, TensorArg) and len(leaf.shape) in (4, 5) for d in leaf.shape[spatial]]
         if not dims:
             return 1
         common = math.gcd(*dims)

@@ -47,6 +47,12 @@ under torch.compile takes the mean before a 1x1 convolution and a BatchNorm inst
 gates, a fused model is within 4e-7 of the unfused one (about 2 ulp at |y| ~ 1.5). The verifier itself never needs
 it: a pass-through module gives bitwise-equal results (module docstring)."""
 
+CHECK_FLOPS: Final = 600e9
+"""The most FLOPs one pass of a check at the recorded input size may take (a check runs four: eval and training,
+original and rewritten, on one thread); a block over it is refused, never run. Checks on shrunk maps stay far below
+it. The heaviest block the full scan verifies, sapiens2-giant's at 1024x768 tokens, takes 580; sapiens2's 5B ViT
+takes 1,350 and gigabytes (its tokens cannot shrink: its rotary embeddings come from its parent), and hung the scan."""
+
 # --- the check -----------------------------------------------------------------------------------------------------
 
 
@@ -124,8 +130,16 @@ def check_site(block: nn.Module, site: Site, call: Call) -> str | None:
 def _compare(work: nn.Module, site: Site, call: Call) -> str | None:
 
     inputs, original = None, None
-    for shrink in dict.fromkeys((call.shrink_factor(), 1)):  # small maps first; the recorded size if they fail
-        inputs = call.build(2, torch.Generator().manual_seed(0), shrink)
+    # Small maps first, NCHW then NHWC (SAM's blocks take (N, H, W, C): at the recorded 64x64 tokens, its global
+    # attention needs gigabytes); the recorded size only where neither runs; the recorded batch of 1 last (TNT's
+    # pixel stream has the batch times the patches as its first dimension: at batch 2 it no longer fits).
+    shrinks = [(2, f, last) for last in (False, True) if (f := call.shrink_factor(channels_last=last)) > 1]
+    for batch, shrink, last in [*shrinks, (2, 1, False), (1, 1, False)]:
+        if batch == 2 and shrink == 1 and (flops := check_flops(work, call)) > CHECK_FLOPS:
+            return (f"cannot verify the rewrite: checking the block at its recorded input size takes about "
+                    f"{flops / 1e9:,.0f} GFLOP a pass, more than the verifier's {CHECK_FLOPS / 1e9:,.0f}; "
+                    "plan at a smaller --input-size")
+        inputs = call.build(batch, torch.Generator().manual_seed(0), shrink, channels_last=last)
         try:
             original = _run_modes(work, inputs)
             break
@@ -195,6 +209,21 @@ def _layout_problem(
     if large and (large[0][1] != small[1] or not all(b > d for b, d in zip(large[0][2:], small[2:], strict=True))):
         return f"the map it would take is not NCHW: {small}, then {large[0]} on inputs twice the size"
     return None
+
+
+def check_flops(block: nn.Module, call: Call) -> int:
+    """The FLOPs of one eval-mode pass of `block` on the recorded inputs at batch 2, counted on a meta copy (0 where
+    it does not run there: the real check then decides)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), training_flags(block), counter:
+            args, kwargs = call.build(2, None)
+            meta_copy(block).eval()(*args, **kwargs)
+    except Exception:
+        return 0
+    return counter.get_total_flops()
 
 
 def _run_modes(block: nn.Module, inputs: Any) -> list[tuple[Any, Any, dict[str, torch.Tensor]]]:
