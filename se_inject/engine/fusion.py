@@ -28,7 +28,7 @@ from torch import nn
 
 from ..layers import squeeze_excite, tokens
 from ..layers.squeeze_excite import ChannelGate
-from ..layers.tokens import TokenGate
+from ..layers.tokens import Excitation, TokenGate
 from .keys import BoundedCache
 
 __all__ = ["FusedGate", "fusable", "fuse", "fused_class", "layer_class", "only_reader", "scale", "squeeze_through"]
@@ -89,7 +89,7 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean((2, 3)) if x.dim() == 4 else x.mean(list(range(2, x.dim())))
 
 
-class FusedGate:
+class FusedGate(Excitation):
     """Mixin of a channel gate's fused twin: the layer's own layers and `gain`, computed on (N, C) descriptors (a
     1x1 convolution's weights applied as one GEMM: on the CPU, PyTorch sends 1x1-spatial convolutions down a slow
     path), with the fused arguments."""
@@ -101,21 +101,7 @@ class FusedGate:
         squeezed: Optional[torch.Tensor] = None,  # noqa: UP045
         inplace: bool = False,
     ) -> torch.Tensor:
-        s = spatial_mean(x) if squeezed is None else squeezed
-        if hasattr(self, "fc1"):  # SqueezeExcite, layout "fc" (the norm, where there is one, on (N, rd, 1, 1))
-            s = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
-            s = self.act(self.bn(s[:, :, None, None]).flatten(1))
-            s = F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias)
-        elif hasattr(self, "conv_reduce"):  # SqueezeExcite, layout "conv"
-            s = self.act1(F.linear(s, self.conv_reduce.weight.flatten(1), self.conv_reduce.bias))
-            s = F.linear(s, self.conv_expand.weight.flatten(1), self.conv_expand.bias)
-        elif hasattr(self, "conv"):  # EfficientChannelAttention: the channels as a 1-D signal
-            s = self.conv(s.unsqueeze(1)).squeeze(1)
-        else:  # EffectiveSqueezeExcite
-            s = F.linear(s, self.fc.weight.flatten(1), self.fc.bias)
-        s = self.gate(s)
-        if self.gain != 1.0:
-            s = s * self.gain
+        s = self.excite(spatial_mean(x) if squeezed is None else squeezed)
         return scale(x, squeeze_excite.unsqueeze_as(s, x), inplace, residual)
 
     def __reduce_ex__(self, protocol: int) -> Any:  # rebuilt from its layer class, which pickles by reference

@@ -47,14 +47,11 @@ def unsqueeze_tokens(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return s.view([s.shape[0]] + [1] * (x.dim() - 2) + [-1])
 
 
-class TokenGate:
-    """Mixin giving a channel gate (SE, ESE, ECA: their own layers and `gain`) its channels-last form: the gate of
-    each channel from the token mean, broadcast along the last axis. The subclass sets ``prefix_tokens``."""
+class Excitation:
+    """Mixin: a channel gate's excitation on squeezed (B, C) descriptors, its 1x1 convolutions' weights applied as
+    linear layers, times its gain. Shared by the channels-last layers and the fusion pass's fused NCHW gates."""
 
-    def token_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C) gates, times the gain: the layer's excitation on the token mean (a 1x1 convolution's weights
-        applied as a linear layer, as the fused NCHW gate does)."""
-        s = token_mean(x, self.prefix_tokens)
+    def excite(self, s: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "fc1"):  # SqueezeExcite, layout "fc" (its norm, where it has one, on (B, rd, 1, 1))
             s = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
             s = self.act(self.bn(s[:, :, None, None]).flatten(1))
@@ -70,6 +67,16 @@ class TokenGate:
         if self.gain != 1.0:
             s = s * self.gain
         return s
+
+
+class TokenGate(Excitation):
+    """Mixin giving a channel gate (SE, ESE, ECA: their own layers and `gain`) its channels-last form: the gate of
+    each channel from the token mean, broadcast along the last axis. The subclass sets ``prefix_tokens``."""
+
+    def token_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C) gates, times the gain: the layer's excitation on the token mean (a 1x1 convolution's weights
+        applied as a linear layer, as the fused NCHW gate does)."""
+        return self.excite(token_mean(x, self.prefix_tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * unsqueeze_tokens(self.token_gate(x), x)
